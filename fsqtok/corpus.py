@@ -1,0 +1,150 @@
+"""Corpora: named sources of documents, and the deterministic train/validation split.
+
+Sources are looked up by scheme in `SOURCES`:
+
+* ``builtin`` -- the English documentation that ships with every Python install (the
+  ``pydoc_data`` topics and the docstrings of the standard library, read with `ast`,
+  never imported), deduplicated. Needs no network. It varies slightly between Python
+  versions.
+* ``files:GLOB`` -- the user's text files, prepared through `fsqtok.files_dataset`.
+* ``tfds:NAME[:SPLIT]`` -- any TensorFlow Datasets text set (default split ``train``).
+"""
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import pathlib
+import sysconfig
+from typing import Callable
+
+_STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3",
+                "turtledemo", "__pycache__"}
+_MIN_DOCSTRING_CHARS = 40
+
+
+@functools.lru_cache(maxsize=1)
+def _builtin_documents() -> tuple[str, ...]:
+  from pydoc_data.topics import topics  # pylint: disable=g-import-not-at-top
+  docs = dict.fromkeys(topics[k] for k in sorted(topics))
+  stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+  for path in sorted(stdlib.rglob("*.py")):
+    if _STDLIB_SKIP.intersection(path.relative_to(stdlib).parts):
+      continue
+    try:
+      tree = ast.parse(path.read_bytes())
+    except (SyntaxError, ValueError):
+      continue
+    for node in ast.walk(tree):
+      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+        doc = ast.get_docstring(node)
+        if doc and len(doc) >= _MIN_DOCSTRING_CHARS:
+          docs.setdefault(doc)
+  return tuple(docs)
+
+
+def _load_builtin(arg: str, *, data_dir: str | None, text_key: str) -> list[str]:
+  del data_dir, text_key
+  if arg:
+    raise ValueError(f"'builtin' takes no argument, got 'builtin:{arg}'.")
+  return list(_builtin_documents())
+
+
+def _load_files(pattern: str, *, data_dir: str | None, text_key: str) -> list[str]:
+  del text_key
+  if not pattern:
+    raise ValueError("'files:' needs a glob, e.g. files:data/*.txt")
+  from fsqtok import files_dataset  # pylint: disable=g-import-not-at-top
+  source = files_dataset.files_builder(pattern, data_dir).as_data_source(split="train")
+  records = sorted((_as_text(r["path"]), _as_text(r["text"])) for r in source)
+  return [text for _, text in records]  # in path order, not the storage's order
+
+
+def _load_tfds(arg: str, *, data_dir: str | None, text_key: str) -> list[str]:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  name, _, split = arg.partition(":")
+  if not name:
+    raise ValueError("'tfds:' needs a dataset name, e.g. tfds:tiny_shakespeare")
+  try:
+    source = tfds.data_source(name, split=split or "train", data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(
+        f"TFDS does not know the dataset {name!r}. Check the name in the TFDS catalog "
+        f"(https://www.tensorflow.org/datasets/catalog), e.g. tfds:tiny_shakespeare.") from e
+  if len(source) == 0:
+    return []
+  first = source[0]
+  if text_key not in first:
+    raise ValueError(f"tfds:{name} has no feature {text_key!r} (it has {sorted(first)}); "
+                     f"set config.data.text_key to the text feature.")
+  return [_as_text(source[i][text_key]) for i in range(len(source))]
+
+
+def _as_text(value) -> str:
+  return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+SOURCES: dict[str, Callable[..., list[str]]] = {
+    "builtin": _load_builtin,
+    "files": _load_files,
+    "tfds": _load_tfds,
+}
+
+
+def load_documents(spec: str, *, data_dir: str | None = None, text_key: str = "text"
+                   ) -> list[str]:
+  """Documents of the corpus ``spec`` (``builtin``, ``files:GLOB`` or ``tfds:NAME``)."""
+  scheme, _, arg = spec.partition(":")
+  if scheme not in SOURCES:
+    raise ValueError(f"Unknown corpus {spec!r}: use one of 'builtin', 'files:GLOB', "
+                     f"'tfds:NAME'.")
+  docs = [d for d in SOURCES[scheme](arg, data_dir=data_dir, text_key=text_key) if d]
+  if not docs:
+    raise ValueError(f"Corpus {spec!r} is empty: it has no non-empty document. "
+                     f"Point it at text files with content.")
+  return docs
+
+
+def split_blocks(text: str, block_chars: int) -> list[str]:
+  """Cuts a document into blocks of about ``block_chars`` characters at line ends."""
+  blocks, start = [], 0
+  while start < len(text):
+    end = min(start + block_chars, len(text))
+    if end < len(text):
+      newline = text.rfind("\n", start, end)
+      end = newline + 1 if newline > start else end
+    blocks.append(text[start:end])
+    start = end
+  return blocks
+
+
+def split_documents(docs: list[str], *, val_fraction: float, seed: int, block_chars: int
+                    ) -> tuple[list[str], list[str]]:
+  """Deterministic train/validation split by a seeded hash of each block's content.
+
+  Documents are cut into blocks first, so a corpus that is one long file still gets a
+  validation set; identical blocks always land on the same side (no leakage).
+  """
+  if not 0.0 <= val_fraction < 1.0:
+    raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+  train, val = [], []
+  for doc in docs:
+    for block in split_blocks(doc, block_chars):
+      h = hashlib.blake2b(block.encode("utf-8", "surrogatepass"), digest_size=8,
+                          key=str(seed).encode()).digest()
+      u = int.from_bytes(h, "little") / 2.0**64
+      (val if u < val_fraction else train).append(block)
+  if not train or (val_fraction > 0 and not val):
+    raise ValueError(f"Corpus too small to split: {len(train)} train and {len(val)} "
+                     f"validation blocks of {block_chars} characters. Lower "
+                     f"data.block_chars or add text.")
+  return train, val
+
+
+def corpus_digest(texts: list[str]) -> str:
+  h = hashlib.blake2b(digest_size=8)
+  for t in texts:
+    h.update(t.encode("utf-8", "surrogatepass"))
+    h.update(b"\0")
+  return h.hexdigest()
+

@@ -1,0 +1,74 @@
+"""The piece pre-tokenizer: text -> pieces of at most ``max_bytes`` UTF-8 bytes.
+
+A piece is a run of letters with an optional leading space, a digit run, a punctuation
+run or a whitespace run (the last space of a run attaches to the next word, as in GPT-2).
+Runs longer than ``max_bytes`` are cut at character boundaries, so every piece is valid
+UTF-8 and the concatenation of the pieces is the text, always.
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterable, Iterator
+
+import numpy as np
+
+MAX_PIECE_BYTES = 16
+
+# Letters = word characters that are neither digits nor underscore. Every character falls
+# in exactly one class (letter, digit, other non-space, space), so the alternation covers
+# any string: nothing is ever dropped.
+_PIECE_RE = re.compile(
+    r" ?[^\W\d_]+| ?\d+| ?(?:[^\w\s]|_)+|\s+(?!\S)|\s+"
+)
+
+
+def _cut(run: str, max_bytes: int) -> Iterator[str]:
+  data = run.encode("utf-8")
+  if len(data) <= max_bytes:
+    yield run
+    return
+  start, size = 0, 0
+  for i, ch in enumerate(run):
+    n = len(ch.encode("utf-8"))
+    if size + n > max_bytes:
+      yield run[start:i]
+      start, size = i, 0
+    size += n
+  yield run[start:]
+
+
+def split_pieces(text: str, max_bytes: int = MAX_PIECE_BYTES) -> list[str]:
+  """Splits text into pieces; ``"".join(split_pieces(t)) == t`` for every string."""
+  if max_bytes < 4:
+    raise ValueError(f"max_bytes must be >= 4 (one UTF-8 character), got {max_bytes}.")
+  out: list[str] = []
+  for m in _PIECE_RE.finditer(text):
+    run = m.group()
+    if len(run) * 4 <= max_bytes or len(run.encode("utf-8")) <= max_bytes:
+      out.append(run)
+    else:
+      out.extend(_cut(run, max_bytes))
+  return out
+
+
+def pieces_to_array(pieces: Iterable[str | bytes], max_bytes: int = MAX_PIECE_BYTES
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """Packs pieces into ``bytes_NxL`` (uint8, zero padded) and ``lengths_N`` (int32)."""
+  encoded = [p.encode("utf-8") if isinstance(p, str) else bytes(p) for p in pieces]
+  lengths = np.fromiter((len(b) for b in encoded), dtype=np.int32, count=len(encoded))
+  if lengths.size and (lengths.max() > max_bytes or lengths.min() < 1):
+    raise ValueError(f"pieces must have 1..{max_bytes} bytes; got lengths "
+                     f"{int(lengths.min())}..{int(lengths.max())}.")
+  out = np.zeros((len(encoded), max_bytes), dtype=np.uint8)
+  if encoded:
+    flat = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+    rows = np.repeat(np.arange(len(encoded)), lengths)
+    starts = np.cumsum(lengths) - lengths
+    cols = np.arange(flat.size) - np.repeat(starts, lengths)
+    out[rows, cols] = flat
+  return out, lengths
+
+
+def array_to_pieces(bytes_NxL: np.ndarray, lengths_N: np.ndarray) -> list[bytes]:
+  """Inverse of `pieces_to_array` (as bytes: a cut piece need not be valid UTF-8 alone)."""
+  return [bytes(row[:n]) for row, n in zip(np.asarray(bytes_NxL), np.asarray(lengths_N))]

@@ -1,0 +1,40 @@
+"""Data parallelism: a 1-D ``data`` mesh, batches split on it, parameters replicated."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def data_mesh(num_devices: int = 0) -> Mesh:
+  """A mesh over the first ``num_devices`` devices (0: all of them, on every host)."""
+  devices = jax.devices()
+  if num_devices:
+    if num_devices > len(devices):
+      raise ValueError(f"train.num_devices={num_devices} but only {len(devices)} devices "
+                       f"are visible ({jax.default_backend()}).")
+    devices = devices[:num_devices]
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+  if batch_size % mesh.size:
+    raise ValueError(f"Batch size {batch_size} must be divisible by the {mesh.size} "
+                     f"devices of the data mesh.")
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Places a host-local batch on the mesh, split along its first axis."""
+  sharding = batch_sharded(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}

@@ -1,0 +1,61 @@
+"""Files a run leaves in its work directory, always written atomically."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Iterable
+
+
+def atomic_write_text(path: str, text: str) -> None:
+  """Writes to a temporary file beside ``path``, then renames it over ``path``."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def write_json(path: str, obj: Any) -> None:
+  atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+class MetricsLog:
+  """``metrics.jsonl``: one JSON record per line, each with ``step`` and ``split``.
+
+  Resuming from step ``s`` drops records after ``s`` (a killed run's last lines), so the
+  file always describes exactly one history. ``pandas.read_json(path, lines=True)``
+  reads it.
+  """
+
+  def __init__(self, path: str, *, resume_step: int):
+    self.path = path
+    kept = [r for r in self.read(path) if r.get("step", 0) <= resume_step]
+    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+
+  @staticmethod
+  def read(path: str) -> list[dict[str, Any]]:
+    if not os.path.exists(path):
+      return []
+    records = []
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        try:
+          records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a kill mid-write
+          continue
+    return records
+
+  def write(self, records: Iterable[dict[str, Any]]) -> None:
+    with open(self.path, "a", encoding="utf-8") as f:
+      for r in records:
+        f.write(json.dumps(r, sort_keys=True) + "\n")
+      f.flush()

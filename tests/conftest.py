@@ -1,0 +1,63 @@
+"""Test setup: 8 simulated CPU devices (for data-parallel tests), quiet logs, fixed seeds."""
+import os
+import sys
+
+# Must happen before JAX is imported anywhere.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import hypothesis  # noqa: E402
+import pytest  # noqa: E402
+
+hypothesis.settings.register_profile("ci", max_examples=200, deadline=None, derandomize=True)
+hypothesis.settings.load_profile("ci")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAKESPEARE_SNIPPET = """First Citizen:
+Before we proceed any further, hear me speak.
+
+All:
+Speak, speak.
+
+First Citizen:
+You are all resolved rather to die than to famish?
+
+All:
+Resolved. resolved.
+
+First Citizen:
+First, you know Caius Marcius is chief enemy to the people.
+"""
+
+
+@pytest.fixture
+def text_files(tmp_path):
+  """A few small text files (a corpus made here, no network)."""
+  d = tmp_path / "texts"
+  d.mkdir()
+  for i in range(6):
+    (d / f"part{i}.txt").write_text(SHAKESPEARE_SNIPPET * (3 + i) + f"\nEnd of part {i}.\n")
+  return d
+
+
+@pytest.fixture(scope="session")
+def doc_files(tmp_path_factory):
+  """200 documents of the built-in corpus written as files: real, varied English text."""
+  from fsqtok import corpus  # pylint: disable=g-import-not-at-top
+  d = tmp_path_factory.mktemp("docs")
+  for i, doc in enumerate(corpus.load_documents("builtin")[:200]):
+    (d / f"doc{i:03d}.txt").write_text(doc, encoding="utf-8")
+  return d
+
+
+def tiny_recon_config(source: str, data_dir: str):
+  from configs import recon as recon_config  # pylint: disable=g-import-not-at-top
+  c = recon_config.get_config("tiny")
+  c.data.source = source
+  c.data.tfds_data_dir = data_dir
+  c.data.val_fraction = 0.2
+  c.data.block_chars = 512
+  c.train.progress_bar = False
+  return c

@@ -1,0 +1,114 @@
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import recon as recon_config
+from fsqtok import codec as codec_lib
+from fsqtok import recon
+from fsqtok.pieces import pieces_to_array, split_pieces
+
+ARCHES = {
+    "conv_flatten": {},
+    "conv_mean": {"pooling": "mean"},
+    "mlp": {"enc_channels": (), "enc_strides": (), "dec_channels": (), "dec_strides": (),
+            "enc_mlp_dim": 32, "dec_mlp_dim": 32},
+}
+
+
+def tiny_model(**overrides):
+  c = recon_config.get_config("tiny").model
+  for k, v in overrides.items():
+    c[k] = v
+  return codec_lib.codec_from_config(c), c
+
+
+def sample_batch(text="The quick brown fox jumps over the lazy dog 1234, naïve 日本"):
+  return pieces_to_array(split_pieces(text))
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHES))
+def test_shapes_and_codes_on_grid(arch):
+  model, c = tiny_model(**ARCHES[arch])
+  b, l = sample_batch()
+  params = model.init(jax.random.PRNGKey(0), b, l)
+  logits, codes = model.apply(params, b, l)
+  chex.assert_shape(logits, (len(l), 16, codec_lib.NUM_SYMBOLS))
+  chex.assert_shape(codes, (len(l), len(c.levels)))
+  idx = model.apply(params, codes, method=lambda m, c: m.fsq.codes_to_indices(c))
+  assert int(idx.min()) >= 0 and int(idx.max()) < np.prod(c.levels)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHES))
+def test_bytes_after_the_length_do_not_matter(arch):
+  model, _ = tiny_model(**ARCHES[arch])
+  b, l = sample_batch()
+  params = model.init(jax.random.PRNGKey(0), b, l)
+  noisy = b.copy()
+  noisy[np.arange(16)[None] >= l[:, None]] = 123
+  np.testing.assert_allclose(model.apply(params, noisy, l, method=codec_lib.Codec.encode),
+                             model.apply(params, b, l, method=codec_lib.Codec.encode))
+
+
+def test_gradient_reaches_the_encoder_through_the_quantizer():
+  model, _ = tiny_model()
+  b, l = sample_batch()
+  params = model.init(jax.random.PRNGKey(0), b, l)["params"]
+
+  def loss(p):
+    logits, _ = model.apply({"params": p}, b, l)
+    return recon.reconstruction_loss(logits, b, l)[0]
+
+  # At initialisation the latents are small and every piece rounds to the same code; the
+  # encoder must still learn, which only the straight-through estimator makes possible.
+  codes = model.apply({"params": params}, b, l, method=codec_lib.Codec.encode)
+  assert len(np.unique(np.asarray(codes), axis=0)) == 1
+  grads = jax.grad(loss)(params)
+  norms = {jax.tree_util.keystr(k): float(jnp.linalg.norm(g))
+           for k, g in jax.tree_util.tree_leaves_with_path(grads["encoder"])}
+  assert min(norms.values()) > 0.0, norms
+
+
+def test_targets_weights_and_greedy_decode():
+  b, l = pieces_to_array(["ab", "x" * 16])
+  targets, weights = codec_lib.targets_and_weights(jnp.asarray(b), jnp.asarray(l))
+  np.testing.assert_array_equal(targets[0, :3], [97, 98, codec_lib.END])
+  np.testing.assert_array_equal(weights[0], [1, 1, 1] + [0] * 13)
+  np.testing.assert_array_equal(weights[1], [1] * 16)  # full piece: no END position
+  logits = jax.nn.one_hot(targets, codec_lib.NUM_SYMBOLS)
+  out, lens = codec_lib.greedy_decode(logits)
+  np.testing.assert_array_equal(lens, [2, 16])
+  np.testing.assert_array_equal(out, b)
+
+
+def test_loss_falls_and_memorises_a_few_pieces():
+  model, c = tiny_model()
+  b, l = sample_batch()
+  params = model.init(jax.random.PRNGKey(0), b, l)["params"]
+  tx = optax.adam(1e-2)
+  opt = tx.init(params)
+
+  @jax.jit
+  def step(params, opt):
+    def loss(p):
+      logits, _ = model.apply({"params": p}, b, l)
+      return recon.reconstruction_loss(logits, b, l)
+    (value, acc), g = jax.value_and_grad(loss, has_aux=True)(params)
+    updates, opt = tx.update(g, opt)
+    return optax.apply_updates(params, updates), opt, value, acc
+
+  losses = []
+  for _ in range(300):
+    params, opt, value, acc = step(params, opt)
+    losses.append(float(value))
+  assert losses[-1] < 0.1 * losses[0]
+  assert float(acc) > 0.9
+
+
+def test_strides_must_divide_max_len():
+  model, _ = tiny_model(max_len=10)
+  b, l = sample_batch()
+  with pytest.raises(ValueError, match="divisible"):
+    model.init(jax.random.PRNGKey(0), b[:, :10], np.minimum(l, 10))

@@ -1,0 +1,104 @@
+import dataclasses
+
+import pytest
+import tensorflow_datasets as tfds
+
+from fsqtok import corpus
+
+
+def test_builtin_corpus_is_english_docs_deduplicated_and_stable():
+  docs = corpus.load_documents("builtin")
+  assert len(docs) > 1000 and sum(map(len, docs)) > 1_000_000
+  assert len(set(docs)) == len(docs)
+  assert any("for" in d and "loop" in d for d in docs)
+  assert corpus.load_documents("builtin") == docs
+
+
+def test_split_is_deterministic_disjoint_and_complete():
+  docs = corpus.load_documents("builtin")[:400]
+  train, val = corpus.split_documents(docs, val_fraction=0.1, seed=0, block_chars=512)
+  assert (train, val) == corpus.split_documents(docs, val_fraction=0.1, seed=0, block_chars=512)
+  assert 0.05 < len(val) / (len(train) + len(val)) < 0.15
+  assert sorted(train + val) == sorted(b for d in docs for b in corpus.split_blocks(d, 512))
+  assert not set(train) & set(val)
+  other = corpus.split_documents(docs, val_fraction=0.1, seed=1, block_chars=512)
+  assert other[1] != val
+
+
+def test_one_long_document_still_gets_a_validation_split():
+  doc = "".join(f"line {i} of a single long file\n" for i in range(5000))
+  train, val = corpus.split_documents([doc], val_fraction=0.1, seed=0, block_chars=1024)
+  assert val and train
+  assert all(b.endswith("\n") for b in train + val)
+
+
+def test_split_blocks_reassemble():
+  text = "abc\ndef\n" * 300 + "no newline at the end"
+  assert "".join(corpus.split_blocks(text, 100)) == text
+  assert "".join(corpus.split_blocks("x" * 1000, 100)) == "x" * 1000
+
+
+def test_files_source_goes_through_the_tfds_builder(text_files, tmp_path):
+  data_dir = tmp_path / "tfds"
+  docs = corpus.load_documents(f"files:{text_files}/*.txt", data_dir=str(data_dir))
+  assert len(docs) == 6 and all("First Citizen" in d for d in docs)
+  assert docs == [p.read_text() for p in sorted(text_files.glob("*.txt"))]
+  assert (data_dir / "files_text").is_dir()  # prepared, cached copy
+  # Editing a file prepares a fresh copy rather than reading a stale one.
+  (text_files / "part0.txt").write_text("changed\n")
+  assert corpus.load_documents(f"files:{text_files}/*.txt", data_dir=str(data_dir))[0] == "changed\n"
+
+
+@dataclasses.dataclass
+class _Cfg(tfds.core.BuilderConfig):
+  pass
+
+
+class LocalTinyText(tfds.core.GeneratorBasedBuilder):
+  """A TFDS dataset built by the test itself (no hub is reachable here)."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+        {"text": tfds.features.Text(), "label": tfds.features.Text()}))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(["alpha beta", "gamma delta", ""]),
+            "test": self._generate_examples(["omega"])}
+
+  def _generate_examples(self, texts):
+    for i, t in enumerate(texts):
+      yield i, {"text": t, "label": str(i)}
+
+
+def test_tfds_source_reads_a_registered_dataset(tmp_path):
+  LocalTinyText(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  docs = corpus.load_documents("tfds:local_tiny_text", data_dir=str(tmp_path))
+  assert sorted(docs) == ["alpha beta", "gamma delta"]  # empty documents are dropped
+  assert corpus.load_documents("tfds:local_tiny_text:test", data_dir=str(tmp_path)) == ["omega"]
+  with pytest.raises(ValueError, match="no feature 'body'"):
+    corpus.load_documents("tfds:local_tiny_text", data_dir=str(tmp_path), text_key="body")
+
+
+@pytest.mark.parametrize("spec, error, message", [
+    ("tfds:surely_not_a_dataset_xyz", ValueError, "TFDS does not know"),
+    ("files:/nonexistent/dir/*.txt", FileNotFoundError, "matches no file"),
+    ("words:foo", ValueError, "Unknown corpus"),
+    ("builtin:extra", ValueError, "takes no argument"),
+    ("files:", ValueError, "needs a glob"),
+])
+def test_bad_sources_name_the_problem(spec, error, message, tmp_path):
+  with pytest.raises(error, match=message):
+    corpus.load_documents(spec, data_dir=str(tmp_path))
+
+
+def test_empty_corpus_is_a_clear_error(tmp_path):
+  (tmp_path / "empty.txt").write_text("")
+  with pytest.raises(ValueError, match="is empty"):
+    corpus.load_documents(f"files:{tmp_path}/*.txt", data_dir=str(tmp_path / "tfds"))
+
+
+def test_too_small_to_split_is_a_clear_error():
+  with pytest.raises(ValueError, match="too small to split"):
+    corpus.split_documents(["tiny"], val_fraction=0.05, seed=0, block_chars=100)

@@ -1,0 +1,30 @@
+"""Every notebook in colab/ runs top to bottom on a CPU."""
+import glob
+import os
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from conftest import REPO
+
+NOTEBOOKS = sorted(glob.glob(os.path.join(REPO, "colab", "*.ipynb")))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_notebook_runs(path, tmp_path):
+  nb = nbformat.read(path, as_version=4)
+  env_backup = os.environ.get("XLA_FLAGS")
+  os.environ["XLA_FLAGS"] = ""  # the notebook runs as a user would: one CPU device
+  try:
+    NotebookClient(nb, timeout=900, kernel_name="python3",
+                   resources={"metadata": {"path": os.path.dirname(path)}}).execute()
+  finally:
+    os.environ["XLA_FLAGS"] = env_backup or ""
+  errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+            if o.get("output_type") == "error"]
+  assert not errors
+
+
+def test_there_is_a_notebook():
+  assert NOTEBOOKS

@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from fsqtok.pieces import array_to_pieces, pieces_to_array, split_pieces
+
+# Any Python string that can be UTF-8 (no lone surrogates): every plane, controls, NUL.
+TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=300)
+
+
+@given(TEXT)
+def test_pieces_concatenate_to_the_text_and_fit(text):
+  pieces = split_pieces(text)
+  assert "".join(pieces) == text
+  for p in pieces:
+    assert 1 <= len(p.encode("utf-8")) <= 16
+
+
+@given(TEXT, st.integers(4, 32))
+def test_any_max_bytes_is_respected(text, max_bytes):
+  pieces = split_pieces(text, max_bytes)
+  assert "".join(pieces) == text
+  assert all(len(p.encode("utf-8")) <= max_bytes for p in pieces)
+
+
+@given(st.lists(TEXT.filter(bool), max_size=30))
+def test_array_round_trip(texts):
+  pieces = [p for t in texts for p in split_pieces(t)]
+  arr, lengths = pieces_to_array(pieces)
+  assert arr.dtype == np.uint8 and arr.shape == (len(pieces), 16)
+  assert [b.decode("utf-8") for b in array_to_pieces(arr, lengths)] == pieces
+  # Padding beyond each length is zero.
+  assert not (arr * (np.arange(16)[None] >= lengths[:, None])).any()
+
+
+def test_piece_classes():
+  assert split_pieces("Hello, world!  It's 42x\n\n") == [
+      "Hello", ",", " world", "!", " ", " It", "'", "s", " 42", "x", "\n\n"]
+  assert split_pieces("snake_case") == ["snake", "_", "case"]
+  assert split_pieces("") == []
+
+
+def test_long_runs_are_cut_at_character_boundaries():
+  word = " " + "é" * 20  # 41 bytes
+  pieces = split_pieces(word)
+  assert "".join(pieces) == word
+  assert [len(p.encode()) for p in pieces] == [15, 16, 10]
+  for p in pieces:
+    p.encode("utf-8").decode("utf-8")  # each piece is valid UTF-8 alone
+
+
+def test_bad_arguments():
+  with pytest.raises(ValueError, match="max_bytes"):
+    split_pieces("x", 2)
+  with pytest.raises(ValueError, match="1..16 bytes"):
+    pieces_to_array(["x" * 17])

@@ -1,0 +1,140 @@
+"""The recon phase end to end: data-parallel equivalence, checkpoints, resume, reports."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO, tiny_recon_config
+from fsqtok import codec as codec_lib
+from fsqtok import recon
+from fsqtok import sharding as sharding_lib
+from fsqtok.data import PieceBatcher
+
+
+@pytest.fixture
+def config(doc_files, tmp_path):
+  return tiny_recon_config(f"files:{doc_files}/*.txt", str(tmp_path / "tfds"))
+
+
+def _run_steps(config, mesh, batches, num_steps):
+  model = codec_lib.codec_from_config(config.model)
+  state = jax.device_put(recon.create_state(config, model, jax.random.PRNGKey(0)),
+                         sharding_lib.replicated(mesh))
+  step = recon.compile_train_step(mesh, donate=False)
+  metrics = []
+  for i in range(num_steps):
+    state, m = step(state, sharding_lib.shard_batch(batches[i], mesh),
+                    jax.random.fold_in(jax.random.PRNGKey(1), i))
+    metrics.append(jax.device_get(m))
+  return jax.device_get(state.params), metrics
+
+
+def test_eight_devices_match_one(config):
+  assert jax.device_count() == 8, "conftest should simulate 8 CPU devices"
+  train_pieces, _ = recon.load_pieces(config)
+  batcher = PieceBatcher(train_pieces, 64, seed=0)
+  batches = [next(batcher) for _ in range(4)]
+  params1, metrics1 = _run_steps(config, sharding_lib.data_mesh(1), batches, 4)
+  params8, metrics8 = _run_steps(config, sharding_lib.data_mesh(8), batches, 4)
+  chex.assert_trees_all_close(params1, params8, rtol=2e-4, atol=2e-5)
+  chex.assert_trees_all_close(metrics1, metrics8, rtol=2e-4, atol=2e-5)
+  with pytest.raises(ValueError, match="divisible by the 8 devices"):
+    sharding_lib.check_batch_size(12, sharding_lib.data_mesh(8))
+
+
+def test_train_writes_checkpoints_metrics_and_report_and_loss_falls(config, tmp_path):
+  workdir = str(tmp_path / "run")
+  config.train.num_steps = 60
+  report = recon.train_recon(config, workdir)
+  phase = os.path.join(workdir, "recon")
+  steps = sorted(int(s) for s in os.listdir(os.path.join(phase, "checkpoints")) if s.isdigit())
+  assert steps == [40, 50, 60]  # periodic, the last three kept
+  records = [json.loads(l) for l in open(os.path.join(phase, "metrics.jsonl"))]
+  train = [r for r in records if r["split"] == "train"]
+  assert [r["step"] for r in train] == [10, 20, 30, 40, 50, 60]
+  assert train[-1]["loss"] < 0.7 * train[0]["loss"]
+  assert [r["step"] for r in records if r["split"] == "validation"] == [20, 40, 60]
+  val = report["validation"]
+  for key in ("byte_accuracy", "exact_match", "exact_match_distinct", "code_utilization",
+              "collision_rate"):
+    assert 0.0 <= val[key] <= 1.0, key
+  assert val["perplexity"] >= 1.0 and report["train_pieces_per_second"] > 0
+  assert json.load(open(os.path.join(phase, "report.json"))) == report
+  assert "byte acc" in open(os.path.join(phase, "report.md")).read()
+  # A finished run does nothing when started again.
+  mtime = os.path.getmtime(os.path.join(phase, "metrics.jsonl"))
+  assert recon.train_recon(config, workdir) == report
+  assert os.path.getmtime(os.path.join(phase, "metrics.jsonl")) == mtime
+
+
+def _final_params(workdir, config):
+  from fsqtok import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  model = codec_lib.codec_from_config(config.model)
+  state = jax.eval_shape(lambda: recon.create_state(config, model, jax.random.PRNGKey(0)))
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "recon", "checkpoints"),
+                                     save_every=1, max_to_keep=3)
+  step = ckpt.latest_step()
+  restored, data_state = ckpt.restore(step, state)
+  ckpt.close()
+  return step, jax.device_get(restored.params), data_state
+
+
+def test_killed_run_resumes_to_the_same_state(config, tmp_path):
+  config.train.num_steps = 400
+  config.train.log_every = 20
+  config.train.eval_every = 400
+  config.train.checkpoint_every = 20
+  straight = str(tmp_path / "straight")
+  recon.train_recon(config, straight)
+
+  killed = str(tmp_path / "killed")
+  overrides = [f"--config.data.source={config.data.source}",
+               f"--config.data.tfds_data_dir={config.data.tfds_data_dir}",
+               "--config.data.val_fraction=0.2", "--config.data.block_chars=512",
+               "--config.train.num_steps=400", "--config.train.log_every=20",
+               "--config.train.eval_every=400", "--config.train.checkpoint_every=20",
+               "--config.train.progress_bar=False"]
+  proc = subprocess.Popen(
+      [sys.executable, os.path.join(REPO, "experiments", "train.py"),
+       "--config=" + os.path.join(REPO, "configs", "recon.py") + ":tiny",
+       f"--workdir={killed}", *overrides],
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
+  ckpt_dir = os.path.join(killed, "recon", "checkpoints")
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.isdir(ckpt_dir) and any(s.isdigit() for s in os.listdir(ckpt_dir)):
+      break
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+  done = sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
+  assert done and done[-1] < 400, f"the run was not killed mid-way: {done}"
+
+  recon.train_recon(config, killed)
+  step_a, params_a, data_a = _final_params(straight, config)
+  step_b, params_b, data_b = _final_params(killed, config)
+  assert step_a == step_b == 400 and data_a == data_b
+  chex.assert_trees_all_close(params_a, params_b, rtol=1e-5, atol=1e-6)
+  metrics = [json.loads(l) for l in open(os.path.join(killed, "recon", "metrics.jsonl"))]
+  assert [r["step"] for r in metrics if r["split"] == "train"] == list(range(20, 401, 20))
+
+
+def test_nan_loss_stops_with_a_clear_error(config, tmp_path):
+  config.optim.learning_rate = float("nan")
+  config.train.num_steps = 10
+  with pytest.raises(FloatingPointError, match="learning_rate"):
+    recon.train_recon(config, str(tmp_path / "nan"))
+
+
+def test_config_validation(config, tmp_path):
+  config.train.num_steps = 0
+  with pytest.raises(ValueError, match="num_steps"):
+    recon.train_recon(config, str(tmp_path / "bad"))
