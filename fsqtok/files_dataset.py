@@ -17,7 +17,7 @@ import tensorflow_datasets as tfds
 
 @dataclasses.dataclass
 class FilesTextConfig(tfds.core.BuilderConfig):
-  paths: tuple[str, ...] = ()
+  paths: tuple[str, ...] = dataclasses.field(default=(), repr=False)
 
 
 class FilesText(tfds.core.GeneratorBasedBuilder):

@@ -59,7 +59,7 @@ def test_train_writes_checkpoints_metrics_and_report_and_loss_falls(config, tmp_
   records = [json.loads(l) for l in open(os.path.join(phase, "metrics.jsonl"))]
   train = [r for r in records if r["split"] == "train"]
   assert [r["step"] for r in train] == [10, 20, 30, 40, 50, 60]
-  assert train[-1]["loss"] < 0.7 * train[0]["loss"]
+  assert train[-1]["loss"] < 0.8 * train[0]["loss"]
   assert [r["step"] for r in records if r["split"] == "validation"] == [20, 40, 60]
   val = report["validation"]
   for key in ("byte_accuracy", "exact_match", "exact_match_distinct", "code_utilization",

@@ -1,0 +1,32 @@
+import chex
+import jax
+import numpy as np
+import pytest
+
+from configs import recon as recon_config
+from fsqtok import codec as codec_lib
+from fsqtok import recon
+from fsqtok.pieces import pieces_to_array, split_pieces
+
+
+@pytest.mark.parametrize("arg", ["", "tiny", "long", "full", "source"])
+def test_every_config_builds_and_trains_one_step(arg):
+  config = recon_config.get_config(arg)
+  model = codec_lib.codec_from_config(config.model)
+  state = recon.create_state(config, model, jax.random.PRNGKey(0))
+  b, l = pieces_to_array(split_pieces("Every config trains: one step, 8 pieces!"))
+  batch = {"bytes": b[:8], "lengths": l[:8]}
+  new_state, metrics = jax.jit(recon.train_step)(state, batch, jax.random.PRNGKey(1))
+  assert np.isfinite(float(metrics["loss"]))
+  assert int(new_state.step) == 1
+  chex.assert_trees_all_equal_shapes(state.params, new_state.params)
+  assert config.train.num_steps >= 1 and config.data.batch_size >= 1
+
+
+def test_default_levels_match_the_design():
+  assert tuple(recon_config.get_config("").model.levels) == (8, 8, 8, 8, 8, 5, 5, 5)
+
+
+def test_unknown_argument():
+  with pytest.raises(ValueError, match="Unknown configs/recon.py argument"):
+    recon_config.get_config("huge")
