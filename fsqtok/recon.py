@@ -25,6 +25,7 @@ from fsqtok import codec as codec_lib
 from fsqtok import corpus as corpus_lib
 from fsqtok import evaluate as evaluate_lib
 from fsqtok import optimizer as optimizer_lib
+from fsqtok import plots
 from fsqtok import sharding as sharding_lib
 from fsqtok import workdir as workdir_lib
 from fsqtok.data import PieceBatcher, PieceSet
@@ -113,7 +114,7 @@ def _report_markdown(report: dict[str, Any]) -> str:
                    f"{m['exact_match_distinct']:.4f} | {m['perplexity']:.4f} | "
                    f"{m['codes_used']} | {m['code_utilization']:.4f} | "
                    f"{m['collision_rate']:.4f} |")
-  lines += ["", "Sample held-out reconstructions (most to least frequent):", "",
+  lines += ["", "Learning curves: `curves.png`.", "", "Sample held-out reconstructions (most to least frequent):", "",
             "| piece | reconstruction | count |", "|---|---|---|"]
   for s in report["samples"]:
     lines.append(f"| {json.dumps(s['piece'])} | {json.dumps(s['reconstruction'])} "
@@ -214,4 +215,6 @@ def train_recon(config, workdir: str) -> dict[str, Any]:
   }
   workdir_lib.write_json(report_path, report)
   workdir_lib.atomic_write_text(os.path.join(phase_dir, "report.md"), _report_markdown(report))
+  plots.plot_learning_curves(metrics_log.path, os.path.join(phase_dir, "curves.png"),
+                             title=f"codec on {config.data.source}")
   return report

@@ -68,6 +68,8 @@ def test_train_writes_checkpoints_metrics_and_report_and_loss_falls(config, tmp_
   assert val["perplexity"] >= 1.0 and report["train_pieces_per_second"] > 0
   assert json.load(open(os.path.join(phase, "report.json"))) == report
   assert "byte acc" in open(os.path.join(phase, "report.md")).read()
+  with open(os.path.join(phase, "curves.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   # A finished run does nothing when started again.
   mtime = os.path.getmtime(os.path.join(phase, "metrics.jsonl"))
   assert recon.train_recon(config, workdir) == report

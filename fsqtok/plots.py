@@ -1,0 +1,40 @@
+"""Learning-curve plots from a run's ``metrics.jsonl`` (PNG, written atomically)."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+from fsqtok.workdir import MetricsLog
+
+
+def plot_learning_curves(metrics_path: str, png_path: str, title: str = "") -> None:
+  """Train loss, and train / held-out byte accuracy, against the step."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  records = MetricsLog.read(metrics_path)
+  train = [r for r in records if r["split"] == "train"]
+  valid = [r for r in records if r["split"] == "validation"]
+  fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
+  ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train])
+  ax_loss.set(xlabel="step", ylabel="train cross-entropy (nats)", yscale="log")
+  ax_acc.plot([r["step"] for r in train], [r["byte_accuracy"] for r in train], label="train batches (data.weighting)")
+  ax_acc.plot([r["step"] for r in valid], [r["byte_accuracy"] for r in valid], "o-",
+              label="held-out")
+  ax_acc.set(xlabel="step", ylabel="byte accuracy")
+  ax_acc.legend()
+  ax_acc.grid(alpha=0.3)
+  ax_loss.grid(alpha=0.3)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(png_path)), suffix=".png")
+  os.close(fd)
+  try:
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, png_path)
+  finally:
+    plt.close(fig)
+    if os.path.exists(tmp):
+      os.unlink(tmp)
