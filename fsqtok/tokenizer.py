@@ -1,0 +1,346 @@
+"""The exact tokenizer over a learned vocabulary, with byte fallback and special tokens.
+
+Ids are laid out as: special tokens ``[0, S)``, the 256 byte-fallback tokens
+``[S, S+256)``, the learned strings, then specials added later by the user. Encoding
+splits text into pieces (`fsqtok.pieces`), maps a piece that is a vocabulary string to
+its id with one dictionary lookup, and segments any other piece into the fewest
+vocabulary strings and single bytes (dynamic programming over at most 16 bytes, cached
+per distinct piece). Decoding concatenates the tokens' bytes, so
+``decode(encode(x)) == x`` for every string that has a UTF-8 encoding. Nothing here
+needs JAX or the codec.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from typing import Iterable, Sequence
+
+from fsqtok import pieces as pieces_lib
+
+FORMAT = "fsqtok-tokenizer"
+FORMAT_VERSION = 1
+VOCAB_FILE = "tokenizer.json"
+
+DEFAULT_SPECIALS = (
+    "[PAD]", "[BOS]", "[EOS]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
+    "[REG0]", "[REG1]", "[REG2]", "[REG3]", "[IMG]", "[AUDIO]",
+)
+
+
+def _utf8(text: str) -> bytes:
+  if not isinstance(text, str):
+    raise TypeError(f"encode takes a str, got {type(text).__name__}; decode bytes first "
+                    f"(bytes.decode('utf-8')).")
+  try:
+    return text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise ValueError(
+        f"The text has a lone surrogate {text[e.start]!r} at index {e.start}; it has no "
+        f"UTF-8 encoding, so no tokenizer can round-trip it. Repair the text first, e.g. "
+        f"text.encode('utf-8', 'replace').decode('utf-8').") from None
+
+
+class Tokenizer:
+  """Encodes text to ids and back, exactly."""
+
+  def __init__(self, learned: Iterable[str], *, codes: Sequence[int] | None = None,
+               specials: Sequence[str] = DEFAULT_SPECIALS,
+               max_piece_bytes: int = pieces_lib.MAX_PIECE_BYTES):
+    learned = list(learned)
+    if codes is not None and len(codes) != len(learned):
+      raise ValueError(f"{len(codes)} codes for {len(learned)} learned strings.")
+    if len(set(specials)) != len(specials) or not all(specials):
+      raise ValueError(f"Special tokens must be distinct non-empty strings: {specials}.")
+    self.max_piece_bytes = max_piece_bytes
+    self._specials = list(specials)
+    self._learned: list[bytes] = []
+    self._codes: list[int] = []
+    seen = set()
+    for i, s in enumerate(learned):
+      b = _utf8(s)
+      if not 2 <= len(b) <= max_piece_bytes:
+        continue  # single bytes already have a token; overlong strings are never matched
+      if b in seen:
+        raise ValueError(f"Learned string {s!r} appears twice in the vocabulary.")
+      seen.add(b)
+      self._learned.append(b)
+      self._codes.append(-1 if codes is None else int(codes[i]))
+    self._added: list[str] = []
+    self._rebuild()
+
+  # ---- vocabulary --------------------------------------------------------------------
+
+  def _rebuild(self) -> None:
+    self._byte_base = len(self._specials)
+    self._learned_base = self._byte_base + 256
+    self._added_base = self._learned_base + len(self._learned)
+    self._bytes_to_id = {b: self._learned_base + i for i, b in enumerate(self._learned)}
+    all_specials = self._specials + self._added
+    self._special_to_id = {s: self.token_to_id(s) for s in all_specials}
+    pattern = "|".join(re.escape(s) for s in sorted(all_specials, key=len, reverse=True))
+    self._special_re = re.compile(f"({pattern})") if all_specials else None
+    self._cache: dict[str, tuple[int, ...]] = {}
+
+  @property
+  def vocab_size(self) -> int:
+    """Every id: specials, byte fallback, learned strings and added specials."""
+    return self._added_base + len(self._added)
+
+  def __len__(self) -> int:
+    return self.vocab_size
+
+  @property
+  def special_tokens(self) -> list[str]:
+    return self._specials + self._added
+
+  def add_special_tokens(self, tokens: Sequence[str]) -> int:
+    """Appends new special tokens (ids after the vocabulary); returns how many were new."""
+    new = [t for t in dict.fromkeys(tokens) if t not in self._special_to_id]
+    if not all(isinstance(t, str) and t for t in new):
+      raise ValueError(f"Special tokens must be non-empty strings: {tokens}.")
+    self._added.extend(new)
+    self._rebuild()
+    return len(new)
+
+  def token_to_id(self, token: str) -> int | None:
+    if token in self._specials:
+      return self._specials.index(token)
+    if token in self._added:
+      return self._added_base + self._added.index(token)
+    m = re.fullmatch(r"<0x([0-9A-F]{2})>", token)
+    if m:
+      return self._byte_base + int(m.group(1), 16)
+    return self._bytes_to_id.get(token.encode("utf-8", "surrogatepass"))
+
+  def id_to_token(self, token_id: int) -> str:
+    return self._token_bytes_or_special(token_id, display=True)
+
+  def id_to_code(self, token_id: int) -> int:
+    """The FSQ code index of a learned token (-1 for specials, bytes, or no codes)."""
+    i = token_id - self._learned_base
+    return self._codes[i] if 0 <= i < len(self._learned) else -1
+
+  def _token_bytes_or_special(self, token_id: int, display: bool = False):
+    if not 0 <= token_id < self.vocab_size:
+      raise IndexError(f"Token id {token_id} is outside the vocabulary [0, {self.vocab_size}).")
+    if token_id < self._byte_base:
+      return self._specials[token_id]
+    if token_id < self._learned_base:
+      b = token_id - self._byte_base
+      return f"<0x{b:02X}>" if display else bytes([b])
+    if token_id < self._added_base:
+      b = self._learned[token_id - self._learned_base]
+      return b.decode("utf-8") if display else b
+    return self._added[token_id - self._added_base]
+
+  # ---- encoding ----------------------------------------------------------------------
+
+  def _segment(self, piece: str) -> tuple[int, ...]:
+    """Fewest tokens for one piece: vocabulary strings and single bytes."""
+    data = piece.encode("utf-8")
+    n = len(data)
+    best = [0] + [n + 1] * n
+    back = [0] * (n + 1)
+    for end in range(1, n + 1):
+      for start in range(max(0, end - self.max_piece_bytes), end):
+        if best[start] + 1 < best[end] and (
+            end - start == 1 or data[start:end] in self._bytes_to_id):
+          best[end], back[end] = best[start] + 1, start
+    ids = []
+    end = n
+    while end:
+      start = back[end]
+      ids.append(self._byte_base + data[start] if end - start == 1
+                 else self._bytes_to_id[data[start:end]])
+      end = start
+    return tuple(reversed(ids))
+
+  def _encode_text(self, text: str) -> list[int]:
+    ids: list[int] = []
+    cache, lookup = self._cache, self._bytes_to_id
+    for piece in pieces_lib.split_pieces(text, self.max_piece_bytes):
+      cached = cache.get(piece)
+      if cached is None:
+        whole = lookup.get(piece.encode("utf-8"))
+        cached = (whole,) if whole is not None else self._segment(piece)
+        if len(cache) < 1_000_000:
+          cache[piece] = cached
+      ids.extend(cached)
+    return ids
+
+  def encode(self, text: str, *, add_special_tokens: bool = False,
+             parse_special: bool = False) -> list[int]:
+    """Token ids of ``text``.
+
+    ``add_special_tokens`` wraps the ids in [BOS] ... [EOS]. Special-token strings in the
+    text stay ordinary text unless ``parse_special`` is set.
+    """
+    _utf8(text)
+    if parse_special and self._special_re is not None:
+      ids: list[int] = []
+      for i, part in enumerate(self._special_re.split(text)):
+        if i % 2:
+          ids.append(self._special_to_id[part])
+        elif part:
+          ids.extend(self._encode_text(part))
+    else:
+      ids = self._encode_text(text)
+    if add_special_tokens:
+      ids = [self._special_id("[BOS]"), *ids, self._special_id("[EOS]")]
+    return ids
+
+  def encode_with_offsets(self, text: str, *, add_special_tokens: bool = False,
+                          parse_special: bool = False
+                          ) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids and, per token, its character span ``(start, end)`` in ``text``.
+
+    A byte-fallback token inside a multi-byte character spans that whole character;
+    added [BOS]/[EOS] span ``(0, 0)``, as in Hugging Face tokenizers.
+    """
+    _utf8(text)
+    parts = (self._special_re.split(text) if parse_special and self._special_re is not None
+             else [text])
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    pos = 0
+    for i, part in enumerate(parts):
+      if i % 2:
+        ids.append(self._special_to_id[part])
+        offsets.append((pos, pos + len(part)))
+        pos += len(part)
+        continue
+      for piece in pieces_lib.split_pieces(part, self.max_piece_bytes):
+        char_of_byte = [c for c, ch in enumerate(piece) for _ in range(len(ch.encode("utf-8")))]
+        start = 0
+        for tid in self._encode_text(piece):
+          end = start + len(self._token_bytes_or_special(tid))
+          offsets.append((pos + char_of_byte[start], pos + char_of_byte[end - 1] + 1))
+          ids.append(tid)
+          start = end
+        pos += len(piece)
+    if add_special_tokens:
+      ids = [self._special_id("[BOS]"), *ids, self._special_id("[EOS]")]
+      offsets = [(0, 0), *offsets, (0, 0)]
+    return ids, offsets
+
+  def encode_batch(self, texts: Sequence[str], *, padding: bool | str = False,
+                   truncation: bool = False, max_length: int | None = None,
+                   padding_side: str = "right", add_special_tokens: bool = False,
+                   parse_special: bool = False) -> dict:
+    """Hugging Face-style batch encoding.
+
+    ``padding``: False (lists of different lengths), True / "longest", or "max_length".
+    ``truncation`` cuts to ``max_length`` (from the right). Returns ``input_ids``,
+    ``attention_mask`` and ``offset_mapping``: int32 numpy arrays ``[B, T]`` /
+    ``[B, T, 2]`` when padded, lists otherwise.
+    """
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    if isinstance(texts, str):
+      raise TypeError("encode_batch takes a list of strings; use encode for one string.")
+    if padding is True:
+      padding = "longest"
+    if padding not in (False, "longest", "max_length", "do_not_pad"):
+      raise ValueError(f"padding must be False, True, 'longest' or 'max_length', got {padding!r}.")
+    if padding_side not in ("right", "left"):
+      raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}.")
+    if (truncation or padding == "max_length") and (max_length is None or max_length < 1):
+      raise ValueError("truncation and padding='max_length' need max_length >= 1.")
+    rows = [self.encode_with_offsets(t, add_special_tokens=add_special_tokens,
+                                     parse_special=parse_special) for t in texts]
+    if truncation:
+      rows = [(ids[:max_length], offs[:max_length]) for ids, offs in rows]
+    if padding in (False, "do_not_pad"):
+      return {"input_ids": [r[0] for r in rows],
+              "attention_mask": [[1] * len(r[0]) for r in rows],
+              "offset_mapping": [r[1] for r in rows]}
+    width = max_length if padding == "max_length" else max((len(r[0]) for r in rows), default=0)
+    if any(len(r[0]) > width for r in rows):
+      raise ValueError(f"A text has more than max_length={width} tokens; set truncation=True.")
+    pad = self._special_id("[PAD]")
+    ids = np.full((len(rows), width), pad, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    offs = np.zeros((len(rows), width, 2), np.int32)
+    for b, (row_ids, row_offs) in enumerate(rows):
+      n = len(row_ids)
+      cols = slice(0, n) if padding_side == "right" else slice(width - n, width)
+      ids[b, cols], mask[b, cols] = row_ids, 1
+      if n:
+        offs[b, cols] = row_offs
+    return {"input_ids": ids, "attention_mask": mask, "offset_mapping": offs}
+
+  def _special_id(self, token: str) -> int:
+    if token not in self._special_to_id:
+      raise ValueError(f"This tokenizer has no {token} special token.")
+    return self._special_to_id[token]
+
+  def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
+    """Text of ``ids``. Invalid UTF-8 (only possible from ids no text produced, e.g.
+    sampled ones) becomes U+FFFD."""
+    out: list[bytes] = []
+    for i in ids:
+      tok = self._token_bytes_or_special(int(i))
+      if isinstance(tok, str):
+        if not skip_special_tokens:
+          out.append(tok.encode("utf-8"))
+      else:
+        out.append(tok)
+    return b"".join(out).decode("utf-8", errors="replace")
+
+  # ---- persistence -------------------------------------------------------------------
+
+  def save(self, directory: str) -> None:
+    """Writes the tokenizer to ``directory`` atomically (a new directory, then renamed)."""
+    directory = os.path.abspath(directory)
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    payload = {
+        "format": FORMAT, "version": FORMAT_VERSION, "max_piece_bytes": self.max_piece_bytes,
+        "specials": self._specials, "added_specials": self._added,
+        "learned": [b.decode("utf-8") for b in self._learned], "codes": self._codes,
+    }
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.")
+    try:
+      with open(os.path.join(tmp, VOCAB_FILE), "w", encoding="utf-8") as f:
+        json.dump(payload, f, ensure_ascii=False)
+        f.flush()
+        os.fsync(f.fileno())
+      old = None
+      if os.path.exists(directory):
+        old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.old.")
+        os.rmdir(old)
+        os.replace(directory, old)
+      os.replace(tmp, directory)
+      if old:
+        shutil.rmtree(old)
+    except BaseException:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise
+
+  @classmethod
+  def load(cls, directory: str) -> "Tokenizer":
+    path = os.path.join(directory, VOCAB_FILE)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"{directory} is not an fsqtok tokenizer: {VOCAB_FILE} is "
+                              f"missing. Save one with Tokenizer.save(directory).")
+    try:
+      with open(path, encoding="utf-8") as f:
+        payload = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise ValueError(f"{path} is damaged (not valid JSON: {e}). Save the tokenizer "
+                       f"again.") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+      raise ValueError(f"{path} is not an fsqtok tokenizer (no format {FORMAT!r}); a "
+                       f"Hugging Face tokenizer.json? Load that with `tokenizers`.")
+    if payload.get("version") != FORMAT_VERSION:
+      raise ValueError(f"{path} has format version {payload.get('version')}; this fsqtok "
+                       f"reads version {FORMAT_VERSION}.")
+    try:
+      tok = cls(payload["learned"], codes=payload["codes"], specials=payload["specials"],
+                max_piece_bytes=payload["max_piece_bytes"])
+      tok.add_special_tokens(payload["added_specials"])
+    except (KeyError, TypeError) as e:
+      raise ValueError(f"{path} is damaged: {e!r}. Save the tokenizer again.") from None
+    return tok

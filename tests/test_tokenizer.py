@@ -1,0 +1,155 @@
+import json
+import os
+
+import pytest
+from hypothesis import given, strategies as st
+
+from conftest import SHAKESPEARE_SNIPPET
+from fsqtok.data import PieceSet
+from fsqtok.tokenizer import DEFAULT_SPECIALS, Tokenizer
+
+TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=400)
+
+
+@pytest.fixture(scope="module")
+def tok():
+  pieces = PieceSet.from_texts([SHAKESPEARE_SNIPPET * 3, "naïve café 日本語 🙂 ok"])
+  learned = [pieces.piece_bytes(i).decode() for i in range(pieces.num_distinct)]
+  return Tokenizer(learned + ["speak", "ee"], codes=list(range(len(learned) + 2)))
+
+
+@given(TEXT)
+def test_decode_encode_is_the_identity(tok, text):
+  assert tok.decode(tok.encode(text)) == text
+
+
+@pytest.mark.parametrize("text", [
+    "", "\x00", "\x00\x01\x02\x7f", "e\u0301\u0302 a\u0308", "日本語のテキスト" * 20,
+    "👩‍👩‍👧‍👦🙂🏳️‍🌈", "\r\n\t\x0b\x0c ", "[CLS] [PAD][MASK]", "x" * 100_000,
+    SHAKESPEARE_SNIPPET * 50, "\ufeff\u200b\u2028\U0010ffff",
+])
+def test_round_trip_edge_cases(tok, text):
+  assert tok.decode(tok.encode(text)) == text
+
+
+def test_known_pieces_are_one_token_and_unknown_ones_fall_back(tok):
+  assert tok.encode("First Citizen") == [tok.token_to_id("First"), tok.token_to_id(" Citizen")]
+  ids = tok.encode(" zq")  # not in the vocabulary: three byte tokens
+  assert [tok.id_to_token(i) for i in ids] == ["<0x20>", "<0x7A>", "<0x71>"]
+  # Fewest tokens inside an unknown piece: " speakee" -> " speak" + "ee" + ... never bytes
+  # where a vocabulary string covers them.
+  assert [tok.id_to_token(i) for i in tok.encode(" speakee")] == [" speak", "ee"]
+
+
+@given(st.text(st.sampled_from("speakx e"), max_size=30))
+def test_segmentation_is_never_longer_than_bytes(tok, text):
+  assert len(tok.encode(text)) <= len(text.encode())
+
+
+def test_lone_surrogates_and_non_strings_are_clear_errors(tok):
+  with pytest.raises(ValueError, match="lone surrogate"):
+    tok.encode("ok \ud800 no")
+  with pytest.raises(TypeError, match="takes a str"):
+    tok.encode(b"bytes")
+
+
+def test_special_tokens_stay_text_unless_asked(tok):
+  cls = tok.token_to_id("[CLS]")
+  assert cls == DEFAULT_SPECIALS.index("[CLS]")
+  assert cls not in tok.encode("[CLS] hello")
+  assert tok.encode("[CLS] hello", parse_special=True)[0] == cls
+  ids = tok.encode("Speak", add_special_tokens=True)
+  assert ids[0] == tok.token_to_id("[BOS]") and ids[-1] == tok.token_to_id("[EOS]")
+  assert tok.decode(ids) == "[BOS]Speak[EOS]"
+  assert tok.decode(ids, skip_special_tokens=True) == "Speak"
+
+
+def test_added_special_tokens_get_new_ids(tok):
+  tok2 = Tokenizer(["ab", "cd"])
+  size = len(tok2)
+  assert tok2.add_special_tokens(["<tool>", "[CLS]", "<tool>"]) == 1
+  assert tok2.token_to_id("<tool>") == size and len(tok2) == size + 1
+  assert tok2.encode("x<tool>y", parse_special=True)[1] == size
+  assert tok2.decode(tok2.encode("x<tool>y", parse_special=True)) == "x<tool>y"
+
+
+def test_vocabulary_accounting_and_id_maps(tok):
+  assert len(tok) == tok.vocab_size == len(DEFAULT_SPECIALS) + 256 + len(tok._learned)
+  for i in range(len(tok)):
+    assert tok.token_to_id(tok.id_to_token(i)) == i
+  assert tok.id_to_code(tok.token_to_id("speak")) >= 0
+  assert tok.id_to_code(0) == -1
+  with pytest.raises(IndexError, match="outside the vocabulary"):
+    tok.decode([len(tok)])
+
+
+def test_save_load_round_trip_and_overwrite(tok, tmp_path):
+  d = tmp_path / "tok"
+  tok.save(str(d))
+  tok.save(str(d))  # overwriting is atomic too
+  loaded = Tokenizer.load(str(d))
+  text = SHAKESPEARE_SNIPPET + " naïve 🙂 [CLS]"
+  assert loaded.encode(text) == tok.encode(text)
+  assert len(loaded) == len(tok)
+  assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
+
+
+def test_loading_damaged_or_foreign_directories(tmp_path):
+  with pytest.raises(FileNotFoundError, match="not an fsqtok tokenizer"):
+    Tokenizer.load(str(tmp_path))
+  (tmp_path / "tokenizer.json").write_text("{not json")
+  with pytest.raises(ValueError, match="damaged"):
+    Tokenizer.load(str(tmp_path))
+  (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE"}}))
+  with pytest.raises(ValueError, match="not an fsqtok tokenizer"):
+    Tokenizer.load(str(tmp_path))
+  (tmp_path / "tokenizer.json").write_text(json.dumps({"format": "fsqtok-tokenizer",
+                                                       "version": 1}))
+  with pytest.raises(ValueError, match="damaged"):
+    Tokenizer.load(str(tmp_path))
+
+
+@given(TEXT)
+def test_offsets_cover_the_text_and_agree_with_encode(tok, text):
+  ids, offsets = tok.encode_with_offsets(text)
+  assert ids == tok.encode(text)
+  assert all(0 <= a < b <= len(text) for a, b in offsets)
+  # Spans are in order, and every character is covered by some token.
+  assert [a for a, _ in offsets] == sorted(a for a, _ in offsets)
+  covered = set()
+  for a, b in offsets:
+    covered.update(range(a, b))
+  assert covered == set(range(len(text)))
+
+
+def test_offsets_of_words_and_split_characters(tok):
+  ids, offs = tok.encode_with_offsets("First 🙂", add_special_tokens=True)
+  assert offs[0] == (0, 0) and offs[-1] == (0, 0)
+  assert offs[1] == (0, 5)
+  # " 🙂" is one learned piece here; an unknown emoji falls back to 4 bytes of one char.
+  _, offs2 = tok.encode_with_offsets("a😀")
+  assert offs2[-4:] == [(1, 2)] * 4
+
+
+def test_batch_padding_truncation_and_masks(tok):
+  texts = ["First Citizen", "Speak, speak. You are all resolved", ""]
+  out = tok.encode_batch(texts, padding="longest")
+  lengths = [len(tok.encode(t)) for t in texts]
+  assert out["input_ids"].shape == (3, max(lengths))
+  assert out["attention_mask"].sum(1).tolist() == lengths
+  pad = tok.token_to_id("[PAD]")
+  assert out["input_ids"][0, lengths[0]:].tolist() == [pad] * (max(lengths) - lengths[0])
+  left = tok.encode_batch(texts, padding=True, padding_side="left")
+  assert left["input_ids"][0, -lengths[0]:].tolist() == tok.encode(texts[0])
+  assert left["attention_mask"][0, : max(lengths) - lengths[0]].sum() == 0
+  cut = tok.encode_batch(texts, padding="max_length", truncation=True, max_length=4)
+  assert cut["input_ids"].shape == (3, 4) and cut["offset_mapping"].shape == (3, 4, 2)
+  assert cut["input_ids"][1].tolist() == tok.encode(texts[1])[:4]
+  ragged = tok.encode_batch(texts)
+  assert [len(r) for r in ragged["input_ids"]] == lengths
+  with pytest.raises(ValueError, match="truncation=True"):
+    tok.encode_batch(texts, padding="max_length", max_length=2)
+  with pytest.raises(ValueError, match="max_length"):
+    tok.encode_batch(texts, truncation=True)
+  with pytest.raises(TypeError, match="list of strings"):
+    tok.encode_batch("one string")
