@@ -17,9 +17,8 @@ MAX_PIECE_BYTES = 16
 # Letters = word characters that are neither digits nor underscore. Every character falls
 # in exactly one class (letter, digit, other non-space, space), so the alternation covers
 # any string: nothing is ever dropped.
-_PIECE_RE = re.compile(
-    r" ?[^\W\d_]+| ?\d+| ?(?:[^\w\s]|_)+|\s+(?!\S)|\s+"
-)
+PIECE_PATTERN = r" ?[^\W\d_]+| ?\d+| ?(?:[^\w\s]|_)+|\s+(?!\S)|\s+"
+_PIECE_RE = re.compile(PIECE_PATTERN)
 
 
 def _cut(run: str, max_bytes: int) -> Iterator[str]:

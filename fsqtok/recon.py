@@ -93,6 +93,30 @@ def validate_config(config) -> None:
     raise ValueError("model.max_len must be <= 255 (piece lengths are stored as uint8).")
 
 
+def restore_latest(config, workdir: str):
+  """``(step, state, data_state)`` of the newest checkpoint under ``workdir/recon``."""
+  model = codec_lib.codec_from_config(config.model)
+  abstract = jax.eval_shape(lambda: create_state(config, model, jax.random.PRNGKey(0)))
+  directory = os.path.join(workdir, PHASE, "checkpoints")
+  step = None
+  if os.path.isdir(directory):
+    ckpt = checkpoint_lib.Checkpointer(directory, save_every=1, max_to_keep=1)
+    step = ckpt.latest_step()
+    if step is not None:
+      state, data_state = ckpt.restore(step, abstract)
+    ckpt.close()
+  if step is None:
+    raise FileNotFoundError(f"No codec checkpoint in {directory}: train one first with "
+                            f"experiments/train.py --config=configs/recon.py --workdir={workdir}")
+  return step, state, data_state
+
+
+def load_trained_codec(config, workdir: str):
+  """The codec and the parameters of its newest checkpoint under ``workdir/recon``."""
+  _, state, _ = restore_latest(config, workdir)
+  return codec_lib.codec_from_config(config.model), state.params
+
+
 def _samples(model, params, pieces: PieceSet, n: int) -> list[dict[str, str]]:
   idx = np.linspace(0, pieces.num_distinct - 1, n).astype(int)
   recon = evaluate_lib.reconstruct(model, params, pieces.bytes_NxL[idx], pieces.lengths_N[idx])

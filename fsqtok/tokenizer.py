@@ -291,8 +291,9 @@ class Tokenizer:
 
   # ---- persistence -------------------------------------------------------------------
 
-  def save(self, directory: str) -> None:
-    """Writes the tokenizer to ``directory`` atomically (a new directory, then renamed)."""
+  def save(self, directory: str, extra_files: dict[str, bytes] | None = None) -> None:
+    """Writes the tokenizer (and ``extra_files``: name -> content) to ``directory``
+    atomically: everything goes to a new directory, which is then renamed."""
     directory = os.path.abspath(directory)
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
@@ -307,6 +308,9 @@ class Tokenizer:
         json.dump(payload, f, ensure_ascii=False)
         f.flush()
         os.fsync(f.fileno())
+      for name, content in (extra_files or {}).items():
+        with open(os.path.join(tmp, name), "wb") as f:
+          f.write(content)
       old = None
       if os.path.exists(directory):
         old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.old.")

@@ -76,16 +76,9 @@ def test_train_writes_checkpoints_metrics_and_report_and_loss_falls(config, tmp_
   assert os.path.getmtime(os.path.join(phase, "metrics.jsonl")) == mtime
 
 
-def _final_params(workdir, config):
-  from fsqtok import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  model = codec_lib.codec_from_config(config.model)
-  state = jax.eval_shape(lambda: recon.create_state(config, model, jax.random.PRNGKey(0)))
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "recon", "checkpoints"),
-                                     save_every=1, max_to_keep=3)
-  step = ckpt.latest_step()
-  restored, data_state = ckpt.restore(step, state)
-  ckpt.close()
-  return step, jax.device_get(restored.params), data_state
+def _final_state(workdir, config):
+  step, state, data_state = recon.restore_latest(config, workdir)
+  return step, jax.device_get(state.params), data_state
 
 
 def test_killed_run_resumes_to_the_same_state(config, tmp_path):
@@ -121,9 +114,11 @@ def test_killed_run_resumes_to_the_same_state(config, tmp_path):
   assert done and done[-1] < 400, f"the run was not killed mid-way: {done}"
 
   recon.train_recon(config, killed)
-  step_a, params_a, data_a = _final_params(straight, config)
-  step_b, params_b, data_b = _final_params(killed, config)
+  step_a, params_a, data_a = _final_state(straight, config)
+  step_b, params_b, data_b = _final_state(killed, config)
   assert step_a == step_b == 400 and data_a == data_b
+  with pytest.raises(FileNotFoundError, match="train one first"):
+    recon.restore_latest(config, str(tmp_path / "nothing"))
   chex.assert_trees_all_close(params_a, params_b, rtol=1e-5, atol=1e-6)
   metrics = [json.loads(l) for l in open(os.path.join(killed, "recon", "metrics.jsonl"))]
   assert [r["step"] for r in metrics if r["split"] == "train"] == list(range(20, 401, 20))

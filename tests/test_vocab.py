@@ -67,3 +67,22 @@ def test_vocabulary_from_a_trained_codec_is_exact(pieces):
   logits = model.apply({"params": state.params}, codes, method=codec_lib.Codec.decode)
   out, lengths = jax.device_get(codec_lib.greedy_decode(logits))
   assert [bytes(r[:n]) for r, n in zip(out, lengths)] == list(vocab.strings)
+
+
+def test_train_tokenizer_end_to_end(doc_files, tmp_path):
+  from conftest import tiny_recon_config  # pylint: disable=g-import-not-at-top
+  from fsqtok.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+  from fsqtok.tokenizer_build import train_tokenizer  # pylint: disable=g-import-not-at-top
+  config = tiny_recon_config(f"files:{doc_files}/*.txt", str(tmp_path / "tfds"))
+  config.train.num_steps = 100
+  out = tmp_path / "tok"
+  tok, analysis = train_tokenizer(config, str(tmp_path / "work"), 300, str(out))
+  assert sorted(p.name for p in out.iterdir()) == [
+      "codec.msgpack", "codec_config.json", "tokenizer.json", "vocab_report.json"]
+  loaded = Tokenizer.load(str(out))
+  assert len(loaded) == len(tok) <= 300
+  assert analysis["vocab_size"] == len(tok)
+  text = (doc_files / "doc000.txt").read_text()
+  assert loaded.decode(loaded.encode(text)) == text
+  with pytest.raises(ValueError, match="smaller than"):
+    train_tokenizer(config, str(tmp_path / "work"), 100, str(out))

@@ -1,0 +1,189 @@
+"""The ``fsqtok`` command: train a tokenizer, encode, decode, inspect.
+
+  fsqtok train-tokenizer --corpus files:'my/*.txt' --vocab-size 32768 --out tok/
+  fsqtok encode --tokenizer tok/ < big.txt > ids.txt
+  fsqtok decode --tokenizer tok/ < ids.txt > big.txt
+  fsqtok inspect tok/
+
+``encode`` writes one line of space-separated ids per input line (the line's newline is
+part of its tokens), so ``decode`` restores the input byte for byte.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+
+from fsqtok import workdir as workdir_lib
+from fsqtok.tokenizer import Tokenizer
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "configs", "recon.py")
+
+
+def load_config(spec: str):
+  """``path/to/config.py[:arg]`` -> ``get_config(arg)``."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise SystemExit(f"fsqtok: config file {path} not found; pass --config "
+                     f"path/to/configs/recon.py[:arg].")
+  spec_obj = importlib.util.spec_from_file_location("fsqtok_user_config", path)
+  module = importlib.util.module_from_spec(spec_obj)
+  spec_obj.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def _train_tokenizer(args) -> None:
+  from fsqtok.tokenizer_build import train_tokenizer  # pylint: disable=g-import-not-at-top
+  config = load_config(args.config)
+  config.data.source = args.corpus
+  if args.steps:
+    config.train.num_steps = args.steps
+  workdir = args.workdir or os.path.join(args.out.rstrip("/") + ".work")
+  tok, analysis = train_tokenizer(config, workdir, args.vocab_size, args.out)
+  print(f"Saved {args.out}: {len(tok)} tokens ({analysis['vocab_coverage']:.1%} of training "
+        f"pieces covered by learned tokens); codec run in {workdir}.")
+
+
+def _input_stream(path: str | None):
+  if path and path != "-":
+    return open(path, "rb")
+  return sys.stdin.buffer
+
+
+def _progress(stream, show: bool):
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  try:
+    size = os.fstat(stream.fileno()).st_size
+  except (OSError, AttributeError, ValueError):
+    size = 0
+  return tqdm(total=size or None, unit="B", unit_scale=True, disable=not show or not size,
+              file=sys.stderr, desc="encode")
+
+
+def _encode(args) -> None:
+  tok = Tokenizer.load(args.tokenizer)
+  stream = _input_stream(args.input)
+  out = sys.stdout
+  bar = _progress(stream, not args.quiet)
+  for lineno, raw in enumerate(stream, 1):
+    try:
+      line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise SystemExit(f"fsqtok encode: input line {lineno} is not UTF-8 ({e.reason} at "
+                       f"byte {e.start}); convert the file to UTF-8 first (iconv).") from None
+    out.write(" ".join(map(str, tok.encode(line))) + "\n")
+    bar.update(len(raw))
+  bar.close()
+
+
+def _decode(args) -> None:
+  tok = Tokenizer.load(args.tokenizer)
+  out = sys.stdout.buffer
+  for lineno, raw in enumerate(_input_stream(args.input), 1):
+    try:
+      ids = [int(x) for x in raw.split()]
+    except ValueError:
+      raise SystemExit(f"fsqtok decode: line {lineno} is not space-separated integer "
+                       f"ids.") from None
+    out.write(tok.decode(ids, skip_special_tokens=args.skip_special_tokens).encode("utf-8"))
+  out.flush()
+
+
+def inspect_report(tok: Tokenizer, directory: str) -> str:
+  """A text report of the vocabulary (and of its codebook, if the build left one)."""
+  n_special, n_learned = len(tok.special_tokens), len(tok) - len(tok.special_tokens) - 256
+  learned_ids = range(len(tok.special_tokens) + 256, len(tok.special_tokens) + 256 + n_learned)
+  lengths = [len(tok.id_to_token(i).encode("utf-8")) for i in learned_ids]
+  lines = [f"fsqtok tokenizer {directory}",
+           f"vocabulary: {len(tok)} ids = {n_special} special + 256 byte + {n_learned} learned",
+           f"special tokens: {' '.join(tok.special_tokens)}"]
+  if lengths:
+    lines.append(f"learned token length: mean {sum(lengths) / len(lengths):.2f} bytes, "
+                 f"max {max(lengths)}")
+    first = [tok.id_to_token(i) for i in list(learned_ids)[:20]]
+    lines.append("most frequent learned tokens: " + " ".join(json.dumps(t) for t in first))
+  report_path = os.path.join(directory, "vocab_report.json")
+  if os.path.exists(report_path):
+    with open(report_path, encoding="utf-8") as f:
+      r = json.load(f)
+    lines.append(f"codebook: {r['codes_used']} codes used by {r['distinct_pieces']} distinct "
+                 f"training pieces (utilization {r['code_utilization']:.4f}, collision rate "
+                 f"{r['collision_rate']:.4f}); {r['exact_pieces']} pieces reconstructed "
+                 f"exactly; learned tokens cover {r['vocab_coverage']:.1%} of training pieces")
+  return "\n".join(lines) + "\n"
+
+
+def inspect_plot(tok: Tokenizer, directory: str, png_path: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, (ax_len, ax_freq) = plt.subplots(1, 2, figsize=(10, 3.6))
+  base = len(tok.special_tokens) + 256
+  lengths = [len(tok.id_to_token(i).encode("utf-8")) for i in range(base, len(tok))]
+  ax_len.hist(lengths, bins=range(1, 18), rwidth=0.9)
+  ax_len.set(xlabel="learned token length (bytes)", ylabel="tokens")
+  report_path = os.path.join(directory, "vocab_report.json")
+  if os.path.exists(report_path):
+    with open(report_path, encoding="utf-8") as f:
+      curve = json.load(f)["code_frequency_curve"]
+    ax_freq.loglog(range(1, len(curve) + 1), curve)
+    ax_freq.set(xlabel="code rank", ylabel="occurrences", title="code frequency")
+  fig.tight_layout()
+  tmp = png_path + ".tmp.png"
+  fig.savefig(tmp, dpi=100)
+  plt.close(fig)
+  os.replace(tmp, png_path)
+
+
+def _inspect(args) -> None:
+  tok = Tokenizer.load(args.tokenizer)
+  out_dir = args.out or args.tokenizer
+  report = inspect_report(tok, args.tokenizer)
+  workdir_lib.atomic_write_text(os.path.join(out_dir, "inspect.txt"), report)
+  inspect_plot(tok, args.tokenizer, os.path.join(out_dir, "inspect.png"))
+  print(report + f"Wrote {os.path.join(out_dir, 'inspect.txt')} and inspect.png.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="fsqtok", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = p.add_subparsers(dest="command", required=True)
+  t = sub.add_parser("train-tokenizer", help="train the codec on a corpus and save a tokenizer")
+  t.add_argument("--corpus", default="builtin", help="builtin | files:GLOB | tfds:NAME")
+  t.add_argument("--vocab-size", type=int, default=32768,
+                 help="every id: specials + 256 bytes + learned")
+  t.add_argument("--out", required=True, help="directory to save the tokenizer in")
+  t.add_argument("--config", default=_DEFAULT_CONFIG, help="codec config, path[:arg]")
+  t.add_argument("--workdir", help="codec run directory (default: OUT.work)")
+  t.add_argument("--steps", type=int, default=0, help="override train.num_steps")
+  t.set_defaults(func=_train_tokenizer)
+  for name, func, what in (("encode", _encode, "text -> id lines"),
+                           ("decode", _decode, "id lines -> text")):
+    e = sub.add_parser(name, help=what)
+    e.add_argument("--tokenizer", required=True)
+    e.add_argument("input", nargs="?", help="file (default: standard input)")
+    if name == "encode":
+      e.add_argument("--quiet", action="store_true", help="no progress bar")
+    else:
+      e.add_argument("--skip-special-tokens", action="store_true")
+    e.set_defaults(func=func)
+  i = sub.add_parser("inspect", help="vocabulary report and plots")
+  i.add_argument("tokenizer")
+  i.add_argument("--out", help="where to write inspect.txt / inspect.png (default: TOKENIZER)")
+  i.set_defaults(func=_inspect)
+  return p
+
+
+def main(argv=None) -> None:
+  args = build_parser().parse_args(argv)
+  try:
+    args.func(args)
+  except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(f"fsqtok {args.command}: {e}") from None
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,65 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, SHAKESPEARE_SNIPPET
+from fsqtok import cli
+from fsqtok.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def trained(doc_files, tmp_path_factory):
+  out = tmp_path_factory.mktemp("cli") / "tok"
+  old = os.environ.get("TFDS_DATA_DIR")
+  os.environ["TFDS_DATA_DIR"] = str(out.parent / "tfds")  # keep TFDS out of ~
+  try:
+    cli.main(["train-tokenizer", "--corpus", f"files:{doc_files}/*.txt", "--vocab-size",
+              "400", "--out", str(out), "--config",
+              os.path.join(REPO, "configs", "recon.py") + ":tiny", "--steps", "60"])
+  finally:
+    if old is None:
+      os.environ.pop("TFDS_DATA_DIR")
+    else:
+      os.environ["TFDS_DATA_DIR"] = old
+  return out
+
+
+def _run(args, stdin: bytes) -> bytes:
+  proc = subprocess.run([sys.executable, "-m", "fsqtok.cli", *args], input=stdin,
+                        capture_output=True, cwd=REPO, check=False)
+  assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+  return proc.stdout
+
+
+def test_encode_decode_streams_restore_the_input(trained, tmp_path):
+  text = (SHAKESPEARE_SNIPPET + "naïve 🙂\r\n\x00 tabs\there\n\n" + "no newline at the end")
+  ids = _run(["encode", "--tokenizer", str(trained), "--quiet"], text.encode())
+  lines = ids.decode().splitlines()
+  assert len(lines) == text.encode().count(b"\n") + 1
+  assert _run(["decode", "--tokenizer", str(trained)], ids) == text.encode()
+  path = tmp_path / "in.txt"
+  path.write_bytes(text.encode())
+  assert _run(["encode", "--tokenizer", str(trained), str(path)], b"") == ids
+
+
+def test_encode_rejects_non_utf8_input(trained):
+  proc = subprocess.run([sys.executable, "-m", "fsqtok.cli", "encode", "--tokenizer",
+                         str(trained)], input=b"ok\n\xff\xfe bad\n", capture_output=True,
+                        cwd=REPO, check=False)
+  assert proc.returncode != 0 and b"line 2 is not UTF-8" in proc.stderr
+
+
+def test_inspect_writes_report_and_plot(trained, capsys):
+  cli.main(["inspect", str(trained)])
+  report = (trained / "inspect.txt").read_text()
+  tok = Tokenizer.load(str(trained))
+  assert f"vocabulary: {len(tok)} ids" in report and "codebook:" in report
+  assert (trained / "inspect.png").read_bytes()[:4] == b"\x89PNG"
+  assert "Wrote" in capsys.readouterr().out
+
+
+def test_missing_tokenizer_is_a_clear_error(tmp_path):
+  with pytest.raises(SystemExit, match="not an fsqtok tokenizer"):
+    cli.main(["inspect", str(tmp_path)])
