@@ -17,8 +17,9 @@ from fsqtok import sharding as sharding_lib
 from fsqtok.data import PieceSet
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def piece_stats(model: codec_lib.Codec, params, bytes_BxL, lengths_B) -> dict[str, jax.Array]:
-  """Per-piece reconstruction statistics (pure; jit it)."""
+  """Per-piece reconstruction statistics (compiled once per codec and batch shape)."""
   logits, codes = model.apply({"params": params}, bytes_BxL, lengths_B)
   targets, weights = codec_lib.targets_and_weights(bytes_BxL, lengths_B)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
@@ -38,9 +39,6 @@ def compute_piece_stats(model, params, pieces: PieceSet, *, batch_size: int, mes
                         ) -> dict[str, np.ndarray]:
   """`piece_stats` over every distinct piece, batched over the mesh."""
   sharding_lib.check_batch_size(batch_size, mesh)
-  fn = jax.jit(functools.partial(piece_stats, model),
-               in_shardings=(sharding_lib.replicated(mesh), sharding_lib.batch_sharded(mesh),
-                             sharding_lib.batch_sharded(mesh)))
   n = pieces.num_distinct
   chunks: dict[str, list[np.ndarray]] = {}
   for start in range(0, n, batch_size):
@@ -51,7 +49,8 @@ def compute_piece_stats(model, params, pieces: PieceSet, *, batch_size: int, mes
       b = np.concatenate([b, np.zeros((pad, b.shape[1]), b.dtype)])
       l = np.concatenate([l, np.ones(pad, l.dtype)])
     batch = sharding_lib.shard_batch({"bytes": b, "lengths": l}, mesh)
-    out = jax.device_get(fn(params, batch["bytes"], batch["lengths"]))
+    # The batch arrives split on the mesh; jit follows its placement.
+    out = jax.device_get(piece_stats(model, params, batch["bytes"], batch["lengths"]))
     for k, v in out.items():
       chunks.setdefault(k, []).append(np.asarray(v)[: batch_size - pad])
   return {k: np.concatenate(v) for k, v in chunks.items()}

@@ -193,6 +193,8 @@ def train_recon(config, workdir: str) -> dict[str, Any]:
   # minus the time spent evaluating.
   clock = {"t0": None, "step0": 0, "excluded": 0.0, "t1": None, "step1": 0}
   pending: list[dict[str, jax.Array]] = []
+  last_eval: tuple[int, dict[str, Any]] | None = None
+  loop_start = time.perf_counter()
   bar = tqdm(range(start, t.num_steps), initial=start, total=t.num_steps,
              desc="recon", disable=not t.progress_bar, dynamic_ncols=True)
   for step in bar:
@@ -221,13 +223,15 @@ def train_recon(config, workdir: str) -> dict[str, Any]:
       tic = time.perf_counter()
       ev = evaluate_lib.evaluate(model, state.params, val_pieces, **eval_kw)
       metrics_log.write([{"step": done, "split": "validation", **ev}])
+      last_eval = (done, ev)
       if clock["t0"] is not None:
         clock["excluded"] += time.perf_counter() - tic
     ckpt.save(done, state, batcher.get_state(), force=done == t.num_steps)
   bar.close()
   ckpt.close()
 
-  final_val = evaluate_lib.evaluate(model, state.params, val_pieces, **eval_kw)
+  final_val = (last_eval[1] if last_eval and last_eval[0] == t.num_steps
+               else evaluate_lib.evaluate(model, state.params, val_pieces, **eval_kw))
   final_train = evaluate_lib.evaluate(model, state.params, train_pieces, **eval_kw)
   report = {
       "source": config.data.source, "steps": int(t.num_steps),
@@ -235,6 +239,9 @@ def train_recon(config, workdir: str) -> dict[str, Any]:
       "validation": final_val, "train": final_train,
       "train_pieces_per_second": _throughput(clock, config.data.batch_size),
       "timed_steps_this_run": clock["step1"] - clock["step0"],
+      # This run's loop (compilation included) and final evaluation; a resumed run
+      # counts only its own part.
+      "train_wall_seconds": time.perf_counter() - loop_start,
       "samples": _samples(model, state.params, val_pieces, 12),
   }
   workdir_lib.write_json(report_path, report)

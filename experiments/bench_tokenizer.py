@@ -1,0 +1,210 @@
+"""fsqtok against the classic tokenizers, trained on the same split, same vocabulary size.
+
+  python experiments/bench_tokenizer.py --fsqtok_workdirs=runs/builtin,runs/ts \
+      --corpora=builtin,files:../shared/data/tinyshakespeare.txt --vocab_size=32768
+
+For each corpus: the train/validation split of configs/recon.py; every tokenizer is
+trained on the training blocks and measured on the held-out blocks in this run:
+bytes per token, lossless (share of held-out blocks with decode(encode(x)) == x),
+single-threaded encode and decode throughput, training time, artifact size on disk and
+peak memory (the max RSS of a fresh process that loads the artifact and encodes the
+held-out text, minus that of the same process without the tokenizer).
+
+fsqtok's codec is trained by experiments/train.py into --fsqtok_workdirs (one per corpus,
+same config); its training time is that run's wall time from report.json, plus the
+vocabulary build measured here.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("RAYON_NUM_THREADS", "1")  # single-threaded Hugging Face tokenizers
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from absl import app, flags, logging  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import recon as recon_config  # noqa: E402
+from fsqtok import corpus as corpus_lib  # noqa: E402
+
+_CORPORA = flags.DEFINE_list("corpora", ["builtin"], "Corpus specs.")
+_WORKDIRS = flags.DEFINE_list("fsqtok_workdirs", [], "Trained codec run per corpus.")
+_CONFIG = flags.DEFINE_string("fsqtok_config", "", "configs/recon.py argument of those runs.")
+_VOCAB = flags.DEFINE_integer("vocab_size", 32768, "Vocabulary size for every tokenizer.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed passes over the held-out text.")
+_TFDS_DIR = flags.DEFINE_string("tfds_data_dir", "", "TFDS data dir for files: corpora.")
+
+
+# ---- the tokenizers: train(train_file, vocab, out_dir) -> (encode, decode) --------------
+
+def train_fsqtok(ctx, out_dir):
+  from fsqtok import recon, sharding, vocab  # pylint: disable=g-import-not-at-top
+  from fsqtok.tokenizer import DEFAULT_SPECIALS, Tokenizer  # pylint: disable=g-import-not-at-top
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  config, workdir = ctx["config"], ctx["workdir"]
+  model, params = recon.load_trained_codec(config, workdir)
+  train_pieces, _ = recon.load_pieces(config)
+  table, _ = vocab.build_code_vocabulary(
+      model, params, train_pieces, ctx["vocab"] - len(DEFAULT_SPECIALS) - 256,
+      batch_size=config.train.eval_batch_size, mesh=sharding.data_mesh(1))
+  tok = Tokenizer([s.decode() for s in table.strings], codes=table.codes_K.tolist())
+  tok.save(out_dir, extra_files={"codec.msgpack": serialization.to_bytes(params)})
+  return tok.encode, tok.decode
+
+
+def _hf_bpe(ctx, out_dir):
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  tok.decoder = decoders.ByteLevel()
+  tok.train([ctx["train_file"]], trainers.BpeTrainer(
+      vocab_size=ctx["vocab"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+      show_progress=False))
+  os.makedirs(out_dir, exist_ok=True)
+  tok.save(os.path.join(out_dir, "tokenizer.json"))
+  return (lambda t: tok.encode(t).ids), tok.decode
+
+
+def _hf_word(ctx, out_dir):
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+  tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok.decoder = decoders.WordPiece()
+  tok.train([ctx["train_file"]], trainers.WordLevelTrainer(
+      vocab_size=ctx["vocab"], special_tokens=["[UNK]"], show_progress=False))
+  os.makedirs(out_dir, exist_ok=True)
+  tok.save(os.path.join(out_dir, "tokenizer.json"))
+  return (lambda t: tok.encode(t).ids), tok.decode
+
+
+def _sentencepiece(model_type):
+  def train(ctx, out_dir):
+    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+    os.makedirs(out_dir, exist_ok=True)
+    prefix = os.path.join(out_dir, "sp")
+    spm.SentencePieceTrainer.train(
+        input=ctx["train_file"], model_prefix=prefix, vocab_size=ctx["vocab"],
+        model_type=model_type, byte_fallback=True, character_coverage=0.9995,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        split_by_whitespace=True, max_sentence_length=1 << 20, hard_vocab_limit=False,
+        allow_whitespace_only_pieces=True, num_threads=1, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=prefix + ".model")
+    return sp.encode, sp.decode
+  return train
+
+
+def _raw_bytes(ctx, out_dir):
+  del ctx
+  os.makedirs(out_dir, exist_ok=True)
+  return (lambda t: list(t.encode("utf-8"))), (lambda ids: bytes(ids).decode("utf-8", "replace"))
+
+
+TOKENIZERS = {
+    "fsqtok": train_fsqtok,
+    "hf-bpe-bytelevel": _hf_bpe,
+    "sentencepiece-unigram": _sentencepiece("unigram"),
+    "sentencepiece-bpe": _sentencepiece("bpe"),
+    "word-level": _hf_word,
+    "raw-bytes": _raw_bytes,
+}
+
+# How a fresh process loads each saved artifact (for peak memory).
+_LOADERS = {
+    "fsqtok": "from fsqtok.tokenizer import Tokenizer; t = Tokenizer.load(D); enc = t.encode",
+    "hf-bpe-bytelevel": "from tokenizers import Tokenizer; t = Tokenizer.from_file(D + '/tokenizer.json'); enc = lambda s: t.encode(s).ids",
+    "word-level": "from tokenizers import Tokenizer; t = Tokenizer.from_file(D + '/tokenizer.json'); enc = lambda s: t.encode(s).ids",
+    "sentencepiece-unigram": "import sentencepiece as s; t = s.SentencePieceProcessor(model_file=D + '/sp.model'); enc = t.encode",
+    "sentencepiece-bpe": "import sentencepiece as s; t = s.SentencePieceProcessor(model_file=D + '/sp.model'); enc = t.encode",
+    "raw-bytes": "enc = lambda s: list(s.encode())",
+}
+
+
+def _peak_rss_mb(loader: str, directory: str, text_file: str) -> float:
+  code = ("import resource, sys; D = sys.argv[1]; {load}; "
+          "text = open(sys.argv[2], encoding='utf-8').read(); n = len(enc(text)); "
+          "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+  imports = loader.split(";")[0] if loader.startswith(("from", "import")) else "pass"
+  env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+  def run(load):
+    out = subprocess.run([sys.executable, "-c", code.format(load=load), directory, text_file],
+                         capture_output=True, text=True, env=env, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 1024
+  return run(loader) - run(imports + "; enc = lambda s: []")
+
+
+def _dir_mb(path: str) -> float:
+  return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs) / 2**20
+
+
+def measure(name, ctx, val_blocks, val_file, root):
+  out_dir = os.path.join(root, name)
+  tic = time.perf_counter()
+  encode, decode = TOKENIZERS[name](ctx, out_dir)
+  train_s = time.perf_counter() - tic + (ctx["codec_seconds"] if name == "fsqtok" else 0.0)
+  n_bytes = sum(len(b.encode()) for b in val_blocks)
+  ids = [encode(b) for b in val_blocks]  # warm-up (caches), and the token count
+  n_tokens = sum(map(len, ids))
+  lossless = sum(decode(i) == b for i, b in zip(ids, val_blocks)) / len(val_blocks)
+  tic = time.perf_counter()
+  for _ in range(_REPEATS.value):
+    for b in val_blocks:
+      encode(b)
+  enc_s = (time.perf_counter() - tic) / _REPEATS.value
+  tic = time.perf_counter()
+  for _ in range(_REPEATS.value):
+    for i in ids:
+      decode(i)
+  dec_s = (time.perf_counter() - tic) / _REPEATS.value
+  return {"tokenizer": name, "bytes_per_token": n_bytes / n_tokens, "lossless": lossless,
+          "encode_mb_s": n_bytes / enc_s / 1e6, "decode_mb_s": n_bytes / dec_s / 1e6,
+          "train_s": train_s, "disk_mb": _dir_mb(out_dir),
+          "peak_mb": _peak_rss_mb(_LOADERS[name], out_dir, val_file)}
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  if _WORKDIRS.value and len(_WORKDIRS.value) != len(_CORPORA.value):
+    raise app.UsageError("Give one --fsqtok_workdirs entry per corpus.")
+  for k, spec in enumerate(_CORPORA.value):
+    config = recon_config.get_config(_CONFIG.value)
+    config.data.source = spec
+    config.data.tfds_data_dir = _TFDS_DIR.value
+    d = config.data
+    docs = corpus_lib.load_documents(spec, data_dir=d.tfds_data_dir or None, text_key=d.text_key)
+    train, val = corpus_lib.split_documents(docs, val_fraction=d.val_fraction,
+                                            seed=d.split_seed, block_chars=d.block_chars)
+    root = tempfile.mkdtemp(prefix="bench_tokenizer_")
+    train_file, val_file = os.path.join(root, "train.txt"), os.path.join(root, "val.txt")
+    with open(train_file, "w", encoding="utf-8") as f:
+      f.write("".join(train))
+    with open(val_file, "w", encoding="utf-8") as f:
+      f.write("".join(val))
+    names = list(TOKENIZERS)
+    workdir = _WORKDIRS.value[k] if _WORKDIRS.value else ""
+    codec_seconds = 0.0
+    if workdir:
+      with open(os.path.join(workdir, "recon", "report.json"), encoding="utf-8") as f:
+        codec_seconds = json.load(f).get("train_wall_seconds", float("nan"))
+    else:
+      names.remove("fsqtok")
+    ctx = {"train_file": train_file, "vocab": _VOCAB.value, "config": config,
+           "workdir": workdir, "codec_seconds": codec_seconds}
+    rows = [measure(n, ctx, val, val_file, root) for n in names]
+    print(f"\n## {spec}: vocabulary {_VOCAB.value}, held-out "
+          f"{sum(len(b.encode()) for b in val) / 1e3:.0f} KB in {len(val)} blocks\n")
+    print("| tokenizer | bytes/token | lossless | encode MB/s | decode MB/s | train s "
+          "| disk MB | peak MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+      print(f"| {r['tokenizer']} | {r['bytes_per_token']:.3f} | {r['lossless']:.1%} | "
+            f"{r['encode_mb_s']:.2f} | {r['decode_mb_s']:.2f} | {r['train_s']:.1f} | "
+            f"{r['disk_mb']:.2f} | {r['peak_mb']:.1f} |")
+
+
+if __name__ == "__main__":
+  app.run(main)
