@@ -43,8 +43,10 @@ def _train_tokenizer(args) -> None:
     config.train.num_steps = args.steps
   workdir = args.workdir or os.path.join(args.out.rstrip("/") + ".work")
   tok, analysis = train_tokenizer(config, workdir, args.vocab_size, args.out)
-  print(f"Saved {args.out}: {len(tok)} tokens ({analysis['vocab_coverage']:.1%} of training "
-        f"pieces covered by learned tokens); codec run in {workdir}.")
+  print(f"Saved {args.out}: {len(tok)} tokens (learned tokens cover "
+        f"{analysis['vocab_coverage']:.1%} of training piece occurrences; fewer than "
+        f"{args.vocab_size} means the codec reconstructs fewer distinct pieces exactly); "
+        f"codec run in {workdir}.")
 
 
 def _input_stream(path: str | None):
@@ -112,7 +114,8 @@ def inspect_report(tok: Tokenizer, directory: str) -> str:
     lines.append(f"codebook: {r['codes_used']} codes used by {r['distinct_pieces']} distinct "
                  f"training pieces (utilization {r['code_utilization']:.4f}, collision rate "
                  f"{r['collision_rate']:.4f}); {r['exact_pieces']} pieces reconstructed "
-                 f"exactly; learned tokens cover {r['vocab_coverage']:.1%} of training pieces")
+                 f"exactly; learned tokens cover {r['vocab_coverage']:.1%} of training piece "
+                 f"occurrences")
   return "\n".join(lines) + "\n"
 
 
