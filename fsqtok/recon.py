@@ -94,9 +94,15 @@ def validate_config(config) -> None:
 
 
 def restore_latest(config, workdir: str):
-  """``(step, state, data_state)`` of the newest checkpoint under ``workdir/recon``."""
+  """``(step, state, data_state)`` of the newest checkpoint under ``workdir/recon``.
+
+  The state is placed replicated on this process's data mesh, whatever devices saved it
+  (a codec trained on 8 devices or a GPU loads on one CPU).
+  """
   model = codec_lib.codec_from_config(config.model)
-  abstract = jax.eval_shape(lambda: create_state(config, model, jax.random.PRNGKey(0)))
+  abstract = checkpoint_lib.abstract_like(
+      jax.eval_shape(lambda: create_state(config, model, jax.random.PRNGKey(0))),
+      sharding_lib.replicated(sharding_lib.data_mesh(config.train.num_devices)))
   directory = os.path.join(workdir, PHASE, "checkpoints")
   step = None
   if os.path.isdir(directory):

@@ -1,0 +1,36 @@
+"""The benchmark scripts run end to end on tiny settings (numbers are not checked here:
+benchmarks measure, tests only keep the scripts working)."""
+import os
+import subprocess
+import sys
+
+from conftest import REPO, tiny_recon_config
+from fsqtok import recon
+
+
+def _run(script, *args):
+  env = {**os.environ, "XLA_FLAGS": ""}
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "experiments", script), *args],
+                        capture_output=True, text=True, cwd=REPO, env=env, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout
+
+
+def test_bench_codec_prints_a_table():
+  out = _run("bench_codec.py", "--configs=tiny,source", "--batch_size=16", "--steps=2",
+             "--infer_batch_size=64")
+  assert "| tiny |" in out and "| source |" in out and "1.00x" in out
+
+
+def test_bench_tokenizer_prints_a_table(doc_files, tmp_path):
+  config = tiny_recon_config(f"files:{doc_files}/*.txt", str(tmp_path / "tfds"))
+  config.data.val_fraction, config.data.block_chars = 0.05, 2048  # the bench's split
+  config.train.num_steps = 20
+  recon.train_recon(config, str(tmp_path / "codec"))
+  out = _run("bench_tokenizer.py", f"--corpora=files:{doc_files}/*.txt",
+             f"--fsqtok_workdirs={tmp_path / 'codec'}", "--fsqtok_config=tiny",
+             f"--tfds_data_dir={tmp_path / 'tfds'}", "--vocab_size=600", "--repeats=1")
+  for name in ("fsqtok", "hf-bpe-bytelevel", "sentencepiece-unigram", "sentencepiece-bpe",
+               "word-level", "raw-bytes"):
+    assert f"| {name} |" in out
+  assert "| raw-bytes | 1.000 | 100.0% |" in out
