@@ -38,9 +38,6 @@ class Checkpointer:
                                       data=ocp.args.JsonRestore()))
     return restored.state, dict(restored.data)
 
-  def wait(self) -> None:
-    self._manager.wait_until_finished()
-
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()

@@ -139,12 +139,3 @@ def split_documents(docs: list[str], *, val_fraction: float, seed: int, block_ch
                      f"validation blocks of {block_chars} characters. Lower "
                      f"data.block_chars or add text.")
   return train, val
-
-
-def corpus_digest(texts: list[str]) -> str:
-  h = hashlib.blake2b(digest_size=8)
-  for t in texts:
-    h.update(t.encode("utf-8", "surrogatepass"))
-    h.update(b"\0")
-  return h.hexdigest()
-

@@ -46,10 +46,6 @@ class PieceSet:
   def num_occurrences(self) -> int:
     return int(self.counts_N.sum())
 
-  @property
-  def max_bytes(self) -> int:
-    return int(self.bytes_NxL.shape[1])
-
   def piece_bytes(self, i: int) -> bytes:
     return bytes(self.bytes_NxL[i, : self.lengths_N[i]])
 
