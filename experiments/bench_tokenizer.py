@@ -7,8 +7,8 @@ For each corpus: the train/validation split of configs/recon.py; every tokenizer
 trained on the training blocks and measured on the held-out blocks in this run:
 bytes per token, lossless (share of held-out blocks with decode(encode(x)) == x),
 single-threaded encode and decode throughput, training time, artifact size on disk and
-peak memory (the max RSS of a fresh process that loads the artifact and encodes the
-held-out text, minus that of the same process without the tokenizer).
+memory (the resident memory a fresh process gains by loading the artifact and encoding
+the held-out text, after its libraries are imported).
 
 fsqtok's codec is trained by experiments/train.py into --fsqtok_workdirs (one per corpus,
 same config); its training time is that run's wall time from report.json, plus the
@@ -39,7 +39,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed passes over the held-out te
 _TFDS_DIR = flags.DEFINE_string("tfds_data_dir", "", "TFDS data dir for files: corpora.")
 
 
-# ---- the tokenizers: train(train_file, vocab, out_dir) -> (encode, decode) --------------
+# ---- the tokenizers: train(ctx, out_dir) -> (encode, decode, ids in the vocabulary) ------
 
 def train_fsqtok(ctx, out_dir):
   from fsqtok import recon, sharding, vocab  # pylint: disable=g-import-not-at-top
@@ -53,7 +53,7 @@ def train_fsqtok(ctx, out_dir):
       batch_size=config.train.eval_batch_size, mesh=sharding.data_mesh(1))
   tok = Tokenizer([s.decode() for s in table.strings], codes=table.codes_K.tolist())
   tok.save(out_dir, extra_files={"codec.msgpack": serialization.to_bytes(params)})
-  return tok.encode, tok.decode
+  return tok.encode, tok.decode, len(tok)
 
 
 def _hf_bpe(ctx, out_dir):
@@ -66,7 +66,7 @@ def _hf_bpe(ctx, out_dir):
       show_progress=False))
   os.makedirs(out_dir, exist_ok=True)
   tok.save(os.path.join(out_dir, "tokenizer.json"))
-  return (lambda t: tok.encode(t).ids), tok.decode
+  return (lambda t: tok.encode(t).ids), tok.decode, tok.get_vocab_size()
 
 
 def _hf_word(ctx, out_dir):
@@ -78,7 +78,7 @@ def _hf_word(ctx, out_dir):
       vocab_size=ctx["vocab"], special_tokens=["[UNK]"], show_progress=False))
   os.makedirs(out_dir, exist_ok=True)
   tok.save(os.path.join(out_dir, "tokenizer.json"))
-  return (lambda t: tok.encode(t).ids), tok.decode
+  return (lambda t: tok.encode(t).ids), tok.decode, tok.get_vocab_size()
 
 
 def _sentencepiece(model_type):
@@ -93,14 +93,15 @@ def _sentencepiece(model_type):
         split_by_whitespace=True, max_sentence_length=1 << 20, hard_vocab_limit=False,
         allow_whitespace_only_pieces=True, num_threads=1, minloglevel=2)
     sp = spm.SentencePieceProcessor(model_file=prefix + ".model")
-    return sp.encode, sp.decode
+    return sp.encode, sp.decode, sp.get_piece_size()
   return train
 
 
 def _raw_bytes(ctx, out_dir):
   del ctx
   os.makedirs(out_dir, exist_ok=True)
-  return (lambda t: list(t.encode("utf-8"))), (lambda ids: bytes(ids).decode("utf-8", "replace"))
+  return ((lambda t: list(t.encode("utf-8"))),
+          (lambda ids: bytes(ids).decode("utf-8", "replace")), 256)
 
 
 TOKENIZERS = {
@@ -112,28 +113,36 @@ TOKENIZERS = {
     "raw-bytes": _raw_bytes,
 }
 
-# How a fresh process loads each saved artifact (for peak memory).
+# How a fresh process loads each saved artifact (for the memory column).
 _LOADERS = {
     "fsqtok": "from fsqtok.tokenizer import Tokenizer; t = Tokenizer.load(D); enc = t.encode",
     "hf-bpe-bytelevel": "from tokenizers import Tokenizer; t = Tokenizer.from_file(D + '/tokenizer.json'); enc = lambda s: t.encode(s).ids",
     "word-level": "from tokenizers import Tokenizer; t = Tokenizer.from_file(D + '/tokenizer.json'); enc = lambda s: t.encode(s).ids",
     "sentencepiece-unigram": "import sentencepiece as s; t = s.SentencePieceProcessor(model_file=D + '/sp.model'); enc = t.encode",
     "sentencepiece-bpe": "import sentencepiece as s; t = s.SentencePieceProcessor(model_file=D + '/sp.model'); enc = t.encode",
-    "raw-bytes": "enc = lambda s: list(s.encode())",
+    "raw-bytes": "import sys; enc = lambda s: list(s.encode())",
 }
 
 
-def _peak_rss_mb(loader: str, directory: str, text_file: str) -> float:
-  code = ("import resource, sys; D = sys.argv[1]; {load}; "
-          "text = open(sys.argv[2], encoding='utf-8').read(); n = len(enc(text)); "
-          "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
-  imports = loader.split(";")[0] if loader.startswith(("from", "import")) else "pass"
+def _memory_mb(loader: str, directory: str, text_file: str) -> float:
+  """Resident memory a fresh process gains by loading the artifact and encoding the
+  held-out text, measured after the libraries are imported (imports are not counted)."""
+  imports, _, load = loader.partition(";") if loader.startswith(("from", "import")) else (
+      "pass", "", loader)
+  code = ("import sys\n"
+          "def rss():\n"
+          "  return int([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0]"
+          ".split()[1]) / 1024\n"
+          f"{imports}\n"
+          "D, text = sys.argv[1], open(sys.argv[2], encoding='utf-8').read()\n"
+          "before = rss()\n"
+          f"{load.strip()}\n"
+          "ids = enc(text)\n"
+          "print(rss() - before)\n")
   env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
-  def run(load):
-    out = subprocess.run([sys.executable, "-c", code.format(load=load), directory, text_file],
-                         capture_output=True, text=True, env=env, check=True)
-    return int(out.stdout.strip().splitlines()[-1]) / 1024
-  return run(loader) - run(imports + "; enc = lambda s: []")
+  out = subprocess.run([sys.executable, "-c", code, directory, text_file],
+                       capture_output=True, text=True, env=env, check=True)
+  return float(out.stdout.strip().splitlines()[-1])
 
 
 def _dir_mb(path: str) -> float:
@@ -143,7 +152,7 @@ def _dir_mb(path: str) -> float:
 def measure(name, ctx, val_blocks, val_file, root):
   out_dir = os.path.join(root, name)
   tic = time.perf_counter()
-  encode, decode = TOKENIZERS[name](ctx, out_dir)
+  encode, decode, n_ids = TOKENIZERS[name](ctx, out_dir)
   train_s = time.perf_counter() - tic + (ctx["codec_seconds"] if name == "fsqtok" else 0.0)
   n_bytes = sum(len(b.encode()) for b in val_blocks)
   ids = [encode(b) for b in val_blocks]  # warm-up (caches), and the token count
@@ -159,10 +168,11 @@ def measure(name, ctx, val_blocks, val_file, root):
     for i in ids:
       decode(i)
   dec_s = (time.perf_counter() - tic) / _REPEATS.value
-  return {"tokenizer": name, "bytes_per_token": n_bytes / n_tokens, "lossless": lossless,
+  return {"tokenizer": name, "ids": n_ids, "bytes_per_token": n_bytes / n_tokens,
+          "lossless": lossless,
           "encode_mb_s": n_bytes / enc_s / 1e6, "decode_mb_s": n_bytes / dec_s / 1e6,
           "train_s": train_s, "disk_mb": _dir_mb(out_dir),
-          "peak_mb": _peak_rss_mb(_LOADERS[name], out_dir, val_file)}
+          "memory_mb": _memory_mb(_LOADERS[name], out_dir, val_file)}
 
 
 def main(argv):
@@ -197,13 +207,13 @@ def main(argv):
     rows = [measure(n, ctx, val, val_file, root) for n in names]
     print(f"\n## {spec}: vocabulary {_VOCAB.value}, held-out "
           f"{sum(len(b.encode()) for b in val) / 1e3:.0f} KB in {len(val)} blocks\n")
-    print("| tokenizer | bytes/token | lossless | encode MB/s | decode MB/s | train s "
-          "| disk MB | peak MB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| tokenizer | ids | bytes/token | lossless | encode MB/s | decode MB/s | train s "
+          "| disk MB | memory MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-      print(f"| {r['tokenizer']} | {r['bytes_per_token']:.3f} | {r['lossless']:.1%} | "
+      print(f"| {r['tokenizer']} | {r['ids']} | {r['bytes_per_token']:.3f} | {r['lossless']:.1%} | "
             f"{r['encode_mb_s']:.2f} | {r['decode_mb_s']:.2f} | {r['train_s']:.1f} | "
-            f"{r['disk_mb']:.2f} | {r['peak_mb']:.1f} |")
+            f"{r['disk_mb']:.2f} | {r['memory_mb']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -33,4 +33,4 @@ def test_bench_tokenizer_prints_a_table(doc_files, tmp_path):
   for name in ("fsqtok", "hf-bpe-bytelevel", "sentencepiece-unigram", "sentencepiece-bpe",
                "word-level", "raw-bytes"):
     assert f"| {name} |" in out
-  assert "| raw-bytes | 1.000 | 100.0% |" in out
+  assert "| raw-bytes | 256 | 1.000 | 100.0% |" in out

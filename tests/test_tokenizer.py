@@ -153,3 +153,16 @@ def test_batch_padding_truncation_and_masks(tok):
     tok.encode_batch(texts, truncation=True)
   with pytest.raises(TypeError, match="list of strings"):
     tok.encode_batch("one string")
+
+
+def test_loading_and_encoding_need_no_jax(tok, tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  tok.save(str(tmp_path / "tok"))
+  code = ("import sys; from fsqtok import Tokenizer; t = Tokenizer.load(sys.argv[1]); "
+          "assert t.decode(t.encode('First Citizen 🙂')) == 'First Citizen 🙂'; "
+          "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax')))")
+  from conftest import REPO  # pylint: disable=g-import-not-at-top
+  out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "tok")], cwd=REPO,
+                       capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "[]"
