@@ -42,17 +42,9 @@ _TFDS_DIR = flags.DEFINE_string("tfds_data_dir", "", "TFDS data dir for files: c
 # ---- the tokenizers: train(ctx, out_dir) -> (encode, decode, ids in the vocabulary) ------
 
 def train_fsqtok(ctx, out_dir):
-  from fsqtok import recon, sharding, vocab  # pylint: disable=g-import-not-at-top
-  from fsqtok.tokenizer import DEFAULT_SPECIALS, Tokenizer  # pylint: disable=g-import-not-at-top
-  from flax import serialization  # pylint: disable=g-import-not-at-top
-  config, workdir = ctx["config"], ctx["workdir"]
-  model, params = recon.load_trained_codec(config, workdir)
-  train_pieces, _ = recon.load_pieces(config)
-  table, _ = vocab.build_code_vocabulary(
-      model, params, train_pieces, ctx["vocab"] - len(DEFAULT_SPECIALS) - 256,
-      batch_size=config.train.eval_batch_size, mesh=sharding.data_mesh(1))
-  tok = Tokenizer([s.decode() for s in table.strings], codes=table.codes_K.tolist())
-  tok.save(out_dir, extra_files={"codec.msgpack": serialization.to_bytes(params)})
+  from fsqtok.tokenizer_build import train_tokenizer  # pylint: disable=g-import-not-at-top
+  # The codec run in ctx["workdir"] is finished, so this only builds the vocabulary.
+  tok, _ = train_tokenizer(ctx["config"], ctx["workdir"], ctx["vocab"], out_dir)
   return tok.encode, tok.decode, len(tok)
 
 

@@ -158,18 +158,30 @@ def _throughput(clock: dict[str, Any], batch_size: int) -> float:
   return steps * batch_size / seconds if steps and seconds > 0 else float("nan")
 
 
-def train_recon(config, workdir: str) -> dict[str, Any]:
-  """Trains (or resumes, or finds finished) the codec; returns the report dict."""
+def train_recon(config, workdir: str,
+                pieces: tuple[PieceSet, PieceSet] | None = None) -> dict[str, Any]:
+  """Trains (or resumes, or finds finished) the codec; returns the report dict.
+
+  ``pieces``: the (train, validation) pieces of ``config.data`` if the caller has them.
+  """
   validate_config(config)
   phase_dir = os.path.join(workdir, PHASE)
   os.makedirs(phase_dir, exist_ok=True)
   report_path = os.path.join(phase_dir, "report.json")
   t = config.train
 
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(phase_dir, "checkpoints"),
+                                     save_every=t.checkpoint_every, max_to_keep=t.keep_checkpoints)
+  start = ckpt.latest_step() or 0
+  if start >= t.num_steps and os.path.exists(report_path):  # finished: nothing to do
+    ckpt.close()
+    with open(report_path, encoding="utf-8") as f:
+      return json.load(f)
+
   mesh = sharding_lib.data_mesh(t.num_devices)
   sharding_lib.check_batch_size(config.data.batch_size, mesh)
   model = codec_lib.codec_from_config(config.model)
-  train_pieces, val_pieces = load_pieces(config)
+  train_pieces, val_pieces = pieces if pieces is not None else load_pieces(config)
   batcher = PieceBatcher(train_pieces, config.data.batch_size, seed=config.seed,
                          weighting=config.data.weighting)
 
@@ -177,18 +189,10 @@ def train_recon(config, workdir: str) -> dict[str, Any]:
   init_rng, step_rng = jax.random.split(rng)
   repl = sharding_lib.replicated(mesh)
   state = jax.jit(functools.partial(create_state, config, model), out_shardings=repl)(init_rng)
-
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(phase_dir, "checkpoints"),
-                                     save_every=t.checkpoint_every, max_to_keep=t.keep_checkpoints)
-  start = ckpt.latest_step() or 0
   if start:
     state, data_state = ckpt.restore(start, checkpoint_lib.abstract_like(state, repl))
     batcher.set_state(data_state)
     logging.info("Resumed %s from step %d.", phase_dir, start)
-  if start >= t.num_steps and os.path.exists(report_path):
-    ckpt.close()
-    with open(report_path, encoding="utf-8") as f:
-      return json.load(f)
 
   metrics_log = workdir_lib.MetricsLog(os.path.join(phase_dir, "metrics.jsonl"),
                                        resume_step=start)

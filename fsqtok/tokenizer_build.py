@@ -27,9 +27,10 @@ def train_tokenizer(config, workdir: str, vocab_size: int, out_dir: str
   if learned < 0:
     raise ValueError(f"vocab_size={vocab_size} is smaller than the {len(DEFAULT_SPECIALS)} "
                      f"special and 256 byte tokens every vocabulary has.")
-  recon.train_recon(config, workdir)
+  pieces = recon.load_pieces(config)
+  recon.train_recon(config, workdir, pieces)
   model, params = recon.load_trained_codec(config, workdir)
-  train_pieces, _ = recon.load_pieces(config)
+  train_pieces, _ = pieces
   mesh = sharding_lib.data_mesh(config.train.num_devices)
   table, analysis = vocab_lib.build_code_vocabulary(
       model, params, train_pieces, learned, batch_size=config.train.eval_batch_size, mesh=mesh)
