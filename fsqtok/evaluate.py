@@ -83,6 +83,15 @@ def reconstruction_metrics(stats: dict[str, np.ndarray], pieces: PieceSet,
   }
 
 
+def seen_byte_share(val: PieceSet, train: PieceSet) -> float:
+  """Share of ``val``'s bytes (by occurrence) in pieces that also occur in ``train``:
+  what a codec that only memorised its training pieces could reconstruct."""
+  seen = {train.piece_bytes(i) for i in range(train.num_distinct)}
+  in_train = np.array([val.piece_bytes(i) in seen for i in range(val.num_distinct)])
+  mass = val.counts_N * val.lengths_N
+  return float((mass * in_train).sum() / mass.sum())
+
+
 def evaluate(model, params, pieces: PieceSet, *, batch_size: int, mesh) -> dict[str, float]:
   stats = compute_piece_stats(model, params, pieces, batch_size=batch_size, mesh=mesh)
   return reconstruction_metrics(stats, pieces, model.fsq.codebook_size)

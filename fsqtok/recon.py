@@ -135,6 +135,9 @@ def _report_markdown(report: dict[str, Any]) -> str:
   lines = [f"# Codec reconstruction report ({report['source']})", "",
            f"Steps: {report['steps']}, training throughput: "
            f"{report['train_pieces_per_second']:.0f} pieces/s on {report['devices']}.", "",
+           f"Held-out bytes in pieces seen in training: "
+           f"{report['validation_bytes_in_seen_pieces']:.2%} (what memorisation alone "
+           f"could reconstruct).", "",
            "| split | byte acc | exact match | exact (distinct) | perplexity | codes used "
            "| utilization | collision rate |", "|---|---|---|---|---|---|---|---|"]
   for split in ("validation", "train"):
@@ -247,6 +250,7 @@ def train_recon(config, workdir: str,
       "source": config.data.source, "steps": int(t.num_steps),
       "devices": f"{mesh.size} x {jax.devices()[0].device_kind}",
       "validation": final_val, "train": final_train,
+      "validation_bytes_in_seen_pieces": evaluate_lib.seen_byte_share(val_pieces, train_pieces),
       "train_pieces_per_second": _throughput(clock, config.data.batch_size),
       "timed_steps_this_run": clock["step1"] - clock["step0"],
       # This run's loop (compilation included) and final evaluation; a resumed run

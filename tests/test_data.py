@@ -61,3 +61,11 @@ def test_same_seed_same_stream_other_seed_other_stream(pieces):
 def test_batch_larger_than_corpus_is_a_clear_error(pieces):
   with pytest.raises(ValueError, match="Lower the batch size"):
     PieceBatcher(pieces, 1000, seed=0)
+
+
+def test_seen_byte_share():
+  from fsqtok.evaluate import seen_byte_share  # pylint: disable=g-import-not-at-top
+  train = PieceSet.from_texts(["the cat"])
+  val = PieceSet.from_texts(["the dog the"])  # "the"(3) " dog"(4) " the"(4): "the" seen
+  assert seen_byte_share(val, train) == pytest.approx(3 / 11)
+  assert seen_byte_share(train, train) == 1.0
