@@ -94,23 +94,29 @@ def _decode(args) -> None:
   out.flush()
 
 
-def inspect_report(tok: Tokenizer, directory: str) -> str:
+def _vocab_report(directory: str) -> dict | None:
+  """The codebook analysis the build left beside the tokenizer, if any."""
+  path = os.path.join(directory, "vocab_report.json")
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def inspect_report(tok: Tokenizer, directory: str, report: dict | None) -> str:
   """A text report of the vocabulary (and of its codebook, if the build left one)."""
-  n_special, n_learned = len(tok.special_tokens), len(tok) - len(tok.special_tokens) - 256
-  learned_ids = range(len(tok.special_tokens) + 256, len(tok.special_tokens) + 256 + n_learned)
-  lengths = [len(tok.id_to_token(i).encode("utf-8")) for i in learned_ids]
+  lengths = [len(tok.id_to_token(i).encode("utf-8")) for i in tok.learned_ids]
   lines = [f"fsqtok tokenizer {directory}",
-           f"vocabulary: {len(tok)} ids = {n_special} special + 256 byte + {n_learned} learned",
+           f"vocabulary: {len(tok)} ids = {len(tok.special_tokens)} special + 256 byte + "
+           f"{len(tok.learned_ids)} learned",
            f"special tokens: {' '.join(tok.special_tokens)}"]
   if lengths:
     lines.append(f"learned token length: mean {sum(lengths) / len(lengths):.2f} bytes, "
                  f"max {max(lengths)}")
-    first = [tok.id_to_token(i) for i in list(learned_ids)[:20]]
+    first = [tok.id_to_token(i) for i in tok.learned_ids[:20]]
     lines.append("most frequent learned tokens: " + " ".join(json.dumps(t) for t in first))
-  report_path = os.path.join(directory, "vocab_report.json")
-  if os.path.exists(report_path):
-    with open(report_path, encoding="utf-8") as f:
-      r = json.load(f)
+  if report:
+    r = report
     lines.append(f"codebook: {r['codes_used']} codes used by {r['distinct_pieces']} distinct "
                  f"training pieces (utilization {r['code_utilization']:.4f}, collision rate "
                  f"{r['collision_rate']:.4f}); {r['exact_pieces']} pieces reconstructed "
@@ -119,35 +125,30 @@ def inspect_report(tok: Tokenizer, directory: str) -> str:
   return "\n".join(lines) + "\n"
 
 
-def inspect_plot(tok: Tokenizer, directory: str, png_path: str) -> None:
+def inspect_plot(tok: Tokenizer, report: dict | None, png_path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, (ax_len, ax_freq) = plt.subplots(1, 2, figsize=(10, 3.6))
-  base = len(tok.special_tokens) + 256
-  lengths = [len(tok.id_to_token(i).encode("utf-8")) for i in range(base, len(tok))]
+  lengths = [len(tok.id_to_token(i).encode("utf-8")) for i in tok.learned_ids]
   ax_len.hist(lengths, bins=range(1, 18), rwidth=0.9)
   ax_len.set(xlabel="learned token length (bytes)", ylabel="tokens")
-  report_path = os.path.join(directory, "vocab_report.json")
-  if os.path.exists(report_path):
-    with open(report_path, encoding="utf-8") as f:
-      curve = json.load(f)["code_frequency_curve"]
+  if report:
+    curve = report["code_frequency_curve"]
     ax_freq.loglog(range(1, len(curve) + 1), curve)
     ax_freq.set(xlabel="code rank", ylabel="occurrences", title="code frequency")
   fig.tight_layout()
-  tmp = png_path + ".tmp.png"
-  fig.savefig(tmp, dpi=100)
-  plt.close(fig)
-  os.replace(tmp, png_path)
+  workdir_lib.save_figure(fig, png_path)
 
 
 def _inspect(args) -> None:
   tok = Tokenizer.load(args.tokenizer)
   out_dir = args.out or args.tokenizer
-  report = inspect_report(tok, args.tokenizer)
-  workdir_lib.atomic_write_text(os.path.join(out_dir, "inspect.txt"), report)
-  inspect_plot(tok, args.tokenizer, os.path.join(out_dir, "inspect.png"))
-  print(report + f"Wrote {os.path.join(out_dir, 'inspect.txt')} and inspect.png.")
+  vocab_report = _vocab_report(args.tokenizer)
+  text = inspect_report(tok, args.tokenizer, vocab_report)
+  workdir_lib.atomic_write_text(os.path.join(out_dir, "inspect.txt"), text)
+  inspect_plot(tok, vocab_report, os.path.join(out_dir, "inspect.png"))
+  print(text + f"Wrote {os.path.join(out_dir, 'inspect.txt')} and inspect.png.")
 
 
 def build_parser() -> argparse.ArgumentParser:

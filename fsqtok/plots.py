@@ -1,10 +1,7 @@
 """Learning-curve plots from a run's ``metrics.jsonl`` (PNG, written atomically)."""
 from __future__ import annotations
 
-import os
-import tempfile
-
-from fsqtok.workdir import MetricsLog
+from fsqtok.workdir import MetricsLog, save_figure
 
 
 def plot_learning_curves(metrics_path: str, png_path: str, title: str = "") -> None:
@@ -29,12 +26,4 @@ def plot_learning_curves(metrics_path: str, png_path: str, title: str = "") -> N
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(png_path)), suffix=".png")
-  os.close(fd)
-  try:
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, png_path)
-  finally:
-    plt.close(fig)
-    if os.path.exists(tmp):
-      os.unlink(tmp)
+  save_figure(fig, png_path)

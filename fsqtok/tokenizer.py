@@ -93,6 +93,11 @@ class Tokenizer:
     return self.vocab_size
 
   @property
+  def learned_ids(self) -> range:
+    """Ids of the learned strings, most frequent first."""
+    return range(self._learned_base, self._added_base)
+
+  @property
   def special_tokens(self) -> list[str]:
     return self._specials + self._added
 

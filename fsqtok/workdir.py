@@ -24,6 +24,21 @@ def atomic_write_text(path: str, text: str) -> None:
     raise
 
 
+def save_figure(fig, path: str, dpi: int = 100) -> None:
+  """Saves a matplotlib figure to ``path`` atomically and closes it."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
+                             suffix=os.path.splitext(path)[1])
+  os.close(fd)
+  try:
+    fig.savefig(tmp, dpi=dpi)
+    os.replace(tmp, path)
+  finally:
+    plt.close(fig)
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+
+
 def write_json(path: str, obj: Any) -> None:
   atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
