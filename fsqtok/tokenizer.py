@@ -163,17 +163,21 @@ class Tokenizer:
       end = start
     return tuple(reversed(ids))
 
+  def _piece_ids(self, piece: str) -> tuple[int, ...]:
+    """Ids of one piece: a dictionary hit, else the cached fewest-token segmentation."""
+    cached = self._cache.get(piece)
+    if cached is None:
+      whole = self._bytes_to_id.get(piece.encode("utf-8"))
+      cached = (whole,) if whole is not None else self._segment(piece)
+      if len(self._cache) < 1_000_000:
+        self._cache[piece] = cached
+    return cached
+
   def _encode_text(self, text: str) -> list[int]:
     ids: list[int] = []
-    cache, lookup = self._cache, self._bytes_to_id
+    cache = self._cache  # the hot path: one dictionary lookup per cached piece
     for piece in pieces_lib.split_pieces(text, self.max_piece_bytes):
-      cached = cache.get(piece)
-      if cached is None:
-        whole = lookup.get(piece.encode("utf-8"))
-        cached = (whole,) if whole is not None else self._segment(piece)
-        if len(cache) < 1_000_000:
-          cache[piece] = cached
-      ids.extend(cached)
+      ids.extend(cache.get(piece) or self._piece_ids(piece))
     return ids
 
   def encode(self, text: str, *, add_special_tokens: bool = False,
@@ -220,7 +224,7 @@ class Tokenizer:
       for piece in pieces_lib.split_pieces(part, self.max_piece_bytes):
         char_of_byte = [c for c, ch in enumerate(piece) for _ in range(len(ch.encode("utf-8")))]
         start = 0
-        for tid in self._encode_text(piece):
+        for tid in self._piece_ids(piece):
           end = start + len(self._token_bytes_or_special(tid))
           offsets.append((pos + char_of_byte[start], pos + char_of_byte[end - 1] + 1))
           ids.append(tid)
