@@ -44,6 +44,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.split_seed = 0
   c.data.block_chars = 2048      # documents are split into blocks before train/validation
   c.data.weighting = "sqrt"      # occurrence | sqrt | distinct
+  # What the codec learns: "pieces" of the pre-tokenizer, or "adaptive" candidates (pieces,
+  # spans of up to max_span_pieces pieces, sub-pieces; fsqtok/candidates.py).
+  c.data.candidates = "adaptive"
+  c.data.max_span_pieces = 4
+  c.data.min_count = 3           # spans and sub-pieces seen fewer times are not candidates
+  c.data.max_candidates = 50_000
   c.data.batch_size = 256
 
   c.model = ml_collections.ConfigDict()

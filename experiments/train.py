@@ -1,6 +1,7 @@
 """Trains an fsqtok experiment from an ml-collections config.
 
   python experiments/train.py --config=configs/recon.py --workdir=runs/recon
+  python experiments/train.py --config=configs/curriculum.py --workdir=runs/curriculum
 
 Every config field can be overridden: ``--config.train.num_steps=500``. Running again
 with the same workdir resumes from the last checkpoint (or does nothing if finished).
@@ -13,14 +14,42 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fsqtok import recon  # noqa: E402  pylint: disable=g-import-not-at-top
+from fsqtok import curriculum, recon  # noqa: E402  pylint: disable=g-import-not-at-top
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, reports.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-PHASES = {"recon": recon.train_recon}
+def _recon_summary(report, workdir):
+  val = report["validation"]
+  return (f"[recon] held-out byte accuracy {val['byte_accuracy']:.4f}, "
+          f"perplexity {val['perplexity']:.4f}, exact match {val['exact_match']:.4f}, "
+          f"collision rate {val['collision_rate']:.4f}, "
+          f"{report['train_pieces_per_second']:.0f} pieces/s. "
+          f"Report: {os.path.join(workdir, 'recon', 'report.md')}")
+
+
+def _curriculum_summary(report, workdir):
+  lines = [f"[curriculum] {report['source']}: held-out bits per byte "
+           f"{report['bits_per_byte']:.4f}"]
+  for phase in ("lm", "joint"):
+    r = report.get(phase, {})
+    if "validation" in r:
+      lines.append(f"  {phase}: {r['validation']['bits_per_byte']:.4f} bits/byte, "
+                   f"{r['validation']['bytes_per_token']:.2f} bytes/token, "
+                   f"{r['train_tokens_per_second']:.0f} tokens/s")
+  if "vocabulary" in report.get("joint", {}):
+    v = report["joint"]["vocabulary"]
+    lines.append(f"  vocabulary after joint: {v['still_exact']:.2%} still exact, "
+                 f"{v['same_code']:.2%} same code")
+  lines.append(f"  sample: {report['sample']['text']!r}")
+  lines.append(f"  report: {os.path.join(workdir, 'curriculum_report.json')}")
+  return "\n".join(lines)
+
+
+PHASES = {"recon": (recon.train_recon, _recon_summary),
+          "curriculum": (curriculum.run_curriculum, _curriculum_summary)}
 
 
 def main(argv):
@@ -31,13 +60,8 @@ def main(argv):
   if config.phase not in PHASES:
     raise app.UsageError(f"Unknown phase {config.phase!r}; known: {sorted(PHASES)}.")
   logging.info("Config:\n%s", config)
-  report = PHASES[config.phase](config, _WORKDIR.value)
-  val = report["validation"]
-  print(f"[{config.phase}] held-out byte accuracy {val['byte_accuracy']:.4f}, "
-        f"perplexity {val['perplexity']:.4f}, exact match {val['exact_match']:.4f}, "
-        f"collision rate {val['collision_rate']:.4f}, "
-        f"{report['train_pieces_per_second']:.0f} pieces/s. "
-        f"Report: {os.path.join(_WORKDIR.value, config.phase, 'report.md')}")
+  run, summary = PHASES[config.phase]
+  print(summary(run(config, _WORKDIR.value), _WORKDIR.value))
 
 
 if __name__ == "__main__":

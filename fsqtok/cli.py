@@ -6,7 +6,8 @@
   fsqtok inspect tok/
 
 ``encode`` writes one line of space-separated ids per input line (the line's newline is
-part of its tokens), so ``decode`` restores the input byte for byte.
+part of its tokens), so ``decode`` restores the input byte for byte. Spans across a line
+break are not used there: ``Tokenizer.encode`` on the whole text can give fewer tokens.
 """
 from __future__ import annotations
 
@@ -43,10 +44,9 @@ def _train_tokenizer(args) -> None:
     config.train.num_steps = args.steps
   workdir = args.workdir or os.path.join(args.out.rstrip("/") + ".work")
   tok, analysis = train_tokenizer(config, workdir, args.vocab_size, args.out)
-  print(f"Saved {args.out}: {len(tok)} tokens (learned tokens cover "
-        f"{analysis['vocab_coverage']:.1%} of training piece occurrences; fewer than "
-        f"{args.vocab_size} means the codec reconstructs fewer distinct pieces exactly); "
-        f"codec run in {workdir}.")
+  print(f"Saved {args.out}: {len(tok)} tokens, {analysis['train_bytes_per_token']:.3f} "
+        f"training bytes per token (fewer than {args.vocab_size} tokens means the codec "
+        f"reconstructs fewer useful candidates exactly); codec run in {workdir}.")
 
 
 def _input_stream(path: str | None):
@@ -117,11 +117,14 @@ def inspect_report(tok: Tokenizer, directory: str, report: dict | None) -> str:
     lines.append("most frequent learned tokens: " + " ".join(json.dumps(t) for t in first))
   if report:
     r = report
-    lines.append(f"codebook: {r['codes_used']} codes used by {r['distinct_pieces']} distinct "
-                 f"training pieces (utilization {r['code_utilization']:.4f}, collision rate "
-                 f"{r['collision_rate']:.4f}); {r['exact_pieces']} pieces reconstructed "
-                 f"exactly; learned tokens cover {r['vocab_coverage']:.1%} of training piece "
-                 f"occurrences")
+    c = r["composition"]
+    lines.append(f"codebook: {r['codes_used']} codes used by {r['distinct_candidates']} "
+                 f"distinct training candidates (utilization {r['code_utilization']:.4f}, "
+                 f"collision rate {r['collision_rate']:.4f}); {r['exact_candidates']} "
+                 f"reconstructed exactly")
+    lines.append(f"learned tokens: {c['piece']} whole pieces, {c['sub']} parts of pieces, "
+                 f"{c['span']} multi-piece spans; {r['train_bytes_per_token']:.3f} training "
+                 f"bytes per token")
   return "\n".join(lines) + "\n"
 
 

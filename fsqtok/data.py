@@ -38,6 +38,16 @@ class PieceSet:
     uniq, counts = uniq[order], counts[order]
     return cls(uniq[:, :-1].copy(), uniq[:, -1].astype(np.int32), counts.astype(np.int64))
 
+  @classmethod
+  def from_counts(cls, counts: dict[str, int], max_bytes: int = pieces_lib.MAX_PIECE_BYTES
+                  ) -> "PieceSet":
+    """Distinct strings with given occurrence counts (e.g. `fsqtok.candidates`)."""
+    if not counts:
+      raise ValueError("No pieces: the texts are empty.")
+    items = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0].encode("utf-8")))
+    bytes_NxL, lengths_N = pieces_lib.pieces_to_array([s for s, _ in items], max_bytes)
+    return cls(bytes_NxL, lengths_N, np.array([n for _, n in items], np.int64))
+
   @property
   def num_distinct(self) -> int:
     return int(self.counts_N.size)
@@ -61,21 +71,20 @@ class PieceSet:
                      f"'distinct'.")
 
 
-class PieceBatcher:
-  """An endless, deterministic stream of piece batches.
+class EpochBatcher:
+  """An endless, deterministic stream of batches of rows of ``arrays``.
 
-  Epoch ``e`` visits the epoch's pieces in a permutation drawn from ``(seed, e)``; a
-  batch never straddles two epochs (the tail is dropped). The position is the pair
-  ``(epoch, index)``: `get_state` / `set_state` save and restore it exactly.
+  Epoch ``e`` visits ``rows`` (row indices, repeats allowed) in a permutation drawn from
+  ``(seed, e)``; a batch never straddles two epochs (the tail is dropped). The position
+  is the pair ``(epoch, index)``: `get_state` / `set_state` save and restore it exactly.
   """
 
-  def __init__(self, pieces: PieceSet, batch_size: int, *, seed: int,
-               weighting: str = "occurrence"):
-    rows = np.repeat(np.arange(pieces.num_distinct), pieces.sample_weights(weighting))
+  def __init__(self, arrays: dict[str, np.ndarray], rows: np.ndarray, batch_size: int, *,
+               seed: int, what: str = "rows"):
     if batch_size < 1 or rows.size < batch_size:
-      raise ValueError(f"batch_size={batch_size} needs at least that many training pieces; "
-                       f"the corpus has {rows.size}. Lower the batch size.")
-    self._pieces, self._rows, self._batch_size, self._seed = pieces, rows, batch_size, seed
+      raise ValueError(f"batch_size={batch_size} needs at least that many {what}; the "
+                       f"corpus has {rows.size}. Lower the batch size.")
+    self._arrays, self._rows, self._batch_size, self._seed = arrays, rows, batch_size, seed
     self._epoch, self._index = 0, 0
     self._perm = self._permutation(0)
 
@@ -102,4 +111,15 @@ class PieceBatcher:
       self._perm = self._permutation(self._epoch)
     rows = self._perm[self._index:self._index + self._batch_size]
     self._index += self._batch_size
-    return {"bytes": self._pieces.bytes_NxL[rows], "lengths": self._pieces.lengths_N[rows]}
+    return {k: v[rows] for k, v in self._arrays.items()}
+
+
+class PieceBatcher(EpochBatcher):
+  """Batches ``{"bytes", "lengths"}`` of pieces, each distinct piece repeated per epoch
+  as ``weighting`` says (`PieceSet.sample_weights`)."""
+
+  def __init__(self, pieces: PieceSet, batch_size: int, *, seed: int,
+               weighting: str = "occurrence"):
+    rows = np.repeat(np.arange(pieces.num_distinct), pieces.sample_weights(weighting))
+    super().__init__({"bytes": pieces.bytes_NxL, "lengths": pieces.lengths_N}, rows,
+                     batch_size, seed=seed, what="training pieces")

@@ -5,11 +5,14 @@ The export is a Unigram model in which every token scores -1, so Viterbi picks t
 fewest tokens, as fsqtok does; ``byte_fallback`` covers anything else with the same
 ``<0xNN>`` tokens at the same ids; the pre-tokenizer is fsqtok's piece regex; the decoder
 fuses byte tokens back into text. Each side decodes the other's ids exactly, and on
-ordinary text both produce the same ids. They can differ where the regex engines
+ordinary text both produce the same ids except where fsqtok uses a multi-piece span (a
+pre-tokenizer cannot express spans, so the export segments piece by piece there and
+needs more tokens). They can also differ where the regex engines
 disagree (Unicode combining marks are word characters for Oniguruma, not for Python's
 ``re``), on runs over 16 bytes (fsqtok cuts them first), and by Hugging Face's own
 convention that special-token strings typed in the text are parsed as specials
-(fsqtok's ``parse_special=True``).
+(fsqtok's ``parse_special=True``). A byte token's name typed as text ("<0x41>") stays
+text: the pre-tokenizer cuts it into several pieces, so Unigram never matches the name.
 """
 from __future__ import annotations
 

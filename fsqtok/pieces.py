@@ -40,9 +40,11 @@ def split_pieces(text: str, max_bytes: int = MAX_PIECE_BYTES) -> list[str]:
   """Splits text into pieces; ``"".join(split_pieces(t)) == t`` for every string."""
   if max_bytes < 4:
     raise ValueError(f"max_bytes must be >= 4 (one UTF-8 character), got {max_bytes}.")
+  runs = _PIECE_RE.findall(text)
+  if not runs or max(map(len, runs)) * (1 if text.isascii() else 4) <= max_bytes:
+    return runs  # the common case: no run needs cutting
   out: list[str] = []
-  for m in _PIECE_RE.finditer(text):
-    run = m.group()
+  for run in runs:
     if len(run) * 4 <= max_bytes or len(run.encode("utf-8")) <= max_bytes:
       out.append(run)
     else:

@@ -33,8 +33,8 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
                      f"devices of the data mesh.")
 
 
-def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Places a host-local batch on the mesh, split along its first axis."""
+def shard_batch(batch, mesh: Mesh):
+  """Places a host-local batch (a pytree of arrays) on the mesh, split along axis 0."""
   sharding = batch_sharded(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items()}
+  return jax.tree.map(
+      lambda v: jax.make_array_from_process_local_data(sharding, np.asarray(v)), batch)

@@ -1,16 +1,24 @@
 """The exact tokenizer over a learned vocabulary, with byte fallback and special tokens.
 
 Ids are laid out as: special tokens ``[0, S)``, the 256 byte-fallback tokens
-``[S, S+256)``, the learned strings, then specials added later by the user. Encoding
-splits text into pieces (`fsqtok.pieces`), maps a piece that is a vocabulary string to
-its id with one dictionary lookup, and segments any other piece into the fewest
-vocabulary strings and single bytes (dynamic programming over at most 16 bytes, cached
-per distinct piece). Decoding concatenates the tokens' bytes, so
+``[S, S+256)``, the learned strings, then specials added later by the user. A learned
+string is a piece, part of a piece, or a *span* of several whole pieces (see
+`fsqtok.candidates`).
+
+Encoding splits text into pieces (`fsqtok.pieces`). Each piece has a cached segmentation
+into the fewest vocabulary strings and single bytes (one dictionary lookup when the
+piece is a vocabulary string, else dynamic programming over its at most 16 bytes). Then
+spans replace runs of pieces where that saves the most tokens: an exact dynamic program
+over the span matches only (weighted interval scheduling), so text without span matches
+costs nothing more. The result has the fewest tokens among segmentations that keep piece
+boundaries except inside spans. Decoding concatenates the tokens' bytes, so
 ``decode(encode(x)) == x`` for every string that has a UTF-8 encoding. Nothing here
 needs JAX or the codec.
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import os
 import re
@@ -78,6 +86,16 @@ class Tokenizer:
     self._learned_base = self._byte_base + 256
     self._added_base = self._learned_base + len(self._learned)
     self._bytes_to_id = {b: self._learned_base + i for i, b in enumerate(self._learned)}
+    # Spans as a trie over pieces: piece -> [span id ending here or -1, children].
+    self._span_trie: dict[str, list] = {}
+    for b, i in self._bytes_to_id.items():
+      parts = pieces_lib.split_pieces(b.decode("utf-8"), self.max_piece_bytes)
+      if len(parts) > 1:
+        children = self._span_trie
+        for part in parts:
+          node = children.setdefault(part, [-1, {}])
+          children = node[1]
+        node[0] = i
     all_specials = self._specials + self._added
     self._special_to_id = {s: self.token_to_id(s) for s in all_specials}
     pattern = "|".join(re.escape(s) for s in sorted(all_specials, key=len, reverse=True))
@@ -123,6 +141,23 @@ class Tokenizer:
   def id_to_token(self, token_id: int) -> str:
     return self._token_bytes_or_special(token_id, display=True)
 
+  def token_bytes(self, token_id: int) -> bytes | None:
+    """The bytes a token decodes to (None for special tokens)."""
+    tok = self._token_bytes_or_special(token_id)
+    return None if isinstance(tok, str) else tok
+
+  @property
+  def pad_id(self) -> int:
+    return self._special_id("[PAD]")
+
+  @property
+  def bos_id(self) -> int:
+    return self._special_id("[BOS]")
+
+  @property
+  def eos_id(self) -> int:
+    return self._special_id("[EOS]")
+
   def id_to_code(self, token_id: int) -> int:
     """The FSQ code index of a learned token (-1 for specials, bytes, or no codes)."""
     i = token_id - self._learned_base
@@ -143,16 +178,17 @@ class Tokenizer:
 
   # ---- encoding ----------------------------------------------------------------------
 
-  def _segment(self, piece: str) -> tuple[int, ...]:
-    """Fewest tokens for one piece: vocabulary strings and single bytes."""
-    data = piece.encode("utf-8")
+  def _segment(self, data: bytes, *, whole: bool = True) -> tuple[int, ...]:
+    """Fewest tokens for the bytes of one piece: vocabulary strings and single bytes
+    (``whole=False``: without the string ``data`` itself)."""
     n = len(data)
     best = [0] + [n + 1] * n
     back = [0] * (n + 1)
     for end in range(1, n + 1):
       for start in range(max(0, end - self.max_piece_bytes), end):
         if best[start] + 1 < best[end] and (
-            end - start == 1 or data[start:end] in self._bytes_to_id):
+            end - start == 1 or (data[start:end] in self._bytes_to_id
+                                 and (whole or end - start < n))):
           best[end], back[end] = best[start] + 1, start
     ids = []
     end = n
@@ -167,18 +203,75 @@ class Tokenizer:
     """Ids of one piece: a dictionary hit, else the cached fewest-token segmentation."""
     cached = self._cache.get(piece)
     if cached is None:
-      whole = self._bytes_to_id.get(piece.encode("utf-8"))
-      cached = (whole,) if whole is not None else self._segment(piece)
+      data = piece.encode("utf-8")
+      whole = self._bytes_to_id.get(data)
+      cached = (whole,) if whole is not None else self._segment(data)
       if len(self._cache) < 1_000_000:
         self._cache[piece] = cached
     return cached
 
-  def _encode_text(self, text: str) -> list[int]:
-    ids: list[int] = []
+  def _span_matches(self, pieces: Sequence[str], per_piece: Sequence[tuple[int, ...]],
+                    exclude: int = -1) -> list[tuple[int, int, int, int]]:
+    """``(start, pieces, id, tokens saved)`` of every span in ``pieces`` that saves
+    tokens, by start."""
+    trie = self._span_trie
+    cum = [0, *itertools.accumulate(map(len, per_piece))]
+    n = len(pieces)
+    matches = []
+    for i in itertools.compress(range(n), map(trie.__contains__, pieces)):
+      node = trie[pieces[i]]
+      j = i + 1
+      while j < n:
+        node = node[1].get(pieces[j])
+        if node is None:
+          break
+        j += 1
+        if node[0] >= 0 and node[0] != exclude and cum[j] - cum[i] > 1:
+          matches.append((i, j - i, node[0], cum[j] - cum[i] - 1))
+    return matches
+
+  def _segment_pieces(self, pieces: Sequence[str], exclude: int = -1) -> list[int]:
+    """Fewest-token ids of a sequence of pieces (``exclude``: a span id not to use)."""
     cache = self._cache  # the hot path: one dictionary lookup per cached piece
-    for piece in pieces_lib.split_pieces(text, self.max_piece_bytes):
-      ids.extend(cache.get(piece) or self._piece_ids(piece))
+    per_piece = [cache.get(p) or self._piece_ids(p) for p in pieces]
+    matches = self._span_matches(pieces, per_piece, exclude) if self._span_trie else []
+    if not matches:
+      return list(itertools.chain.from_iterable(per_piece))
+    # Weighted interval scheduling: gain[k] = most tokens saved by spans starting at or
+    # after matches[k]'s start.
+    starts = [m[0] for m in matches]
+    gain = [0] * (len(matches) + 1)
+    take = [False] * len(matches)
+    for k in range(len(matches) - 1, -1, -1):
+      i, m, _, saved = matches[k]
+      with_k = saved + gain[bisect.bisect_left(starts, i + m)]
+      take[k] = with_k > gain[k + 1]
+      gain[k] = with_k if take[k] else gain[k + 1]
+    ids: list[int] = []
+    pos, k = 0, 0
+    while k < len(matches):
+      i, m, tid, _ = matches[k]
+      if not take[k]:
+        k += 1
+        continue
+      ids.extend(itertools.chain.from_iterable(per_piece[pos:i]))
+      ids.append(tid)
+      pos = i + m
+      k = bisect.bisect_left(starts, pos, lo=k + 1)
+    ids.extend(itertools.chain.from_iterable(per_piece[pos:]))
     return ids
+
+  def _encode_text(self, text: str) -> list[int]:
+    return self._segment_pieces(pieces_lib.split_pieces(text, self.max_piece_bytes))
+
+  def fewest_tokens_without(self, token_id: int) -> int:
+    """How many tokens the string of a learned token needs if that token is removed
+    (what the vocabulary loses per use of it; `fsqtok.vocab`)."""
+    data = self._token_bytes_or_special(token_id)
+    parts = pieces_lib.split_pieces(data.decode("utf-8"), self.max_piece_bytes)
+    if len(parts) == 1:
+      return len(self._segment(data, whole=False))
+    return len(self._segment_pieces(parts, exclude=token_id))
 
   def encode(self, text: str, *, add_special_tokens: bool = False,
              parse_special: bool = False) -> list[int]:
@@ -219,17 +312,16 @@ class Tokenizer:
       if i % 2:
         ids.append(self._special_to_id[part])
         offsets.append((pos, pos + len(part)))
-        pos += len(part)
-        continue
-      for piece in pieces_lib.split_pieces(part, self.max_piece_bytes):
-        char_of_byte = [c for c, ch in enumerate(piece) for _ in range(len(ch.encode("utf-8")))]
+      elif part:
+        char_of_byte = [c for c, ch in enumerate(part, pos)
+                        for _ in range(len(ch.encode("utf-8")))]
         start = 0
-        for tid in self._piece_ids(piece):
+        for tid in self._encode_text(part):
           end = start + len(self._token_bytes_or_special(tid))
-          offsets.append((pos + char_of_byte[start], pos + char_of_byte[end - 1] + 1))
+          offsets.append((char_of_byte[start], char_of_byte[end - 1] + 1))
           ids.append(tid)
           start = end
-        pos += len(piece)
+      pos += len(part)
     if add_special_tokens:
       ids = [self._special_id("[BOS]"), *ids, self._special_id("[EOS]")]
       offsets = [(0, 0), *offsets, (0, 0)]

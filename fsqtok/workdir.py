@@ -9,12 +9,17 @@ from typing import Any, Iterable
 
 def atomic_write_text(path: str, text: str) -> None:
   """Writes to a temporary file beside ``path``, then renames it over ``path``."""
+  atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+  """Writes to a temporary file beside ``path``, then renames it over ``path``."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
   try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -41,6 +46,11 @@ def save_figure(fig, path: str, dpi: int = 100) -> None:
 
 def write_json(path: str, obj: Any) -> None:
   atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str) -> Any:
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
 
 
 class MetricsLog:

@@ -34,3 +34,20 @@ def test_bench_tokenizer_prints_a_table(doc_files, tmp_path):
                "word-level", "raw-bytes"):
     assert f"| {name} |" in out
   assert "| raw-bytes | 256 | 1.000 | 100.0% |" in out
+
+
+def test_compare_tokenizers_lm_prints_a_table(doc_files, tmp_path):
+  from configs import compare_lm  # pylint: disable=g-import-not-at-top
+  config = compare_lm.get_config("tiny")
+  config.data.source = f"files:{doc_files}/*.txt"
+  config.data.tfds_data_dir = str(tmp_path / "tfds")
+  recon.train_recon(config, str(tmp_path / "codec"))
+  out = _run("compare_tokenizers_lm.py", "--config=configs/compare_lm.py:tiny",
+             f"--config.corpora=docs=files:{doc_files}/*.txt",
+             f"--config.codec_workdirs=docs={tmp_path / 'codec'}",
+             f"--config.data.tfds_data_dir={tmp_path / 'tfds'}",
+             "--config.variants=('fsqtok-factorized','raw-bytes')",
+             f"--workdir={tmp_path / 'out'}")
+  for name in ("fsqtok-factorized", "raw-bytes"):
+    assert f"| docs | 400 | {name} |" in out
+  assert (tmp_path / "out" / "bpb_vs_bytes.png").exists()

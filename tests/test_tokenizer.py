@@ -15,7 +15,8 @@ TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=400)
 def tok():
   pieces = PieceSet.from_texts([SHAKESPEARE_SNIPPET * 3, "naïve café 日本語 🙂 ok"])
   learned = [pieces.piece_bytes(i).decode() for i in range(pieces.num_distinct)]
-  return Tokenizer(learned + ["speak", "ee"], codes=list(range(len(learned) + 2)))
+  extra = ["speak", "ee", " of the", ".\n", ", and", "'d to"]  # parts of pieces and spans
+  return Tokenizer(learned + extra, codes=list(range(len(learned) + len(extra))))
 
 
 @given(TEXT)
@@ -44,6 +45,40 @@ def test_known_pieces_are_one_token_and_unknown_ones_fall_back(tok):
 @given(st.text(st.sampled_from("speakx e"), max_size=30))
 def test_segmentation_is_never_longer_than_bytes(tok, text):
   assert len(tok.encode(text)) <= len(text.encode())
+
+
+def test_spans_are_one_token_only_at_piece_boundaries(tok):
+  ids = tok.encode(" of the end.\n")
+  assert ids == [tok.token_to_id(" of the"), *tok.encode(" end"), tok.token_to_id(".\n")]
+  # " of the" inside " of theory" is not a piece boundary: no span there.
+  assert tok.token_to_id(" of the") not in tok.encode(" of theory")
+
+
+def _reference_count(tok, text):
+  """Fewest tokens with piece boundaries kept except inside spans: a plain O(n^2) DP."""
+  from fsqtok import pieces as pieces_lib  # pylint: disable=g-import-not-at-top
+  ps = pieces_lib.split_pieces(text)
+  best = [0] * (len(ps) + 1)
+  for i in range(len(ps) - 1, -1, -1):
+    best[i] = best[i + 1] + len(tok._piece_ids(ps[i]))  # pylint: disable=protected-access
+    for j in range(i + 2, len(ps) + 1):
+      if tok.token_to_id("".join(ps[i:j])) is not None:
+        best[i] = min(best[i], 1 + best[j])
+  return best[0]
+
+
+@given(st.lists(st.sampled_from(["'d", " to", " of", " the", ".", "\n", ",", " and", "x"]),
+                max_size=30).map("".join))
+def test_span_segmentation_of_word_sequences_has_the_fewest_tokens(tok, text):
+  ids = tok.encode(text)
+  assert tok.decode(ids) == text
+  assert len(ids) == _reference_count(tok, text)
+
+
+def test_fewest_tokens_without_a_token(tok):
+  alone = len(tok.encode(" of")) + len(tok.encode(" the"))
+  assert tok.fewest_tokens_without(tok.token_to_id(" of the")) == alone
+  assert tok.fewest_tokens_without(tok.token_to_id("speak")) == 5    # five bytes
 
 
 def test_lone_surrogates_and_non_strings_are_clear_errors(tok):

@@ -9,44 +9,74 @@ from fsqtok import recon
 from fsqtok import sharding as sharding_lib
 from fsqtok import vocab as vocab_lib
 from fsqtok.data import PieceSet
+from fsqtok.tokenizer import Tokenizer
+
+
+TEXT = "the cat sat on the mat and the cat ran to the mat"
 
 
 @pytest.fixture
 def pieces():
-  return PieceSet.from_texts(["the cat sat on the mat and the cat ran to the mat"])
+  return PieceSet.from_texts([TEXT])
 
 
-def test_selection_keeps_frequent_exact_codes(pieces):
+def test_exact_candidates_keep_exact_multibyte_strings_by_count(pieces):
   strings = [pieces.piece_bytes(i) for i in range(pieces.num_distinct)]
   codes = np.arange(pieces.num_distinct) * 7
   exact = np.ones(pieces.num_distinct, bool)
   exact[strings.index(b" the")] = False  # the most frequent piece is not exact
-  vocab = vocab_lib.select_vocabulary(codes, exact, pieces, 3)
-  assert len(vocab) == 3 and b" the" not in vocab.strings
-  assert list(vocab.strings) == [b" cat", b" mat", b" and"]
-  assert vocab.counts_K.tolist() == [2, 2, 1]
-  for s, c in zip(vocab.strings, vocab.codes_K):
+  cands = vocab_lib.exact_candidates(codes, exact, pieces)
+  assert b" the" not in cands.strings and cands.strings[:2] == (b" cat", b" mat")
+  assert all(len(s) >= 2 for s in cands.strings)
+  assert cands.counts_K.tolist() == sorted(cands.counts_K.tolist(), reverse=True)
+  for s, c in zip(cands.strings, cands.codes_K):
     assert codes[strings.index(s)] == c
-
-
-def test_analysis_counts_collisions_and_coverage(pieces):
-  n = pieces.num_distinct
-  codes = np.zeros(n, np.int64)
-  codes[: n // 2] = np.arange(n // 2) + 1  # the rest collide on code 0
-  exact = codes > 0
-  vocab = vocab_lib.select_vocabulary(codes, exact, pieces, 100)
-  a = vocab_lib.codebook_analysis(codes, exact, pieces, vocab, 4096)
-  assert a["codes_used"] == n // 2 + 1
-  assert a["collision_rate"] == pytest.approx((n - n // 2) / n)
-  assert a["vocab_coverage"] == pytest.approx(pieces.counts_N[: n // 2].sum() / pieces.counts_N.sum())
-  assert a["code_frequency_curve"] == sorted(a["code_frequency_curve"], reverse=True)
-  assert sum(a["code_frequency_curve"]) == pieces.num_occurrences
 
 
 def test_two_exact_pieces_on_one_code_is_an_error(pieces):
   with pytest.raises(ValueError, match="not deterministic"):
-    vocab_lib.select_vocabulary(np.zeros(pieces.num_distinct), np.ones(pieces.num_distinct, bool),
-                                pieces, 5)
+    vocab_lib.exact_candidates(np.zeros(pieces.num_distinct), np.ones(pieces.num_distinct, bool),
+                               pieces)
+
+
+def _vocab(strings, counts=None):
+  n = len(strings)
+  return vocab_lib.CodeVocabulary(np.arange(n, dtype=np.int64), tuple(strings),
+                                  np.asarray(counts or [1] * n, np.int64))
+
+
+def test_selection_keeps_what_saves_the_most_tokens():
+  texts = ["the cat sat on the mat. " * 20, "a rare zebra."]
+  # " the" saves one token per use (4 bytes -> 1); "ze" in the rare word saves one once;
+  # " mat" and " cat" save 3 each per use; the span " the mat" saves the most.
+  cands = _vocab([b" the", b"ze", b" mat", b" cat", b" the mat", b" the cat", b"zzz"],
+                 [100, 100, 50, 50, 20, 20, 1000])
+  vocab, history = vocab_lib.select_vocabulary(cands, texts, 3, shrink=0.5)
+  assert len(vocab) == 3
+  assert b"zzz" not in vocab.strings and b"ze" not in vocab.strings  # unused / used once
+  assert b" the cat" in vocab.strings and b" the mat" in vocab.strings  # 8 bytes -> 1
+  assert [h["candidates"] for h in history] == sorted((h["candidates"] for h in history),
+                                                      reverse=True)
+  assert history[-1]["bytes_per_token"] >= history[0]["bytes_per_token"] * 0.5
+
+
+def test_pruning_history_and_compression_against_frequency_selection():
+  from fsqtok import candidates, corpus  # pylint: disable=g-import-not-at-top
+  doc_texts = corpus.load_documents("builtin")[:60]
+  counts = candidates.count_candidates(doc_texts)
+  chosen = candidates.select_candidates(counts, min_count=2, max_candidates=20_000)
+  pool = PieceSet.from_counts(chosen)
+  cands = vocab_lib.exact_candidates(np.arange(pool.num_distinct), np.ones(pool.num_distinct, bool),
+                                     pool)
+  size = 300
+  vocab, history = vocab_lib.select_vocabulary(cands, doc_texts, size)
+  assert len(vocab) <= size and history[-1]["candidates"] == size
+  assert vocab.counts_K.tolist() == sorted(vocab.counts_K.tolist(), reverse=True)
+  by_count = Tokenizer([s.decode() for s in cands.strings[:size]])
+  chosen_tok = Tokenizer([s.decode() for s in vocab.strings])
+  n_count = sum(len(by_count.encode(t)) for t in doc_texts)
+  n_chosen = sum(len(chosen_tok.encode(t)) for t in doc_texts)
+  assert n_chosen < 0.9 * n_count  # the compression criterion beats "most frequent"
 
 
 def test_vocabulary_from_a_trained_codec_is_exact(pieces):
@@ -59,9 +89,10 @@ def test_vocabulary_from_a_trained_codec_is_exact(pieces):
   for i in range(300):
     state, _ = step(state, batch, jax.random.PRNGKey(i))
   mesh = sharding_lib.data_mesh(1)
-  vocab, analysis = vocab_lib.build_code_vocabulary(model, state.params, pieces, 5,
-                                                    batch_size=16, mesh=mesh)
-  assert len(vocab) == 5 and analysis["exact_pieces"] >= 5
+  vocab, analysis = vocab_lib.build_code_vocabulary(model, state.params, pieces, [TEXT], 5,
+                                                    batch_size=16, mesh=mesh, max_piece_bytes=16)
+  assert len(vocab) == 5 and analysis["exact_candidates"] >= 5
+  assert sum(analysis["composition"].values()) == 5
   # Each kept code decodes to exactly its string.
   codes = model.fsq.indices_to_codes(vocab.codes_K)
   logits = model.apply({"params": state.params}, codes, method=codec_lib.Codec.decode)

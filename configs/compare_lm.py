@@ -1,0 +1,45 @@
+"""The decisive comparison: the same transformer on fsqtok, BPE and raw-byte tokens.
+
+  python experiments/compare_tokenizers_lm.py --config=configs/compare_lm.py \
+      --config.codec_workdirs=builtin=runs/builtin,ts=runs/ts --workdir=runs/compare
+
+Every model is trained on the same number of training bytes (``train_bytes``): its step
+count is ``train_bytes / (batch_size * seq_len * training bytes per token)``, so a
+tokenizer with longer tokens trains fewer steps (and fewer FLOPs; both are reported).
+Held-out bits per byte for each (corpus, vocabulary size, tokenizer, seed).
+
+Arguments: "" (CPU default: d=128 2-layer LM, 1 MB of training bytes per run) | tiny.
+"""
+import ml_collections
+
+from configs import curriculum
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  if arg not in ("", "tiny"):
+    raise ValueError(f"Unknown configs/compare_lm.py argument {arg!r}: use '' or tiny.")
+  c = curriculum.get_config("tiny" if arg == "tiny" else "")
+  c.phase = "compare_lm"
+  # corpus name -> corpus spec; the codec run of each corpus (a configs/recon.py run of
+  # the same data settings) is given by codec_workdirs "name=dir,name=dir".
+  c.corpora = "builtin=builtin,ts=files:../shared/data/tinyshakespeare.txt"
+  c.codec_workdirs = ""
+  c.vocab_sizes = (4096, 16384)
+  c.seeds = (0, 1, 2)
+  c.variants = ("fsqtok-table", "fsqtok-factorized", "hf-bpe", "raw-bytes")
+  c.train_bytes = 1_000_000
+  m = c.lm.model
+  m.d_model, m.num_layers, m.num_heads, m.mlp_dim = 128, 2, 2, 512
+  m.embedding, m.head = "table", "tied"
+  c.lm.data.seq_len, c.lm.data.batch_size = 64, 16
+  c.lm.optim.learning_rate = 3e-3
+  c.lm.optim.warmup_steps = 50
+  c.lm.train.update({"log_every": 25, "eval_every": 0, "evals_per_run": 6,
+                     "checkpoint_every": 100000, "progress_bar": False})
+  c.generation_tokens = 128
+  if arg == "tiny":
+    c.vocab_sizes = (400,)
+    c.seeds = (0,)
+    c.train_bytes = 20_000
+    c.generation_tokens = 8
+  return c

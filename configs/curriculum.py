@@ -1,0 +1,94 @@
+"""The curriculum: codec (recon) -> vocabulary -> language model (lm) -> joint, then a sample.
+
+  python experiments/train.py --config=configs/curriculum.py --workdir=runs/curriculum
+  python experiments/train.py --config=configs/curriculum.py:tiny --workdir=/tmp/tiny
+
+Arguments (``get_config(arg)``):
+  ""     CPU default on the built-in corpus (see README for the measured time): a codec
+         trained 8k steps, a 4096-token vocabulary, a 4-layer d=192 LM.
+  tiny   seconds; for tests and the notebook.
+  full   for a GPU/TPU: the `full` codec, a 32768-token vocabulary, a 12-layer d=768 LM in
+         bfloat16.
+
+The codec fields (``data``, ``model``, ``optim``, ``train``) are those of configs/recon.py;
+the LM's are under ``lm``, the joint phase's under ``joint``, the sample's under ``sample``.
+"""
+import ml_collections
+
+from configs import recon as recon_config
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  if arg not in ("", "tiny", "full"):
+    raise ValueError(f"Unknown configs/curriculum.py argument {arg!r}: use '', tiny or full.")
+  c = recon_config.get_config("full" if arg == "full" else "")
+  c.phase = "curriculum"
+  c.vocab = ml_collections.ConfigDict({"size": 4096})
+
+  c.lm = ml_collections.ConfigDict()
+  m = c.lm.model = ml_collections.ConfigDict()
+  m.d_model = 192
+  m.num_layers = 4
+  m.num_heads = 4
+  m.mlp_dim = 768
+  m.max_len = 1024               # learned positions only
+  m.positions = "rope"           # rope | learned
+  m.dropout = 0.0
+  m.dtype = "float32"            # float32 | bfloat16 (accelerators)
+  m.embedding = "codec"          # table | code_factorized | codec (fsqtok/embeddings.py)
+  m.head = "dense"               # tied (table only) | dense | factorized
+  c.lm.data = ml_collections.ConfigDict({"seq_len": 128, "batch_size": 32})
+  c.lm.optim = ml_collections.ConfigDict({
+      "learning_rate": 2e-3, "warmup_steps": 100, "end_lr_ratio": 0.05, "weight_decay": 0.05,
+      "b1": 0.9, "b2": 0.98, "grad_clip": 1.0})
+  c.lm.train = ml_collections.ConfigDict({
+      "num_steps": 1500, "log_every": 50, "eval_every": 500, "eval_batch_size": 64,
+      "checkpoint_every": 250, "keep_checkpoints": 2, "num_devices": 0,
+      "progress_bar": True})
+
+  c.joint = ml_collections.ConfigDict()
+  c.joint.num_steps = 300        # 0: no joint phase
+  c.joint.recon_weight = 1.0     # loss = LM loss + recon_weight * reconstruction loss
+  c.joint.piece_batch_size = 128
+  c.joint.optim = ml_collections.ConfigDict({
+      "learning_rate": 3e-4, "warmup_steps": 20, "end_lr_ratio": 0.1, "weight_decay": 0.05,
+      "b1": 0.9, "b2": 0.98, "grad_clip": 1.0})
+
+  c.sample = ml_collections.ConfigDict({
+      "prompt": "The ", "max_new_tokens": 64, "temperature": 0.8, "top_k": 0, "top_p": 0.95,
+      "seed": 0})
+
+  c.train.num_steps = 8000       # the codec: shorter than configs/recon.py's 30k
+  c.train.eval_every = 4000
+  if arg == "tiny":  # a small MLP codec: fast, and it reconstructs some candidates exactly
+    c.data.batch_size = 64
+    c.data.max_candidates = 5000
+    c.model.levels = (8, 5, 5, 5)
+    c.model.embed_dim, c.model.enc_mlp_dim, c.model.dec_mlp_dim = 16, 128, 128
+    c.optim.warmup_steps = 10
+    c.train.update({"num_steps": 300, "log_every": 50, "eval_every": 300,
+                    "eval_batch_size": 256, "checkpoint_every": 50, "progress_bar": False})
+    c.vocab.size = 400
+    m.d_model, m.num_layers, m.num_heads, m.mlp_dim = 32, 2, 2, 64
+    c.lm.data.seq_len, c.lm.data.batch_size = 32, 8
+    c.lm.optim.warmup_steps = 5
+    c.lm.train.update({"num_steps": 30, "log_every": 10, "eval_every": 15,
+                       "eval_batch_size": 16, "checkpoint_every": 10})
+    c.joint.num_steps = 10
+    c.joint.piece_batch_size = 16
+    c.joint.optim.warmup_steps = 2
+    c.sample.max_new_tokens = 16
+  elif arg == "full":
+    c.train.num_steps = 100_000
+    c.vocab.size = 32768
+    m.d_model, m.num_layers, m.num_heads, m.mlp_dim = 768, 12, 12, 3072
+    m.dtype = "bfloat16"
+    m.dropout = 0.1
+    c.lm.data.seq_len, c.lm.data.batch_size = 512, 64
+    c.lm.optim.learning_rate = 6e-4
+    c.lm.optim.warmup_steps = 2000
+    c.lm.train.update({"num_steps": 50_000, "eval_every": 5000, "eval_batch_size": 64,
+                       "checkpoint_every": 2500})
+    c.joint.num_steps = 5000
+    c.joint.piece_batch_size = 1024
+  return c

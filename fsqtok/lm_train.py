@@ -1,0 +1,240 @@
+"""Phases 2 and 3: train the language model on a tokenizer's tokens.
+
+``lm``: the codec (if the embedding uses it) is frozen by an optax partition, everything
+else trains on the next-token loss. ``joint``: everything trains on
+``LM loss + recon_weight * reconstruction loss`` (the codec's candidate pieces), starting
+from the ``lm`` phase's parameters. Both use one pure ``train_step`` under ``jit`` over
+the data mesh, Orbax checkpoints with the data position, and report held-out bits per
+byte (summed negative log-likelihood in bits over the held-out UTF-8 bytes).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import time
+import zlib
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import serialization, traverse_util
+from flax.training import train_state
+from tqdm.auto import tqdm
+
+from fsqtok import checkpoint as checkpoint_lib
+from fsqtok import lm as lm_lib
+from fsqtok import lm_data
+from fsqtok import optimizer as optimizer_lib
+from fsqtok import recon
+from fsqtok import sharding as sharding_lib
+from fsqtok import workdir as workdir_lib
+from fsqtok.data import PieceBatcher, PieceSet
+
+
+PARAMS_FILE = "params.msgpack"
+
+
+def lm_loss(params, apply_fn, batch, rng, deterministic: bool = False):
+  """Mean next-token loss over the weighted targets; also its sum and weight."""
+  logp = apply_fn({"params": params}, batch["inputs"], batch["valid"], batch["targets"],
+                  deterministic=deterministic, rngs={"dropout": rng},
+                  method=lm_lib.TransformerLM.target_log_probs)
+  nll = -jnp.sum(logp * batch["weights"])
+  count = jnp.sum(batch["weights"])
+  return nll / jnp.maximum(count, 1.0), (nll, count)
+
+
+def train_step(state: train_state.TrainState, batch, rng, *, recon_weight: float = 0.0):
+  """One optimizer step on the LM loss (+ ``recon_weight`` x reconstruction loss on
+  ``batch["pieces"]``, the joint phase)."""
+  def loss_fn(params):
+    loss, (nll, count) = lm_loss(params, state.apply_fn, batch["lm"], rng)
+    metrics = {"lm_loss": loss, "nll": nll, "count": count}
+    if recon_weight:
+      p = batch["pieces"]
+      logits, _ = state.apply_fn({"params": params}, p["bytes"], p["lengths"],
+                                 method=lm_lib.TransformerLM.reconstruct)
+      rec, acc = recon.reconstruction_loss(logits, p["bytes"], p["lengths"])
+      loss = loss + recon_weight * rec
+      metrics |= {"recon_loss": rec, "recon_byte_accuracy": acc}
+    return loss, metrics
+
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  new_state = state.apply_gradients(grads=grads)
+  return new_state, {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+
+
+def frozen_labels(params, frozen: Sequence[str]):
+  """``"frozen"`` for parameters under a top-level name in ``frozen``, else ``"train"``."""
+  flat = traverse_util.flatten_dict(params)
+  labels = {k: "frozen" if k[0] in frozen else "train" for k in flat}
+  return traverse_util.unflatten_dict(labels)
+
+
+def make_optimizer(optim_config, num_steps: int, params, frozen: Sequence[str]):
+  """AdamW with warmup + cosine on the trainable parameters; frozen ones get zero updates
+  (and no optimizer state)."""
+  return optax.multi_transform(
+      {"train": optimizer_lib.make_optimizer(optim_config, num_steps),
+       "frozen": optax.set_to_zero()},
+      frozen_labels(params, frozen))
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _eval_sums(apply_fn, params, batch):
+  _, (nll, count) = lm_loss(params, apply_fn, batch, jax.random.PRNGKey(0), deterministic=True)
+  return nll, count
+
+
+def evaluate_bits_per_byte(apply_fn, params, data: dict[str, np.ndarray], num_bytes: int, *,
+                           batch_size: int, mesh) -> dict[str, float]:
+  """Held-out loss per token and bits per byte over every window of ``data``."""
+  nll, count = 0.0, 0.0
+  for batch in lm_data.eval_batches(data, batch_size):
+    n, c = jax.device_get(_eval_sums(apply_fn, params, sharding_lib.shard_batch(batch, mesh)))
+    nll, count = nll + float(n), count + float(c)
+  return {"loss_per_token": nll / max(count, 1.0), "tokens": count,
+          "bits_per_byte": nll / math.log(2) / num_bytes, "bytes_per_token": num_bytes / count}
+
+
+class LMData:
+  """A tokenizer's train/validation windows (and, for ``joint``, the codec's pieces)."""
+
+  def __init__(self, tok, texts: tuple[list[str], list[str]], seq_len: int,
+               pieces: tuple[PieceSet, PieceSet] | None = None):
+    train_texts, val_texts = texts
+    self.train = lm_data.windows(lm_data.token_stream(tok, train_texts), seq_len,
+                                 tok.pad_id, tok.bos_id)
+    self.val = lm_data.windows(lm_data.token_stream(tok, val_texts), seq_len,
+                               tok.pad_id, tok.bos_id)
+    self.train_bytes = sum(len(t.encode("utf-8")) for t in train_texts)
+    self.val_bytes = sum(len(t.encode("utf-8")) for t in val_texts)
+    self.pieces = pieces
+
+
+def train_lm_phase(phase: str, config, workdir: str, model: lm_lib.TransformerLM,
+                   data: LMData, init_params: Callable[[], Any], *,
+                   frozen: Sequence[str] = (), recon_weight: float = 0.0,
+                   optim=None, num_steps: int | None = None) -> tuple[dict[str, Any], Any]:
+  """Trains (or resumes, or finds finished) one LM phase under ``workdir/phase``.
+
+  ``init_params()`` gives the starting parameters (the previous phase's, or fresh).
+  Returns the report and the final parameters.
+  """
+  t = config.lm.train
+  num_steps = num_steps or t.num_steps
+  optim = optim or config.lm.optim
+  phase_dir = os.path.join(workdir, phase)
+  os.makedirs(phase_dir, exist_ok=True)
+  report_path = os.path.join(phase_dir, "report.json")
+  mesh = sharding_lib.data_mesh(t.num_devices)
+  repl = sharding_lib.replicated(mesh)
+  sharding_lib.check_batch_size(config.lm.data.batch_size, mesh)
+
+  def create_state():
+    params = init_params()
+    return train_state.TrainState.create(
+        apply_fn=model.apply, params=params,
+        tx=make_optimizer(optim, num_steps, params, frozen))
+
+  if os.path.exists(report_path):  # finished: nothing to do
+    return workdir_lib.read_json(report_path), load_phase_params(phase_dir, init_params)
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(phase_dir, "checkpoints"),
+                                     save_every=t.checkpoint_every,
+                                     max_to_keep=t.keep_checkpoints)
+  start = ckpt.latest_step() or 0
+  abstract = checkpoint_lib.abstract_like(jax.eval_shape(create_state), repl)
+
+  batcher = lm_data.window_batcher(data.train, config.lm.data.batch_size, seed=config.seed)
+  pieces = None
+  if recon_weight:
+    pieces = PieceBatcher(data.pieces[0], config.joint.piece_batch_size, seed=config.seed,
+                          weighting=config.data.weighting)
+  if start:
+    state, data_state = ckpt.restore(start, abstract)
+    batcher.set_state(data_state["lm"])
+    if pieces is not None:
+      pieces.set_state(data_state["pieces"])
+    logging.info("Resumed %s from step %d.", phase_dir, start)
+  else:
+    state = jax.jit(create_state, out_shardings=repl)()
+
+  data_sh = sharding_lib.batch_sharded(mesh)
+  step_fn = jax.jit(functools.partial(train_step, recon_weight=recon_weight),
+                    in_shardings=(repl, data_sh, repl), out_shardings=(repl, repl),
+                    donate_argnums=(0,))
+  metrics_log = workdir_lib.MetricsLog(os.path.join(phase_dir, "metrics.jsonl"),
+                                       resume_step=start)
+  eval_kw = dict(batch_size=t.eval_batch_size, mesh=mesh)
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), zlib.crc32(phase.encode()))
+  pending, tokens_seen, tic = [], 0.0, None
+  timed = {"seconds": 0.0, "tokens": 0.0}
+  loop_start = time.perf_counter()
+  bar = tqdm(range(start, num_steps), initial=start, total=num_steps, desc=phase,
+             disable=not t.progress_bar, dynamic_ncols=True)
+  for step in bar:
+    batch = {"lm": next(batcher)}
+    if pieces is not None:
+      batch["pieces"] = next(pieces)
+    state, metrics = step_fn(state, sharding_lib.shard_batch(batch, mesh),
+                             jax.random.fold_in(rng, step))
+    pending.append(metrics)
+    done = step + 1
+    if done % t.log_every == 0 or done == num_steps:
+      host = jax.device_get(pending)
+      pending = []
+      now = time.perf_counter()
+      tokens = float(sum(m["count"] for m in host))
+      if tic is not None:  # the first interval includes compilation: not timed
+        timed["seconds"] += now - tic
+        timed["tokens"] += tokens
+      tic = now
+      tokens_seen += tokens
+      loss = float(np.mean([m["loss"] for m in host]))
+      if not np.isfinite(loss):
+        raise FloatingPointError(f"{phase} loss is {loss} at step {done}: lower the learning "
+                                 f"rate; last good checkpoint is in {ckpt.directory}.")
+      record = {"step": done, "split": "train", "loss": loss,
+                **{k: float(np.mean([m[k] for m in host])) for k in host[0]
+                   if k not in ("nll", "count", "loss")}}
+      metrics_log.write([record])
+      bar.set_postfix(loss=f"{loss:.3f}")
+    if done % t.eval_every == 0 or done == num_steps:
+      tic_eval = time.perf_counter()
+      ev = evaluate_bits_per_byte(state.apply_fn, state.params, data.val, data.val_bytes,
+                                  **eval_kw)
+      metrics_log.write([{"step": done, "split": "validation", **ev}])
+      if tic is not None:
+        tic += time.perf_counter() - tic_eval
+    data_state = {"lm": batcher.get_state()}
+    if pieces is not None:
+      data_state["pieces"] = pieces.get_state()
+    ckpt.save(done, state, data_state, force=done == num_steps)
+  bar.close()
+  ckpt.close()
+
+  report = {
+      "phase": phase, "steps": num_steps, "devices": f"{mesh.size} x {jax.devices()[0].device_kind}",
+      "validation": evaluate_bits_per_byte(state.apply_fn, state.params, data.val,
+                                           data.val_bytes, **eval_kw),
+      "train_tokens_per_second": (timed["tokens"] / timed["seconds"]
+                                  if timed["seconds"] else float("nan")),
+      "train_bytes_per_token": data.train_bytes / float(np.sum(data.train["weights"])),
+      "train_wall_seconds": time.perf_counter() - loop_start,
+      "frozen": list(frozen), "recon_weight": recon_weight,
+  }
+  # The final parameters, then the report: a report means the phase is finished.
+  workdir_lib.atomic_write_bytes(os.path.join(phase_dir, PARAMS_FILE),
+                                 serialization.to_bytes(jax.device_get(state.params)))
+  workdir_lib.write_json(report_path, report)
+  return report, state.params
+
+
+def load_phase_params(phase_dir: str, init_params: Callable[[], Any]):
+  """The final parameters of a finished phase (``init_params`` gives their structure)."""
+  with open(os.path.join(phase_dir, PARAMS_FILE), "rb") as f:
+    return serialization.from_bytes(jax.eval_shape(init_params), f.read())

@@ -1,0 +1,126 @@
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fsqtok import generate as generate_lib
+from fsqtok import lm as lm_lib
+
+V = 40
+CODES = tuple([-1] * 8 + list(range(100, 100 + V - 8)))
+
+
+def _model(embedding="table", head="tied", **kw):
+  args = dict(vocab_size=V, d_model=32, num_layers=2, num_heads=4, mlp_dim=64,
+              embedding=embedding, head=head, token_codes=CODES, levels=(8, 5, 5, 5))
+  return lm_lib.TransformerLM(**{**args, **kw})
+
+
+def _ids(b=2, t=9, seed=0):
+  return jnp.asarray(np.random.RandomState(seed).randint(3, V, (b, t)), jnp.int32)
+
+
+COMBOS = [("table", "tied"), ("table", "dense"), ("code_factorized", "factorized"),
+          ("code_factorized", "dense"), ("table", "factorized")]
+
+
+@pytest.mark.parametrize("embedding,head", COMBOS)
+def test_shapes_and_log_probs_agree(embedding, head):
+  model, ids = _model(embedding, head), _ids()
+  params = model.init(jax.random.PRNGKey(0), ids)["params"]
+  out, cache = model.apply({"params": params}, ids)
+  assert cache is None
+  logp = model.apply({"params": params}, out, ids, method=lm_lib.TransformerLM.token_log_probs)
+  vocab = model.apply({"params": params}, out,
+                      method=lambda m, o: m.output_head.vocab_log_probs(o))
+  chex.assert_shape(logp, ids.shape)
+  chex.assert_shape(vocab, (*ids.shape, V))
+  chex.assert_trees_all_close(jnp.take_along_axis(vocab, ids[..., None], -1)[..., 0], logp,
+                              atol=1e-5)
+  total = jnp.exp(vocab).sum(-1)
+  # A table head is a distribution over the vocabulary; the factorized head's mass is
+  # spread over the whole code space, so the vocabulary gets at most all of it.
+  assert jnp.all(total <= 1 + 1e-4) and (head == "factorized" or jnp.allclose(total, 1, atol=1e-4))
+
+
+@pytest.mark.parametrize("positions", ["rope", "learned"])
+def test_cached_decoding_equals_the_full_forward(positions):
+  model, ids = _model(positions=positions, max_len=32), _ids()
+  params = model.init(jax.random.PRNGKey(1), ids)["params"]
+  full = model.apply({"params": params}, ids, ids, method=lambda m, a, t: m.target_log_probs(
+      a, None, t))
+  cache = lm_lib.init_cache(model, 2, 12)
+
+  @jax.jit
+  def step(cache, tok_Bx1):
+    out, cache = model.apply({"params": params}, tok_Bx1, cache=cache)
+    return cache, model.apply({"params": params}, out, tok_Bx1,
+                              method=lm_lib.TransformerLM.token_log_probs)
+
+  steps = []
+  for t in range(ids.shape[1]):
+    cache, logp = step(cache, ids[:, t:t + 1])
+    steps.append(logp)
+  chex.assert_trees_all_close(jnp.concatenate(steps, 1), full, atol=1e-4)
+
+
+def test_padding_and_the_future_never_change_a_result():
+  model, ids = _model(), _ids(1, 7)
+  params = {"params": model.init(jax.random.PRNGKey(2), ids)["params"]}
+  logp = lambda a, valid: model.apply(params, a, valid, a, method=lm_lib.TransformerLM.target_log_probs)
+  base = logp(ids, None)
+  # Left padding with junk tokens marked invalid: the real tokens score the same.
+  padded = jnp.concatenate([jnp.full((1, 5), 7, jnp.int32), ids], 1)
+  valid = jnp.concatenate([jnp.zeros((1, 5), bool), jnp.ones((1, 7), bool)], 1)
+  chex.assert_trees_all_close(logp(padded, valid)[:, 5:], base, atol=1e-4)
+  # Causality: changing the last token changes nothing before it.
+  changed = ids.at[0, -1].set((ids[0, -1] + 1) % V)
+  out_a, _ = model.apply(params, ids)
+  out_b, _ = model.apply(params, changed)
+  chex.assert_trees_all_close(out_a[:, :-1], out_b[:, :-1], atol=1e-5)
+
+
+def test_generation_greedy_matches_recomputation_and_stops_at_eos():
+  model = _model()
+  params = model.init(jax.random.PRNGKey(3), _ids())["params"]
+  prompts = [[1, 5, 6, 9], [1]]
+  out = generate_lib.generate(model, params, prompts, jax.random.PRNGKey(0),
+                              max_new_tokens=12, eos_id=2, pad_id=0, temperature=0.0)
+  forward = jax.jit(lambda ids, valid: model.apply({"params": params}, ids, valid)[0])
+  for prompt, new in zip(prompts, out):
+    seq = list(prompt)
+    for _ in range(12):  # recompute the whole (right-padded, fixed-size) sequence each step
+      ids = np.zeros((1, 16), np.int32)
+      ids[0, :len(seq)] = seq
+      logits = forward(ids, ids != 0)
+      seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
+      if seq[-1] == 2:
+        break
+    assert new == seq[len(prompt):]
+  # top_k=1 sampling is greedy, whatever the temperature.
+  topk1 = generate_lib.generate(model, params, prompts, jax.random.PRNGKey(5), max_new_tokens=12,
+                                eos_id=2, pad_id=0, temperature=1.3, top_k=1)
+  assert topk1 == out
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+  kept = jnp.isfinite(generate_lib.filter_logits(logits, 0, 0.75))
+  assert kept.tolist() == [[True, True, False, False]]
+  kept = jnp.isfinite(generate_lib.filter_logits(logits, 0, 0.1))
+  assert kept.tolist() == [[True, False, False, False]]
+  kept = jnp.isfinite(generate_lib.filter_logits(logits, 2, 1.0))
+  assert kept.tolist() == [[True, True, False, False]]
+
+
+def test_bad_settings_are_clear_errors():
+  with pytest.raises(ValueError, match="choose one of"):
+    _model(embedding="nope").init(jax.random.PRNGKey(0), _ids())
+  with pytest.raises(ValueError, match="attend"):
+    _model("code_factorized", "tied").init(jax.random.PRNGKey(0), _ids())
+  with pytest.raises(ValueError, match="divisible"):
+    _model(num_heads=5).init(jax.random.PRNGKey(0), _ids())
+  with pytest.raises(ValueError, match="at least one token"):
+    generate_lib.generate(_model(), {}, [[]], jax.random.PRNGKey(0), max_new_tokens=2,
+                          eos_id=2, pad_id=0)
