@@ -5,7 +5,8 @@
 
 Arguments (``get_config(arg)``):
   ""     CPU default on the built-in corpus (see README for the measured time): a codec
-         trained 8k steps, a 4096-token vocabulary, a 4-layer d=192 LM.
+         trained 8k steps, a 4096-token vocabulary, a 3-layer d=128 LM (1000 steps of
+         16 x 128 tokens), 200 joint steps.
   tiny   seconds; for tests and the notebook.
   full   for a GPU/TPU: the `full` codec, a 32768-token vocabulary, a 12-layer d=768 LM in
          bfloat16.
@@ -16,6 +17,7 @@ the LM's are under ``lm``, the joint phase's under ``joint``, the sample's under
 import ml_collections
 
 from configs import recon as recon_config
+from fsqtok.optimizer import adamw_config
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -27,32 +29,30 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   c.lm = ml_collections.ConfigDict()
   m = c.lm.model = ml_collections.ConfigDict()
-  m.d_model = 192
-  m.num_layers = 4
+  m.d_model = 128
+  m.num_layers = 3
   m.num_heads = 4
-  m.mlp_dim = 768
+  m.mlp_dim = 512
   m.max_len = 1024               # learned positions only
   m.positions = "rope"           # rope | learned
   m.dropout = 0.0
   m.dtype = "float32"            # float32 | bfloat16 (accelerators)
-  m.embedding = "codec"          # table | code_factorized | codec (fsqtok/embeddings.py)
+  m.embedding = "codec"          # table | bespoke | code_factorized | codec (fsqtok/embeddings.py)
   m.head = "dense"               # tied (table only) | dense | factorized
-  c.lm.data = ml_collections.ConfigDict({"seq_len": 128, "batch_size": 32})
-  c.lm.optim = ml_collections.ConfigDict({
-      "learning_rate": 2e-3, "warmup_steps": 100, "end_lr_ratio": 0.05, "weight_decay": 0.05,
-      "b1": 0.9, "b2": 0.98, "grad_clip": 1.0})
+  c.lm.data = ml_collections.ConfigDict({"seq_len": 128, "batch_size": 16})
+  c.lm.optim = adamw_config(learning_rate=2e-3, warmup_steps=100, end_lr_ratio=0.05,
+                            weight_decay=0.05, b2=0.98)
   c.lm.train = ml_collections.ConfigDict({
-      "num_steps": 1500, "log_every": 50, "eval_every": 500, "eval_batch_size": 64,
+      "num_steps": 1000, "log_every": 50, "eval_every": 250, "eval_batch_size": 64,
       "checkpoint_every": 250, "keep_checkpoints": 2, "num_devices": 0,
       "progress_bar": True})
 
   c.joint = ml_collections.ConfigDict()
-  c.joint.num_steps = 300        # 0: no joint phase
+  c.joint.num_steps = 200        # 0: no joint phase
   c.joint.recon_weight = 1.0     # loss = LM loss + recon_weight * reconstruction loss
   c.joint.piece_batch_size = 128
-  c.joint.optim = ml_collections.ConfigDict({
-      "learning_rate": 3e-4, "warmup_steps": 20, "end_lr_ratio": 0.1, "weight_decay": 0.05,
-      "b1": 0.9, "b2": 0.98, "grad_clip": 1.0})
+  c.joint.optim = adamw_config(learning_rate=3e-4, warmup_steps=20, end_lr_ratio=0.1,
+                               weight_decay=0.05, b2=0.98)
 
   c.sample = ml_collections.ConfigDict({
       "prompt": "The ", "max_new_tokens": 64, "temperature": 0.8, "top_k": 0, "top_p": 0.95,

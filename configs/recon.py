@@ -23,6 +23,8 @@ Any field can be overridden, e.g. ``--config.data.source=tfds:tiny_shakespeare``
 """
 import ml_collections
 
+from fsqtok.optimizer import adamw_config
+
 
 def _char_cnn(model, enc_channels, dec_channels):
   """Switches the codec to the DESIGN's char-CNN (strides 1,2,2 down, 2,2,1 up)."""
@@ -66,14 +68,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.model.dec_mlp_dim = 512
   c.model.position_embedding = True
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.learning_rate = 3e-3
-  c.optim.warmup_steps = 200
-  c.optim.end_lr_ratio = 0.01
-  c.optim.weight_decay = 0.01
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.99
-  c.optim.grad_clip = 1.0
+  c.optim = adamw_config(learning_rate=3e-3, warmup_steps=200)
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 30_000

@@ -19,6 +19,8 @@ from fsqtok import curriculum, recon  # noqa: E402  pylint: disable=g-import-not
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, reports.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
+                                 "Call jax.distributed.initialize() first (multi-host runs).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 def _recon_summary(report, workdir):
@@ -56,6 +58,9 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:  # keep library INFO chatter (Orbax) out
     logging.set_verbosity(logging.WARNING)
+  if _DISTRIBUTED.value:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.distributed.initialize()
   config = _CONFIG.value
   if config.phase not in PHASES:
     raise app.UsageError(f"Unknown phase {config.phase!r}; known: {sorted(PHASES)}.")

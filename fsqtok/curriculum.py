@@ -24,13 +24,15 @@ from fsqtok.tokenizer import VOCAB_FILE, Tokenizer
 from fsqtok.tokenizer_build import train_tokenizer
 
 
-def build_lm(config, tok: Tokenizer, codec=None) -> lm_lib.TransformerLM:
-  """The LM of ``config.lm.model`` over ``tok``'s ids (codes and bytes per id)."""
+def build_lm(config, tok: Tokenizer, codec=None, token_counts=None) -> lm_lib.TransformerLM:
+  """The LM of ``config.lm.model`` over ``tok``'s ids (codes and bytes per id;
+  ``token_counts``: training counts per id, for the bespoke embedding)."""
   ids = range(len(tok))
   return lm_lib.lm_from_config(
       config.lm.model, len(tok), token_codes=[tok.id_to_code(i) for i in ids],
       levels=config.model.levels, token_bytes=[tok.token_bytes(i) for i in ids],
-      codec=codec if config.lm.model.embedding == "codec" else None)
+      codec=codec if config.lm.model.embedding == "codec" else None,
+      token_counts=token_counts if config.lm.model.embedding == "bespoke" else None)
 
 
 def load_lm(config, workdir: str):
@@ -38,7 +40,11 @@ def load_lm(config, workdir: str):
   if it ran, else the lm phase's)."""
   tok = Tokenizer.load(os.path.join(workdir, "vocab"))
   codec, _ = recon.load_trained_codec(config, workdir)
-  model = build_lm(config, tok, codec)
+  counts = None
+  if config.lm.model.embedding == "bespoke":
+    counts = lm_train.LMData(tok, recon.load_texts(config), config.lm.data.seq_len
+                             ).token_counts(len(tok))
+  model = build_lm(config, tok, codec, counts)
   phase = "joint" if os.path.exists(os.path.join(workdir, "joint", lm_train.PARAMS_FILE)) else "lm"
   init = lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
   return tok, model, lm_train.load_phase_params(os.path.join(workdir, phase), init)
@@ -73,8 +79,8 @@ def run_curriculum(config, workdir: str) -> dict[str, Any]:
     train_tokenizer(config, workdir, config.vocab.size, vocab_dir, texts=texts, pieces=pieces)
   tok = Tokenizer.load(vocab_dir)
   codec, codec_params = recon.load_trained_codec(config, workdir)
-  model = build_lm(config, tok, codec)
   data = lm_train.LMData(tok, texts, config.lm.data.seq_len, pieces)
+  model = build_lm(config, tok, codec, data.token_counts(len(tok)))
 
   def fresh_params():
     params = model.init(jax.random.PRNGKey(config.seed),

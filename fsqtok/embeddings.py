@@ -2,7 +2,9 @@
 
 Embeddings map ``ids_BxT -> x_BxTxD``:
 
-* ``table``: one learned row per vocabulary id.
+* ``table``: one learned row per vocabulary id (`fsqtok.bespoke.StandardEmbed`).
+* ``bespoke``: frequency buckets with their own widths (`fsqtok.bespoke.BespokeEmbed`,
+  buckets from the tokens' training counts).
 * ``code_factorized``: a token with an FSQ code gets the sum of one small table per FSQ
   dimension, indexed by that dimension's digit of its code (8 tables of 5-8 rows cover all
   4,096,000 codes); tokens without a code (specials, bytes) get rows of a small table.
@@ -29,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fsqtok import bespoke
+
 
 def code_layout(token_codes, levels) -> tuple[np.ndarray, np.ndarray]:
   """``(plain_V, digits_VxD)``: per token id, its row among the tokens without a code
@@ -44,21 +48,6 @@ def code_layout(token_codes, levels) -> tuple[np.ndarray, np.ndarray]:
   plain = np.where(has, -1, np.cumsum(~has) - 1)
   digits = np.where(has[:, None], (np.maximum(codes, 0)[:, None] // basis) % levels, 0)
   return plain.astype(np.int32), digits.astype(np.int32)
-
-
-class TableEmbedding(nn.Module):
-  vocab_size: int
-  d_model: int
-
-  def setup(self):
-    self.table = nn.Embed(self.vocab_size, self.d_model,
-                          embedding_init=nn.initializers.normal(stddev=0.02))
-
-  def __call__(self, ids_BxT):
-    return self.table(ids_BxT)
-
-  def attend(self, x_BxTxD):
-    return self.table.attend(x_BxTxD)
 
 
 class CodeFactorizedEmbedding(nn.Module):
@@ -188,8 +177,17 @@ class FactorizedHead(nn.Module):
     return logp + jnp.where(plain >= 0, 0.0, code_logp)
 
 
+def _bespoke(lm) -> nn.Module:
+  if lm.token_counts is None:
+    raise ValueError("The bespoke embedding needs each token's training count "
+                     "(token_counts); fsqtok.curriculum.build_lm passes them.")
+  return bespoke.BespokeEmbed(assignment=bespoke.assign_buckets(np.asarray(lm.token_counts)),
+                              widths=bespoke.bucket_widths(lm.d_model), d_model=lm.d_model)
+
+
 EMBEDDINGS = {
-    "table": lambda lm: TableEmbedding(lm.vocab_size, lm.d_model),
+    "table": lambda lm: bespoke.StandardEmbed(lm.vocab_size, lm.d_model),
+    "bespoke": _bespoke,
     "code_factorized": lambda lm: CodeFactorizedEmbedding(
         lm.vocab_size, lm.d_model, lm.token_codes, lm.levels),
     "codec": lambda lm: CodecEmbedding(lm.vocab_size, lm.d_model, lm.token_bytes, lm.codec),

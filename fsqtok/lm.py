@@ -107,6 +107,7 @@ class TransformerLM(nn.Module):
   token_codes: tuple[int, ...] | None = None   # FSQ index per token id (-1: none)
   levels: tuple[int, ...] | None = None         # FSQ levels of those codes
   token_bytes: tuple[bytes | None, ...] | None = None  # per token id (None: a special)
+  token_counts: tuple[int, ...] | None = None   # training count per token id (bespoke)
   codec: Any = None                             # a fsqtok.codec.Codec (codec embedding)
 
   def setup(self):
@@ -193,7 +194,7 @@ def init_cache(model: TransformerLM, batch_size: int, length: int) -> Cache:
 
 
 def lm_from_config(c, vocab_size: int, token_codes=None, levels=None, token_bytes=None,
-                   codec=None) -> TransformerLM:
+                   codec=None, token_counts=None) -> TransformerLM:
   """The model of a ``config.lm.model`` ConfigDict (the token tables as the embedding and
   head need them)."""
   dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -205,4 +206,5 @@ def lm_from_config(c, vocab_size: int, token_codes=None, levels=None, token_byte
       dtype=dtypes[c.dtype], embedding=c.embedding, head=c.head,
       token_codes=None if token_codes is None else tuple(int(x) for x in token_codes),
       levels=None if levels is None else tuple(int(x) for x in levels),
-      token_bytes=None if token_bytes is None else tuple(token_bytes), codec=codec)
+      token_bytes=None if token_bytes is None else tuple(token_bytes), codec=codec,
+      token_counts=None if token_counts is None else tuple(int(x) for x in token_counts))

@@ -115,6 +115,11 @@ class LMData:
     self.val_bytes = sum(len(t.encode("utf-8")) for t in val_texts)
     self.pieces = pieces
 
+  def token_counts(self, vocab_size: int) -> np.ndarray:
+    """How often each id is a scored training target."""
+    targets = self.train["targets"][self.train["weights"] > 0]
+    return np.bincount(targets, minlength=vocab_size)
+
 
 def train_lm_phase(phase: str, config, workdir: str, model: lm_lib.TransformerLM,
                    data: LMData, init_params: Callable[[], Any], *,
@@ -171,7 +176,7 @@ def train_lm_phase(phase: str, config, workdir: str, model: lm_lib.TransformerLM
                                        resume_step=start)
   eval_kw = dict(batch_size=t.eval_batch_size, mesh=mesh)
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), zlib.crc32(phase.encode()))
-  pending, tokens_seen, tic = [], 0.0, None
+  pending, tic = [], None
   timed = {"seconds": 0.0, "tokens": 0.0}
   loop_start = time.perf_counter()
   bar = tqdm(range(start, num_steps), initial=start, total=num_steps, desc=phase,
@@ -193,7 +198,6 @@ def train_lm_phase(phase: str, config, workdir: str, model: lm_lib.TransformerLM
         timed["seconds"] += now - tic
         timed["tokens"] += tokens
       tic = now
-      tokens_seen += tokens
       loss = float(np.mean([m["loss"] for m in host]))
       if not np.isfinite(loss):
         raise FloatingPointError(f"{phase} loss is {loss} at step {done}: lower the learning "

@@ -1,7 +1,17 @@
 """optax AdamW with linear warmup and cosine decay, built from ``config.optim``."""
 from __future__ import annotations
 
+import ml_collections
 import optax
+
+
+def adamw_config(learning_rate: float, warmup_steps: int, *, end_lr_ratio: float = 0.01,
+                 weight_decay: float = 0.01, b1: float = 0.9, b2: float = 0.99,
+                 grad_clip: float = 1.0) -> ml_collections.ConfigDict:
+  """The ``optim`` sub-config every experiment uses (read by `make_optimizer`)."""
+  return ml_collections.ConfigDict(dict(
+      learning_rate=learning_rate, warmup_steps=warmup_steps, end_lr_ratio=end_lr_ratio,
+      weight_decay=weight_decay, b1=b1, b2=b2, grad_clip=grad_clip))
 
 
 def learning_rate_schedule(optim_config, num_steps: int) -> optax.Schedule:

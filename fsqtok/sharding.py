@@ -34,7 +34,16 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
 
 
 def shard_batch(batch, mesh: Mesh):
-  """Places a host-local batch (a pytree of arrays) on the mesh, split along axis 0."""
+  """Places a global batch (a pytree of arrays, the same on every host) on the mesh,
+  split along axis 0; with several processes each contributes its own slice of rows."""
   sharding = batch_sharded(mesh)
-  return jax.tree.map(
-      lambda v: jax.make_array_from_process_local_data(sharding, np.asarray(v)), batch)
+  count, index = jax.process_count(), jax.process_index()
+
+  def place(v):
+    v = np.asarray(v)
+    if count > 1:
+      rows = v.shape[0] // count
+      v = v[index * rows:(index + 1) * rows]
+    return jax.make_array_from_process_local_data(sharding, v)
+
+  return jax.tree.map(place, batch)

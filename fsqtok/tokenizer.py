@@ -27,6 +27,7 @@ import tempfile
 from typing import Iterable, Sequence
 
 from fsqtok import pieces as pieces_lib
+from fsqtok import workdir as workdir_lib
 
 FORMAT = "fsqtok-tokenizer"
 FORMAT_VERSION = 1
@@ -412,6 +413,7 @@ class Tokenizer:
       for name, content in (extra_files or {}).items():
         with open(os.path.join(tmp, name), "wb") as f:
           f.write(content)
+      workdir_lib.make_shareable(tmp)  # mkdtemp makes it 0700
       old = None
       if os.path.exists(directory):
         old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.old.")

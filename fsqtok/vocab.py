@@ -109,17 +109,18 @@ def select_vocabulary(candidates: CodeVocabulary, texts: Sequence[str], size: in
     keep = np.sort(keep[order[:target]])
 
 
+def kind_of(s: str, pieces: set[str]) -> str:
+  """``piece`` (a training piece), ``span`` (several pieces) or ``sub`` (part of one)."""
+  if s in pieces:
+    return "piece"
+  return "span" if len(pieces_lib.split_pieces(s, pieces_lib.MAX_PIECE_BYTES)) > 1 else "sub"
+
+
 def composition(vocab: CodeVocabulary, pieces: set[str]) -> dict[str, int]:
   """How many vocabulary strings are whole pieces, parts of pieces and multi-piece spans."""
   out = {"piece": 0, "sub": 0, "span": 0}
   for b in vocab.strings:
-    s = b.decode("utf-8")
-    if s in pieces:
-      out["piece"] += 1
-    elif len(pieces_lib.split_pieces(s, pieces_lib.MAX_PIECE_BYTES)) > 1:
-      out["span"] += 1
-    else:
-      out["sub"] += 1
+    out[kind_of(b.decode("utf-8"), pieces)] += 1
   return out
 
 

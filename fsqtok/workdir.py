@@ -7,6 +7,17 @@ import tempfile
 from typing import Any, Iterable
 
 
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def make_shareable(path: str) -> None:
+  """Gives a file made by ``tempfile`` (mode 0600 / 0700) the usual permissions."""
+  os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_umask())
+
+
 def atomic_write_text(path: str, text: str) -> None:
   """Writes to a temporary file beside ``path``, then renames it over ``path``."""
   atomic_write_bytes(path, text.encode("utf-8"))
@@ -22,6 +33,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
       f.write(data)
       f.flush()
       os.fsync(f.fileno())
+    make_shareable(tmp)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -37,6 +49,7 @@ def save_figure(fig, path: str, dpi: int = 100) -> None:
   os.close(fd)
   try:
     fig.savefig(tmp, dpi=dpi)
+    make_shareable(tmp)
     os.replace(tmp, path)
   finally:
     plt.close(fig)

@@ -51,3 +51,15 @@ def test_compare_tokenizers_lm_prints_a_table(doc_files, tmp_path):
   for name in ("fsqtok-factorized", "raw-bytes"):
     assert f"| docs | 400 | {name} |" in out
   assert (tmp_path / "out" / "bpb_vs_bytes.png").exists()
+
+
+def test_granularity_ablation_prints_a_table(doc_files, tmp_path):
+  config = tiny_recon_config(f"files:{doc_files}/*.txt", str(tmp_path / "tfds"))
+  config.data.val_fraction, config.data.block_chars = 0.05, 2048  # the script's split
+  config.train.num_steps = 20
+  recon.train_recon(config, str(tmp_path / "codec"))
+  out = _run("granularity_ablation.py", f"--corpora=files:{doc_files}/*.txt",
+             f"--fsqtok_workdirs={tmp_path / 'codec'}", "--fsqtok_config=tiny",
+             f"--tfds_data_dir={tmp_path / 'tfds'}", "--vocab_size=600")
+  for row in ("pieces", "pieces + parts", "pieces + spans", "all (default)"):
+    assert f"| {row} |" in out

@@ -93,7 +93,7 @@ def test_generation_greedy_matches_recomputation_and_stops_at_eos():
     for _ in range(12):  # recompute the whole (right-padded, fixed-size) sequence each step
       ids = np.zeros((1, 16), np.int32)
       ids[0, :len(seq)] = seq
-      logits = forward(ids, ids != 0)
+      logits = forward(ids, np.arange(16)[None] < len(seq))
       seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
       if seq[-1] == 2:
         break
@@ -124,3 +124,15 @@ def test_bad_settings_are_clear_errors():
   with pytest.raises(ValueError, match="at least one token"):
     generate_lib.generate(_model(), {}, [[]], jax.random.PRNGKey(0), max_new_tokens=2,
                           eos_id=2, pad_id=0)
+
+
+def test_bespoke_embedding_plugs_into_the_lm():
+  counts = tuple(int(c) for c in 1000 // (1 + np.arange(V)))  # Zipf-like training counts
+  model = _model("bespoke", "tied", token_counts=counts)
+  ids = _ids()
+  params = model.init(jax.random.PRNGKey(0), ids)["params"]
+  assert {k for k in params["embed"]} >= {"table_0", "proj_0"}
+  logp = model.apply({"params": params}, ids, None, ids, method=lm_lib.TransformerLM.target_log_probs)
+  chex.assert_shape(logp, ids.shape)
+  with pytest.raises(ValueError, match="training count"):
+    _model("bespoke", "tied").init(jax.random.PRNGKey(0), ids)

@@ -201,3 +201,14 @@ def test_loading_and_encoding_need_no_jax(tok, tmp_path):
   out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "tok")], cwd=REPO,
                        capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "[]"
+
+
+def test_saved_files_get_the_usual_permissions(tok, tmp_path):
+  import stat  # pylint: disable=g-import-not-at-top
+  old = os.umask(0o022)
+  try:
+    tok.save(str(tmp_path / "tok"))
+  finally:
+    os.umask(old)
+  assert stat.S_IMODE(os.stat(tmp_path / "tok").st_mode) == 0o755
+  assert stat.S_IMODE(os.stat(tmp_path / "tok" / "tokenizer.json").st_mode) == 0o644
