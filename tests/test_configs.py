@@ -30,3 +30,24 @@ def test_default_levels_match_the_design():
 def test_unknown_argument():
   with pytest.raises(ValueError, match="Unknown configs/recon.py argument"):
     recon_config.get_config("huge")
+
+
+@pytest.mark.parametrize("module,arg", [("curriculum", ""), ("curriculum", "full"),
+                                        ("compare_lm", "")])
+def test_lm_configs_build_their_model(module, arg):
+  import importlib  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from fsqtok import lm as lm_lib  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f"configs.{module}").get_config(arg)
+  v = 300
+  codec = codec_lib.codec_from_config(config.model)
+  model = lm_lib.lm_from_config(
+      config.lm.model, v, token_codes=[-1] * 13 + list(range(v - 13)), levels=config.model.levels,
+      token_bytes=[None] * 13 + [b"ab"] * (v - 13), codec=codec,
+      token_counts=list(range(v, 0, -1)))
+  shapes = jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, config.lm.data.seq_len), jnp.int32)))
+  assert shapes["params"]
+  assert config.lm.data.seq_len <= config.lm.model.max_len or config.lm.model.positions == "rope"
+  if config.lm.model.embedding == "codec":
+    assert "codec" in shapes["params"]
