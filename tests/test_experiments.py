@@ -22,14 +22,18 @@ def test_bench_codec_prints_a_table():
   assert "| tiny |" in out and "| source |" in out and "1.00x" in out
 
 
-def test_bench_tokenizer_prints_a_table(doc_files, tmp_path):
+def _tiny_codec_args(doc_files, tmp_path):
+  """Trains a tiny codec on the scripts' default split; their flags for it."""
   config = tiny_recon_config(f"files:{doc_files}/*.txt", str(tmp_path / "tfds"))
-  config.data.val_fraction, config.data.block_chars = 0.05, 2048  # the bench's split
+  config.data.val_fraction, config.data.block_chars = 0.05, 2048  # the scripts' split
   config.train.num_steps = 20
   recon.train_recon(config, str(tmp_path / "codec"))
-  out = _run("bench_tokenizer.py", f"--corpora=files:{doc_files}/*.txt",
-             f"--fsqtok_workdirs={tmp_path / 'codec'}", "--fsqtok_config=tiny",
-             f"--tfds_data_dir={tmp_path / 'tfds'}", "--vocab_size=600", "--repeats=1")
+  return [f"--corpora=files:{doc_files}/*.txt", f"--fsqtok_workdirs={tmp_path / 'codec'}",
+          "--fsqtok_config=tiny", f"--tfds_data_dir={tmp_path / 'tfds'}", "--vocab_size=600"]
+
+
+def test_bench_tokenizer_prints_a_table(doc_files, tmp_path):
+  out = _run("bench_tokenizer.py", *_tiny_codec_args(doc_files, tmp_path), "--repeats=1")
   for name in ("fsqtok", "hf-bpe-bytelevel", "sentencepiece-unigram", "sentencepiece-bpe",
                "word-level", "raw-bytes"):
     assert f"| {name} |" in out
@@ -54,12 +58,6 @@ def test_compare_tokenizers_lm_prints_a_table(doc_files, tmp_path):
 
 
 def test_granularity_ablation_prints_a_table(doc_files, tmp_path):
-  config = tiny_recon_config(f"files:{doc_files}/*.txt", str(tmp_path / "tfds"))
-  config.data.val_fraction, config.data.block_chars = 0.05, 2048  # the script's split
-  config.train.num_steps = 20
-  recon.train_recon(config, str(tmp_path / "codec"))
-  out = _run("granularity_ablation.py", f"--corpora=files:{doc_files}/*.txt",
-             f"--fsqtok_workdirs={tmp_path / 'codec'}", "--fsqtok_config=tiny",
-             f"--tfds_data_dir={tmp_path / 'tfds'}", "--vocab_size=600")
+  out = _run("granularity_ablation.py", *_tiny_codec_args(doc_files, tmp_path))
   for row in ("pieces", "pieces + parts", "pieces + spans", "all (default)"):
     assert f"| {row} |" in out
