@@ -20,6 +20,7 @@ from fsqtok import lm_train
 from fsqtok import recon
 from fsqtok import sharding as sharding_lib
 from fsqtok import workdir as workdir_lib
+from fsqtok.data import PieceSet
 from fsqtok.tokenizer import VOCAB_FILE, Tokenizer
 from fsqtok.tokenizer_build import train_tokenizer
 
@@ -54,7 +55,6 @@ def vocabulary_drift(model: lm_lib.TransformerLM, params, tok: Tokenizer, *, mes
                      batch_size: int) -> dict[str, float]:
   """After joint training: the share of learned tokens whose string the codec still
   reconstructs exactly, and the share whose code changed."""
-  from fsqtok.data import PieceSet  # pylint: disable=g-import-not-at-top
   strings = {tok.token_bytes(i).decode("utf-8"): 1 for i in tok.learned_ids}
   if not strings:
     return {"still_exact": float("nan"), "same_code": float("nan"), "learned_tokens": 0}

@@ -262,6 +262,10 @@ class Tokenizer:
     ids.extend(itertools.chain.from_iterable(per_piece[pos:]))
     return ids
 
+  def encode_pieces(self, pieces: Sequence[str]) -> list[int]:
+    """Ids of text already split by `fsqtok.pieces.split_pieces` (no specials parsed)."""
+    return self._segment_pieces(pieces)
+
   def _encode_text(self, text: str) -> list[int]:
     return self._segment_pieces(pieces_lib.split_pieces(text, self.max_piece_bytes))
 

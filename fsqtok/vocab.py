@@ -64,7 +64,7 @@ def exact_candidates(codes_N: np.ndarray, exact_N: np.ndarray, pieces: PieceSet
 def _usage(tok: Tokenizer, piece_lists: Sequence[list[str]]) -> np.ndarray:
   counts = np.zeros(tok.vocab_size, np.int64)
   for ps in piece_lists:
-    counts += np.bincount(tok._segment_pieces(ps), minlength=tok.vocab_size)  # pylint: disable=protected-access
+    counts += np.bincount(tok.encode_pieces(ps), minlength=tok.vocab_size)
   return counts
 
 
