@@ -3,10 +3,11 @@
   python experiments/compare_tokenizers_lm.py --config=configs/compare_lm.py \
       --config.codec_workdirs=builtin=runs/builtin,ts=runs/ts --workdir=runs/compare
 
-Every model is trained on the same number of training bytes (``train_bytes``): its step
-count is ``train_bytes / (batch_size * seq_len * training bytes per token)``, so a
-tokenizer with longer tokens trains fewer steps (and fewer FLOPs; both are reported).
-Held-out bits per byte for each (corpus, vocabulary size, tokenizer, seed).
+Budgets: ``bytes`` trains every model on ``train_bytes`` training bytes (step count
+``train_bytes / (batch_size * seq_len * training bytes per token)``: longer tokens, fewer
+steps and FLOPs); ``flops`` trains every model for the FLOPs the BPE model spends on
+``train_bytes`` (longer tokens then see more bytes). Held-out bits per byte for each
+(corpus, vocabulary size, budget, tokenizer, seed).
 
 Arguments: "" (CPU default: d=128 2-layer LM, 1 MB of training bytes per run) | tiny.
 """
@@ -28,6 +29,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.seeds = (0, 1, 2)
   c.variants = ("fsqtok-table", "fsqtok-factorized", "hf-bpe", "raw-bytes")
   c.train_bytes = 1_000_000
+  # bytes: equal training bytes; flops: equal training FLOPs (what BPE spends on train_bytes)
+  c.budgets = ("bytes", "flops")
   m = c.lm.model
   m.d_model, m.num_layers, m.num_heads, m.mlp_dim = 128, 2, 2, 512
   m.embedding, m.head = "table", "tied"
@@ -40,6 +43,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   if arg == "tiny":
     c.vocab_sizes = (400,)
     c.seeds = (0,)
+    c.budgets = ("bytes",)
     c.train_bytes = 20_000
     c.generation_tokens = 8
   return c

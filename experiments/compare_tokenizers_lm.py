@@ -5,10 +5,20 @@
 
 For each corpus and vocabulary size: an fsqtok tokenizer is built from the corpus's
 trained codec (configs/recon.py run), a byte-level BPE is trained on the same training
-split, then every variant is trained for the same number of training bytes with each seed.
+split, then every variant is trained under each budget with each seed:
+
+* ``bytes``: the same number of training bytes (``train_bytes``) for every model; a
+  tokenizer with longer tokens takes fewer steps (and FLOPs).
+* ``flops``: the same training FLOPs for every model: those the BPE model spends on
+  ``train_bytes``; a tokenizer with longer tokens then sees more bytes.
+
 Printed: held-out bits per byte (mean +- std over seeds), bytes per token, training steps,
-training FLOPs per byte, training and generation bytes per second. Written:
-WORKDIR/results.json and WORKDIR/bpb_vs_bytes.png.
+training FLOPs per byte, training and generation bytes per second, and what in the data
+differs (ids the tokenizer really uses, the share of held-out tokens that are one byte).
+The factorized head generates in the open code space (`generate.generate_open`: codes
+outside the vocabulary decoded by the codec); its share of such codes is printed.
+Written: WORKDIR/results.json and WORKDIR/bpb_vs_bytes.png (bits per byte against training
+bytes and against training FLOPs).
 """
 import os
 import sys
@@ -26,6 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fsqtok import baselines  # noqa: E402
+from fsqtok import embeddings  # noqa: E402
 from fsqtok import curriculum  # noqa: E402
 from fsqtok import generate as generate_lib  # noqa: E402
 from fsqtok import lm_train  # noqa: E402
@@ -71,24 +82,61 @@ def _tokenizer(kind, config, corpus, spec, vocab, texts, pieces, codec_dir, out)
 
 
 def _flops_per_token(model, vocab: int, seq_len: int) -> float:
-  """Training FLOPs per token: 6 x (non-embedding params + output layer) + attention."""
+  """Training FLOPs per token: 6 x (weights a token passes through) + attention.
+
+  The output layer is V-wide for table heads; the factorized head has a (plain tokens +
+  1)-wide softmax and, per FSQ dimension, a d x d mixing layer and a digit softmax."""
   d, l = model.d_model, model.num_layers
   per_layer = 4 * d * d + 2 * d * model.mlp_dim
-  return 6 * (l * per_layer + d * vocab) + 6 * l * seq_len * d
+  if model.head == "factorized":
+    plain, _ = embeddings.code_layout(model.token_codes, model.levels)
+    head = d * (int((plain >= 0).sum()) + 1) + len(model.levels) * d * d + d * sum(model.levels)
+  else:
+    head = d * vocab
+  return 6 * (l * per_layer + head) + 6 * l * seq_len * d
 
 
-def _generation_bytes_per_second(model, params, tok, n_tokens: int) -> float:
-  run = lambda seed: generate_lib.generate(
-      model, params, [[tok.bos_id]], jax.random.PRNGKey(seed), max_new_tokens=n_tokens,
-      eos_id=-1, pad_id=tok.pad_id, temperature=1.0)[0]
+def _generation(model, params, tok, n_tokens: int, codec_and_params=None):
+  """Generation bytes per second (one sequence, after compilation) and, for the factorized
+  head, the share of steps that drew a code outside the vocabulary."""
+  if model.head == "factorized":
+    codec, codec_params = codec_and_params
+    run = lambda seed: generate_lib.generate_open(
+        model, params, tok, codec, codec_params, [[tok.bos_id]], jax.random.PRNGKey(seed),
+        max_new_tokens=n_tokens)[0]
+  else:
+    run = lambda seed: {"ids": generate_lib.generate(
+        model, params, [[tok.bos_id]], jax.random.PRNGKey(seed), max_new_tokens=n_tokens,
+        eos_id=-1, pad_id=tok.pad_id, temperature=1.0)[0]}
   run(0)  # compile
   tic = time.perf_counter()
-  ids = run(1)
+  out = run(1)
   seconds = time.perf_counter() - tic
-  return len(tok.decode(ids).encode("utf-8")) / seconds
+  text = out.get("text", tok.decode(out["ids"]))
+  open_share = out["open_codes"] / max(out["codes"], 1) if "codes" in out else float("nan")
+  return {"generation_bytes_per_second": len(text.encode("utf-8")) / seconds,
+          "open_code_share": open_share, "sample": text[:200]}
 
 
-def run_one(config, workdir, name, tok, texts, seed):
+def _token_lengths(tok) -> np.ndarray:
+  """Bytes per id (0 for specials)."""
+  if hasattr(tok, "token_bytes"):  # fsqtok
+    return np.array([len(tok.token_bytes(i) or b"") for i in range(len(tok))])
+  specials = {tok.pad_id, tok.bos_id, tok.eos_id}
+  return np.array([0 if i in specials else len(tok.decode([i]).encode("utf-8"))
+                   for i in range(len(tok))])
+
+
+def _data_stats(tok, data) -> dict[str, float]:
+  """What differs in the data: ids used in training, share of one-byte held-out tokens."""
+  lengths = _token_lengths(tok)
+  val = data.val["targets"][data.val["weights"] > 0]
+  train = data.train["targets"][data.train["weights"] > 0]
+  return {"ids_used": int(len(np.unique(train))),
+          "one_byte_share": float(np.mean(lengths[val] == 1))}
+
+
+def run_one(config, workdir, name, tok, texts, seed, *, budget, target_flops, codec_and_params):
   kind, embedding, head = VARIANTS[name]
   c = config.copy_and_resolve_references()
   c.seed = seed
@@ -96,25 +144,32 @@ def run_one(config, workdir, name, tok, texts, seed):
   data = lm_train.LMData(tok, texts, c.lm.data.seq_len)
   bytes_per_token = data.train_bytes / float(np.sum(data.train["weights"]))
   tokens_per_step = c.lm.data.batch_size * c.lm.data.seq_len
-  steps = max(1, round(c.train_bytes / (tokens_per_step * bytes_per_token)))
+  model = curriculum.build_lm(c, tok) if kind == "fsqtok" else _plain_lm(c, tok)
+  flops_per_token = _flops_per_token(model, len(tok), c.lm.data.seq_len)
+  if budget == "bytes":
+    steps = round(c.train_bytes / (tokens_per_step * bytes_per_token))
+  else:
+    steps = round(target_flops / (tokens_per_step * flops_per_token))
+  steps = max(1, steps)
   c.lm.train.num_steps = steps
   c.lm.train.eval_every = max(1, steps // c.lm.train.evals_per_run)
-  model = curriculum.build_lm(c, tok) if kind == "fsqtok" else _plain_lm(c, tok)
   init = lambda: model.init(jax.random.PRNGKey(seed),
                             jnp.zeros((1, c.lm.data.seq_len), jnp.int32))["params"]
-  run_dir = os.path.join(workdir, "runs", f"{name}_seed{seed}")
+  run_dir = os.path.join(workdir, "runs", f"{name}_{budget}_seed{seed}")
   report, params = lm_train.train_lm_phase("lm", c, run_dir, model, data, init)
-  curve = [(r["step"] * tokens_per_step * bytes_per_token, r["bits_per_byte"])
+  curve = [(r["step"] * tokens_per_step * bytes_per_token,
+            r["step"] * tokens_per_step * flops_per_token, r["bits_per_byte"])
            for r in workdir_lib.MetricsLog.read(os.path.join(run_dir, "lm", "metrics.jsonl"))
            if r["split"] == "validation"]
-  return {"variant": name, "seed": seed, "vocab": len(tok), "steps": steps,
+  return {"variant": name, "budget": budget, "seed": seed, "vocab": len(tok), "steps": steps,
           "bits_per_byte": report["validation"]["bits_per_byte"],
           "bytes_per_token": report["validation"]["bytes_per_token"],
+          "train_bytes_seen": steps * tokens_per_step * bytes_per_token,
+          "train_flops": steps * tokens_per_step * flops_per_token,
           "train_bytes_per_second": report["train_tokens_per_second"] * bytes_per_token,
-          "flops_per_byte": _flops_per_token(model, len(tok), c.lm.data.seq_len) / bytes_per_token,
-          "generation_bytes_per_second": _generation_bytes_per_second(
-              model, params, tok, c.generation_tokens),
-          "curve": curve}
+          "flops_per_byte": flops_per_token / bytes_per_token,
+          **_generation(model, params, tok, c.generation_tokens, codec_and_params),
+          **_data_stats(tok, data), "curve": curve}
 
 
 def _plain_lm(config, tok):
@@ -127,20 +182,34 @@ def _plot(results, path):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   groups = sorted({(r["corpus"], r["requested_vocab"]) for r in results})
-  fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.8), squeeze=False)
-  for ax, (corpus, vocab) in zip(axes[0], groups):
-    for name in VARIANTS:
-      runs = [r for r in results if (r["corpus"], r["requested_vocab"], r["variant"]) ==
-              (corpus, vocab, name)]
-      if runs:
-        n = min(len(r["curve"]) for r in runs)
-        x = np.mean([[p[0] for p in r["curve"][:n]] for r in runs], axis=0)
-        y = np.mean([[p[1] for p in r["curve"][:n]] for r in runs], axis=0)
-        ax.plot(x / 1e6, y, marker="o", label=name)
-    ax.set(title=f"{corpus}, vocabulary {vocab}", xlabel="training MB", ylabel="held-out bits/byte")
-    ax.legend()
+  budgets = [b for b in ("bytes", "flops") if any(r["budget"] == b for r in results)]
+  fig, axes = plt.subplots(len(budgets), len(groups), figsize=(5 * len(groups), 3.8 * len(budgets)),
+                           squeeze=False)
+  for row, budget in enumerate(budgets):
+    x_index, x_label = (0, "training MB") if budget == "bytes" else (1, "training TFLOPs")
+    scale = 1e6 if budget == "bytes" else 1e12
+    for ax, (corpus, vocab) in zip(axes[row], groups):
+      for name in VARIANTS:
+        runs = [r for r in results if (r["corpus"], r["requested_vocab"], r["variant"],
+                                       r["budget"]) == (corpus, vocab, name, budget)]
+        if runs:
+          n = min(len(r["curve"]) for r in runs)
+          x = np.mean([[p[x_index] for p in r["curve"][:n]] for r in runs], axis=0)
+          y = np.mean([[p[2] for p in r["curve"][:n]] for r in runs], axis=0)
+          ax.plot(x / scale, y, marker="o", label=name)
+      ax.set(title=f"{corpus}, vocabulary {vocab}, equal {budget}", xlabel=x_label,
+             ylabel="held-out bits/byte")
+      ax.legend()
   fig.tight_layout()
   workdir_lib.save_figure(fig, path)
+
+
+def _reference_flops(config, tok_bpe, texts) -> float:
+  """Training FLOPs of the BPE model on ``train_bytes``: the ``flops`` budget."""
+  data = lm_train.LMData(tok_bpe, texts, config.lm.data.seq_len)
+  tokens = config.train_bytes * float(np.sum(data.train["weights"])) / data.train_bytes
+  return tokens * _flops_per_token(_plain_lm(config, tok_bpe), len(tok_bpe),
+                                   config.lm.data.seq_len)
 
 
 def main(argv):
@@ -149,53 +218,76 @@ def main(argv):
   config, out = _CONFIG.value, _WORKDIR.value
   os.makedirs(out, exist_ok=True)
   corpora, codec_dirs = _pairs(config.corpora), _pairs(config.codec_workdirs)
+  unknown = set(config.budgets) - {"bytes", "flops"}
+  if unknown:
+    raise app.UsageError(f"Unknown budgets {sorted(unknown)}: use 'bytes' and/or 'flops'.")
   results = []
   for corpus, spec in corpora.items():
     c = config.copy_and_resolve_references()
     c.data.source = spec
     texts = recon.load_texts(c)
     pieces = recon.load_pieces(c, texts) if corpus in codec_dirs else None
-    byte_runs = []
+    codec = recon.load_trained_codec(c, codec_dirs[corpus]) if corpus in codec_dirs else None
+    byte_runs = {}  # raw bytes under the bytes budget do not depend on the vocabulary size
     for vocab in config.vocab_sizes:
-      toks = {}
-      for name in config.variants:
-        kind = VARIANTS[name][0]
-        if kind == "fsqtok" and corpus not in codec_dirs:
-          logging.warning("No codec run for %s: skipping %s.", corpus, name)
-          continue
-        if kind not in toks:
-          toks[kind] = _tokenizer(kind, c, corpus, spec, vocab, texts, pieces,
-                                  codec_dirs.get(corpus), out)
-        for seed in config.seeds:
-          if kind == "raw-bytes" and byte_runs and len(byte_runs) == len(config.seeds):
-            results.append({**byte_runs[list(config.seeds).index(seed)],
-                            "requested_vocab": vocab})
+      toks = {"hf-bpe": _tokenizer("hf-bpe", c, corpus, spec, vocab, texts, pieces, None, out)}
+      target_flops = _reference_flops(c, toks["hf-bpe"], texts)
+      for budget in config.budgets:
+        for name in config.variants:
+          kind = VARIANTS[name][0]
+          if kind == "fsqtok" and corpus not in codec_dirs:
+            logging.warning("No codec run for %s: skipping %s.", corpus, name)
             continue
-          r = run_one(c, os.path.join(out, corpus, str(vocab)), name, toks[kind], texts, seed)
-          r |= {"corpus": corpus, "requested_vocab": vocab}
-          if kind == "raw-bytes":
-            byte_runs.append(r)
-          results.append(r)
-          print(f"{corpus} {vocab} {name} seed {seed}: {r['bits_per_byte']:.4f} bits/byte",
-                flush=True)
+          if kind == "hf-bpe" and budget == "flops" and "bytes" in config.budgets:
+            continue  # the same runs: the flops budget is what BPE spends on train_bytes
+          if kind not in toks:
+            toks[kind] = _tokenizer(kind, c, corpus, spec, vocab, texts, pieces,
+                                    codec_dirs.get(corpus), out)
+          for seed in config.seeds:
+            if kind == "raw-bytes" and budget == "bytes" and seed in byte_runs:
+              r = byte_runs[seed]
+            else:
+              r = run_one(c, os.path.join(out, corpus, str(vocab)), name, toks[kind], texts,
+                          seed, budget=budget, target_flops=target_flops,
+                          codec_and_params=codec)
+              if kind == "raw-bytes" and budget == "bytes":
+                byte_runs[seed] = r
+            results.append({**r, "corpus": corpus, "requested_vocab": vocab})
+            if kind == "hf-bpe" and "flops" in config.budgets:
+              results.append({**r, "budget": "flops", "corpus": corpus, "requested_vocab": vocab})
+            print(f"{corpus} {vocab} {budget} {name} seed {seed}: {r['bits_per_byte']:.4f} "
+                  f"bits/byte", flush=True)
+          workdir_lib.write_json(os.path.join(out, "results.json"), results)
   workdir_lib.write_json(os.path.join(out, "results.json"), results)
   _plot(results, os.path.join(out, "bpb_vs_bytes.png"))
-  print("\n| corpus | vocab | tokenizer | ids | bytes/token | steps | bits/byte (mean ± std) "
-        "| GFLOPs/MB | train KB/s | generate B/s |")
-  print("|---|---|---|---|---|---|---|---|---|---|")
-  for corpus in corpora:
-    for vocab in config.vocab_sizes:
-      for name in VARIANTS:
-        runs = [r for r in results if (r["corpus"], r["requested_vocab"], r["variant"]) ==
-                (corpus, vocab, name)]
-        if not runs:
-          continue
-        bpb = np.array([r["bits_per_byte"] for r in runs])
-        mean = lambda k: float(np.mean([r[k] for r in runs]))
-        print(f"| {corpus} | {vocab} | {name} | {runs[0]['vocab']} | {mean('bytes_per_token'):.3f} "
-              f"| {runs[0]['steps']} | {bpb.mean():.4f} ± {bpb.std(ddof=1) if len(bpb) > 1 else 0:.4f} "
-              f"| {mean('flops_per_byte') * 1e6 / 1e9:.0f} | {mean('train_bytes_per_second') / 1e3:.1f} "
-              f"| {mean('generation_bytes_per_second'):.0f} |")
+  print(results_table(results))
+
+
+def results_table(results) -> str:
+  """The markdown table of ``results`` (mean ± std over seeds per row)."""
+  lines = ["| corpus | vocab | budget | tokenizer | ids (used) | bytes/token | 1-byte tokens "
+           "| steps | train MB | bits/byte (mean ± std) | GFLOPs/MB | train KB/s | generate B/s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  keys = []
+  for r in results:
+    key = (r["corpus"], r["requested_vocab"], r["budget"], r["variant"])
+    if key not in keys:
+      keys.append(key)
+  for key in keys:
+    runs = [r for r in results
+            if (r["corpus"], r["requested_vocab"], r["budget"], r["variant"]) == key]
+    bpb = np.array([r["bits_per_byte"] for r in runs])
+    mean = lambda k, runs=runs: float(np.mean([r[k] for r in runs]))
+    std = bpb.std(ddof=1) if len(bpb) > 1 else 0.0
+    name = key[3] + (f" ({mean('open_code_share'):.0%} open codes)"
+                     if key[3] == "fsqtok-factorized" else "")
+    lines.append(
+        f"| {key[0]} | {key[1]} | {key[2]} | {name} | {runs[0]['vocab']} ({runs[0]['ids_used']}) "
+        f"| {mean('bytes_per_token'):.3f} | {mean('one_byte_share'):.1%} | {runs[0]['steps']} "
+        f"| {mean('train_bytes_seen') / 1e6:.2f} | {bpb.mean():.4f} ± {std:.4f} "
+        f"| {mean('flops_per_byte') * 1e6 / 1e9:.0f} | {mean('train_bytes_per_second') / 1e3:.1f} "
+        f"| {mean('generation_bytes_per_second'):.0f} |")
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":

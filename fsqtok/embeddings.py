@@ -17,10 +17,12 @@ Heads map hidden states to a distribution over the next token and give ``log p(t
 
 * ``tied``: logits = x . table rows (needs an embedding with ``attend``).
 * ``dense``: an untied projection to the vocabulary.
-* ``factorized``: a softmax over {tokens without a code} + {"a code"}, then one softmax
-  per FSQ dimension over its digits: a distribution over the whole code space, so
-  ``log p(token) = log p(code) + sum_d log p_d(digit_d)``; probability given to codes
-  outside the vocabulary is honestly lost when a vocabulary token is scored.
+* ``factorized``: a softmax over {tokens without a code} + {"a code"}, then the code's
+  FSQ digits one dimension at a time (each softmax conditioned on the digits before it):
+  a distribution over the whole code space, so ``log p(token) = log p(a code) +
+  sum_d log p(digit_d | digit_<d)``; probability given to codes outside the vocabulary is
+  honestly lost when a vocabulary token is scored. `fsqtok.generate.generate_open` samples
+  in that open code space and decodes codes through the codec decoder.
 """
 from __future__ import annotations
 
@@ -139,42 +141,86 @@ class DenseHead(TiedHead):
 
 
 class FactorizedHead(nn.Module):
-  """Softmax over {plain tokens, "a code"} plus one softmax per FSQ dimension."""
+  """Softmax over {plain tokens, "a code"}, then the code's FSQ digits one dimension at a
+  time, each conditioned on the hidden state and the digits already chosen:
+  ``p(code) = prod_d p(digit_d | h, digit_<d)``. (Independent per-dimension softmaxes
+  spread the mass over digit combinations that are no token: 4.41 bits/byte against 2.26
+  for a table head in the pilot comparison.)"""
 
   token_codes: tuple[int, ...]
   levels: tuple[int, ...]
+  width: int
 
   def setup(self):
     plain, digits = code_layout(self.token_codes, self.levels)
     self._plain, self._digits = jnp.asarray(plain), jnp.asarray(digits)
     self._num_plain = int((plain >= 0).sum())
+    self._plain_ids = jnp.asarray(np.flatnonzero(plain >= 0), jnp.int32)
     self.top = nn.Dense(self._num_plain + 1)
+    init = nn.initializers.normal(stddev=0.02)
+    self.digit_embeds = [nn.Embed(l, self.width, embedding_init=init) for l in self.levels]
+    self.dim_embed = self.param("dim_embed", init, (len(self.levels), self.width))
+    self.mix = nn.Dense(self.width)
     self.digit_heads = [nn.Dense(l) for l in self.levels]
 
   def __call__(self, h_BxTxD):
-    return {"top": self.top(h_BxTxD).astype(jnp.float32),
-            "digits": [head(h_BxTxD).astype(jnp.float32) for head in self.digit_heads]}
+    if self.is_initializing():  # create the digit layers, which only log_prob/sample use
+      self._digit_log_probs(h_BxTxD, jnp.zeros((*h_BxTxD.shape[:-1], len(self.levels)),
+                                               jnp.int32))
+    return {"top": self.top(h_BxTxD).astype(jnp.float32), "h": h_BxTxD}
+
+  def _digit_log_probs(self, h_NxD, digits_NxK):
+    """log p(digit_d | h, digit_<d) for every dimension d, teacher-forced: ``[N, K]``."""
+    prefix = [jnp.zeros_like(h_NxD, jnp.float32)]
+    for d, embed in enumerate(self.digit_embeds[:-1]):
+      prefix.append(prefix[-1] + embed(digits_NxK[..., d]))
+    out = []
+    for d, head in enumerate(self.digit_heads):
+      z = nn.gelu(self.mix(h_NxD + prefix[d] + self.dim_embed[d]))
+      logp = jax.nn.log_softmax(head(z).astype(jnp.float32), axis=-1)
+      out.append(jnp.take_along_axis(logp, digits_NxK[..., d, None], -1)[..., 0])
+    return jnp.stack(out, axis=-1)
 
   def log_prob(self, out, targets_BxT):
     top = jax.nn.log_softmax(out["top"], axis=-1)
     plain = self._plain[targets_BxT]
     row = jnp.where(plain >= 0, plain, self._num_plain)
     logp = jnp.take_along_axis(top, row[..., None], axis=-1)[..., 0]
-    digits = self._digits[targets_BxT]
-    code_logp = sum(
-        jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), digits[..., d, None], -1)[..., 0]
-        for d, logits in enumerate(out["digits"]))
+    code_logp = self._digit_log_probs(out["h"], self._digits[targets_BxT]).sum(-1)
     return logp + jnp.where(plain >= 0, 0.0, code_logp)
 
   def vocab_log_probs(self, out):
     """log p of every vocabulary token (not normalised over the vocabulary: codes
-    outside it keep their share)."""
-    top = jax.nn.log_softmax(out["top"], axis=-1)
+    outside it keep their share). ``out`` of one position per row: ``[B, 1, ...]``."""
+    top = jax.nn.log_softmax(out["top"], axis=-1)                          # [B, 1, P+1]
     plain = self._plain
-    logp = top[..., jnp.where(plain >= 0, plain, self._num_plain)]
-    code_logp = sum(jax.nn.log_softmax(logits, axis=-1)[..., self._digits[:, d]]
-                    for d, logits in enumerate(out["digits"]))
+    logp = top[..., jnp.where(plain >= 0, plain, self._num_plain)]        # [B, 1, V]
+    h = out["h"][:, :, None, :]                                            # [B, 1, 1, D]
+    h_Bx1xVxD = jnp.broadcast_to(h, (*h.shape[:2], plain.shape[0], h.shape[-1]))
+    digits = jnp.broadcast_to(self._digits, (*h.shape[:2], *self._digits.shape))
+    code_logp = self._digit_log_probs(h_Bx1xVxD, digits).sum(-1)
     return logp + jnp.where(plain >= 0, 0.0, code_logp)
+
+  def sample(self, out_B, rng, pick):
+    """One draw per row from the head's own distribution over {plain tokens} and the whole
+    code space: ``(token_B, code_B)``, ``token_B`` the plain token's id or -1 where a code
+    was drawn, ``code_B`` the FSQ index drawn (or -1). ``out_B``: one position per row;
+    ``pick(logits_BxN, rng) -> index_B`` chooses from logits (temperature, top-k, top-p)."""
+    top_rng, *digit_rngs = jax.random.split(rng, 1 + len(self.levels))
+    row = pick(out_B["top"], top_rng)
+    is_code = row == self._num_plain
+    h = out_B["h"]
+    prefix = jnp.zeros_like(h, jnp.float32)
+    digits = []
+    for d, head in enumerate(self.digit_heads):
+      z = nn.gelu(self.mix(h + prefix + self.dim_embed[d]))
+      digits.append(pick(head(z).astype(jnp.float32), digit_rngs[d]))
+      if d + 1 < len(self.levels):
+        prefix = prefix + self.digit_embeds[d](digits[-1])
+    basis = np.concatenate([[1], np.cumprod(self.levels[:-1])]).astype(np.int64)
+    code = sum(int(b) * x for b, x in zip(basis, digits)).astype(jnp.int32)
+    token = jnp.where(is_code, -1, self._plain_ids[jnp.minimum(row, self._num_plain - 1)])
+    return token, jnp.where(is_code, code, -1)
 
 
 def _bespoke(lm) -> nn.Module:
@@ -196,7 +242,7 @@ EMBEDDINGS = {
 HEADS = {
     "tied": lambda lm, embed: TiedHead(embed),
     "dense": lambda lm, embed: DenseHead(embed, lm.vocab_size),
-    "factorized": lambda lm, embed: FactorizedHead(lm.token_codes, lm.levels),
+    "factorized": lambda lm, embed: FactorizedHead(lm.token_codes, lm.levels, lm.d_model),
 }
 
 

@@ -3,6 +3,8 @@
 Prompts are left-padded into one batch; one call fills the key/value cache with them, then
 a ``lax.while_loop`` decodes one token per step (static shapes, one compilation per
 batch/prompt/length shape) until every row has produced EOS or the limit is reached.
+`generate` samples vocabulary tokens; `generate_open` samples a factorized head's whole
+code space and decodes codes outside the vocabulary through the codec decoder.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fsqtok import codec as codec_lib
 from fsqtok import lm as lm_lib
 
 
@@ -92,3 +95,115 @@ def generate(model: lm_lib.TransformerLM, params, prompts: Sequence[Sequence[int
   for row in out.tolist():
     result.append(row[:row.index(eos_id) + 1] if eos_id in row else row)
   return result
+
+
+# ---- sampling in the open code space (factorized head) -----------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "model", "codec", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id", "pad_id",
+    "byte_base"))
+def _generate_open(model, params, codec, codec_params, prompt_BxP, valid_BxP, rng,
+                   vocab_codes_C, vocab_ids_C, *, max_new_tokens, temperature, top_k, top_p,
+                   eos_id, pad_id, byte_base):
+  pick = lambda logits, r: sample_next(logits, r, temperature, top_k, top_p)
+  b, p = prompt_BxP.shape
+  width = codec.max_len  # an open code enters the LM as up to max_len byte tokens
+  cache = lm_lib.init_cache(model, b, p + max_new_tokens * width)
+  variables = {"params": params}
+  out, cache = model.apply(variables, prompt_BxP, valid_BxP, cache=cache)
+  last = jax.tree_util.tree_map(lambda x: x[:, -1], out)
+  chunks = jnp.full((b, max_new_tokens, width), pad_id, jnp.int32)
+  chunk_valid = jnp.zeros((b, max_new_tokens, width), bool)
+  kinds = jnp.full((b, max_new_tokens), -1, jnp.int32)  # 0 plain, 1 vocabulary code, 2 open
+  codes = jnp.full((b, max_new_tokens), -1, jnp.int32)
+
+  def cond(carry):
+    i, done = carry[0], carry[3]
+    return (i < max_new_tokens) & ~jnp.all(done)
+
+  def body(carry):
+    i, cache, last, done, chunks, chunk_valid, kinds, codes, rng = carry
+    rng, sub = jax.random.split(rng)
+    token, code = model.apply(variables, last, sub, pick,
+                              method=lambda m, o, r, f: m.output_head.sample(o, r, f))
+    # A code of the vocabulary is that token; any other code is decoded by the codec.
+    slot = jnp.clip(jnp.searchsorted(vocab_codes_C, code), 0, vocab_codes_C.shape[0] - 1)
+    in_vocab = (code >= 0) & (vocab_codes_C[slot] == code)
+    logits = codec.apply({"params": codec_params},
+                         codec.fsq.indices_to_codes(jnp.maximum(code, 0)),
+                         method=codec_lib.Codec.decode)
+    bytes_BxW, lengths_B = codec_lib.greedy_decode(logits)
+    lengths_B = jnp.maximum(lengths_B, 1)  # a code decoded to nothing still emits a byte
+    single = jnp.where(in_vocab, vocab_ids_C[slot], token)
+    open_code = (code >= 0) & ~in_vocab
+    ids = jnp.where(open_code[:, None], byte_base + bytes_BxW.astype(jnp.int32),
+                    jnp.full((b, width), pad_id, jnp.int32).at[:, 0].set(single))
+    valid = jnp.where(open_code[:, None], jnp.arange(width)[None] < lengths_B[:, None],
+                      jnp.arange(width)[None] == 0) & ~done[:, None]
+    ids = jnp.where(valid, ids, pad_id)
+    chunks = chunks.at[:, i].set(ids)
+    chunk_valid = chunk_valid.at[:, i].set(valid)
+    kinds = kinds.at[:, i].set(jnp.where(done, -1, jnp.where(
+        open_code, 2, jnp.where(in_vocab, 1, 0))))
+    codes = codes.at[:, i].set(jnp.where(done, -1, code))
+    out, cache = model.apply(variables, ids, valid, cache=cache)
+    last_index = jnp.where(open_code, lengths_B - 1, 0)
+    last = jax.tree_util.tree_map(
+        lambda x: jnp.take_along_axis(
+            x, last_index.reshape((b,) + (1,) * (x.ndim - 1)), axis=1)[:, 0], out)
+    done = done | (~open_code & (single == eos_id))
+    return i + 1, cache, last, done, chunks, chunk_valid, kinds, codes, rng
+
+  carry = (jnp.int32(0), cache, last, jnp.zeros((b,), bool), chunks, chunk_valid, kinds,
+           codes, rng)
+  return jax.lax.while_loop(cond, body, carry)[4:8]
+
+
+def generate_open(model: lm_lib.TransformerLM, params, tok, codec, codec_params,
+                  prompts: Sequence[Sequence[int]], rng, *, max_new_tokens: int,
+                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+                  ) -> list[dict]:
+  """Samples from a ``factorized``-head LM over its whole output space: plain tokens and
+  any of the FSQ codes. A sampled code of the vocabulary is that token; any other code is
+  decoded to bytes by the codec decoder and fed back as byte-fallback tokens, so the text
+  stays exact UTF-8 bytes. Temperature, top-k and top-p apply to each factor of the head
+  (the plain/code choice and every digit). Per prompt: ``{"bytes", "text", "ids", "steps",
+  "codes", "open_codes"}``: ``ids`` the tokens fed back (``tok.decode(ids)`` gives
+  ``bytes``); ``steps`` one ``(kind, code, bytes)`` per step, kind ``"token"`` (a plain
+  token: special or byte), ``"vocab_code"`` or ``"open_code"``."""
+  if model.head != "factorized":
+    raise ValueError(f"generate_open samples codes from a factorized head; this model's "
+                     f"head is {model.head!r} (use generate()).")
+  if not prompts or any(len(q) == 0 for q in prompts):
+    raise ValueError("Each prompt needs at least one token (e.g. [BOS]).")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+  p = max(len(q) for q in prompts)
+  if model.positions == "learned" and p + max_new_tokens * codec.max_len > model.max_len:
+    raise ValueError(f"prompt ({p}) + {max_new_tokens} steps of up to {codec.max_len} byte "
+                     f"tokens exceeds the model's learned positions ({model.max_len}).")
+  codes = np.asarray([tok.id_to_code(i) for i in range(len(tok))], np.int64)
+  has = np.flatnonzero(codes >= 0)
+  order = np.argsort(codes[has])
+  ids = np.full((len(prompts), p), tok.pad_id, np.int32)
+  valid = np.zeros((len(prompts), p), bool)
+  for i, q in enumerate(prompts):
+    ids[i, p - len(q):], valid[i, p - len(q):] = q, True
+  chunks, chunk_valid, kinds, codes = jax.device_get(_generate_open(
+      model, params, codec, codec_params, jnp.asarray(ids), jnp.asarray(valid), rng,
+      jnp.asarray(codes[has][order], jnp.int32), jnp.asarray(has[order], jnp.int32),
+      max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
+      top_p=float(top_p), eos_id=int(tok.eos_id),
+      pad_id=int(tok.pad_id), byte_base=int(tok.token_to_id("<0x00>"))))
+  results = []
+  names = ("token", "vocab_code", "open_code")
+  for row_chunks, row_valid, row_kinds, row_codes in zip(chunks, chunk_valid, kinds, codes):
+    fed = [int(x) for x in row_chunks[row_valid]]
+    data = b"".join(tok.token_bytes(i) or b"" for i in fed)
+    steps = [(names[k], int(c), b"".join(tok.token_bytes(int(i)) or b"" for i in ch[v]))
+             for k, c, ch, v in zip(row_kinds, row_codes, row_chunks, row_valid) if k >= 0]
+    results.append({"bytes": data, "text": data.decode("utf-8", "replace"), "ids": fed,
+                    "steps": steps, "codes": int((row_kinds >= 1).sum()),
+                    "open_codes": int((row_kinds == 2).sum())})
+  return results

@@ -51,9 +51,10 @@ def test_compare_tokenizers_lm_prints_a_table(doc_files, tmp_path):
              f"--config.codec_workdirs=docs={tmp_path / 'codec'}",
              f"--config.data.tfds_data_dir={tmp_path / 'tfds'}",
              "--config.variants=('fsqtok-factorized','raw-bytes')",
-             f"--workdir={tmp_path / 'out'}")
-  for name in ("fsqtok-factorized", "raw-bytes"):
-    assert f"| docs | 400 | {name} |" in out
+             "--config.budgets=('bytes','flops')", f"--workdir={tmp_path / 'out'}")
+  for budget in ("bytes", "flops"):
+    assert f"| docs | 400 | {budget} | fsqtok-factorized (" in out
+    assert f"| docs | 400 | {budget} | raw-bytes | 259 (" in out
   assert (tmp_path / "out" / "bpb_vs_bytes.png").exists()
 
 

@@ -1,0 +1,121 @@
+"""The factorized head over the whole code space, and sampling in it (generate_open)."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fsqtok import codec as codec_lib
+from fsqtok import embeddings
+from fsqtok import generate as generate_lib
+from fsqtok import lm as lm_lib
+from fsqtok.tokenizer import Tokenizer
+
+LEVELS = (3, 2, 2)          # 12 codes: small enough to enumerate the whole code space
+NUM_PLAIN = 4
+
+
+def _head_over_everything():
+  """A head whose vocabulary is 4 plain tokens + every one of the 12 codes."""
+  codes = tuple([-1] * NUM_PLAIN + list(range(12)))
+  head = embeddings.FactorizedHead(codes, LEVELS, width=8)
+  h = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 8))
+  return head, head.init(jax.random.PRNGKey(1), h), h
+
+
+def test_the_head_is_a_distribution_over_plain_tokens_and_all_codes():
+  head, variables, h = _head_over_everything()
+  out = head.apply(variables, h)
+  total = jnp.exp(head.apply(variables, out, method=head.vocab_log_probs)).sum(-1)
+  chex.assert_trees_all_close(total, jnp.ones_like(total), atol=1e-5)
+
+
+def test_digits_depend_on_the_digits_before_them():
+  head, variables, h = _head_over_everything()
+  out = head.apply(variables, h[:, :1])
+  logp = head.apply(variables, out, method=head.vocab_log_probs)[:, 0, NUM_PLAIN:]
+  # Under independent digits, p(code) would be a product of marginals: rank-1 over the
+  # first digit x the rest. Conditioning makes the 3x4 table of probabilities rank > 1.
+  table = np.exp(np.asarray(logp[0])).reshape(4, 3).T   # [first digit, other digits]
+  assert np.linalg.matrix_rank(table, tol=1e-6) > 1
+
+
+def test_samples_follow_the_head_distribution():
+  head, variables, h = _head_over_everything()
+  n = 20_000
+  h_N = jnp.broadcast_to(h[0, 0], (n, 8))
+  out = head.apply(variables, h_N)
+  pick = lambda logits, r: generate_lib.sample_next(logits, r, 1.0, 0, 1.0)
+  token, code = head.apply(variables, out, jax.random.PRNGKey(2), pick, method=head.sample)
+  token, code = np.asarray(token), np.asarray(code)
+  assert ((token >= 0) != (code >= 0)).all()           # exactly one of the two
+  drawn = np.where(token >= 0, token, code + NUM_PLAIN)  # the vocabulary id drawn
+  freq = np.bincount(drawn, minlength=16) / n
+  probs = np.exp(np.asarray(head.apply(variables, out[None] if False else
+                                       jax.tree_util.tree_map(lambda x: x[:1, None], out),
+                                       method=head.vocab_log_probs)))[0, 0]
+  assert 0.5 * np.abs(freq - probs).sum() < 0.02       # total variation distance
+
+
+def _setup(vocab_codes):
+  learned = ["ab", "cd", "ef"]
+  tok = Tokenizer(learned, codes=vocab_codes)
+  codec = codec_lib.Codec(levels=LEVELS, max_len=4, embed_dim=8, enc_channels=(),
+                          enc_strides=(), dec_channels=(), dec_strides=(), pooling="flatten",
+                          enc_mlp_dim=16, dec_mlp_dim=16)
+  codec_params = codec.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.uint8),
+                            jnp.ones((1,), jnp.int32))["params"]
+  model = lm_lib.TransformerLM(
+      vocab_size=len(tok), d_model=16, num_layers=1, num_heads=2, mlp_dim=32, head="factorized",
+      token_codes=tuple(tok.id_to_code(i) for i in range(len(tok))), levels=LEVELS)
+  params = model.init(jax.random.PRNGKey(3), jnp.zeros((1, 4), jnp.int32))["params"]
+  # Make codes likely, so a short run samples codes in and outside the vocabulary.
+  top = params["output_head"]["top"]
+  params["output_head"]["top"]["bias"] = top["bias"].at[-1].set(8.0)
+  return tok, codec, codec_params, model, params
+
+
+def test_open_generation_decodes_codes_outside_the_vocabulary_with_the_codec():
+  tok, codec, codec_params, model, params = _setup([0, 5, 11])
+  prompts = [[tok.bos_id], [tok.bos_id, tok.token_to_id("ab")]]
+  res = generate_lib.generate_open(model, params, tok, codec, codec_params, prompts,
+                                   jax.random.PRNGKey(4), max_new_tokens=12)
+  again = generate_lib.generate_open(model, params, tok, codec, codec_params, prompts,
+                                     jax.random.PRNGKey(4), max_new_tokens=12)
+  assert [r["ids"] for r in res] == [r["ids"] for r in again]   # seeded
+  vocab_of_code = {tok.id_to_code(i): i for i in tok.learned_ids}
+  kinds = set()
+  for r in res:
+    assert tok.decode(r["ids"]).encode("utf-8") == r["bytes"] or b"\xef\xbf\xbd" in (
+        tok.decode(r["ids"]).encode("utf-8"))
+    assert b"".join(s[2] for s in r["steps"]) == r["bytes"]
+    for kind, code, data in r["steps"]:
+      kinds.add(kind)
+      if kind == "vocab_code":
+        assert data == tok.token_bytes(vocab_of_code[code])
+      elif kind == "open_code":
+        assert code not in vocab_of_code
+        logits = codec.apply({"params": codec_params}, codec.fsq.indices_to_codes(
+            jnp.asarray([code])), method=codec_lib.Codec.decode)
+        b, n = codec_lib.greedy_decode(logits)
+        n = max(int(n[0]), 1)
+        assert data == bytes(np.asarray(b[0, :n]).tolist())
+    assert r["codes"] == sum(k != "token" for k, _, _ in r["steps"])
+    assert r["open_codes"] == sum(k == "open_code" for k, _, _ in r["steps"])
+  assert {"vocab_code", "open_code"} <= kinds
+
+
+def test_open_generation_stops_at_eos_and_needs_a_factorized_head():
+  tok, codec, codec_params, model, params = _setup([0, 5, 11])
+  top = params["output_head"]["top"]
+  plain_rows = np.flatnonzero(np.asarray(model.token_codes) < 0)
+  eos_row = int(np.flatnonzero(plain_rows == tok.eos_id)[0])
+  params["output_head"]["top"]["bias"] = jnp.full_like(top["bias"], -30.0).at[eos_row].set(30.0)
+  res = generate_lib.generate_open(model, params, tok, codec, codec_params, [[tok.bos_id]],
+                                   jax.random.PRNGKey(0), max_new_tokens=6)
+  assert res[0]["ids"] == [tok.eos_id] and res[0]["steps"][0][0] == "token"
+  with pytest.raises(ValueError, match="factorized head"):
+    table = lm_lib.TransformerLM(vocab_size=len(tok), d_model=16, num_layers=1, num_heads=2,
+                                 mlp_dim=32)
+    generate_lib.generate_open(table, {}, tok, codec, codec_params, [[1]],
+                               jax.random.PRNGKey(0), max_new_tokens=2)
