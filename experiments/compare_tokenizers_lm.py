@@ -3,6 +3,14 @@
   python experiments/compare_tokenizers_lm.py --config=configs/compare_lm.py \
       --config.codec_workdirs=builtin=runs/builtin,ts=runs/ts --workdir=runs/compare
 
+One process per corpus, side by side, then merged:
+
+  python experiments/compare_tokenizers_lm.py --config=configs/compare_lm.py \
+      --config.corpora=ts=files:data/ts.txt --config.codec_workdirs=ts=runs/ts \
+      --workdir=runs/compare_ts &   # and the same for builtin, then:
+  python experiments/compare_tokenizers_lm.py --config=configs/compare_lm.py \
+      --merge=runs/compare_ts,runs/compare_builtin --workdir=runs/compare
+
 For each corpus and vocabulary size: an fsqtok tokenizer is built from the corpus's
 trained codec (configs/recon.py run), a byte-level BPE is trained on the same training
 split, then every variant is trained under each budget with each seed:
@@ -48,6 +56,9 @@ from fsqtok.tokenizer_build import train_tokenizer  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/compare_lm.py",
                                           lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
+_MERGE = flags.DEFINE_list(
+    "merge", [], "Work directories of finished runs (e.g. one per corpus, run side by side): "
+    "only merge their results.json into --workdir, print the table and plot.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 VARIANTS = {  # name -> (tokenizer kind, embedding, head)
@@ -120,11 +131,9 @@ def _generation(model, params, tok, n_tokens: int, codec_and_params=None):
 
 def _token_lengths(tok) -> np.ndarray:
   """Bytes per id (0 for specials)."""
-  if hasattr(tok, "token_bytes"):  # fsqtok
-    return np.array([len(tok.token_bytes(i) or b"") for i in range(len(tok))])
-  specials = {tok.pad_id, tok.bos_id, tok.eos_id}
-  return np.array([0 if i in specials else len(tok.decode([i]).encode("utf-8"))
-                   for i in range(len(tok))])
+  if hasattr(tok, "token_lengths"):  # the baselines
+    return np.asarray(tok.token_lengths())
+  return np.array([len(tok.token_bytes(i) or b"") for i in range(len(tok))])
 
 
 def _data_stats(tok, data) -> dict[str, float]:
@@ -217,6 +226,17 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   config, out = _CONFIG.value, _WORKDIR.value
   os.makedirs(out, exist_ok=True)
+  if _MERGE.value:
+    results = []
+    for d in _MERGE.value:
+      path = os.path.join(d, "results.json")
+      if not os.path.exists(path):
+        raise app.UsageError(f"--merge: {path} does not exist (has that run finished?).")
+      results += workdir_lib.read_json(path)
+    workdir_lib.write_json(os.path.join(out, "results.json"), results)
+    _plot(results, os.path.join(out, "bpb_vs_bytes.png"))
+    print(results_table(results))
+    return
   corpora, codec_dirs = _pairs(config.corpora), _pairs(config.codec_workdirs)
   unknown = set(config.budgets) - {"bytes", "flops"}
   if unknown:

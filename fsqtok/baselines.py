@@ -21,6 +21,10 @@ class ByteTokenizer:
     del skip_special_tokens
     return bytes(i for i in ids if i < 256).decode("utf-8", "replace")
 
+  def token_lengths(self) -> list[int]:
+    """Bytes per id (0 for the specials)."""
+    return [1] * 256 + [0] * 3
+
   def __len__(self) -> int:
     return self.vocab_size
 
@@ -51,6 +55,12 @@ class HFBPETokenizer:
 
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
     return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+  def token_lengths(self) -> list[int]:
+    """Bytes per id (0 for the specials): byte-level BPE spells each byte as one char."""
+    specials = {self.pad_id, self.bos_id, self.eos_id}
+    return [0 if i in specials else len(self._tok.id_to_token(i))
+            for i in range(self.vocab_size)]
 
   def __len__(self) -> int:
     return self.vocab_size

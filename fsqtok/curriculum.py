@@ -106,11 +106,20 @@ def run_curriculum(config, workdir: str) -> dict[str, Any]:
 
   s = config.sample
   prompt = [tok.bos_id, *tok.encode(s.prompt)]
-  new = generate_lib.generate(model, params, [prompt], jax.random.PRNGKey(s.seed),
-                              max_new_tokens=s.max_new_tokens, eos_id=tok.eos_id,
-                              pad_id=tok.pad_id, temperature=s.temperature, top_k=s.top_k,
-                              top_p=s.top_p)[0]
-  report["sample"] = {"prompt": s.prompt, "text": s.prompt + tok.decode(new, skip_special_tokens=True)}
+  kw = dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
+            top_p=s.top_p)
+  if model.head == "factorized":  # sample the whole code space; the codec decodes codes
+    out = generate_lib.generate_open(
+        model, params, tok, codec, params["codec"] if model.codec is not None else codec_params,
+        [prompt], jax.random.PRNGKey(s.seed), **kw)[0]
+    text = tok.decode(out["ids"], skip_special_tokens=True)
+    report["sample"] = {"open_codes": out["open_codes"], "codes": out["codes"]}
+  else:
+    new = generate_lib.generate(model, params, [prompt], jax.random.PRNGKey(s.seed),
+                                eos_id=tok.eos_id, pad_id=tok.pad_id, **kw)[0]
+    text = tok.decode(new, skip_special_tokens=True)
+    report["sample"] = {}
+  report["sample"] |= {"prompt": s.prompt, "text": s.prompt + text}
   final = report.get("joint", {}).get("validation") or report["lm"]["validation"]
   report["bits_per_byte"] = final["bits_per_byte"]
   workdir_lib.write_json(os.path.join(workdir, "curriculum_report.json"), report)

@@ -56,6 +56,10 @@ def test_compare_tokenizers_lm_prints_a_table(doc_files, tmp_path):
     assert f"| docs | 400 | {budget} | fsqtok-factorized (" in out
     assert f"| docs | 400 | {budget} | raw-bytes | 259 (" in out
   assert (tmp_path / "out" / "bpb_vs_bytes.png").exists()
+  merged = _run("compare_tokenizers_lm.py", "--config=configs/compare_lm.py:tiny",
+                f"--merge={tmp_path / 'out'}", f"--workdir={tmp_path / 'merged'}")
+  assert merged.strip().splitlines()[-4:] == out.strip().splitlines()[-4:]
+  assert (tmp_path / "merged" / "bpb_vs_bytes.png").exists()
 
 
 def test_granularity_ablation_prints_a_table(doc_files, tmp_path):

@@ -9,6 +9,7 @@ import pytest
 from flax import traverse_util
 
 from conftest import tiny_recon_config
+from fsqtok import baselines
 from fsqtok import lm as lm_lib
 from fsqtok import lm_data
 from fsqtok import lm_train
@@ -134,9 +135,11 @@ def test_curriculum_end_to_end_resumes_exactly_and_then_does_nothing(doc_files, 
                                                                      monkeypatch):
   from fsqtok import curriculum  # pylint: disable=g-import-not-at-top
   config = _curriculum_config(doc_files, tmp_path)
+  config.lm.model.head = "factorized"  # the sample then comes from the open code space
   whole = curriculum.run_curriculum(config, str(tmp_path / "whole"))
   assert set(whole) >= {"recon", "lm", "joint", "sample", "bits_per_byte"}
   assert 0 < whole["bits_per_byte"] < 8 and whole["sample"]["text"].startswith("The ")
+  assert 0 <= whole["sample"]["open_codes"] <= whole["sample"]["codes"]
   lm_curve = [json.loads(l) for l in open(tmp_path / "whole" / "lm" / "metrics.jsonl")]
   train_loss = [r["loss"] for r in lm_curve if r["split"] == "train"]
   assert train_loss[-1] < train_loss[0]
@@ -171,3 +174,15 @@ def test_curriculum_end_to_end_resumes_exactly_and_then_does_nothing(doc_files, 
   # Finished: a second run trains nothing and reports the same.
   again = curriculum.run_curriculum(config, str(tmp_path / "whole"))
   assert again["bits_per_byte"] == whole["bits_per_byte"]
+
+
+def test_baseline_token_lengths():
+  texts = ["the cat sat on the mat. " * 20, "é and ü are two bytes each. " * 10]
+  bpe = baselines.HFBPETokenizer.train(texts, 300)
+  lengths = bpe.token_lengths()
+  for text in texts:
+    ids = bpe.encode(text)
+    assert sum(lengths[i] for i in ids) == len(text.encode("utf-8"))
+  assert lengths[bpe.pad_id] == 0
+  byte = baselines.ByteTokenizer()
+  assert sum(byte.token_lengths()[i] for i in byte.encode(texts[1])) == len(texts[1].encode())
