@@ -45,7 +45,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.lm.train = ml_collections.ConfigDict({
       "num_steps": 1000, "log_every": 50, "eval_every": 250, "eval_batch_size": 64,
       "checkpoint_every": 250, "keep_checkpoints": 2, "num_devices": 0,
-      "progress_bar": True})
+      "progress_bar": True,
+      # MFU denominator; 0: looked up by device kind (fsqtok/lm_train.PEAK_FLOPS)
+      "peak_flops_per_device": 0.0})
 
   c.joint = ml_collections.ConfigDict()
   c.joint.num_steps = 200        # 0: no joint phase

@@ -44,7 +44,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fsqtok import baselines  # noqa: E402
-from fsqtok import embeddings  # noqa: E402
 from fsqtok import curriculum  # noqa: E402
 from fsqtok import generate as generate_lib  # noqa: E402
 from fsqtok import lm_train  # noqa: E402
@@ -90,21 +89,6 @@ def _tokenizer(kind, config, corpus, spec, vocab, texts, pieces, codec_dir, out)
     c.data.source = spec
     train_tokenizer(c, codec_dir, vocab, tok_dir, texts=texts, pieces=pieces)
   return Tokenizer.load(tok_dir)
-
-
-def _flops_per_token(model, vocab: int, seq_len: int) -> float:
-  """Training FLOPs per token: 6 x (weights a token passes through) + attention.
-
-  The output layer is V-wide for table heads; the factorized head has a (plain tokens +
-  1)-wide softmax and, per FSQ dimension, a d x d mixing layer and a digit softmax."""
-  d, l = model.d_model, model.num_layers
-  per_layer = 4 * d * d + 2 * d * model.mlp_dim
-  if model.head == "factorized":
-    plain, _ = embeddings.code_layout(model.token_codes, model.levels)
-    head = d * (int((plain >= 0).sum()) + 1) + len(model.levels) * d * d + d * sum(model.levels)
-  else:
-    head = d * vocab
-  return 6 * (l * per_layer + head) + 6 * l * seq_len * d
 
 
 def _generation(model, params, tok, n_tokens: int, codec_and_params=None):
@@ -154,7 +138,7 @@ def run_one(config, workdir, name, tok, texts, seed, *, budget, target_flops, co
   bytes_per_token = data.train_bytes / float(np.sum(data.train["weights"]))
   tokens_per_step = c.lm.data.batch_size * c.lm.data.seq_len
   model = curriculum.build_lm(c, tok) if kind == "fsqtok" else _plain_lm(c, tok)
-  flops_per_token = _flops_per_token(model, len(tok), c.lm.data.seq_len)
+  flops_per_token = lm_train.flops_per_token(model, c.lm.data.seq_len)
   if budget == "bytes":
     steps = round(c.train_bytes / (tokens_per_step * bytes_per_token))
   else:
@@ -217,8 +201,7 @@ def _reference_flops(config, tok_bpe, texts) -> float:
   """Training FLOPs of the BPE model on ``train_bytes``: the ``flops`` budget."""
   data = lm_train.LMData(tok_bpe, texts, config.lm.data.seq_len)
   tokens = config.train_bytes * float(np.sum(data.train["weights"])) / data.train_bytes
-  return tokens * _flops_per_token(_plain_lm(config, tok_bpe), len(tok_bpe),
-                                   config.lm.data.seq_len)
+  return tokens * lm_train.flops_per_token(_plain_lm(config, tok_bpe), config.lm.data.seq_len)
 
 
 def main(argv):

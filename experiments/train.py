@@ -40,7 +40,8 @@ def _curriculum_summary(report, workdir):
     if "validation" in r:
       lines.append(f"  {phase}: {r['validation']['bits_per_byte']:.4f} bits/byte, "
                    f"{r['validation']['bytes_per_token']:.2f} bytes/token, "
-                   f"{r['train_tokens_per_second']:.0f} tokens/s")
+                   f"{r['train_tokens_per_second']:.0f} tokens/s, MFU {r.get('mfu', float('nan')):.1%}"
+                   f" on {r.get('devices', '?')}")
   if "vocabulary" in report.get("joint", {}):
     v = report["joint"]["vocabulary"]
     lines.append(f"  vocabulary after joint: {v['still_exact']:.2%} still exact, "

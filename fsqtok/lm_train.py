@@ -37,6 +37,38 @@ from fsqtok.data import PieceBatcher, PieceSet
 
 PARAMS_FILE = "params.msgpack"
 
+# Dense bfloat16 peak FLOP/s per device, by `device_kind` prefix: the denominator of model
+# FLOPs utilization (MFU). Override with config.lm.train.peak_flops_per_device.
+PEAK_FLOPS = {"NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12,
+              "NVIDIA L4": 121e12, "Tesla T4": 65e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
+              "TPU v5p": 459e12, "TPU v6 lite": 918e12}
+
+
+def flops_per_token(model: lm_lib.TransformerLM, seq_len: int) -> float:
+  """Training FLOPs per token: 6 x (weights a token passes through) + causal attention.
+
+  Counted: the transformer blocks and the output head (V-wide for table heads; for the
+  factorized head a (plain tokens + 1)-wide softmax plus, per FSQ dimension, a d x d
+  mixing layer and its digit softmax). Not counted: embedding lookups and the codec
+  encoder of the ``codec`` embedding."""
+  d, l = model.d_model, model.num_layers
+  per_layer = 4 * d * d + 2 * d * model.mlp_dim
+  if model.head == "factorized":
+    plain = np.asarray(model.token_codes) < 0
+    head = d * (int(plain.sum()) + 1) + len(model.levels) * d * d + d * sum(model.levels)
+  else:
+    head = d * model.vocab_size
+  return 6 * (l * per_layer + head) + 6 * l * seq_len * d
+
+
+def peak_flops(mesh, override: float = 0.0) -> float:
+  """Peak FLOP/s of the mesh's devices (NaN where unknown, e.g. on CPU)."""
+  if override:
+    return override * mesh.size
+  kind = jax.devices()[0].device_kind
+  per_device = next((v for k, v in PEAK_FLOPS.items() if kind.startswith(k)), float("nan"))
+  return per_device * mesh.size
+
 
 def lm_loss(params, apply_fn, batch, rng, deterministic: bool = False):
   """Mean next-token loss over the weighted targets; also its sum and weight."""
@@ -221,12 +253,17 @@ def train_lm_phase(phase: str, config, workdir: str, model: lm_lib.TransformerLM
   bar.close()
   ckpt.close()
 
+  tokens_per_second = (timed["tokens"] / timed["seconds"] if timed["seconds"]
+                       else float("nan"))
+  model_flops = flops_per_token(model, config.lm.data.seq_len)
   report = {
       "phase": phase, "steps": num_steps, "devices": f"{mesh.size} x {jax.devices()[0].device_kind}",
+      "model_flops_per_token": model_flops,
+      "mfu": tokens_per_second * model_flops / peak_flops(
+          mesh, t.get("peak_flops_per_device", 0.0)),
       "validation": evaluate_bits_per_byte(state.apply_fn, state.params, data.val,
                                            data.val_bytes, **eval_kw),
-      "train_tokens_per_second": (timed["tokens"] / timed["seconds"]
-                                  if timed["seconds"] else float("nan")),
+      "train_tokens_per_second": tokens_per_second,
       "train_bytes_per_token": data.train_bytes / float(np.sum(data.train["weights"])),
       "train_wall_seconds": time.perf_counter() - loop_start,
       "frozen": list(frozen), "recon_weight": recon_weight,

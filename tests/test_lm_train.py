@@ -186,3 +186,17 @@ def test_baseline_token_lengths():
   assert lengths[bpe.pad_id] == 0
   byte = baselines.ByteTokenizer()
   assert sum(byte.token_lengths()[i] for i in byte.encode(texts[1])) == len(texts[1].encode())
+
+
+def test_flops_per_token_counts_the_head_that_is_used():
+  codes = tuple([-1] * 10 + list(range(90)))
+  kw = dict(vocab_size=100, d_model=16, num_layers=2, num_heads=2, mlp_dim=32,
+            token_codes=codes, levels=(5, 4, 5))
+  table = lm_lib.TransformerLM(**kw)
+  factorized = lm_lib.TransformerLM(**kw, head="factorized")
+  blocks = 6 * 2 * (4 * 16 * 16 + 2 * 16 * 32) + 6 * 2 * 8 * 16
+  assert lm_train.flops_per_token(table, 8) == blocks + 6 * 16 * 100
+  assert lm_train.flops_per_token(factorized, 8) == blocks + 6 * (16 * 11 + 3 * 16 * 16 + 16 * 14)
+  mesh = sharding_lib.data_mesh(1)
+  assert lm_train.peak_flops(mesh, 1e12) == 1e12
+  assert math.isnan(lm_train.peak_flops(mesh)) == (jax.devices()[0].platform == "cpu")
