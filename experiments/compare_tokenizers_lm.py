@@ -63,6 +63,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 VARIANTS = {  # name -> (tokenizer kind, embedding, head)
     "fsqtok-table": ("fsqtok", "table", "tied"),
     "fsqtok-factorized": ("fsqtok", "table", "factorized"),
+    "fsqtok-factorized-vocab": ("fsqtok", "table", "factorized_vocab"),
     "hf-bpe": ("hf-bpe", "table", "tied"),
     "raw-bytes": ("raw-bytes", "table", "tied"),
 }
@@ -94,7 +95,7 @@ def _tokenizer(kind, config, corpus, spec, vocab, texts, pieces, codec_dir, out)
 def _generation(model, params, tok, n_tokens: int, codec_and_params=None):
   """Generation bytes per second (one sequence, after compilation) and, for the factorized
   head, the share of steps that drew a code outside the vocabulary."""
-  if model.head == "factorized":
+  if model.head.startswith("factorized"):
     codec, codec_params = codec_and_params
     run = lambda seed: generate_lib.generate_open(
         model, params, tok, codec, codec_params, [[tok.bos_id]], jax.random.PRNGKey(seed),

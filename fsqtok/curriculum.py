@@ -108,7 +108,7 @@ def run_curriculum(config, workdir: str) -> dict[str, Any]:
   prompt = [tok.bos_id, *tok.encode(s.prompt)]
   kw = dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
             top_p=s.top_p)
-  if model.head == "factorized":  # sample the whole code space; the codec decodes codes
+  if model.head.startswith("factorized"):  # sample its code space; the codec decodes codes
     out = generate_lib.generate_open(
         model, params, tok, codec, params["codec"] if model.codec is not None else codec_params,
         [prompt], jax.random.PRNGKey(s.seed), **kw)[0]

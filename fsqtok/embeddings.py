@@ -23,6 +23,8 @@ Heads map hidden states to a distribution over the next token and give ``log p(t
   sum_d log p(digit_d | digit_<d)``; probability given to codes outside the vocabulary is
   honestly lost when a vocabulary token is scored. `fsqtok.generate.generate_open` samples
   in that open code space and decodes codes through the codec decoder.
+* ``factorized_vocab``: the same, each digit restricted to those that still lead to a
+  vocabulary code: a distribution over the vocabulary only.
 """
 from __future__ import annotations
 
@@ -50,6 +52,31 @@ def code_layout(token_codes, levels) -> tuple[np.ndarray, np.ndarray]:
   plain = np.where(has, -1, np.cumsum(~has) - 1)
   digits = np.where(has[:, None], (np.maximum(codes, 0)[:, None] // basis) % levels, 0)
   return plain.astype(np.int32), digits.astype(np.int32)
+
+
+def vocab_digit_tables(plain, digits, levels) -> tuple[np.ndarray, np.ndarray]:
+  """Per token and FSQ dimension d, over digits x: ``allowed_VxKxL`` (some vocabulary code
+  starts with this token's digits before d, then x) and ``next_token_VxKxL`` (one such
+  token, -1 if none). Rows of tokens without a code are all-allowed / -1."""
+  has = plain < 0
+  num_dims, max_level = len(levels), max(levels)
+  allowed = np.ones((len(plain), num_dims, max_level), bool)
+  next_token = np.full((len(plain), num_dims, max_level), -1, np.int32)
+  if not has.any():
+    return allowed, next_token
+  ids = np.flatnonzero(has)
+  prefix_key = np.zeros(len(ids), np.int64)
+  for d in range(num_dims):
+    pair = prefix_key * max_level + digits[ids, d]
+    pairs, first = np.unique(pair, return_index=True)
+    for x in range(max_level):
+      wanted = prefix_key * max_level + x
+      slot = np.clip(np.searchsorted(pairs, wanted), 0, len(pairs) - 1)
+      found = pairs[slot] == wanted
+      allowed[ids, d, x] = found
+      next_token[ids, d, x] = np.where(found, ids[first[slot]], -1)
+    prefix_key = prefix_key * levels[d] + digits[ids, d]
+  return allowed, next_token
 
 
 class CodeFactorizedEmbedding(nn.Module):
@@ -145,11 +172,16 @@ class FactorizedHead(nn.Module):
   time, each conditioned on the hidden state and the digits already chosen:
   ``p(code) = prod_d p(digit_d | h, digit_<d)``. (Independent per-dimension softmaxes
   spread the mass over digit combinations that are no token: 4.41 bits/byte against 2.26
-  for a table head in the pilot comparison.)"""
+  for a table head in the pilot comparison.)
+
+  ``vocab_only``: each digit's softmax only admits digits that, after the digits already
+  chosen, still lead to a code of the vocabulary (a hierarchical softmax along the FSQ
+  digits): a distribution over the vocabulary, with no mass on other codes."""
 
   token_codes: tuple[int, ...]
   levels: tuple[int, ...]
   width: int
+  vocab_only: bool = False
 
   def setup(self):
     plain, digits = code_layout(self.token_codes, self.levels)
@@ -162,6 +194,9 @@ class FactorizedHead(nn.Module):
     self.dim_embed = self.param("dim_embed", init, (len(self.levels), self.width))
     self.mix = nn.Dense(self.width)
     self.digit_heads = [nn.Dense(l) for l in self.levels]
+    allowed, next_token = vocab_digit_tables(plain, digits, self.levels)
+    self._allowed = jnp.asarray(allowed) if self.vocab_only else None
+    self._next_token = jnp.asarray(next_token)
 
   def __call__(self, h_BxTxD):
     if self.is_initializing():  # create the digit layers, which only log_prob/sample use
@@ -169,15 +204,24 @@ class FactorizedHead(nn.Module):
                                                jnp.int32))
     return {"top": self.top(h_BxTxD).astype(jnp.float32), "h": h_BxTxD}
 
-  def _digit_log_probs(self, h_NxD, digits_NxK):
-    """log p(digit_d | h, digit_<d) for every dimension d, teacher-forced: ``[N, K]``."""
+  def _digit_logits(self, d, z, allowed_NxL):
+    logits = self.digit_heads[d](z).astype(jnp.float32)
+    if allowed_NxL is None:
+      return logits
+    return jnp.where(allowed_NxL[..., :self.levels[d]], logits, -1e30)
+
+  def _digit_log_probs(self, h_NxD, digits_NxK, allowed_NxKxL=None):
+    """log p(digit_d | h, digit_<d) for every dimension d, teacher-forced: ``[N, K]``
+    (``allowed_NxKxL``: which digits each dimension admits, for ``vocab_only``)."""
     prefix = [jnp.zeros_like(h_NxD, jnp.float32)]
     for d, embed in enumerate(self.digit_embeds[:-1]):
       prefix.append(prefix[-1] + embed(digits_NxK[..., d]))
     out = []
-    for d, head in enumerate(self.digit_heads):
+    for d in range(len(self.levels)):
       z = nn.gelu(self.mix(h_NxD + prefix[d] + self.dim_embed[d]))
-      logp = jax.nn.log_softmax(head(z).astype(jnp.float32), axis=-1)
+      logits = self._digit_logits(d, z, None if allowed_NxKxL is None
+                                  else allowed_NxKxL[..., d, :])
+      logp = jax.nn.log_softmax(logits, axis=-1)
       out.append(jnp.take_along_axis(logp, digits_NxK[..., d, None], -1)[..., 0])
     return jnp.stack(out, axis=-1)
 
@@ -186,7 +230,8 @@ class FactorizedHead(nn.Module):
     plain = self._plain[targets_BxT]
     row = jnp.where(plain >= 0, plain, self._num_plain)
     logp = jnp.take_along_axis(top, row[..., None], axis=-1)[..., 0]
-    code_logp = self._digit_log_probs(out["h"], self._digits[targets_BxT]).sum(-1)
+    allowed = None if self._allowed is None else self._allowed[targets_BxT]
+    code_logp = self._digit_log_probs(out["h"], self._digits[targets_BxT], allowed).sum(-1)
     return logp + jnp.where(plain >= 0, 0.0, code_logp)
 
   def vocab_log_probs(self, out):
@@ -198,7 +243,9 @@ class FactorizedHead(nn.Module):
     h = out["h"][:, :, None, :]                                            # [B, 1, 1, D]
     h_Bx1xVxD = jnp.broadcast_to(h, (*h.shape[:2], plain.shape[0], h.shape[-1]))
     digits = jnp.broadcast_to(self._digits, (*h.shape[:2], *self._digits.shape))
-    code_logp = self._digit_log_probs(h_Bx1xVxD, digits).sum(-1)
+    allowed = None if self._allowed is None else jnp.broadcast_to(
+        self._allowed, (*h.shape[:2], *self._allowed.shape))
+    code_logp = self._digit_log_probs(h_Bx1xVxD, digits, allowed).sum(-1)
     return logp + jnp.where(plain >= 0, 0.0, code_logp)
 
   def sample(self, out_B, rng, pick):
@@ -212,9 +259,15 @@ class FactorizedHead(nn.Module):
     h = out_B["h"]
     prefix = jnp.zeros_like(h, jnp.float32)
     digits = []
-    for d, head in enumerate(self.digit_heads):
+    # vocab_only: a token whose code starts with the digits drawn so far (its allowed
+    # digits are those of every such token).
+    first_code_token = int(np.flatnonzero(np.asarray(self.token_codes) >= 0)[0])
+    witness = jnp.full(h.shape[:1], first_code_token, jnp.int32)
+    for d in range(len(self.levels)):
       z = nn.gelu(self.mix(h + prefix + self.dim_embed[d]))
-      digits.append(pick(head(z).astype(jnp.float32), digit_rngs[d]))
+      allowed = None if self._allowed is None else self._allowed[witness, d]
+      digits.append(pick(self._digit_logits(d, z, allowed), digit_rngs[d]))
+      witness = jnp.maximum(self._next_token[witness, d, digits[-1]], 0)
       if d + 1 < len(self.levels):
         prefix = prefix + self.digit_embeds[d](digits[-1])
     basis = np.concatenate([[1], np.cumprod(self.levels[:-1])]).astype(np.int64)
@@ -243,6 +296,8 @@ HEADS = {
     "tied": lambda lm, embed: TiedHead(embed),
     "dense": lambda lm, embed: DenseHead(embed, lm.vocab_size),
     "factorized": lambda lm, embed: FactorizedHead(lm.token_codes, lm.levels, lm.d_model),
+    "factorized_vocab": lambda lm, embed: FactorizedHead(lm.token_codes, lm.levels,
+                                                         lm.d_model, vocab_only=True),
 }
 
 

@@ -172,7 +172,7 @@ def generate_open(model: lm_lib.TransformerLM, params, tok, codec, codec_params,
   "codes", "open_codes"}``: ``ids`` the tokens fed back (``tok.decode(ids)`` gives
   ``bytes``); ``steps`` one ``(kind, code, bytes)`` per step, kind ``"token"`` (a plain
   token: special or byte), ``"vocab_code"`` or ``"open_code"``."""
-  if model.head != "factorized":
+  if not model.head.startswith("factorized"):
     raise ValueError(f"generate_open samples codes from a factorized head; this model's "
                      f"head is {model.head!r} (use generate()).")
   if not prompts or any(len(q) == 0 for q in prompts):

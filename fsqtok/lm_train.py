@@ -53,7 +53,7 @@ def flops_per_token(model: lm_lib.TransformerLM, seq_len: int) -> float:
   encoder of the ``codec`` embedding."""
   d, l = model.d_model, model.num_layers
   per_layer = 4 * d * d + 2 * d * model.mlp_dim
-  if model.head == "factorized":
+  if model.head.startswith("factorized"):
     plain = np.asarray(model.token_codes) < 0
     head = d * (int(plain.sum()) + 1) + len(model.levels) * d * d + d * sum(model.levels)
   else:

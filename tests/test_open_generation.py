@@ -51,9 +51,9 @@ def test_samples_follow_the_head_distribution():
   assert ((token >= 0) != (code >= 0)).all()           # exactly one of the two
   drawn = np.where(token >= 0, token, code + NUM_PLAIN)  # the vocabulary id drawn
   freq = np.bincount(drawn, minlength=16) / n
-  probs = np.exp(np.asarray(head.apply(variables, out[None] if False else
-                                       jax.tree_util.tree_map(lambda x: x[:1, None], out),
-                                       method=head.vocab_log_probs)))[0, 0]
+  probs = np.exp(np.asarray(head.apply(
+      variables, jax.tree_util.tree_map(lambda x: x[:1, None], out),
+      method=head.vocab_log_probs)))[0, 0]
   assert 0.5 * np.abs(freq - probs).sum() < 0.02       # total variation distance
 
 
@@ -119,3 +119,44 @@ def test_open_generation_stops_at_eos_and_needs_a_factorized_head():
                                  mlp_dim=32)
     generate_lib.generate_open(table, {}, tok, codec, codec_params, [[1]],
                                jax.random.PRNGKey(0), max_new_tokens=2)
+
+
+def _partial_vocab_head():
+  """4 plain tokens + 5 of the 12 codes, with vocab_only digit masks."""
+  codes = tuple([-1] * NUM_PLAIN + [0, 5, 7, 8, 11])
+  head = embeddings.FactorizedHead(codes, LEVELS, width=8, vocab_only=True)
+  h = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 8))
+  return head, head.init(jax.random.PRNGKey(1), h), h, codes
+
+
+def test_vocab_digit_tables_match_brute_force():
+  codes = np.array([-1, -1, 0, 5, 7, 8, 11])
+  plain, digits = embeddings.code_layout(codes, LEVELS)
+  allowed, next_token = embeddings.vocab_digit_tables(plain, digits, LEVELS)
+  for t in np.flatnonzero(codes >= 0):
+    for d in range(len(LEVELS)):
+      for x in range(max(LEVELS)):
+        match = [u for u in np.flatnonzero(codes >= 0)
+                 if (digits[u, :d] == digits[t, :d]).all() and digits[u, d] == x]
+        assert allowed[t, d, x] == bool(match)
+        assert next_token[t, d, x] == (match[0] if match else -1)
+
+
+def test_vocab_only_head_is_a_distribution_over_the_vocabulary_and_samples_from_it():
+  head, variables, h, codes = _partial_vocab_head()
+  out = head.apply(variables, h)
+  total = jnp.exp(head.apply(variables, out, method=head.vocab_log_probs)).sum(-1)
+  chex.assert_trees_all_close(total, jnp.ones_like(total), atol=1e-5)
+  n = 20_000
+  out_n = head.apply(variables, jnp.broadcast_to(h[0, 0], (n, 8)))
+  pick = lambda logits, r: generate_lib.sample_next(logits, r, 1.0, 0, 1.0)
+  token, code = map(np.asarray, head.apply(variables, out_n, jax.random.PRNGKey(2), pick,
+                                           method=head.sample))
+  assert set(code[code >= 0]) <= set(codes[NUM_PLAIN:])   # never a code outside it
+  id_of = {c: i for i, c in enumerate(codes) if c >= 0}
+  drawn = np.array([t if t >= 0 else id_of[c] for t, c in zip(token, code)])
+  freq = np.bincount(drawn, minlength=len(codes)) / n
+  probs = np.exp(np.asarray(head.apply(
+      variables, jax.tree_util.tree_map(lambda x: x[:1, None], out_n),
+      method=head.vocab_log_probs)))[0, 0]
+  assert 0.5 * np.abs(freq - probs).sum() < 0.02
