@@ -55,6 +55,9 @@ from fsqtok.tokenizer_build import train_tokenizer  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/compare_lm.py",
                                           lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
+_STATS_ONLY = flags.DEFINE_bool(
+    "data_stats_only", False, "Only build the tokenizers and print what differs in their "
+    "token streams (no training).")
 _MERGE = flags.DEFINE_list(
     "merge", [], "Work directories of finished runs (e.g. one per corpus, run side by side): "
     "only merge their results.json into --workdir, print the table and plot.")
@@ -122,12 +125,19 @@ def _token_lengths(tok) -> np.ndarray:
 
 
 def _data_stats(tok, data) -> dict[str, float]:
-  """What differs in the data: ids used in training, share of one-byte held-out tokens."""
+  """What differs in the token streams: ids used in training, the share of held-out tokens
+  that are one byte or rare (seen < 10 times in training), and the held-out bits per byte
+  of a unigram model of the training tokens (add-one smoothed): what token frequencies
+  alone predict."""
   lengths = _token_lengths(tok)
   val = data.val["targets"][data.val["weights"] > 0]
   train = data.train["targets"][data.train["weights"] > 0]
-  return {"ids_used": int(len(np.unique(train))),
-          "one_byte_share": float(np.mean(lengths[val] == 1))}
+  counts = np.bincount(train, minlength=len(tok)).astype(np.float64)
+  unigram_bits = -np.log2((counts[val] + 1) / (counts.sum() + len(tok))).sum()
+  return {"ids_used": int((counts > 0).sum()),
+          "one_byte_share": float(np.mean(lengths[val] == 1)),
+          "rare_share": float(np.mean(counts[val] < 10)),
+          "unigram_bits_per_byte": float(unigram_bits / data.val_bytes)}
 
 
 def run_one(config, workdir, name, tok, texts, seed, *, budget, target_flops, codec_and_params):
@@ -226,6 +236,9 @@ def main(argv):
   if unknown:
     raise app.UsageError(f"Unknown budgets {sorted(unknown)}: use 'bytes' and/or 'flops'.")
   results = []
+  if _STATS_ONLY.value:
+    print("| corpus | vocab | tokenizer | ids (used) | held-out bytes/token | 1-byte tokens "
+          "| rare tokens (< 10 in training) | unigram bits/byte |\n|---|---|---|---|---|---|---|---|")
   for corpus, spec in corpora.items():
     c = config.copy_and_resolve_references()
     c.data.source = spec
@@ -235,6 +248,9 @@ def main(argv):
     byte_runs = {}  # raw bytes under the bytes budget do not depend on the vocabulary size
     for vocab in config.vocab_sizes:
       toks = {"hf-bpe": _tokenizer("hf-bpe", c, corpus, spec, vocab, texts, pieces, None, out)}
+      if _STATS_ONLY.value:
+        _print_data_stats(c, corpus, spec, vocab, texts, pieces, codec_dirs, toks, out)
+        continue
       target_flops = _reference_flops(c, toks["hf-bpe"], texts)
       for budget in config.budgets:
         for name in config.variants:
@@ -262,9 +278,25 @@ def main(argv):
             print(f"{corpus} {vocab} {budget} {name} seed {seed}: {r['bits_per_byte']:.4f} "
                   f"bits/byte", flush=True)
           workdir_lib.write_json(os.path.join(out, "results.json"), results)
+  if _STATS_ONLY.value:
+    return
   workdir_lib.write_json(os.path.join(out, "results.json"), results)
   _plot(results, os.path.join(out, "bpb_vs_bytes.png"))
   print(results_table(results))
+
+
+def _print_data_stats(c, corpus, spec, vocab, texts, pieces, codec_dirs, toks, out):
+  kinds = ["hf-bpe", "raw-bytes"] + (["fsqtok"] if corpus in codec_dirs else [])
+  for kind in kinds:
+    if kind not in toks:
+      toks[kind] = _tokenizer(kind, c, corpus, spec, vocab, texts, pieces,
+                              codec_dirs.get(corpus), out)
+    data = lm_train.LMData(toks[kind], texts, c.lm.data.seq_len)
+    st = _data_stats(toks[kind], data)
+    print(f"| {corpus} | {vocab} | {kind} | {len(toks[kind])} ({st['ids_used']}) "
+          f"| {data.val_bytes / float(np.sum(data.val['weights'])):.3f} "
+          f"| {st['one_byte_share']:.1%} | {st['rare_share']:.2%} "
+          f"| {st['unigram_bits_per_byte']:.3f} |", flush=True)
 
 
 def results_table(results) -> str:
