@@ -38,7 +38,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   m.dropout = 0.0
   m.dtype = "float32"            # float32 | bfloat16 (accelerators)
   m.embedding = "codec"          # table | bespoke | code_factorized | codec (fsqtok/embeddings.py)
-  m.head = "dense"               # tied (table only) | dense | factorized
+  m.head = "dense"               # tied (table only) | dense | factorized | factorized_vocab
+  # Token-level options (fsqtok/lm.py; the study: configs/token_techniques.py), all off:
+  m.num_registers = 0            # learned register vectors before every sequence
+  m.num_segments = 0             # segment embeddings for [SEP]-joined pairs
+  m.prune_layer = 0              # prune the context after this layer (0: never)
+  m.prune_keep = 1.0             # fraction of positions kept
+  m.prune_score = "attention"    # attention (received) | norm
+  m.prune_keep_last = 1          # last positions always kept (their targets are scored)
   c.lm.data = ml_collections.ConfigDict({"seq_len": 128, "batch_size": 16})
   c.lm.optim = adamw_config(learning_rate=2e-3, warmup_steps=100, end_lr_ratio=0.05,
                             weight_decay=0.05, b2=0.98)

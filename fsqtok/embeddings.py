@@ -8,6 +8,10 @@ Embeddings map ``ids_BxT -> x_BxTxD``:
 * ``code_factorized``: a token with an FSQ code gets the sum of one small table per FSQ
   dimension, indexed by that dimension's digit of its code (8 tables of 5-8 rows cover all
   4,096,000 codes); tokens without a code (specials, bytes) get rows of a small table.
+* ``fuser``: the contextual fuser (`fsqtok.fuser`): each token's bytes with the bytes of
+  the tokens before it (causal window) where the ambiguity gate is on, the static table
+  row where it is off; default `fsqtok.fuser.FuserSpec`. Not usable with the key/value
+  cache yet (the generation functions refuse it).
 * ``codec``: a token's bytes go through the codec's encoder and FSQ (straight-through),
   and an MLP maps its code to ``d_model``; specials get rows of a small table. The codec
   is a submodule, so the LM loss reaches it: frozen in the ``lm`` phase, trained in
@@ -36,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fsqtok import bespoke
+from fsqtok import fuser as fuser_lib
 
 
 def code_layout(token_codes, levels) -> tuple[np.ndarray, np.ndarray]:
@@ -290,6 +295,7 @@ EMBEDDINGS = {
     "code_factorized": lambda lm: CodeFactorizedEmbedding(
         lm.vocab_size, lm.d_model, lm.token_codes, lm.levels),
     "codec": lambda lm: CodecEmbedding(lm.vocab_size, lm.d_model, lm.token_bytes, lm.codec),
+    "fuser": fuser_lib.lm_embedding,
 }
 
 HEADS = {

@@ -71,10 +71,18 @@ def _generate(model, params, prompt_BxP, valid_BxP, rng, *, max_new_tokens, temp
   return jax.lax.while_loop(cond, body, carry)[4]
 
 
+def _check_model(model) -> None:
+  if model.embedding == "fuser":
+    raise ValueError("The fuser embedding needs the ids before each new token, which the "
+                     "key/value cache does not keep yet: generation with "
+                     "embedding='fuser' is not supported (score with the full forward).")
+
+
 def generate(model: lm_lib.TransformerLM, params, prompts: Sequence[Sequence[int]], rng, *,
              max_new_tokens: int, eos_id: int, pad_id: int, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0) -> list[list[int]]:
   """New token ids per prompt (without the prompt), stopping after EOS (included)."""
+  _check_model(model)
   if not prompts or any(len(q) == 0 for q in prompts):
     raise ValueError("Each prompt needs at least one token (e.g. [BOS]).")
   if max_new_tokens < 1:
@@ -175,6 +183,7 @@ def generate_open(model: lm_lib.TransformerLM, params, tok, codec, codec_params,
   if not model.head.startswith("factorized"):
     raise ValueError(f"generate_open samples codes from a factorized head; this model's "
                      f"head is {model.head!r} (use generate()).")
+  _check_model(model)
   if not prompts or any(len(q) == 0 for q in prompts):
     raise ValueError("Each prompt needs at least one token (e.g. [BOS]).")
   if max_new_tokens < 1:

@@ -1,0 +1,114 @@
+"""The contextual fuser (DESIGN.md part 7) and its word-sense / cost evaluation.
+
+  python experiments/eval_word_senses.py --config=configs/fuser.py --workdir=/tmp/fuser
+  python experiments/eval_word_senses.py --config=configs/fuser.py:tiny --workdir=/tmp/t \
+      --wordnet_dir=/usr/share/wordnet
+
+Arguments (``get_config(arg)``):
+  ""     CPU default on the built-in corpus: a 2048-token vocabulary, a fuser with a
+         4+4-token window (24 bytes each side) trained 150 steps of 8 x 32 tokens, a
+         2-layer d=128 LM trained 150 steps of 16 x 128 tokens for the hidden-state
+         baseline. Sized to finish in under 20 minutes on 2 CPU cores shared with other
+         jobs (the measured wall time is in report.json): far too little training for
+         the fuser to learn much; give it more steps where compute allows.
+  tiny   seconds; for tests and the notebook.
+
+Sub-configs: ``data`` (the corpus, fields of configs/recon.py), ``tokenizer`` (a saved
+fsqtok tokenizer directory, or "" for one counted from the corpus's pieces),
+``ambiguity`` (the precomputed ambiguous set), ``fuser`` (``model``: `fsqtok.fuser.FuserSpec`
+fields; ``loss``: `fsqtok.fuser_train.StepConfig` fields; ``optim``, ``train``, ``data``),
+``lm`` (the LM of the hidden-state baseline and of the cost measurement, fields of
+configs/curriculum.py's ``lm``), ``eval`` (the word-sense probe and the cost timing).
+"""
+import ml_collections
+
+from configs import recon as recon_config
+from fsqtok.optimizer import adamw_config
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  if arg not in ("", "tiny"):
+    raise ValueError(f"Unknown configs/fuser.py argument {arg!r}: use '' or tiny.")
+  c = recon_config.get_config("")
+  c.phase = "fuser"
+  c.seed = 0
+
+  c.tokenizer = ml_collections.ConfigDict({
+      "dir": "",             # a saved fsqtok tokenizer; "" = count one from the corpus
+      "vocab_size": 2048,    # of the counted tokenizer (specials and bytes included)
+  })
+  c.ambiguity = ml_collections.ConfigDict({
+      "wordnet_min_senses": 4,  # token strings that are lemmas with this many senses
+      "corpus_top_k": 64,       # + the tokens with the most varied next token
+      "min_count": 20,
+  })
+
+  f = c.fuser = ml_collections.ConfigDict()
+  f.d_model = 128
+  f.model = ml_collections.ConfigDict(dict(
+      window_left=4, window_right=4,   # context, in tokens each side
+      context_bytes=24,                # ... cut to this many bytes each side (0: no cut)
+      max_token_bytes=16,
+      char_dim=64, hidden_dim=128,
+      use_cnn=True, use_transformer=True, transformer_layers=1, transformer_heads=4,
+      fragment_dim=128, fusion_heads=4, fused_dim=128,
+      doc_dim=64, num_authors=16, num_domains=16, image_dim=32, audio_dim=32,
+      gate_mode="both",                # both | set | learned | always
+      gate_hidden=64, threshold=0.5,
+      capacity=0.0,                    # share of tokens computed dynamically; 0 = all
+  ))
+  f.loss = ml_collections.ConfigDict(dict(
+      mask_rate=0.15, mlm_weight=1.0, nce_weight=0.5, nce_samples=64, temperature=0.1,
+      drift_weight=0.1, reference_every=10, reference_momentum=0.1, gate_cost=0.01,
+      document_rate=0.5))
+  f.optim = adamw_config(learning_rate=2e-3, warmup_steps=50, end_lr_ratio=0.05,
+                         weight_decay=0.01)
+  f.data = ml_collections.ConfigDict({"seq_len": 32, "batch_size": 8})
+  f.train = ml_collections.ConfigDict({
+      "num_steps": 150, "log_every": 25, "checkpoint_every": 50, "progress_bar": True})
+
+  c.lm = ml_collections.ConfigDict()
+  m = c.lm.model = ml_collections.ConfigDict()
+  m.d_model, m.num_layers, m.num_heads, m.mlp_dim = 128, 2, 4, 512
+  m.max_len, m.positions, m.dropout, m.dtype = 1024, "rope", 0.0, "float32"
+  m.embedding, m.head = "table", "dense"
+  c.lm.data = ml_collections.ConfigDict({"seq_len": 128, "batch_size": 16})
+  c.lm.optim = adamw_config(learning_rate=2e-3, warmup_steps=50, end_lr_ratio=0.05,
+                            weight_decay=0.05, b2=0.98)
+  c.lm.train = ml_collections.ConfigDict({
+      "num_steps": 150, "log_every": 25, "eval_every": 150, "eval_batch_size": 32,
+      "checkpoint_every": 75, "keep_checkpoints": 1, "num_devices": 1,
+      "progress_bar": True})
+
+  c.eval = ml_collections.ConfigDict({
+      "seeds": (0, 1, 2),          # word-sense splits
+      "pos": "nv",                 # WordNet parts of speech (n v a r)
+      "min_examples_per_sense": 2,  # senses with fewer usable examples are dropped
+      "max_words": 0,              # 0 = every qualifying polysemous lemma
+      "probe": "centroid",         # centroid (nearest sense centroid, cosine)
+      "cost_batch_size": 8, "cost_seq_len": 128, "cost_repeats": 5,
+      "activation_batches": 20,
+  })
+
+  if arg == "tiny":
+    c.data.block_chars = 512
+    c.tokenizer.vocab_size = 400
+    c.ambiguity.corpus_top_k, c.ambiguity.min_count = 8, 2
+    f.d_model = 32
+    f.model.update(dict(window_left=2, window_right=2, context_bytes=8, char_dim=16,
+                        hidden_dim=32, transformer_heads=2, fragment_dim=32, fusion_heads=2,
+                        fused_dim=32, doc_dim=16, image_dim=8, audio_dim=8, gate_hidden=16))
+    f.loss.nce_samples = 16
+    f.loss.reference_every = 2
+    f.optim.warmup_steps = 2
+    f.data.seq_len, f.data.batch_size = 16, 4
+    f.train.update({"num_steps": 6, "log_every": 2, "checkpoint_every": 3,
+                    "progress_bar": False})
+    m.d_model, m.num_layers, m.num_heads, m.mlp_dim = 32, 1, 2, 64
+    c.lm.data.seq_len, c.lm.data.batch_size = 32, 4
+    c.lm.optim.warmup_steps = 2
+    c.lm.train.update({"num_steps": 6, "log_every": 3, "eval_every": 6,
+                       "eval_batch_size": 8, "checkpoint_every": 6, "progress_bar": False})
+    c.eval.update({"seeds": (0, 1, 2), "pos": "n", "cost_batch_size": 2, "cost_seq_len": 16,
+                   "cost_repeats": 2, "activation_batches": 2})
+  return c

@@ -1,0 +1,316 @@
+r"""Word-sense accuracy and cost of the contextual fuser (DESIGN.md part 7).
+
+  python experiments/eval_word_senses.py --config=configs/fuser.py --workdir=/tmp/fuser \
+      [--wordnet_dir=/usr/share/wordnet]
+
+1. A tokenizer (``config.tokenizer.dir``, or counted from the corpus), the ambiguous set
+   (WordNet sense counts + corpus statistics), the fuser trained (masked LM + InfoNCE +
+   drift), its measured gate activation rate on held-out text.
+2. A small LM (``config.lm``, table embedding) trained briefly on the same tokens.
+3. WordNet's sense-labelled example sentences of polysemous lemmas: per seed, a held-out
+   split per sense; a nearest-sense-centroid probe (cosine, within each lemma) on the
+   word's vector from: the static table, the fuser without context, the fuser with
+   context (dynamic path), the fuser as gated, and the LM's final hidden states.
+4. Cost: per-token forward time and compiled memory of the LM with the fuser embedding
+   vs the static table, in this one run; and the fuser alone, all tokens vs capacity.
+
+Everything lands in ``--workdir`` (``report.json``, the fuser and LM checkpoints).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fsqtok import embeddings as embeddings_lib  # noqa: E402  pylint: disable=g-import-not-at-top
+from fsqtok import fuser as fuser_lib  # noqa: E402
+from fsqtok import fuser_train  # noqa: E402
+from fsqtok import lm as lm_lib  # noqa: E402
+from fsqtok import lm_data  # noqa: E402
+from fsqtok import lm_train  # noqa: E402
+from fsqtok import recon  # noqa: E402
+from fsqtok import wordnet  # noqa: E402
+from fsqtok import workdir as workdir_lib  # noqa: E402
+from fsqtok.tokenizer import VOCAB_FILE, Tokenizer  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/fuser.py", "Experiment config.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
+_WORDNET = flags.DEFINE_string("wordnet_dir", wordnet.DEFAULT_DIR,
+                               "WordNet database directory (apt-get install wordnet-base).")
+
+LM_EMBEDDING = "fuser_eval"  # registered for this run (see the report for the lead's name)
+
+
+# ---- the word-sense probe ---------------------------------------------------------------
+
+def split(examples, seed: int):
+  """Per (word, sense): a third (at least one) held out, the rest for the centroids."""
+  rng = np.random.default_rng(seed)
+  by_sense: dict = {}
+  for i, e in enumerate(examples):
+    by_sense.setdefault((e.word, e.sense), []).append(i)
+  train, test = [], []
+  for key in sorted(by_sense):
+    idx = list(rng.permutation(by_sense[key]))
+    k = max(1, len(idx) // 3)
+    test += idx[:k]
+    train += idx[k:]
+  return np.asarray(train), np.asarray(test)
+
+
+def centroid_accuracy(vectors_NxD: np.ndarray, examples, train, test) -> float:
+  """Nearest sense centroid by cosine, among the senses of the example's own lemma; ties
+  (a representation constant per word) go to the sense with most training examples."""
+  unit = vectors_NxD / np.maximum(np.linalg.norm(vectors_NxD, axis=1, keepdims=True), 1e-9)
+  cents: dict = {}
+  for i in train:
+    cents.setdefault(examples[i].word, {}).setdefault(examples[i].sense, []).append(unit[i])
+  correct = 0
+  for i in test:
+    senses = cents[examples[i].word]
+    names = sorted(senses)
+    sims = np.asarray([np.mean(senses[s], 0) @ unit[i] for s in names])
+    counts = np.asarray([len(senses[s]) for s in names])
+    best = np.flatnonzero(np.isclose(sims, sims.max(), rtol=0, atol=1e-6))
+    pick = names[best[np.argmax(counts[best])]]
+    correct += pick == examples[i].sense
+  return correct / len(test)
+
+
+def majority_accuracy(examples, train, test) -> float:
+  counts: dict = {}
+  for i in train:
+    counts.setdefault(examples[i].word, {}).setdefault(examples[i].sense, 0)
+    counts[examples[i].word][examples[i].sense] += 1
+  return float(np.mean([max(counts[examples[i].word], key=lambda s: (
+      counts[examples[i].word][s], s)) == examples[i].sense for i in test]))
+
+
+def target_tokens(tok, examples):
+  """Per example: its ids and the indices of the tokens covering the word."""
+  out = []
+  for e in examples:
+    ids, offsets = tok.encode_with_offsets(e.sentence)
+    where = [k for k, (a, b) in enumerate(offsets) if a < e.end and b > e.start]
+    out.append((ids, where))
+  return out
+
+
+def lm_hidden_vectors(model, params, tok, encoded, max_len: int, batch: int = 32):
+  """The LM's final hidden state, averaged over the word's tokens ([BOS] prepended)."""
+  fn = jax.jit(lambda p, i, v: model.apply({"params": p}, i, v,
+                                           method=lm_lib.TransformerLM.hidden)[0])
+  out = []
+  for s in range(0, len(encoded), batch):
+    part = encoded[s:s + batch]
+    ids = np.full((batch, max_len), tok.pad_id, np.int32)
+    valid = np.zeros((batch, max_len), bool)
+    for r, (x, _) in enumerate(part):
+      x = [tok.bos_id, *x][:max_len]
+      ids[r, :len(x)], valid[r, :len(x)] = x, True
+    h = np.asarray(fn(params, jnp.asarray(ids), jnp.asarray(valid)))
+    for r, (_, where) in enumerate(part):
+      rows = [k + 1 for k in where if k + 1 < max_len] or [max_len - 1]
+      out.append(h[r, rows].mean(0))
+  return np.stack(out)
+
+
+def word_sense_table(config, tok, fuser_model, fuser_params, lm_model, lm_params, wn_dir):
+  e = config.eval
+  examples = wordnet.sense_examples(wn_dir, tuple(e.pos),
+                                    min_examples_per_sense=e.min_examples_per_sense,
+                                    max_words=e.max_words)
+  if not examples:
+    raise ValueError(f"No polysemous lemma in {wn_dir} has two senses with "
+                     f"{e.min_examples_per_sense} usable examples.")
+  encoded = target_tokens(tok, examples)
+  keep = [i for i, (_, w) in enumerate(encoded) if w]
+  examples = [examples[i] for i in keep]
+  encoded = [encoded[i] for i in keep]
+  enc = fuser_lib.FuserEncoder(fuser_model, fuser_params, tok, chunk=256)
+  mean_of = lambda vecs: np.stack([v.mean(0) for v in vecs])
+  ids_list = [ids for ids, _ in encoded]
+  where = [w for _, w in encoded]
+  table = np.asarray(fuser_params["static"]["embedding"])
+  reps = {"static table": np.stack([table[np.asarray(ids)[w]].mean(0) for ids, w in encoded])}
+  for name, kw in (("fuser, no context", dict(context=False, force_dynamic=True)),
+                   ("fuser, with context", dict(context=True, force_dynamic=True)),
+                   ("fuser, gated (as used)", dict(context=True, force_dynamic=False))):
+    reps[name] = mean_of(enc.encode_ids(ids_list, positions=where, **kw))
+  reps["LM hidden states"] = lm_hidden_vectors(lm_model, lm_params, tok, encoded,
+                                               config.lm.data.seq_len)
+  results = {name: [] for name in ["majority sense", *reps]}
+  sizes = []
+  for seed in e.seeds:
+    train, test = split(examples, seed)
+    sizes.append((len(train), len(test)))
+    results["majority sense"].append(majority_accuracy(examples, train, test))
+    for name, vec in reps.items():
+      results[name].append(centroid_accuracy(vec, examples, train, test))
+  words = len({x.word for x in examples})
+  senses = len({(x.word, x.sense) for x in examples})
+  return {"examples": len(examples), "words": words, "senses": senses,
+          "split_sizes": sizes, "seeds": list(e.seeds), "cache": enc.metrics,
+          "accuracy": {k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "per_seed": v}
+                       for k, v in results.items()}}
+
+
+# ---- cost -------------------------------------------------------------------------------
+
+def _memory(compiled) -> int:
+  m = compiled.memory_analysis()
+  if m is None:
+    return -1
+  return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes)
+
+
+def _time(fn, *args, repeats: int) -> float:
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return float(np.median(times))
+
+
+def cost_table(config, tok, fuser_spec, ambiguous):
+  """Per-token forward time and compiled memory, fuser vs static table, one run."""
+  e = config.eval
+  causal = dataclasses.replace(fuser_spec, window_right=0, capacity=0.0)
+  embeddings_lib.EMBEDDINGS[LM_EMBEDDING] = lambda lm: fuser_lib.lm_embedding(lm, causal)
+  token_bytes = [tok.token_bytes(i) for i in range(len(tok))]
+  rng = np.random.default_rng(0)
+  ids = jnp.asarray(rng.integers(len(tok.special_tokens), len(tok),
+                                 (e.cost_batch_size, e.cost_seq_len)), jnp.int32)
+  tokens = ids.size
+  rows = {}
+  for name, emb in (("LM, static table", "table"), ("LM, fuser embedding", LM_EMBEDDING)):
+    m = config.lm.model.copy_and_resolve_references()
+    m.embedding = emb
+    model = lm_lib.lm_from_config(m, len(tok), token_bytes=token_bytes)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), ids[:1])["params"]
+    fn = jax.jit(lambda p, i, model=model: model.apply({"params": p}, i)[0])
+    compiled = fn.lower(params, ids).compile()
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    rows[name] = {"seconds_per_token": _time(fn, params, ids, repeats=e.cost_repeats) / tokens,
+                  "memory_bytes": _memory(compiled), "params": int(n_params)}
+  for name, cap in (("fuser alone, all tokens", 0.0), ("fuser alone, capacity 25%", 0.25)):
+    spec = dataclasses.replace(fuser_spec, capacity=cap)
+    model = fuser_lib.ContextualFuser(len(tok), config.fuser.d_model, tuple(token_bytes),
+                                      spec, tuple(ambiguous))
+    params = jax.jit(lambda r, model=model: fuser_lib.init_params(model, r, 8))(
+        jax.random.PRNGKey(0))
+    fn = jax.jit(lambda p, i, model=model: model.apply({"params": p}, i)[0])
+    compiled = fn.lower(params, ids).compile()
+    rows[name] = {"seconds_per_token": _time(fn, params, ids, repeats=e.cost_repeats) / tokens,
+                  "memory_bytes": _memory(compiled),
+                  "params": int(sum(x.size for x in jax.tree.leaves(params)))}
+  return {"batch": [e.cost_batch_size, e.cost_seq_len], "device": jax.devices()[0].device_kind,
+          "rows": rows}
+
+
+# ---- main -------------------------------------------------------------------------------
+
+def load_tokenizer(config, texts, workdir: str):
+  if config.tokenizer.dir:
+    if not os.path.exists(os.path.join(config.tokenizer.dir, VOCAB_FILE)):
+      raise FileNotFoundError(f"config.tokenizer.dir={config.tokenizer.dir!r} holds no "
+                              f"{VOCAB_FILE}: train one with `fsqtok train-tokenizer` or set "
+                              f"it to '' for a tokenizer counted from the corpus.")
+    return Tokenizer.load(config.tokenizer.dir), "fsqtok (codec) " + config.tokenizer.dir
+  vocab_dir = os.path.join(workdir, "vocab")
+  if os.path.exists(os.path.join(vocab_dir, VOCAB_FILE)):
+    return Tokenizer.load(vocab_dir), "counted (top pieces)"
+  tok = fuser_train.counted_tokenizer(texts, config.tokenizer.vocab_size)
+  tok.save(vocab_dir)
+  return tok, "counted (top pieces)"
+
+
+def run(config, workdir: str, wordnet_dir: str) -> dict:
+  wordnet.check_database(wordnet_dir, tuple(config.eval.pos))
+  start = time.perf_counter()
+  os.makedirs(workdir, exist_ok=True)
+  texts = recon.load_texts(config)
+  tok, tok_kind = load_tokenizer(config, texts[0], workdir)
+  streams = [lm_data.token_stream(tok, texts[0])]
+  a = config.ambiguity
+  ambiguous = fuser_train.ambiguous_ids(
+      tok, streams, corpus_top_k=a.corpus_top_k, min_count=a.min_count,
+      sense_counts=wordnet.sense_counts(wordnet_dir, tuple(config.eval.pos)),
+      min_senses=a.wordnet_min_senses)
+  fuser_model = fuser_train.model_from_config(config, tok, ambiguous)
+  fuser_report, fuser_params = fuser_train.train_fuser(
+      config, os.path.join(workdir, "fuser"), fuser_model, tok, texts[0])
+  rate = fuser_train.activation_rate(
+      fuser_model, fuser_params, tok, texts[1], seq_len=config.fuser.data.seq_len,
+      batch_size=config.fuser.data.batch_size, max_batches=config.eval.activation_batches)
+
+  data = lm_train.LMData(tok, texts, config.lm.data.seq_len)
+  lm_model = lm_lib.lm_from_config(config.lm.model, len(tok))
+  init = lambda: lm_model.init(jax.random.PRNGKey(config.seed),
+                               jnp.zeros((1, config.lm.data.seq_len), jnp.int32))["params"]
+  lm_report, lm_params = lm_train.train_lm_phase("lm", config, workdir, lm_model, data, init)
+
+  senses = word_sense_table(config, tok, fuser_model, fuser_params, lm_model, lm_params,
+                            wordnet_dir)
+  cost = cost_table(config, tok, fuser_model.spec, ambiguous)
+  report = {"tokenizer": tok_kind, "vocab_size": len(tok), "ambiguous_set": len(ambiguous),
+            "fuser": fuser_report, "activation": rate,
+            "lm_validation": lm_report["validation"], "word_senses": senses, "cost": cost,
+            "wall_seconds": time.perf_counter() - start}
+  workdir_lib.write_json(os.path.join(workdir, "report.json"), report)
+  return report
+
+
+def print_tables(report: dict) -> None:
+  s = report["word_senses"]
+  print(f"\nTokenizer: {report['tokenizer']}, {report['vocab_size']} ids; ambiguous set "
+        f"{report['ambiguous_set']} ids; gate activation on held-out text "
+        f"{report['activation']['activation_rate']:.1%} "
+        f"(computed {report['activation']['computed_rate']:.1%}, "
+        f"{report['activation']['tokens']:.0f} tokens)")
+  f = report["fuser"]["final"]
+  print(f"Fuser after {report['fuser']['steps']} steps: mlm_loss {f.get('mlm_loss', 0):.3f}, "
+        f"mlm_accuracy {f.get('mlm_accuracy', 0):.3f}, nce_loss {f.get('nce_loss', 0):.3f}; "
+        f"LM validation bits/byte {report['lm_validation']['bits_per_byte']:.3f}")
+  print(f"\nWord senses: {s['examples']} WordNet example sentences, {s['words']} polysemous "
+        f"lemmas, {s['senses']} senses; seeds {s['seeds']}; (train, test) per seed "
+        f"{s['split_sizes']}; nearest sense centroid (cosine) within each lemma.\n")
+  print("| representation | accuracy (mean ± std) | vs static table |")
+  print("|---|---|---|")
+  base = s["accuracy"]["static table"]["mean"]
+  for name, r in s["accuracy"].items():
+    rel = f"{(r['mean'] - base) / base:+.1%}" if base else "n/a"
+    print(f"| {name} | {r['mean']:.3f} ± {r['std']:.3f} | {rel} |")
+  c = report["cost"]
+  print(f"\nCost, batch {c['batch'][0]} x {c['batch'][1]} tokens on {c['device']} "
+        f"(median forward time, compiled memory = arguments + outputs + temporaries):\n")
+  print("| model | µs / token | memory MiB | params | time ratio | memory ratio |")
+  print("|---|---|---|---|---|---|")
+  rows = c["rows"]
+  for name, r in rows.items():
+    ref = rows["LM, static table"] if name.startswith("LM") else rows["fuser alone, all tokens"]
+    print(f"| {name} | {r['seconds_per_token'] * 1e6:.1f} | {r['memory_bytes'] / 2**20:.2f} | "
+          f"{r['params']:,} | {r['seconds_per_token'] / ref['seconds_per_token']:.2f}x | "
+          f"{r['memory_bytes'] / ref['memory_bytes']:.2f}x |")
+  print(f"\nWall time {report['wall_seconds']:.0f} s; report in report.json")
+
+
+def main(argv):
+  del argv
+  report = run(_CONFIG.value, _WORKDIR.value, _WORDNET.value)
+  print_tables(report)
+
+
+if __name__ == "__main__":
+  app.run(main)

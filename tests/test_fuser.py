@@ -1,0 +1,207 @@
+"""The contextual fuser: shapes, gate capacity, causality, losses, training, the cache."""
+import dataclasses
+import math
+import types
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import fuser as fuser_config
+from fsqtok import fuser as F
+from fsqtok import fuser_train as FT
+
+TEXT = ("the bank of the river was steep. the bank lent money to the river town. "
+        "we sat on the bank and counted the money of the bank. ") * 3
+SPEC = F.FuserSpec(window_left=2, window_right=2, context_bytes=8, char_dim=16, hidden_dim=16,
+                   transformer_layers=1, transformer_heads=2, fragment_dim=16, fusion_heads=2,
+                   fused_dim=16, doc_dim=8, image_dim=4, audio_dim=4, gate_hidden=8)
+
+
+@pytest.fixture(scope="module")
+def setup():
+  tok = FT.counted_tokenizer([TEXT], 300)
+  bank = tok.token_to_id(" bank")
+  model = F.ContextualFuser(len(tok), 16, tuple(tok.token_bytes(i) for i in range(len(tok))),
+                            SPEC, (bank, tok.token_to_id("[MASK]")))
+  ids = jnp.asarray(np.asarray(tok.encode(TEXT)[:32], np.int32).reshape(2, 16))
+  params = jax.jit(lambda r: F.init_params(model, r, 16))(jax.random.PRNGKey(0))
+  return types.SimpleNamespace(tok=tok, model=model, ids=ids, params=params, bank=bank)
+
+
+def test_shapes_and_gate(setup):
+  s = setup
+  x, aux = jax.jit(lambda p, i: s.model.apply({"params": p}, i))(s.params, s.ids)
+  chex.assert_shape(x, (2, 16, 16))
+  chex.assert_tree_all_finite(x)
+  is_bank = np.asarray(s.ids) == s.bank
+  assert is_bank.any() and np.all(np.asarray(aux["gate"])[is_bank])
+  # where the gate is off the output is exactly the static table row
+  table = np.asarray(s.params["static"]["embedding"])
+  off = ~np.asarray(aux["computed"])
+  np.testing.assert_array_equal(np.asarray(x)[off], table[np.asarray(s.ids)[off]])
+
+
+def test_signals_are_masked(setup):
+  s = setup
+  apply = jax.jit(lambda p, i, sig: s.model.apply({"params": p}, i, sig, force_dynamic=True)[0])
+  absent = F.empty_signals(2, SPEC)
+  noisy = {**absent, "image": jnp.ones((2, SPEC.image_dim)) * 5.0,
+           "author": jnp.asarray([3, 4])}
+  chex.assert_trees_all_close(apply(s.params, s.ids, absent), apply(s.params, s.ids, noisy))
+  given = F.make_signals(2, SPEC, image=jnp.ones((2, SPEC.image_dim)), author=jnp.asarray([3, 4]))
+  assert not np.allclose(apply(s.params, s.ids, absent), apply(s.params, s.ids, given))
+  with pytest.raises(ValueError, match="Unknown signals"):
+    F.make_signals(2, SPEC, video=jnp.ones((2, 3)))
+
+
+def test_info_nce_matches_hand_computation():
+  a = np.array([[1.0, 0.0], [0.0, 2.0]])
+  k = np.array([[1.0, 1.0], [0.0, 1.0]])
+  sh = np.array([[0.0, 1.0], [1.0, 0.0]])
+  tau = 0.5
+  unit = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)
+  sim = unit(a) @ unit(k).T / tau
+  extra = np.sum(unit(sh) * unit(k), -1) / tau
+  expected = 0.0
+  for i in range(2):
+    row = np.concatenate([sim[i], [extra[i]]])
+    expected += -(row[i] - np.log(np.sum(np.exp(row))))
+  got = F.info_nce(jnp.asarray(a), jnp.asarray(k), jnp.asarray(sh), tau)
+  np.testing.assert_allclose(float(got), expected / 2, rtol=1e-6)
+
+
+def test_capacity_has_static_shapes_and_agrees_with_compute_all(setup):
+  s = setup
+  run = lambda spec: jax.jit(lambda p, i: s.model.clone(spec=spec).apply({"params": p}, i))(
+      s.params, s.ids)
+  x_all, aux_all = run(dataclasses.replace(SPEC, capacity=0.0))
+  gated = int(np.sum(aux_all["gate"]))
+  n = s.ids.size
+  assert 0 < gated < n
+  # capacity >= number gated: identical outputs
+  x_cap, aux_cap = run(dataclasses.replace(SPEC, capacity=math.ceil(gated * 1.0) / n))
+  chex.assert_trees_all_close(x_cap, x_all, atol=1e-5)
+  np.testing.assert_array_equal(aux_cap["computed"], aux_all["computed"])
+  # a smaller capacity: the same shapes, exactly ceil(capacity * n) computed
+  small = dataclasses.replace(SPEC, capacity=2 / n)
+  x_small, aux_small = run(small)
+  chex.assert_equal_shape([x_small, x_all])
+  assert int(np.sum(aux_small["computed"])) == 2
+
+
+def test_context_bytes_cut_the_window(setup):
+  s = setup
+  windows = F.context_windows(s.ids, 2, 2).reshape(-1, 5)
+  chars, seg, mask = s.model.apply({"params": s.params}, windows, method=F.ContextualFuser.pack)
+  chars, seg, mask = map(np.asarray, (chars, seg, mask))
+  for r in range(windows.shape[0]):
+    assert np.sum(mask[r] & (seg[r] == 0)) <= 8 and np.sum(mask[r] & (seg[r] == 2)) <= 8
+    own = bytes(int(c) - 1 for c in chars[r][mask[r] & (seg[r] == 1)])
+    tid = int(windows[r, 2])
+    assert own == (s.tok.token_bytes(tid) or own)
+
+
+def test_lm_embedding_is_causal(setup):
+  s = setup
+  lm = types.SimpleNamespace(vocab_size=s.model.vocab_size, d_model=16,
+                             token_bytes=s.model.token_bytes)
+  emb = F.lm_embedding(lm, SPEC)
+  assert emb.spec.window_right == 0
+  # the same weights; the causal window packs fewer bytes, so fewer byte positions
+  fuser = {k: v for k, v in s.params.items() if k != "mlm_head"}
+  frag = dict(fuser["fragment"])
+  frag["positions"] = frag["positions"][:emb.spec.packed_len]
+  params = {"params": {"fuser": {**fuser, "fragment": frag}}}
+  f = jax.jit(lambda p, i: emb.apply(p, i))
+  x = f(params, s.ids)
+  changed = s.ids.at[:, 9].set(s.bank)
+  y = f(params, changed)
+  chex.assert_trees_all_close(x[:, :9], y[:, :9])
+  assert not np.allclose(x[:, 9:], y[:, 9:])
+  # generation with a key/value cache: the previous ids come as the prefix
+  tail = jax.jit(lambda p, i, pre: emb.apply(p, i, pre))(params, s.ids[:, 9:], s.ids[:, :9])
+  chex.assert_trees_all_close(tail, x[:, 9:], atol=1e-6)
+
+
+def test_ema_and_drift():
+  ref = jnp.zeros((3, 2))
+  seen = jnp.asarray([False, True, False])
+  means = jnp.asarray([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])
+  counts = jnp.asarray([1.0, 1.0, 0.0])
+  new, new_seen = F.ema_update(ref.at[1].set(1.0), seen, means, counts, 0.5)
+  np.testing.assert_allclose(new, [[1, 1], [1.5, 1.5], [0, 0]])
+  np.testing.assert_array_equal(new_seen, [True, True, False])
+  d = F.drift_penalty(jnp.asarray([[1.0, 0.0], [3.0, 3.0]]), jnp.asarray([1, 0]),
+                      jnp.ones(2), new, new_seen)
+  np.testing.assert_allclose(float(d), ((1 - 1.5) ** 2 + 1.5 ** 2 + 4 + 4) / 2)
+
+
+def test_loss_falls_and_reference_updates(setup):
+  s = setup
+  config = fuser_config.get_config("tiny")
+  c = FT.step_config(config.fuser.loss, s.tok)
+  tx = FT.optimizer_lib.make_optimizer(config.fuser.optim, 100)
+  state = FT.create_state(s.model, jax.tree.map(jnp.copy, s.params), tx)
+  step = FT.make_step(s.model, c)
+  batch = {"ids": s.ids, "valid": jnp.ones_like(s.ids, bool)}
+  losses = []
+  for i in range(8):
+    state, m = step(state, batch, jax.random.PRNGKey(i % 2))
+    losses.append(float(m["loss"]))
+  assert all(np.isfinite(losses))
+  assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
+  assert bool(np.any(state.seen_V)) and float(jnp.abs(state.reference_VxD).sum()) > 0
+  assert 0.0 < float(m["activation_rate"]) <= 1.0
+
+
+def test_encoder_cache_gives_the_same_vectors(setup):
+  s = setup
+  texts = ["the bank of the river", "money in the bank", "the bank of the river"]
+  cached = F.FuserEncoder(s.model, s.params, s.tok, cache_size=1000, chunk=16)
+  plain = F.FuserEncoder(s.model, s.params, s.tok, cache_size=0, chunk=16)
+  a, b = cached.encode(texts), plain.encode(texts)
+  again = cached.encode(texts)
+  for u, v, w in zip(a, b, again):
+    np.testing.assert_array_equal(u, v)
+    np.testing.assert_array_equal(u, w)
+  assert cached.metrics["hit_rate"] > 0.5 and plain.metrics["hits"] == 0
+  # the same vectors as the batched forward pass (compute-all)
+  ids = jnp.asarray([s.tok.encode(texts[0])])
+  x, _ = jax.jit(lambda p, i: s.model.apply({"params": p}, i, compute_all=True))(s.params, ids)
+  np.testing.assert_allclose(a[0], np.asarray(x[0]), atol=1e-5)
+  # without context every occurrence of a token gets one vector
+  nc = cached.encode(["the bank", "a bank"], context=False)
+  np.testing.assert_array_equal(nc[0][-1], nc[1][-1])
+
+
+def test_bad_config_is_explained(setup):
+  with pytest.raises(ValueError, match="use_cnn or use_transformer"):
+    F.FuserSpec(use_cnn=False, use_transformer=False).validate()
+  with pytest.raises(ValueError, match="Unknown fuser.model fields"):
+    F.FuserSpec.from_config({"windows": 3})
+  with pytest.raises(ValueError, match="max_token_bytes"):
+    F.char_layout([b"x" * 20], 16)
+  lm = types.SimpleNamespace(vocab_size=3, d_model=8, token_bytes=None)
+  with pytest.raises(ValueError, match="token_bytes"):
+    F.lm_embedding(lm)
+
+
+def test_the_lm_takes_the_fuser_as_its_embedding_and_generation_refuses_it():
+  from fsqtok import generate as generate_lib  # pylint: disable=g-import-not-at-top
+  from fsqtok import lm as lm_lib  # pylint: disable=g-import-not-at-top
+  token_bytes = tuple([None] * 3 + [bytes([i]) for i in range(97, 123)] + [b"the", b"an"])
+  model = lm_lib.TransformerLM(vocab_size=len(token_bytes), d_model=16, num_layers=1,
+                               num_heads=2, mlp_dim=32, embedding="fuser", head="dense",
+                               token_bytes=token_bytes)
+  ids = jnp.asarray([[1, 5, 29, 7, 30, 2]], jnp.int32)
+  params = model.init(jax.random.PRNGKey(0), ids)["params"]
+  logits, _ = model.apply({"params": params}, ids)
+  chex.assert_shape(logits, (1, 6, len(token_bytes)))
+  changed, _ = model.apply({"params": params}, ids.at[0, 4].set(9))
+  chex.assert_trees_all_close(logits[:, :4], changed[:, :4])   # causal through the fuser
+  with pytest.raises(ValueError, match="fuser embedding"):
+    generate_lib.generate(model, params, [[1]], jax.random.PRNGKey(0), max_new_tokens=2,
+                          eos_id=2, pad_id=0)

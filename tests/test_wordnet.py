@@ -1,0 +1,72 @@
+"""The WordNet reader on a tiny database in WordNet's format, and the missing-database error."""
+import importlib.util
+import os
+
+import pytest
+
+from conftest import REPO
+from fsqtok import wordnet
+
+ENTRIES = {
+    "bank": {"sloping land beside a body of water": ["they pulled the canoe up on the bank",
+                                                     "he sat on the banks of the river"],
+             "a financial institution": ["he cashed a check at the bank",
+                                         "that bank holds the mortgage", "no word here"]},
+    "plant": {"a living organism": ["the plant needs water", "water the plants daily"],
+              "a factory": ["the plant closed", "they built a power plant"],
+              "a trick": ["it was a plant"]},
+    "river": {"a large stream": ["the river flooded", "swim in the river"]},
+}
+
+
+@pytest.fixture
+def db(tmp_path):
+  wordnet.write_fixture(str(tmp_path), ENTRIES)
+  return str(tmp_path)
+
+
+def test_reader_parses_index_and_data(db):
+  index = wordnet.read_index(db, "n")
+  synsets = wordnet.read_synsets(db, "n")
+  assert sorted(index) == ["bank", "plant", "river"]
+  assert len(index["bank"]) == 2 and len(index["plant"]) == 3
+  first = synsets[index["bank"][0]]
+  assert first.lemmas == ("bank",) and first.gloss.startswith("sloping land")
+  assert first.examples == ("they pulled the canoe up on the bank",
+                            "he sat on the banks of the river")
+  # offsets are byte positions in data.noun, as in the real database
+  with open(os.path.join(db, "data.noun"), "rb") as f:
+    f.seek(index["plant"][1])
+    assert f.readline().decode().split(" | ")[1].startswith("a factory")
+  assert wordnet.sense_counts(db, "n") == {"bank": 2, "plant": 3, "river": 1}
+
+
+def test_sense_examples_keep_polysemous_words_with_enough_examples(db):
+  ex = wordnet.sense_examples(db, ("n",), min_examples_per_sense=2)
+  assert {e.word for e in ex} == {"bank", "plant"}       # river has one sense
+  assert len({e.sense for e in ex if e.word == "plant"}) == 2  # "a trick" has one example
+  assert "no word here" not in {e.sentence for e in ex}
+  banks = [e for e in ex if e.sentence.startswith("he sat")][0]
+  assert banks.sentence[banks.start:banks.end] == "banks"
+  assert wordnet.find_word("Bankrupt", "bank") is None
+  assert wordnet.find_word("banking on it", "bank") == (0, 7)
+  assert wordnet.find_word("The Bank.", "bank") == (4, 8)
+
+
+def test_missing_database_names_the_fix(tmp_path):
+  with pytest.raises(FileNotFoundError, match="apt-get install wordnet-base"):
+    wordnet.sense_examples(str(tmp_path / "nowhere"))
+  spec = importlib.util.spec_from_file_location(
+      "eval_word_senses", os.path.join(REPO, "experiments", "eval_word_senses.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  from configs import fuser as fuser_config  # pylint: disable=g-import-not-at-top
+  with pytest.raises(FileNotFoundError, match="--wordnet_dir"):
+    module.run(fuser_config.get_config("tiny"), str(tmp_path / "out"), str(tmp_path / "none"))
+
+
+def test_malformed_files_are_reported(tmp_path):
+  (tmp_path / "index.noun").write_text("bank n x\n")
+  (tmp_path / "data.noun").write_text("")
+  with pytest.raises(ValueError, match="Malformed line in index.noun"):
+    wordnet.read_index(str(tmp_path), "n")
