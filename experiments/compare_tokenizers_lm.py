@@ -193,14 +193,14 @@ def _plot(results, path):
     x_index, x_label = (0, "training MB") if budget == "bytes" else (1, "training TFLOPs")
     scale = 1e6 if budget == "bytes" else 1e12
     for ax, (corpus, vocab) in zip(axes[row], groups):
-      for name in VARIANTS:
+      for color, name in enumerate(VARIANTS):  # one colour per variant in every panel
         runs = [r for r in results if (r["corpus"], r["requested_vocab"], r["variant"],
                                        r["budget"]) == (corpus, vocab, name, budget)]
         if runs:
           n = min(len(r["curve"]) for r in runs)
           x = np.mean([[p[x_index] for p in r["curve"][:n]] for r in runs], axis=0)
           y = np.mean([[p[2] for p in r["curve"][:n]] for r in runs], axis=0)
-          ax.plot(x / scale, y, marker="o", label=name)
+          ax.plot(x / scale, y, marker="o", label=name, color=f"C{color}")
       ax.set(title=f"{corpus}, vocabulary {vocab}, equal {budget}", xlabel=x_label,
              ylabel="held-out bits/byte")
       ax.legend()
