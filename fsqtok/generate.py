@@ -71,30 +71,32 @@ def _generate(model, params, prompt_BxP, valid_BxP, rng, *, max_new_tokens, temp
   return jax.lax.while_loop(cond, body, carry)[4]
 
 
-def _check_model(model) -> None:
+def _left_padded(model, prompts, max_new_tokens: int, pad_id: int, *, tokens_per_step: int):
+  """Checks the model and the request; the prompts left-padded: ``(ids_BxP, valid_BxP)``."""
   if model.embedding == "fuser":
     raise ValueError("The fuser embedding needs the ids before each new token, which the "
                      "key/value cache does not keep yet: generation with "
                      "embedding='fuser' is not supported (score with the full forward).")
+  if not prompts or any(len(q) == 0 for q in prompts):
+    raise ValueError("Each prompt needs at least one token (e.g. [BOS]).")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+  p = max(len(q) for q in prompts)
+  if model.positions == "learned" and p + max_new_tokens * tokens_per_step > model.max_len:
+    raise ValueError(f"prompt ({p}) + {max_new_tokens} steps of up to {tokens_per_step} "
+                     f"tokens exceeds the model's learned positions ({model.max_len}).")
+  ids = np.full((len(prompts), p), pad_id, np.int32)
+  valid = np.zeros((len(prompts), p), bool)
+  for i, q in enumerate(prompts):
+    ids[i, p - len(q):], valid[i, p - len(q):] = q, True
+  return ids, valid
 
 
 def generate(model: lm_lib.TransformerLM, params, prompts: Sequence[Sequence[int]], rng, *,
              max_new_tokens: int, eos_id: int, pad_id: int, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0) -> list[list[int]]:
   """New token ids per prompt (without the prompt), stopping after EOS (included)."""
-  _check_model(model)
-  if not prompts or any(len(q) == 0 for q in prompts):
-    raise ValueError("Each prompt needs at least one token (e.g. [BOS]).")
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
-  p = max(len(q) for q in prompts)
-  if p + max_new_tokens > model.max_len and model.positions == "learned":
-    raise ValueError(f"prompt ({p}) + max_new_tokens ({max_new_tokens}) exceeds the "
-                     f"model's learned positions ({model.max_len}).")
-  ids = np.full((len(prompts), p), pad_id, np.int32)
-  valid = np.zeros((len(prompts), p), bool)
-  for i, q in enumerate(prompts):
-    ids[i, p - len(q):], valid[i, p - len(q):] = q, True
+  ids, valid = _left_padded(model, prompts, max_new_tokens, pad_id, tokens_per_step=1)
   out = np.asarray(_generate(model, params, jnp.asarray(ids), jnp.asarray(valid), rng,
                              max_new_tokens=max_new_tokens, temperature=float(temperature),
                              top_k=int(top_k), top_p=float(top_p), eos_id=int(eos_id),
@@ -183,22 +185,11 @@ def generate_open(model: lm_lib.TransformerLM, params, tok, codec, codec_params,
   if not model.head.startswith("factorized"):
     raise ValueError(f"generate_open samples codes from a factorized head; this model's "
                      f"head is {model.head!r} (use generate()).")
-  _check_model(model)
-  if not prompts or any(len(q) == 0 for q in prompts):
-    raise ValueError("Each prompt needs at least one token (e.g. [BOS]).")
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
-  p = max(len(q) for q in prompts)
-  if model.positions == "learned" and p + max_new_tokens * codec.max_len > model.max_len:
-    raise ValueError(f"prompt ({p}) + {max_new_tokens} steps of up to {codec.max_len} byte "
-                     f"tokens exceeds the model's learned positions ({model.max_len}).")
+  ids, valid = _left_padded(model, prompts, max_new_tokens, tok.pad_id,
+                            tokens_per_step=codec.max_len)
   codes = np.asarray([tok.id_to_code(i) for i in range(len(tok))], np.int64)
   has = np.flatnonzero(codes >= 0)
   order = np.argsort(codes[has])
-  ids = np.full((len(prompts), p), tok.pad_id, np.int32)
-  valid = np.zeros((len(prompts), p), bool)
-  for i, q in enumerate(prompts):
-    ids[i, p - len(q):], valid[i, p - len(q):] = q, True
   chunks, chunk_valid, kinds, codes = jax.device_get(_generate_open(
       model, params, codec, codec_params, jnp.asarray(ids), jnp.asarray(valid), rng,
       jnp.asarray(codes[has][order], jnp.int32), jnp.asarray(has[order], jnp.int32),
