@@ -44,6 +44,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fsqtok import baselines  # noqa: E402
+from fsqtok import corpus as corpus_lib  # noqa: E402
 from fsqtok import curriculum  # noqa: E402
 from fsqtok import generate as generate_lib  # noqa: E402
 from fsqtok import lm_train  # noqa: E402
@@ -70,16 +71,6 @@ VARIANTS = {  # name -> (tokenizer kind, embedding, head)
     "hf-bpe": ("hf-bpe", "table", "tied"),
     "raw-bytes": ("raw-bytes", "table", "tied"),
 }
-
-
-def _pairs(spec: str) -> dict[str, str]:
-  out = {}
-  for item in filter(None, spec.split(",")):
-    name, _, value = item.partition("=")
-    if not value:
-      raise app.UsageError(f"Expected name=value in {spec!r}.")
-    out[name] = value
-  return out
 
 
 def _tokenizer(kind, config, corpus, spec, vocab, texts, pieces, codec_dir, out):
@@ -231,7 +222,11 @@ def main(argv):
     _plot(results, os.path.join(out, "bpb_vs_bytes.png"))
     print(results_table(results))
     return
-  corpora, codec_dirs = _pairs(config.corpora), _pairs(config.codec_workdirs)
+  try:
+    corpora = corpus_lib.parse_named(config.corpora)
+    codec_dirs = corpus_lib.parse_named(config.codec_workdirs, "codec_workdirs")
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   unknown = set(config.budgets) - {"bytes", "flops"}
   if unknown:
     raise app.UsageError(f"Unknown budgets {sorted(unknown)}: use 'bytes' and/or 'flops'.")

@@ -105,6 +105,18 @@ def load_documents(spec: str, *, data_dir: str | None = None, text_key: str = "t
   return docs
 
 
+def parse_named(spec: str, what: str = "corpora") -> dict[str, str]:
+  """``"a=builtin,b=files:x.txt"`` -> ``{"a": "builtin", "b": "files:x.txt"}``."""
+  out = {}
+  for item in filter(None, spec.split(",")):
+    name, _, value = item.partition("=")
+    if not name or not value:
+      raise ValueError(f"Expected name=value pairs in {what} {spec!r}, e.g. "
+                       f"builtin=builtin,ts=files:../shared/data/tinyshakespeare.txt.")
+    out[name] = value
+  return out
+
+
 def split_blocks(text: str, block_chars: int) -> list[str]:
   """Cuts a document into blocks of about ``block_chars`` characters at line ends."""
   blocks, start = [], 0

@@ -36,6 +36,7 @@ from fsqtok import corpus as corpus_lib
 from fsqtok import lm as lm_lib
 from fsqtok import lm_train
 from fsqtok import optimizer as optimizer_lib
+from fsqtok import recon
 from fsqtok import soft_prompt
 from fsqtok import token_importance
 from fsqtok import token_roles
@@ -43,14 +44,8 @@ from fsqtok import workdir as workdir_lib
 
 
 def parse_corpora(spec: str) -> dict[str, str]:
-  """``"a=builtin,b=files:x.txt"`` -> ``{"a": "builtin", "b": "files:x.txt"}``."""
-  out = {}
-  for item in filter(None, spec.split(",")):
-    name, _, source = item.partition("=")
-    if not name or not source:
-      raise ValueError(f"Expected name=spec in corpora {spec!r}, e.g. "
-                       f"builtin=builtin,ts=files:../shared/data/tinyshakespeare.txt.")
-    out[name] = source
+  """``"a=builtin,b=files:x.txt"`` -> ``{"a": "builtin", "b": "files:x.txt"}`` (>= 2)."""
+  out = corpus_lib.parse_named(spec)
   if len(out) < 2:
     raise ValueError(f"The classification task needs at least two corpora, got {spec!r}.")
   return out
@@ -58,13 +53,11 @@ def parse_corpora(spec: str) -> dict[str, str]:
 
 def load_corpora(config) -> dict[str, tuple[list[str], list[str]]]:
   """Train/validation texts of each corpus in ``config.corpora``."""
-  d = config.data
   out = {}
   for name, source in parse_corpora(config.corpora).items():
-    docs = corpus_lib.load_documents(source, data_dir=d.tfds_data_dir or None,
-                                     text_key=d.text_key)
-    out[name] = corpus_lib.split_documents(docs, val_fraction=d.val_fraction,
-                                           seed=d.split_seed, block_chars=d.block_chars)
+    c = config.copy_and_resolve_references()
+    c.data.source = source
+    out[name] = recon.load_texts(c)
   return out
 
 
