@@ -12,10 +12,13 @@ Arguments (``get_config(arg)``):
          bfloat16.
 
 The codec fields (``data``, ``model``, ``optim``, ``train``) are those of configs/recon.py;
-the LM's are under ``lm``, the joint phase's under ``joint``, the sample's under ``sample``.
+the LM's are under ``lm``, the fuser phase's under ``fuser`` (only with
+``lm.model.embedding="fuser"``), the joint phase's under ``joint``, the sample's under
+``sample``.
 """
 import ml_collections
 
+from configs import fuser as fuser_config
 from configs import recon as recon_config
 from fsqtok.optimizer import adamw_config
 
@@ -37,7 +40,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   m.positions = "rope"           # rope | learned
   m.dropout = 0.0
   m.dtype = "float32"            # float32 | bfloat16 (accelerators)
-  m.embedding = "codec"          # table | bespoke | code_factorized | codec (fsqtok/embeddings.py)
+  m.embedding = "codec"          # table | bespoke | code_factorized | codec | fuser (fsqtok/embeddings.py)
+  # The fuser embedding's hyperparameters (`fsqtok.fuser.FuserSpec`; made causal), used
+  # only with embedding="fuser"; its pretraining is ``c.fuser`` below.
+  m.fuser = fuser_config.model_config(tiny=arg == "tiny")
+  m.fuser.window_right = 0
   m.head = "dense"               # tied (table only) | dense | factorized | factorized_vocab
   # Token-level options (fsqtok/lm.py; the study: configs/token_techniques.py), all off:
   m.num_registers = 0            # learned register vectors before every sequence
@@ -55,6 +62,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       "progress_bar": True,
       # MFU denominator; 0: looked up by device kind (fsqtok/lm_train.PEAK_FLOPS)
       "peak_flops_per_device": 0.0})
+
+  # With lm.model.embedding="fuser": the fuser phase trains it first (masked LM + InfoNCE
+  # + drift; configs/fuser.py's training fields); num_steps=0: the LM starts from a fresh one.
+  c.fuser = fuser_config.training_config(tiny=arg == "tiny")
 
   c.joint = ml_collections.ConfigDict()
   c.joint.num_steps = 200        # 0: no joint phase
@@ -99,5 +110,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.lm.train.update({"num_steps": 50_000, "eval_every": 5000, "eval_batch_size": 64,
                        "checkpoint_every": 2500})
     c.joint.num_steps = 5000
+    c.fuser.train.num_steps = 20_000
+    c.fuser.data.seq_len, c.fuser.data.batch_size = 128, 64
     c.joint.piece_batch_size = 1024
   return c

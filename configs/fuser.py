@@ -14,9 +14,9 @@ Arguments (``get_config(arg)``):
   tiny   seconds; for tests and the notebook.
 
 Sub-configs: ``data`` (the corpus, fields of configs/recon.py), ``tokenizer`` (a saved
-fsqtok tokenizer directory, or "" for one counted from the corpus's pieces),
-``ambiguity`` (the precomputed ambiguous set), ``fuser`` (``model``: `fsqtok.fuser.FuserSpec`
-fields; ``loss``: `fsqtok.fuser_train.StepConfig` fields; ``optim``, ``train``, ``data``),
+fsqtok tokenizer directory, or "" for one counted from the corpus's pieces), ``fuser``
+(``model``: `fsqtok.fuser.FuserSpec` fields; ``ambiguity``: the precomputed ambiguous set;
+``loss``: `fsqtok.fuser_train.StepConfig` fields; ``optim``, ``train``, ``data``),
 ``lm`` (the LM of the hidden-state baseline and of the cost measurement, fields of
 configs/curriculum.py's ``lm``), ``eval`` (the word-sense probe and the cost timing).
 """
@@ -26,26 +26,9 @@ from configs import recon as recon_config
 from fsqtok.optimizer import adamw_config
 
 
-def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  if arg not in ("", "tiny"):
-    raise ValueError(f"Unknown configs/fuser.py argument {arg!r}: use '' or tiny.")
-  c = recon_config.get_config("")
-  c.phase = "fuser"
-  c.seed = 0
-
-  c.tokenizer = ml_collections.ConfigDict({
-      "dir": "",             # a saved fsqtok tokenizer; "" = count one from the corpus
-      "vocab_size": 2048,    # of the counted tokenizer (specials and bytes included)
-  })
-  c.ambiguity = ml_collections.ConfigDict({
-      "wordnet_min_senses": 4,  # token strings that are lemmas with this many senses
-      "corpus_top_k": 64,       # + the tokens with the most varied next token
-      "min_count": 20,
-  })
-
-  f = c.fuser = ml_collections.ConfigDict()
-  f.d_model = 128
-  f.model = ml_collections.ConfigDict(dict(
+def model_config(tiny: bool = False) -> ml_collections.ConfigDict:
+  """The fuser's hyperparameters: `fsqtok.fuser.FuserSpec` fields."""
+  m = ml_collections.ConfigDict(dict(
       window_left=4, window_right=4,   # context, in tokens each side
       context_bytes=24,                # ... cut to this many bytes each side (0: no cut)
       max_token_bytes=16,
@@ -57,6 +40,23 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       gate_hidden=64, threshold=0.5,
       capacity=0.0,                    # share of tokens computed dynamically; 0 = all
   ))
+  if tiny:
+    m.update(dict(window_left=2, window_right=2, context_bytes=8, char_dim=16,
+                  hidden_dim=32, transformer_heads=2, fragment_dim=32, fusion_heads=2,
+                  fused_dim=32, doc_dim=16, image_dim=8, audio_dim=8, gate_hidden=16))
+  return m
+
+
+def training_config(tiny: bool = False) -> ml_collections.ConfigDict:
+  """How the fuser is trained (`fsqtok.fuser_train.train_fuser`): ``ambiguity`` (the
+  precomputed ambiguous set), ``loss`` (`fsqtok.fuser_train.StepConfig` fields),
+  ``optim``, ``data`` (token windows), ``train``."""
+  f = ml_collections.ConfigDict()
+  f.ambiguity = ml_collections.ConfigDict({
+      "wordnet_min_senses": 4,  # token strings that are lemmas with this many senses
+      "corpus_top_k": 64,       # + the tokens with the most varied next token
+      "min_count": 20,
+  })
   f.loss = ml_collections.ConfigDict(dict(
       mask_rate=0.15, mlm_weight=1.0, nce_weight=0.5, nce_samples=64, temperature=0.1,
       drift_weight=0.1, reference_every=10, reference_momentum=0.1, gate_cost=0.01,
@@ -66,6 +66,32 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   f.data = ml_collections.ConfigDict({"seq_len": 32, "batch_size": 8})
   f.train = ml_collections.ConfigDict({
       "num_steps": 150, "log_every": 25, "checkpoint_every": 50, "progress_bar": True})
+  if tiny:
+    f.ambiguity.corpus_top_k, f.ambiguity.min_count = 8, 2
+    f.loss.nce_samples = 16
+    f.loss.reference_every = 2
+    f.optim.warmup_steps = 2
+    f.data.seq_len, f.data.batch_size = 16, 4
+    f.train.update({"num_steps": 6, "log_every": 2, "checkpoint_every": 3,
+                    "progress_bar": False})
+  return f
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  if arg not in ("", "tiny"):
+    raise ValueError(f"Unknown configs/fuser.py argument {arg!r}: use '' or tiny.")
+  tiny = arg == "tiny"
+  c = recon_config.get_config("")
+  c.phase = "fuser"
+  c.seed = 0
+
+  c.tokenizer = ml_collections.ConfigDict({
+      "dir": "",             # a saved fsqtok tokenizer; "" = count one from the corpus
+      "vocab_size": 2048,    # of the counted tokenizer (specials and bytes included)
+  })
+  f = c.fuser = training_config(tiny)
+  f.d_model = 32 if tiny else 128
+  f.model = model_config(tiny)
 
   c.lm = ml_collections.ConfigDict()
   m = c.lm.model = ml_collections.ConfigDict()
@@ -90,20 +116,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       "activation_batches": 20,
   })
 
-  if arg == "tiny":
+  if tiny:
     c.data.block_chars = 512
     c.tokenizer.vocab_size = 400
-    c.ambiguity.corpus_top_k, c.ambiguity.min_count = 8, 2
-    f.d_model = 32
-    f.model.update(dict(window_left=2, window_right=2, context_bytes=8, char_dim=16,
-                        hidden_dim=32, transformer_heads=2, fragment_dim=32, fusion_heads=2,
-                        fused_dim=32, doc_dim=16, image_dim=8, audio_dim=8, gate_hidden=16))
-    f.loss.nce_samples = 16
-    f.loss.reference_every = 2
-    f.optim.warmup_steps = 2
-    f.data.seq_len, f.data.batch_size = 16, 4
-    f.train.update({"num_steps": 6, "log_every": 2, "checkpoint_every": 3,
-                    "progress_bar": False})
     m.d_model, m.num_layers, m.num_heads, m.mlp_dim = 32, 1, 2, 64
     c.lm.data.seq_len, c.lm.data.batch_size = 32, 4
     c.lm.optim.warmup_steps = 2

@@ -31,8 +31,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fsqtok import embeddings as embeddings_lib  # noqa: E402  pylint: disable=g-import-not-at-top
-from fsqtok import fuser as fuser_lib  # noqa: E402
+from fsqtok import fuser as fuser_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 from fsqtok import fuser_train  # noqa: E402
 from fsqtok import lm as lm_lib  # noqa: E402
 from fsqtok import lm_data  # noqa: E402
@@ -46,9 +45,6 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/fuser.py", "Experim
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 _WORDNET = flags.DEFINE_string("wordnet_dir", wordnet.DEFAULT_DIR,
                                "WordNet database directory (apt-get install wordnet-base).")
-
-LM_EMBEDDING = "fuser_eval"  # registered for this run (see the report for the lead's name)
-
 
 # ---- the word-sense probe ---------------------------------------------------------------
 
@@ -186,18 +182,18 @@ def _time(fn, *args, repeats: int) -> float:
 def cost_table(config, tok, fuser_spec, ambiguous):
   """Per-token forward time and compiled memory, fuser vs static table, one run."""
   e = config.eval
-  causal = dataclasses.replace(fuser_spec, window_right=0, capacity=0.0)
-  embeddings_lib.EMBEDDINGS[LM_EMBEDDING] = lambda lm: fuser_lib.lm_embedding(lm, causal)
   token_bytes = [tok.token_bytes(i) for i in range(len(tok))]
   rng = np.random.default_rng(0)
   ids = jnp.asarray(rng.integers(len(tok.special_tokens), len(tok),
                                  (e.cost_batch_size, e.cost_seq_len)), jnp.int32)
   tokens = ids.size
   rows = {}
-  for name, emb in (("LM, static table", "table"), ("LM, fuser embedding", LM_EMBEDDING)):
+  for name, emb in (("LM, static table", "table"), ("LM, fuser embedding", "fuser")):
     m = config.lm.model.copy_and_resolve_references()
     m.embedding = emb
-    model = lm_lib.lm_from_config(m, len(tok), token_bytes=token_bytes)
+    m.fuser = dataclasses.asdict(fuser_spec)  # made causal by the LM
+    model = lm_lib.lm_from_config(m, len(tok), token_bytes=token_bytes,
+                                  ambiguous_ids=ambiguous)
     params = jax.jit(model.init)(jax.random.PRNGKey(0), ids[:1])["params"]
     fn = jax.jit(lambda p, i, model=model: model.apply({"params": p}, i)[0])
     compiled = fn.lower(params, ids).compile()
@@ -243,7 +239,7 @@ def run(config, workdir: str, wordnet_dir: str) -> dict:
   texts = recon.load_texts(config)
   tok, tok_kind = load_tokenizer(config, texts[0], workdir)
   streams = [lm_data.token_stream(tok, texts[0])]
-  a = config.ambiguity
+  a = config.fuser.ambiguity
   ambiguous = fuser_train.ambiguous_ids(
       tok, streams, corpus_top_k=a.corpus_top_k, min_count=a.min_count,
       sense_counts=wordnet.sense_counts(wordnet_dir, tuple(config.eval.pos)),

@@ -1,4 +1,9 @@
-"""The whole curriculum: ``recon -> vocab -> lm -> joint``, then a sample.
+"""The whole curriculum: ``recon -> vocab -> [fuser] -> lm -> joint``, then a sample.
+
+With ``lm.model.embedding = "fuser"`` the ``fuser`` phase first trains the contextual
+fuser (`fsqtok.fuser_train`: masked LM + InfoNCE + drift, causal windows, the spec
+``lm.model.fuser``) on the curriculum's tokens, and the LM starts from it as its embedding
+(``fuser.train.num_steps = 0``: from a fresh one).
 
 Each phase lives in ``WORKDIR/<phase>/``, starts from the previous phase's final state and
 resumes from its own newest checkpoint; a finished phase is skipped, so running a finished
@@ -7,15 +12,18 @@ curriculum again only re-reads its reports.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fsqtok import evaluate as evaluate_lib
+from fsqtok import fuser as fuser_lib
+from fsqtok import fuser_train
 from fsqtok import generate as generate_lib
 from fsqtok import lm as lm_lib
+from fsqtok import lm_data
 from fsqtok import lm_train
 from fsqtok import recon
 from fsqtok import sharding as sharding_lib
@@ -24,16 +32,63 @@ from fsqtok.data import PieceSet
 from fsqtok.tokenizer import VOCAB_FILE, Tokenizer
 from fsqtok.tokenizer_build import train_tokenizer
 
+AMBIGUOUS_FILE = "ambiguous_ids.json"
 
-def build_lm(config, tok: Tokenizer, codec=None, token_counts=None) -> lm_lib.TransformerLM:
+
+def build_lm(config, tok: Tokenizer, codec=None, token_counts=None,
+             ambiguous_ids=()) -> lm_lib.TransformerLM:
   """The LM of ``config.lm.model`` over ``tok``'s ids (codes and bytes per id;
-  ``token_counts``: training counts per id, for the bespoke embedding)."""
+  ``token_counts``: training counts per id, for the bespoke embedding;
+  ``ambiguous_ids``: the fuser embedding's precomputed ambiguous set)."""
   ids = range(len(tok))
   return lm_lib.lm_from_config(
       config.lm.model, len(tok), token_codes=[tok.id_to_code(i) for i in ids],
       levels=config.model.levels, token_bytes=[tok.token_bytes(i) for i in ids],
       codec=codec if config.lm.model.embedding == "codec" else None,
-      token_counts=token_counts if config.lm.model.embedding == "bespoke" else None)
+      token_counts=token_counts if config.lm.model.embedding == "bespoke" else None,
+      ambiguous_ids=ambiguous_ids)
+
+
+def fuser_ambiguous_ids(config, workdir: str, tok: Tokenizer,
+                        train_texts: Callable[[], Sequence[str]]) -> tuple[int, ...]:
+  """The fuser embedding's ambiguous set from the statistics of the training tokens
+  (``config.fuser.ambiguity``), computed once and kept in ``WORKDIR/fuser``; () for other
+  embeddings."""
+  if config.lm.model.embedding != "fuser":
+    return ()
+  path = os.path.join(workdir, "fuser", AMBIGUOUS_FILE)
+  if os.path.exists(path):
+    return tuple(workdir_lib.read_json(path))
+  a = config.fuser.ambiguity
+  stream = lm_data.token_stream(tok, train_texts())
+  ids = fuser_train.ambiguous_ids(tok, [stream], corpus_top_k=a.corpus_top_k,
+                                  min_count=a.min_count)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  workdir_lib.write_json(path, list(ids))
+  return ids
+
+
+def with_fuser(params, fuser_params):
+  """The LM's parameters with its fuser embedding replaced by a trained fuser's (the
+  masked-LM head, which the LM does not use, left out)."""
+  trained = {k: v for k, v in fuser_params.items() if k != "mlm_head"}
+  current = params["embed"]["fuser"]
+  if jax.tree.structure(current) != jax.tree.structure(trained) or any(
+      a.shape != b.shape for a, b in zip(jax.tree.leaves(current), jax.tree.leaves(trained))):
+    raise ValueError("The trained fuser does not fit the LM's fuser embedding: train it "
+                     "with the LM's spec (lm.model.fuser) and d_model.")
+  return {**params, "embed": {**params["embed"], "fuser": trained}}
+
+
+def train_fuser_phase(config, workdir: str, model: lm_lib.TransformerLM, tok: Tokenizer,
+                      texts) -> tuple[dict[str, Any], Any]:
+  """Trains the LM's fuser embedding on its own (``WORKDIR/fuser``), with the LM's causal
+  spec, vocabulary, width and ambiguous set."""
+  fuser_model = fuser_lib.ContextualFuser(model.vocab_size, model.d_model,
+                                          model.token_bytes, fuser_lib.lm_spec(model),
+                                          model.ambiguous_ids)
+  return fuser_train.train_fuser(config, os.path.join(workdir, "fuser"), fuser_model, tok,
+                                 texts)
 
 
 def load_lm(config, workdir: str):
@@ -45,7 +100,8 @@ def load_lm(config, workdir: str):
   if config.lm.model.embedding == "bespoke":
     counts = lm_train.LMData(tok, recon.load_texts(config), config.lm.data.seq_len
                              ).token_counts(len(tok))
-  model = build_lm(config, tok, codec, counts)
+  model = build_lm(config, tok, codec, counts,
+                   fuser_ambiguous_ids(config, workdir, tok, lambda: recon.load_texts(config)[0]))
   phase = "joint" if os.path.exists(os.path.join(workdir, "joint", lm_train.PARAMS_FILE)) else "lm"
   init = lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
   return tok, model, lm_train.load_phase_params(os.path.join(workdir, phase), init)
@@ -80,13 +136,19 @@ def run_curriculum(config, workdir: str) -> dict[str, Any]:
   tok = Tokenizer.load(vocab_dir)
   codec, codec_params = recon.load_trained_codec(config, workdir)
   data = lm_train.LMData(tok, texts, config.lm.data.seq_len, pieces)
-  model = build_lm(config, tok, codec, data.token_counts(len(tok)))
+  model = build_lm(config, tok, codec, data.token_counts(len(tok)),
+                   fuser_ambiguous_ids(config, workdir, tok, lambda: texts[0]))
+  fuser_params = None
+  if model.embedding == "fuser" and config.fuser.train.num_steps:
+    report["fuser"], fuser_params = train_fuser_phase(config, workdir, model, tok, texts[0])
 
   def fresh_params():
     params = model.init(jax.random.PRNGKey(config.seed),
                         jnp.zeros((1, config.lm.data.seq_len), jnp.int32))["params"]
     if model.codec is not None:
       params = {**params, "codec": codec_params}
+    if fuser_params is not None:
+      params = with_fuser(params, fuser_params)
     return params
 
   report["lm"], params = lm_train.train_lm_phase("lm", config, workdir, model, data,
@@ -108,10 +170,7 @@ def run_curriculum(config, workdir: str) -> dict[str, Any]:
   prompt = [tok.bos_id, *tok.encode(s.prompt)]
   kw = dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
             top_p=s.top_p)
-  if model.embedding == "fuser":  # its causal windows are not kept by the KV cache yet
-    report["sample"] = {"prompt": s.prompt, "text": "", "skipped": "generation with the "
-                        "fuser embedding is not supported yet"}
-  elif model.head.startswith("factorized"):  # sample its code space; the codec decodes codes
+  if model.head.startswith("factorized"):  # sample its code space; the codec decodes codes
     out = generate_lib.generate_open(
         model, params, tok, codec, params["codec"] if model.codec is not None else codec_params,
         [prompt], jax.random.PRNGKey(s.seed), **kw)[0]
@@ -122,8 +181,7 @@ def run_curriculum(config, workdir: str) -> dict[str, Any]:
                                 eos_id=tok.eos_id, pad_id=tok.pad_id, **kw)[0]
     text = tok.decode(new, skip_special_tokens=True)
     report["sample"] = {}
-  if "skipped" not in report["sample"]:
-    report["sample"] |= {"prompt": s.prompt, "text": s.prompt + text}
+  report["sample"] |= {"prompt": s.prompt, "text": s.prompt + text}
   final = report.get("joint", {}).get("validation") or report["lm"]["validation"]
   report["bits_per_byte"] = final["bits_per_byte"]
   workdir_lib.write_json(os.path.join(workdir, "curriculum_report.json"), report)

@@ -10,8 +10,9 @@ Embeddings map ``ids_BxT -> x_BxTxD``:
   4,096,000 codes); tokens without a code (specials, bytes) get rows of a small table.
 * ``fuser``: the contextual fuser (`fsqtok.fuser`): each token's bytes with the bytes of
   the tokens before it (causal window) where the ambiguity gate is on, the static table
-  row where it is off; default `fsqtok.fuser.FuserSpec`. Not usable with the key/value
-  cache yet (the generation functions refuse it).
+  row where it is off; its hyperparameters are the LM's ``fuser`` field (default
+  `fsqtok.fuser.FuserSpec`). It reads the ``window_left`` ids before each token: the LM
+  passes them (`context_len`), and its key/value cache keeps the last ones for generation.
 * ``codec``: a token's bytes go through the codec's encoder and FSQ (straight-through),
   and an MLP maps its code to ``d_model``; specials get rows of a small table. The codec
   is a submodule, so the LM loss reaches it: frozen in the ``lm`` phase, trained in
@@ -297,6 +298,17 @@ EMBEDDINGS = {
     "codec": lambda lm: CodecEmbedding(lm.vocab_size, lm.d_model, lm.token_bytes, lm.codec),
     "fuser": fuser_lib.lm_embedding,
 }
+
+# Embeddings that read the ids before each token: how many (the LM passes them, with the
+# valid mask, and its key/value cache keeps the last ones).
+CONTEXT = {"fuser": lambda lm: fuser_lib.lm_spec(lm).window_left}
+OUTSIDE = fuser_lib.OUTSIDE  # "no token here" in those ids
+
+
+def context_len(lm) -> int:
+  """How many previous ids ``lm``'s embedding reads (0 for a plain lookup)."""
+  return CONTEXT[lm.embedding](lm) if lm.embedding in CONTEXT else 0
+
 
 HEADS = {
     "tied": lambda lm, embed: TiedHead(embed),

@@ -129,11 +129,15 @@ def char_layout(token_bytes: Sequence[bytes | None], max_len: int
 
 
 def context_windows(ids_BxT: jax.Array, left: int, right: int,
-                    prefix_BxP: jax.Array | None = None) -> jax.Array:
+                    prefix_BxP: jax.Array | None = None,
+                    valid_BxT: jax.Array | None = None) -> jax.Array:
   """``windows_BxTxW``: for each position the ids ``[t - left, t + right]`` (`OUTSIDE`
-  beyond the sequence; ``prefix_BxP``: the ids before the sequence, e.g. while
-  generating with a key/value cache)."""
+  beyond the sequence and where ``valid_BxT`` is False, so padding is never seen as
+  context; ``prefix_BxP``: the ids before the sequence, e.g. while generating with a
+  key/value cache, `OUTSIDE` where there are none)."""
   b, t = ids_BxT.shape
+  if valid_BxT is not None:
+    ids_BxT = jnp.where(valid_BxT, ids_BxT, OUTSIDE)
   before = jnp.full((b, left), OUTSIDE, ids_BxT.dtype)
   if prefix_BxP is not None and left:
     p = prefix_BxP.astype(ids_BxT.dtype)[:, -left:]
@@ -395,11 +399,12 @@ class ContextualFuser(nn.Module):
   # -- entry points --
 
   def __call__(self, ids_BxT, signals=None, prefix_BxP=None, compute_all: bool | None = None,
-               force_dynamic: bool = False, extra_ExW=None, extra_rows_E=None):
+               force_dynamic: bool = False, extra_ExW=None, extra_rows_E=None,
+               valid_BxT=None):
     b, t = ids_BxT.shape
     signals = empty_signals(b, self.spec) if signals is None else signals
     windows = context_windows(ids_BxT, self.spec.window_left, self.spec.window_right,
-                              prefix_BxP).reshape(b * t, -1)
+                              prefix_BxP, valid_BxT).reshape(b * t, -1)
     rows = jnp.repeat(jnp.arange(b), t)
     x, aux = self.embed_windows(windows, rows, signals, compute_all, force_dynamic,
                                 extra_ExW, extra_rows_E)
@@ -466,8 +471,12 @@ def ema_update(reference_VxD, seen_V, means_VxD, counts_V, momentum: float):
 class FuserEmbedding(nn.Module):
   """The fuser as the LM's embedding: causal (no right context), every gated token
   computed (a fixed capacity would let later tokens compete with earlier ones for slots,
-  which is not causal). ``prefix_BxP``: the ids before ``ids_BxT`` (generation with a
-  key/value cache passes the previous ``window_left`` ids)."""
+  which is not causal). Its parameters are a `ContextualFuser`'s, under ``fuser``, so a
+  fuser trained by `fsqtok.fuser_train` (with the same spec) can be loaded into it.
+
+  ``valid_BxT``: padding is never context. ``prefix_BxP``: the ``window_left`` ids before
+  ``ids_BxT`` (`OUTSIDE` where there are none); the LM keeps them in its key/value cache.
+  """
 
   vocab_size: int
   d_model: int
@@ -481,26 +490,32 @@ class FuserEmbedding(nn.Module):
     self.fuser = ContextualFuser(self.vocab_size, self.d_model, self.token_bytes, self.spec,
                                  self.ambiguous_ids)
 
-  def __call__(self, ids_BxT, prefix_BxP=None):
-    x, _ = self.fuser(ids_BxT, prefix_BxP=prefix_BxP, compute_all=True)
+  def __call__(self, ids_BxT, valid_BxT=None, prefix_BxP=None):
+    x, _ = self.fuser(ids_BxT, prefix_BxP=prefix_BxP, compute_all=True, valid_BxT=valid_BxT)
     return x
 
   def attend(self, x_BxTxD):
     return self.fuser.attend(x_BxTxD)
 
 
-def lm_embedding(lm, spec: FuserSpec | None = None) -> nn.Module:
-  """The factory for `fsqtok.embeddings.EMBEDDINGS`: the fuser over ``lm``'s token bytes.
-  ``spec``: its hyperparameters (default: `FuserSpec` with ``window_right = 0``; an LM
-  with a ``fuser`` field passes that)."""
+def lm_spec(lm) -> FuserSpec:
+  """The causal spec of ``lm``'s fuser embedding: its ``fuser`` field (a `FuserSpec` or a
+  config of its fields; default `FuserSpec`) with ``window_right = 0`` and every token
+  computed."""
+  spec = getattr(lm, "fuser", None) or FuserSpec()
+  if not isinstance(spec, FuserSpec):
+    spec = FuserSpec.from_config(spec)
+  return dataclasses.replace(spec, window_right=0, capacity=0.0)
+
+
+def lm_embedding(lm) -> nn.Module:
+  """The factory for `fsqtok.embeddings.EMBEDDINGS`: the fuser over ``lm``'s token bytes,
+  with ``lm.fuser``'s hyperparameters (`lm_spec`) and ``lm.ambiguous_ids``."""
   if lm.token_bytes is None:
     raise ValueError("The fuser embedding needs each token's bytes (token_bytes): build "
                      "the LM with fsqtok.curriculum.build_lm or pass token_bytes.")
-  spec = spec or getattr(lm, "fuser", None) or FuserSpec()
-  if isinstance(spec, dict) or hasattr(spec, "to_dict"):
-    spec = FuserSpec.from_config(spec)
-  spec = dataclasses.replace(spec, window_right=0, capacity=0.0)
-  return FuserEmbedding(lm.vocab_size, lm.d_model, tuple(lm.token_bytes), spec)
+  return FuserEmbedding(lm.vocab_size, lm.d_model, tuple(lm.token_bytes), lm_spec(lm),
+                        tuple(getattr(lm, "ambiguous_ids", ()) or ()))
 
 
 # ---- inference with a host-side cache ---------------------------------------------------

@@ -118,8 +118,8 @@ def losses(params, state: FuserState, batch, rng, c: StepConfig, spec: fuser_lib
 
   # InfoNCE views of sampled positions (uncorrupted ids): the token in its context, the
   # context alone, the token in a shuffled context
-  windows = fuser_lib.context_windows(ids, spec.window_left, spec.window_right
-                                      ).reshape(b * t, -1)
+  windows = fuser_lib.context_windows(ids, spec.window_left, spec.window_right,
+                                      valid_BxT=valid).reshape(b * t, -1)
   pos, _ = _sample_positions(nce_rng, ordinary.reshape(-1), c.nce_samples)
   rows = pos // t
   win = windows[pos]
@@ -130,7 +130,7 @@ def losses(params, state: FuserState, batch, rng, c: StepConfig, spec: fuser_lib
   # one dynamic pass for the batch and the views (one graph to compile, not two)
   x, aux = model_apply(variables, inputs, signals,
                        extra_ExW=jnp.concatenate([win, ctx_only, shuffled]),
-                       extra_rows_E=jnp.tile(rows, 3))
+                       extra_rows_E=jnp.tile(rows, 3), valid_BxT=valid)
   z = aux["extra"]
   m = c.nce_samples
   nce = fuser_lib.info_nce(z[:m], z[m:2 * m], z[2 * m:], c.temperature)
@@ -303,7 +303,7 @@ def train_fuser(config, workdir: str, model: fuser_lib.ContextualFuser, tok,
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _measure(model, params, ids_BxT, valid_BxT):
-  _, aux = model.apply({"params": params}, ids_BxT)
+  _, aux = model.apply({"params": params}, ids_BxT, valid_BxT=valid_BxT)
   v = valid_BxT.astype(jnp.float32)
   return (jnp.sum(aux["gate"] * v), jnp.sum(aux["computed"] * v), jnp.sum(v))
 

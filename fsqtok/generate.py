@@ -73,10 +73,6 @@ def _generate(model, params, prompt_BxP, valid_BxP, rng, *, max_new_tokens, temp
 
 def _left_padded(model, prompts, max_new_tokens: int, pad_id: int, *, tokens_per_step: int):
   """Checks the model and the request; the prompts left-padded: ``(ids_BxP, valid_BxP)``."""
-  if model.embedding == "fuser":
-    raise ValueError("The fuser embedding needs the ids before each new token, which the "
-                     "key/value cache does not keep yet: generation with "
-                     "embedding='fuser' is not supported (score with the full forward).")
   if not prompts or any(len(q) == 0 for q in prompts):
     raise ValueError("Each prompt needs at least one token (e.g. [BOS]).")
   if max_new_tokens < 1:

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from fsqtok import embeddings as embeddings_lib
+from fsqtok import fuser as fuser_lib
 from fsqtok import token_importance
 
 Cache = dict[str, Any]
@@ -133,6 +134,8 @@ class TransformerLM(nn.Module):
   token_bytes: tuple[bytes | None, ...] | None = None  # per token id (None: a special)
   token_counts: tuple[int, ...] | None = None   # training count per token id (bespoke)
   codec: Any = None                             # a fsqtok.codec.Codec (codec embedding)
+  fuser: Any = None                  # a fsqtok.fuser.FuserSpec (fuser embedding; None: default)
+  ambiguous_ids: tuple[int, ...] = ()  # the fuser's precomputed ambiguous token ids
   num_registers: int = 0         # learned register vectors prepended to every sequence
   num_segments: int = 0          # segment embeddings (0: none; 2 for [SEP]-joined pairs)
   prune_layer: int = 0           # prune the context after this many layers (0: never)
@@ -193,7 +196,15 @@ class TransformerLM(nn.Module):
     """
     b, t = ids_BxT.shape
     valid_BxT = jnp.ones((b, t), bool) if valid_BxT is None else valid_BxT.astype(bool)
-    x = self.embed(ids_BxT).astype(self.dtype)
+    n_prev = embeddings_lib.context_len(self)
+    if n_prev:  # the embedding sees the ids before each token (the cache keeps the last)
+      x = self.embed(ids_BxT, valid_BxT, None if cache is None else cache["recent_ids"])
+      recent_ids = None if cache is None else jnp.concatenate(
+          [cache["recent_ids"], jnp.where(valid_BxT, ids_BxT, embeddings_lib.OUTSIDE)],
+          axis=1)[:, -n_prev:]
+    else:
+      x = self.embed(ids_BxT)
+    x = x.astype(self.dtype)
     if segments_BxT is not None:
       if not self.num_segments:
         raise ValueError("segments_BxT needs segment embeddings: build the model with "
@@ -249,6 +260,8 @@ class TransformerLM(nn.Module):
     if cache is not None:
       new_cache = {"layers": new_layers, "valid": valid_BxS, "index": index + n,
                    "length": start_B + jnp.sum(valid_BxT, axis=1).astype(jnp.int32)}
+      if n_prev:
+        new_cache["recent_ids"] = recent_ids
     return self.final_norm(x)[:, k:], new_cache, attn
 
   def __call__(self, ids_BxT, valid_BxT=None, cache: Cache | None = None,
@@ -303,16 +316,22 @@ def init_cache(model: TransformerLM, batch_size: int, length: int,
            "length": jnp.zeros((batch_size,), jnp.int32)}
   if extra:
     cache[PREFIX_PENDING] = ()
+  n_prev = embeddings_lib.context_len(model)
+  if n_prev:  # the ids before the next token, for an embedding that reads them
+    cache["recent_ids"] = jnp.full((batch_size, n_prev), embeddings_lib.OUTSIDE, jnp.int32)
   return cache
 
 
 def lm_from_config(c, vocab_size: int, token_codes=None, levels=None, token_bytes=None,
-                   codec=None, token_counts=None) -> TransformerLM:
+                   codec=None, token_counts=None, ambiguous_ids=()) -> TransformerLM:
   """The model of a ``config.lm.model`` ConfigDict (the token tables as the embedding and
-  head need them)."""
+  head need them; ``c.fuser``: the fuser embedding's `fsqtok.fuser.FuserSpec` fields)."""
   dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
   if c.dtype not in dtypes:
     raise ValueError(f"lm.model.dtype must be one of {sorted(dtypes)}, got {c.dtype!r}.")
+  fuser = None
+  if c.embedding == "fuser" and c.get("fuser") is not None:
+    fuser = fuser_lib.FuserSpec.from_config(c.fuser)
   return TransformerLM(
       vocab_size=vocab_size, d_model=c.d_model, num_layers=c.num_layers, num_heads=c.num_heads,
       mlp_dim=c.mlp_dim, max_len=c.max_len, positions=c.positions, dropout=c.dropout,
@@ -324,4 +343,5 @@ def lm_from_config(c, vocab_size: int, token_codes=None, levels=None, token_byte
       num_registers=c.get("num_registers", 0), num_segments=c.get("num_segments", 0),
       prune_layer=c.get("prune_layer", 0), prune_keep=c.get("prune_keep", 1.0),
       prune_score=c.get("prune_score", "attention"),
-      prune_keep_last=c.get("prune_keep_last", 1))
+      prune_keep_last=c.get("prune_keep_last", 1), fuser=fuser,
+      ambiguous_ids=tuple(int(i) for i in ambiguous_ids))

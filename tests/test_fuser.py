@@ -107,8 +107,8 @@ def test_context_bytes_cut_the_window(setup):
 def test_lm_embedding_is_causal(setup):
   s = setup
   lm = types.SimpleNamespace(vocab_size=s.model.vocab_size, d_model=16,
-                             token_bytes=s.model.token_bytes)
-  emb = F.lm_embedding(lm, SPEC)
+                             token_bytes=s.model.token_bytes, fuser=SPEC)
+  emb = F.lm_embedding(lm)
   assert emb.spec.window_right == 0
   # the same weights; the causal window packs fewer bytes, so fewer byte positions
   fuser = {k: v for k, v in s.params.items() if k != "mlm_head"}
@@ -122,7 +122,8 @@ def test_lm_embedding_is_causal(setup):
   chex.assert_trees_all_close(x[:, :9], y[:, :9])
   assert not np.allclose(x[:, 9:], y[:, 9:])
   # generation with a key/value cache: the previous ids come as the prefix
-  tail = jax.jit(lambda p, i, pre: emb.apply(p, i, pre))(params, s.ids[:, 9:], s.ids[:, :9])
+  tail = jax.jit(lambda p, i, pre: emb.apply(p, i, prefix_BxP=pre))(params, s.ids[:, 9:],
+                                                                      s.ids[:, :9])
   chex.assert_trees_all_close(tail, x[:, 9:], atol=1e-6)
 
 
@@ -189,19 +190,73 @@ def test_bad_config_is_explained(setup):
     F.lm_embedding(lm)
 
 
-def test_the_lm_takes_the_fuser_as_its_embedding_and_generation_refuses_it():
-  from fsqtok import generate as generate_lib  # pylint: disable=g-import-not-at-top
+def test_padding_is_never_context(setup):
+  s = setup
+  apply = jax.jit(lambda p, i, v: s.model.apply({"params": p}, i, valid_BxT=v,
+                                               force_dynamic=True)[0])
+  ids = s.ids[:1, :10]
+  padded = jnp.concatenate([ids, jnp.full((1, 6), s.bank, jnp.int32)], 1)  # 6 "pads"
+  valid = jnp.arange(16)[None] < 10
+  plain = apply(s.params, ids, jnp.ones_like(ids, bool))
+  chex.assert_trees_all_close(apply(s.params, padded, valid)[:, :10], plain, atol=1e-6)
+  # without the mask the right context of the last tokens would see the fake tokens
+  assert not np.allclose(apply(s.params, padded, jnp.ones_like(padded, bool))[:, :10], plain,
+                         atol=1e-6)
+
+
+def _fuser_lm():
   from fsqtok import lm as lm_lib  # pylint: disable=g-import-not-at-top
   token_bytes = tuple([None] * 3 + [bytes([i]) for i in range(97, 123)] + [b"the", b"an"])
-  model = lm_lib.TransformerLM(vocab_size=len(token_bytes), d_model=16, num_layers=1,
-                               num_heads=2, mlp_dim=32, embedding="fuser", head="dense",
-                               token_bytes=token_bytes)
-  ids = jnp.asarray([[1, 5, 29, 7, 30, 2]], jnp.int32)
-  params = model.init(jax.random.PRNGKey(0), ids)["params"]
-  logits, _ = model.apply({"params": params}, ids)
-  chex.assert_shape(logits, (1, 6, len(token_bytes)))
-  changed, _ = model.apply({"params": params}, ids.at[0, 4].set(9))
+  c = fuser_config.get_config("tiny").lm.model
+  c.embedding, c.fuser = "fuser", fuser_config.model_config(tiny=True)
+  c.fuser.update(window_left=3, gate_mode="learned", threshold=0.3)
+  c.d_model = 16
+  model = lm_lib.lm_from_config(c, len(token_bytes), token_bytes=token_bytes,
+                                ambiguous_ids=(29,))
+  ids = jnp.asarray([[1, 5, 29, 7, 30, 2, 8, 9]], jnp.int32)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), ids)["params"]
+  return model, params, ids
+
+
+def test_the_lm_fuser_embedding_follows_its_config_and_is_causal():
+  model, params, ids = _fuser_lm()
+  assert model.fuser.window_left == 3 and model.ambiguous_ids == (29,)
+  emb = F.lm_embedding(model)
+  assert emb.spec.window_right == 0 and emb.spec.window_left == 3   # made causal
+  apply = jax.jit(lambda p, i, v: model.apply({"params": p}, i, v)[0])
+  logits = apply(params, ids, jnp.ones_like(ids, bool))
+  chex.assert_shape(logits, (1, 8, model.vocab_size))
+  changed = apply(params, ids.at[0, 4].set(9), jnp.ones_like(ids, bool))
   chex.assert_trees_all_close(logits[:, :4], changed[:, :4])   # causal through the fuser
-  with pytest.raises(ValueError, match="fuser embedding"):
-    generate_lib.generate(model, params, [[1]], jax.random.PRNGKey(0), max_new_tokens=2,
-                          eos_id=2, pad_id=0)
+  assert not np.allclose(logits[:, 4:], changed[:, 4:])
+  # left padding: the same outputs as the unpadded sequence (pads are no context)
+  padded = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), ids], 1)
+  valid = jnp.arange(11)[None] >= 3
+  chex.assert_trees_all_close(apply(params, padded, valid)[:, 3:], logits, atol=1e-5)
+
+
+def test_the_lm_fuser_embedding_generates_with_the_cache_exactly():
+  from fsqtok import generate as generate_lib  # pylint: disable=g-import-not-at-top
+  from fsqtok import lm as lm_lib  # pylint: disable=g-import-not-at-top
+  model, params, ids = _fuser_lm()
+  whole = jax.jit(lambda p, i, v: model.apply({"params": p}, i, v)[0])
+  full = whole(params, ids, jnp.ones_like(ids, bool))
+  # one token at a time through the key/value cache (which keeps the previous ids)
+  cache = lm_lib.init_cache(model, 1, 8)
+  step = jax.jit(lambda p, i, c: model.apply({"params": p}, i, cache=c))
+  outs = []
+  for t in range(8):
+    out, cache = step(params, ids[:, t:t + 1], cache)
+    outs.append(out)
+  chex.assert_trees_all_close(jnp.concatenate(outs, 1), full, atol=1e-5)
+  # greedy generation (left-padded batch) == argmax by recomputing the whole sequence
+  prompts = [[1, 5, 29, 7], [1]]
+  got = generate_lib.generate(model, params, prompts, jax.random.PRNGKey(0), max_new_tokens=5,
+                              eos_id=-1, pad_id=0, top_k=1)
+  for prompt, new in zip(prompts, got):
+    seq = list(prompt)
+    for _ in range(5):
+      padded = jnp.asarray([seq + [0] * (10 - len(seq))], jnp.int32)  # one compiled shape
+      logits = whole(params, padded, jnp.arange(10)[None] < len(seq))
+      seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
+    assert new == seq[len(prompt):]

@@ -176,6 +176,26 @@ def test_curriculum_end_to_end_resumes_exactly_and_then_does_nothing(doc_files, 
   assert again["bits_per_byte"] == whole["bits_per_byte"]
 
 
+def test_curriculum_with_the_fuser_embedding(doc_files, tmp_path):
+  """The fuser phase trains the fuser, the LM starts from it, the sample is generated
+  through the key/value cache, and a finished run loads with the same ambiguous set."""
+  from fsqtok import curriculum  # pylint: disable=g-import-not-at-top
+  config = _curriculum_config(doc_files, tmp_path)
+  config.lm.model.embedding, config.lm.model.head = "fuser", "dense"
+  config.fuser.train.num_steps = 4
+  config.lm.train.update(num_steps=4, eval_every=4, checkpoint_every=4)
+  config.sample.max_new_tokens = 4
+  fused = curriculum.run_curriculum(config, str(tmp_path / "fuser"))
+  assert fused["fuser"]["steps"] == 4 and np.isfinite(fused["fuser"]["final"]["loss"])
+  assert 0 < fused["bits_per_byte"] < 8 and fused["sample"]["text"].startswith("The ")
+  assert "skipped" in fused["joint"]
+  _, model, params = curriculum.load_lm(config, str(tmp_path / "fuser"))
+  with open(tmp_path / "fuser" / "fuser" / curriculum.AMBIGUOUS_FILE) as f:
+    assert model.embedding == "fuser" and model.ambiguous_ids == tuple(json.load(f))
+  with pytest.raises(ValueError, match="does not fit"):
+    curriculum.with_fuser(params, {"static": params["embed"]["fuser"]["static"]})
+
+
 def test_baseline_token_lengths():
   texts = ["the cat sat on the mat. " * 20, "é and ü are two bytes each. " * 10]
   bpe = baselines.HFBPETokenizer.train(texts, 300)
