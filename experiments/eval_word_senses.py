@@ -180,7 +180,8 @@ def _time(fn, *args, repeats: int) -> float:
 
 
 def cost_table(config, tok, fuser_spec, ambiguous):
-  """Per-token forward time and compiled memory, fuser vs static table, one run."""
+  """Per-token time and compiled memory, fuser vs static table, in one run: the LM's whole
+  forward, one cached decode step, and the fuser alone (all tokens vs a 25% capacity)."""
   e = config.eval
   token_bytes = [tok.token_bytes(i) for i in range(len(tok))]
   rng = np.random.default_rng(0)
@@ -188,18 +189,30 @@ def cost_table(config, tok, fuser_spec, ambiguous):
                                  (e.cost_batch_size, e.cost_seq_len)), jnp.int32)
   tokens = ids.size
   rows = {}
-  for name, emb in (("LM, static table", "table"), ("LM, fuser embedding", "fuser")):
+  for kind, emb in (("static table", "table"), ("fuser embedding", "fuser")):
     m = config.lm.model.copy_and_resolve_references()
-    m.embedding = emb
-    m.fuser = dataclasses.asdict(fuser_spec)  # made causal by the LM
+    with m.unlocked():
+      m.embedding = emb
+      m.fuser = dataclasses.asdict(fuser_spec)  # made causal by the LM
     model = lm_lib.lm_from_config(m, len(tok), token_bytes=token_bytes,
                                   ambiguous_ids=ambiguous)
     params = jax.jit(model.init)(jax.random.PRNGKey(0), ids[:1])["params"]
+    n_params = int(sum(x.size for x in jax.tree.leaves(params)))
+    # the whole sequence at once (training, scoring)
     fn = jax.jit(lambda p, i, model=model: model.apply({"params": p}, i)[0])
     compiled = fn.lower(params, ids).compile()
-    n_params = sum(x.size for x in jax.tree.leaves(params))
-    rows[name] = {"seconds_per_token": _time(fn, params, ids, repeats=e.cost_repeats) / tokens,
-                  "memory_bytes": _memory(compiled), "params": int(n_params)}
+    rows[f"LM forward, {kind}"] = {
+        "seconds_per_token": _time(fn, params, ids, repeats=e.cost_repeats) / tokens,
+        "memory_bytes": _memory(compiled), "params": n_params}
+    # one generation step through the key/value cache, after a prompt of T - 1 tokens
+    step = jax.jit(lambda p, i, c, model=model: model.apply({"params": p}, i, cache=c))
+    cache = lm_lib.init_cache(model, ids.shape[0], ids.shape[1])
+    _, cache = step(params, ids[:, :-1], cache)
+    compiled = step.lower(params, ids[:, -1:], cache).compile()
+    rows[f"LM decode step (KV cache), {kind}"] = {
+        "seconds_per_token": _time(step, params, ids[:, -1:], cache,
+                                   repeats=e.cost_repeats) / ids.shape[0],
+        "memory_bytes": _memory(compiled), "params": n_params}
   for name, cap in (("fuser alone, all tokens", 0.0), ("fuser alone, capacity 25%", 0.25)):
     spec = dataclasses.replace(fuser_spec, capacity=cap)
     model = fuser_lib.ContextualFuser(len(tok), config.fuser.d_model, tuple(token_bytes),
@@ -290,12 +303,14 @@ def print_tables(report: dict) -> None:
     print(f"| {name} | {r['mean']:.3f} ± {r['std']:.3f} | {rel} |")
   c = report["cost"]
   print(f"\nCost, batch {c['batch'][0]} x {c['batch'][1]} tokens on {c['device']} "
-        f"(median forward time, compiled memory = arguments + outputs + temporaries):\n")
+        f"(median time; a decode step is one new token per row after {c['batch'][1] - 1} "
+        f"cached ones; compiled memory = arguments + outputs + temporaries; ratios within "
+        f"each group):\n")
   print("| model | µs / token | memory MiB | params | time ratio | memory ratio |")
   print("|---|---|---|---|---|---|")
   rows = c["rows"]
   for name, r in rows.items():
-    ref = rows["LM, static table"] if name.startswith("LM") else rows["fuser alone, all tokens"]
+    ref = rows[next(r for r in rows if r.split(",")[0] == name.split(",")[0])]
     print(f"| {name} | {r['seconds_per_token'] * 1e6:.1f} | {r['memory_bytes'] / 2**20:.2f} | "
           f"{r['params']:,} | {r['seconds_per_token'] / ref['seconds_per_token']:.2f}x | "
           f"{r['memory_bytes'] / ref['memory_bytes']:.2f}x |")

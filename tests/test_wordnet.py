@@ -53,16 +53,40 @@ def test_sense_examples_keep_polysemous_words_with_enough_examples(db):
   assert wordnet.find_word("The Bank.", "bank") == (4, 8)
 
 
-def test_missing_database_names_the_fix(tmp_path):
-  with pytest.raises(FileNotFoundError, match="apt-get install wordnet-base"):
-    wordnet.sense_examples(str(tmp_path / "nowhere"))
+def _experiment():
   spec = importlib.util.spec_from_file_location(
       "eval_word_senses", os.path.join(REPO, "experiments", "eval_word_senses.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  return module
+
+
+def test_missing_database_names_the_fix(tmp_path):
+  with pytest.raises(FileNotFoundError, match="apt-get install wordnet-base"):
+    wordnet.sense_examples(str(tmp_path / "nowhere"))
   from configs import fuser as fuser_config  # pylint: disable=g-import-not-at-top
   with pytest.raises(FileNotFoundError, match="--wordnet_dir"):
-    module.run(fuser_config.get_config("tiny"), str(tmp_path / "out"), str(tmp_path / "none"))
+    _experiment().run(fuser_config.get_config("tiny"), str(tmp_path / "out"),
+                      str(tmp_path / "none"))
+
+
+def test_the_word_sense_experiment_runs_on_the_fixture(db, tmp_path, capsys):
+  from configs import fuser as fuser_config  # pylint: disable=g-import-not-at-top
+  module = _experiment()
+  report = module.run(fuser_config.get_config("tiny"), str(tmp_path / "out"), db)
+  s = report["word_senses"]
+  assert (s["words"], s["senses"], s["examples"]) == (2, 4, 8)
+  assert set(s["accuracy"]) == {"majority sense", "static table", "fuser, no context",
+                                "fuser, with context", "fuser, gated (as used)",
+                                "LM hidden states"}
+  assert all(len(r["per_seed"]) == 3 and 0 <= r["mean"] <= 1 for r in s["accuracy"].values())
+  rows = report["cost"]["rows"]
+  assert {"LM forward, fuser embedding", "LM decode step (KV cache), fuser embedding",
+          "fuser alone, capacity 25%"} <= set(rows)
+  assert all(r["seconds_per_token"] > 0 for r in rows.values())
+  assert 0 <= report["activation"]["activation_rate"] <= 1
+  module.print_tables(report)
+  assert "| fuser, with context |" in capsys.readouterr().out
 
 
 def test_malformed_files_are_reported(tmp_path):
