@@ -1,6 +1,9 @@
 """The WordNet reader on a tiny database in WordNet's format, and the missing-database error."""
 import importlib.util
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -53,27 +56,28 @@ def test_sense_examples_keep_polysemous_words_with_enough_examples(db):
   assert wordnet.find_word("The Bank.", "bank") == (4, 8)
 
 
-def _experiment():
+def test_missing_database_names_the_fix(tmp_path):
+  with pytest.raises(FileNotFoundError, match="apt-get install wordnet-base"):
+    wordnet.sense_examples(str(tmp_path / "nowhere"))
   spec = importlib.util.spec_from_file_location(
       "eval_word_senses", os.path.join(REPO, "experiments", "eval_word_senses.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module
-
-
-def test_missing_database_names_the_fix(tmp_path):
-  with pytest.raises(FileNotFoundError, match="apt-get install wordnet-base"):
-    wordnet.sense_examples(str(tmp_path / "nowhere"))
   from configs import fuser as fuser_config  # pylint: disable=g-import-not-at-top
   with pytest.raises(FileNotFoundError, match="--wordnet_dir"):
-    _experiment().run(fuser_config.get_config("tiny"), str(tmp_path / "out"),
-                      str(tmp_path / "none"))
+    module.run(fuser_config.get_config("tiny"), str(tmp_path / "out"), str(tmp_path / "none"))
 
 
-def test_the_word_sense_experiment_runs_on_the_fixture(db, tmp_path, capsys):
-  from configs import fuser as fuser_config  # pylint: disable=g-import-not-at-top
-  module = _experiment()
-  report = module.run(fuser_config.get_config("tiny"), str(tmp_path / "out"), db)
+def test_the_word_sense_experiment_runs_on_the_fixture(db, tmp_path):
+  out = tmp_path / "out"
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "eval_word_senses.py"),
+                         f"--config={os.path.join(REPO, 'configs', 'fuser.py')}:tiny",
+                         f"--workdir={out}", f"--wordnet_dir={db}"],
+                        cwd=REPO, capture_output=True, text=True, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "| fuser, with context |" in proc.stdout
+  with open(out / "report.json") as f:
+    report = json.load(f)
   s = report["word_senses"]
   assert (s["words"], s["senses"], s["examples"]) == (2, 4, 8)
   assert set(s["accuracy"]) == {"majority sense", "static table", "fuser, no context",
@@ -85,8 +89,6 @@ def test_the_word_sense_experiment_runs_on_the_fixture(db, tmp_path, capsys):
           "fuser alone, capacity 25%"} <= set(rows)
   assert all(r["seconds_per_token"] > 0 for r in rows.values())
   assert 0 <= report["activation"]["activation_rate"] <= 1
-  module.print_tables(report)
-  assert "| fuser, with context |" in capsys.readouterr().out
 
 
 def test_malformed_files_are_reported(tmp_path):
