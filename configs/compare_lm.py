@@ -9,7 +9,9 @@ steps and FLOPs); ``flops`` trains every model for the FLOPs the BPE model spend
 ``train_bytes`` (longer tokens then see more bytes). Held-out bits per byte for each
 (corpus, vocabulary size, budget, tokenizer, seed).
 
-Arguments: "" (CPU default: d=128 2-layer LM, 1 MB of training bytes per run) | tiny.
+Arguments: "" (CPU default: d=128 2-layer LM, 1 MB of training bytes per run) | dev (one
+corpus, 4096 ids, equal FLOPs, 3 seeds: fsqtok, BPE and SentencePiece unigram; ~15 min on
+2 cores) | tiny.
 """
 import ml_collections
 
@@ -17,17 +19,18 @@ from configs import curriculum
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  if arg not in ("", "tiny"):
-    raise ValueError(f"Unknown configs/compare_lm.py argument {arg!r}: use '' or tiny.")
+  if arg not in ("", "dev", "tiny"):
+    raise ValueError(f"Unknown configs/compare_lm.py argument {arg!r}: use '', dev or tiny.")
   c = curriculum.get_config("tiny" if arg == "tiny" else "")
   c.phase = "compare_lm"
-  # corpus name -> corpus spec; the codec run of each corpus (a configs/recon.py run of
-  # the same data settings) is given by codec_workdirs "name=dir,name=dir".
+  # corpus name -> corpus spec; the codec run of each corpus (needed by the factorized
+  # heads and by tokenizer.vocabulary="codec_exact") is given by codec_workdirs
+  # "name=dir,name=dir".
   c.corpora = "builtin=builtin,ts=files:../shared/data/tinyshakespeare.txt"
   c.codec_workdirs = ""
   c.vocab_sizes = (4096, 16384)
   c.seeds = (0, 1, 2)
-  c.variants = ("fsqtok-table", "fsqtok-factorized", "hf-bpe", "raw-bytes")
+  c.variants = ("fsqtok-table", "hf-bpe", "sp-unigram", "raw-bytes")
   c.train_bytes = 1_000_000
   # bytes: equal training bytes; flops: equal training FLOPs (what BPE spends on train_bytes)
   c.budgets = ("bytes", "flops")
@@ -40,6 +43,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.lm.train.update({"log_every": 25, "eval_every": 0, "evals_per_run": 6,
                      "checkpoint_every": 100000, "progress_bar": False})
   c.generation_tokens = 128
+  if arg == "dev":
+    c.corpora = "builtin=builtin"
+    c.vocab_sizes = (4096,)
+    c.budgets = ("flops",)
+    c.variants = ("fsqtok-table", "hf-bpe", "sp-unigram")
   if arg == "tiny":
     c.vocab_sizes = (400,)
     c.seeds = (0,)

@@ -68,6 +68,18 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.model.dec_mlp_dim = 512
   c.model.position_embedding = True
 
+  # How a tokenizer is built on this codec (fsqtok/tokenizer_build.py): "unigram" =
+  # vocabulary first (fsqtok/unigram.py), then the codec learns exactly its strings;
+  # "codec_exact" = the first design (codec on the candidates above, vocabulary among the
+  # strings it reconstructs exactly, fewest-token segmentation).
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.vocabulary = "unigram"
+  c.tokenizer.seed_size = 200_000    # most frequent substrings EM starts from
+  c.tokenizer.shrink = 0.75          # share of strings each pruning round keeps
+  c.tokenizer.em_iterations = 2      # EM steps between pruning rounds
+  c.tokenizer.char_coverage = 0.9999 # rarer characters fall back to their bytes
+  c.tokenizer.max_piece_chars = 64   # longer runs (rare) are left out of training
+
   c.optim = adamw_config(learning_rate=3e-3, warmup_steps=200)
 
   c.train = ml_collections.ConfigDict()
@@ -91,6 +103,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.train.eval_every = 20
     c.train.eval_batch_size = 256
     c.train.checkpoint_every = 10
+    c.tokenizer.seed_size = 20_000
   elif arg == "long":
     c.train.num_steps = 90_000
     c.train.eval_every = 15_000

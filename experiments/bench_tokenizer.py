@@ -10,9 +10,12 @@ single-threaded encode and decode throughput, training time, artifact size on di
 memory (the resident memory a fresh process gains by loading the artifact and encoding
 the held-out text, after its libraries are imported).
 
-fsqtok's codec is trained by experiments/train.py into --fsqtok_workdirs (one per corpus,
-same config); its training time is that run's wall time from report.json, plus the
-vocabulary build measured here.
+fsqtok's tokenizer is built as ``fsqtok train-tokenizer`` builds it (configs/recon.py,
+``tokenizer.vocabulary``: the unigram vocabulary by default). Without --fsqtok_workdirs
+only its vocabulary is built (what encoding needs; the codec only adds code vectors);
+with them, the whole build resumes the codec run there and its training time includes
+that run's wall time from report.json.
+--json_out writes every row (corpus, vocabulary size, tokenizer, figures) as JSON.
 """
 import json
 import os
@@ -30,11 +33,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import recon as recon_config  # noqa: E402
 from fsqtok import corpus as corpus_lib  # noqa: E402
+from fsqtok import workdir as workdir_lib  # noqa: E402
 
 _CORPORA = flags.DEFINE_list("corpora", ["builtin"], "Corpus specs.")
 _WORKDIRS = flags.DEFINE_list("fsqtok_workdirs", [], "Trained codec run per corpus.")
 _CONFIG = flags.DEFINE_string("fsqtok_config", "", "configs/recon.py argument of those runs.")
-_VOCAB = flags.DEFINE_integer("vocab_size", 32768, "Vocabulary size for every tokenizer.")
+_VOCAB = flags.DEFINE_list("vocab_size", ["32768"], "Vocabulary sizes for every tokenizer.")
+_TOKENIZERS = flags.DEFINE_list("tokenizers", [], "Tokenizers to measure (default: all).")
+_JSON_OUT = flags.DEFINE_string("json_out", "", "Write every row here as JSON.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed passes over the held-out text.")
 _TFDS_DIR = flags.DEFINE_string("tfds_data_dir", "", "TFDS data dir for files: corpora.")
 
@@ -42,9 +48,13 @@ _TFDS_DIR = flags.DEFINE_string("tfds_data_dir", "", "TFDS data dir for files: c
 # ---- the tokenizers: train(ctx, out_dir) -> (encode, decode, ids in the vocabulary) ------
 
 def train_fsqtok(ctx, out_dir):
-  from fsqtok.tokenizer_build import train_tokenizer  # pylint: disable=g-import-not-at-top
-  # The codec run in ctx["workdir"] is finished, so this only builds the vocabulary.
-  tok, _ = train_tokenizer(ctx["config"], ctx["workdir"], ctx["vocab"], out_dir)
+  from fsqtok import tokenizer_build  # pylint: disable=g-import-not-at-top
+  if ctx["workdir"]:  # the whole build: vocabulary, then the codec (resumed or finished)
+    tok, _ = tokenizer_build.train_tokenizer(ctx["config"], ctx["workdir"], ctx["vocab"],
+                                             out_dir)
+  else:  # the vocabulary alone: all that encoding needs (no codes)
+    tok = tokenizer_build.unigram_tokenizer(ctx["config"], ctx["train_texts"], ctx["vocab"])
+    tok.save(out_dir)
   return tok.encode, tok.decode, len(tok)
 
 
@@ -172,6 +182,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   if _WORKDIRS.value and len(_WORKDIRS.value) != len(_CORPORA.value):
     raise app.UsageError("Give one --fsqtok_workdirs entry per corpus.")
+  all_rows = []
   for k, spec in enumerate(_CORPORA.value):
     config = recon_config.get_config(_CONFIG.value)
     config.data.source = spec
@@ -186,26 +197,32 @@ def main(argv):
       f.write("".join(train))
     with open(val_file, "w", encoding="utf-8") as f:
       f.write("".join(val))
-    names = list(TOKENIZERS)
+    names = _TOKENIZERS.value or list(TOKENIZERS)
+    unknown = set(names) - set(TOKENIZERS)
+    if unknown:
+      raise app.UsageError(f"Unknown --tokenizers {sorted(unknown)}: use {list(TOKENIZERS)}.")
     workdir = _WORKDIRS.value[k] if _WORKDIRS.value else ""
     codec_seconds = 0.0
     if workdir:
       with open(os.path.join(workdir, "recon", "report.json"), encoding="utf-8") as f:
         codec_seconds = json.load(f).get("train_wall_seconds", float("nan"))
-    else:
-      names.remove("fsqtok")
-    ctx = {"train_file": train_file, "vocab": _VOCAB.value, "config": config,
-           "workdir": workdir, "codec_seconds": codec_seconds}
-    rows = [measure(n, ctx, val, val_file, root) for n in names]
-    print(f"\n## {spec}: vocabulary {_VOCAB.value}, held-out "
-          f"{sum(len(b.encode()) for b in val) / 1e3:.0f} KB in {len(val)} blocks\n")
-    print("| tokenizer | ids | bytes/token | lossless | encode MB/s | decode MB/s | train s "
-          "| disk MB | memory MB |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-      print(f"| {r['tokenizer']} | {r['ids']} | {r['bytes_per_token']:.3f} | {r['lossless']:.1%} | "
-            f"{r['encode_mb_s']:.2f} | {r['decode_mb_s']:.2f} | {r['train_s']:.1f} | "
-            f"{r['disk_mb']:.2f} | {r['memory_mb']:.1f} |")
+    for vocab in map(int, _VOCAB.value):
+      ctx = {"train_file": train_file, "train_texts": train, "vocab": vocab, "config": config,
+             "workdir": workdir, "codec_seconds": codec_seconds}
+      rows = [measure(n, ctx, val, val_file, os.path.join(root, str(vocab))) for n in names]
+      print(f"\n## {spec}: vocabulary {vocab}, training {len(''.join(train).encode()) / 1e6:.1f}"
+            f" MB, held-out {sum(len(b.encode()) for b in val) / 1e3:.0f} KB in {len(val)} "
+            f"blocks\n")
+      print("| tokenizer | ids | bytes/token | lossless | encode MB/s | decode MB/s | train s "
+            "| disk MB | memory MB |")
+      print("|---|---|---|---|---|---|---|---|---|")
+      for r in rows:
+        print(f"| {r['tokenizer']} | {r['ids']} | {r['bytes_per_token']:.3f} | "
+              f"{r['lossless']:.1%} | {r['encode_mb_s']:.2f} | {r['decode_mb_s']:.2f} | "
+              f"{r['train_s']:.1f} | {r['disk_mb']:.2f} | {r['memory_mb']:.1f} |", flush=True)
+        all_rows.append({"corpus": spec, "vocab_size": vocab, **r})
+      if _JSON_OUT.value:
+        workdir_lib.write_json(_JSON_OUT.value, all_rows)
 
 
 if __name__ == "__main__":

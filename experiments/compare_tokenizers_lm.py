@@ -1,19 +1,23 @@
-"""Bits per byte of the same transformer on fsqtok, Hugging Face BPE and raw-byte tokens.
+"""Bits per byte of the same transformer on fsqtok, Hugging Face BPE, SentencePiece
+unigram and raw-byte tokens.
+
+  python experiments/compare_tokenizers_lm.py --config=configs/compare_lm.py --workdir=runs/compare
+  python experiments/compare_tokenizers_lm.py --config=configs/compare_lm.py:dev --workdir=runs/dev
+
+The ``dev`` setting (one corpus, 4096 ids, equal FLOPs, 3 seeds) is the one to iterate
+with. One process per corpus, side by side, then merged:
 
   python experiments/compare_tokenizers_lm.py --config=configs/compare_lm.py \
-      --config.codec_workdirs=builtin=runs/builtin,ts=runs/ts --workdir=runs/compare
-
-One process per corpus, side by side, then merged:
-
-  python experiments/compare_tokenizers_lm.py --config=configs/compare_lm.py \
-      --config.corpora=ts=files:data/ts.txt --config.codec_workdirs=ts=runs/ts \
-      --workdir=runs/compare_ts &   # and the same for builtin, then:
+      --config.corpora=ts=files:data/ts.txt --workdir=runs/compare_ts &  # and builtin, then:
   python experiments/compare_tokenizers_lm.py --config=configs/compare_lm.py \
       --merge=runs/compare_ts,runs/compare_builtin --workdir=runs/compare
 
-For each corpus and vocabulary size: an fsqtok tokenizer is built from the corpus's
-trained codec (configs/recon.py run), a byte-level BPE is trained on the same training
-split, then every variant is trained under each budget with each seed:
+For each corpus and vocabulary size, every tokenizer is trained on the same training split:
+fsqtok as configured (``tokenizer.*`` of configs/recon.py: the unigram vocabulary by
+default; its codec only for the factorized heads, from the codec run named in
+``codec_workdirs``, e.g. ``ts=runs/ts``, which the build resumes or trains), byte-level
+BPE, SentencePiece unigram; then every variant is trained under each budget with each
+seed:
 
 * ``bytes``: the same number of training bytes (``train_bytes``) for every model; a
   tokenizer with longer tokens takes fewer steps (and FLOPs).
@@ -51,6 +55,7 @@ from fsqtok import lm_train  # noqa: E402
 from fsqtok import recon  # noqa: E402
 from fsqtok import workdir as workdir_lib  # noqa: E402
 from fsqtok.tokenizer import VOCAB_FILE, Tokenizer  # noqa: E402
+from fsqtok import tokenizer_build  # noqa: E402
 from fsqtok.tokenizer_build import train_tokenizer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/compare_lm.py",
@@ -68,22 +73,39 @@ VARIANTS = {  # name -> (tokenizer kind, embedding, head)
     "fsqtok-table": ("fsqtok", "table", "tied"),
     "fsqtok-factorized": ("fsqtok", "table", "factorized"),
     "fsqtok-factorized-vocab": ("fsqtok", "table", "factorized_vocab"),
+    # fsqtok's vocabulary segmented by the fewest tokens (ties: longest last token)
+    # instead of the unigram LM's Viterbi: the segmentation cell of the decomposition.
+    "fsqtok-fewest-table": ("fsqtok-fewest", "table", "tied"),
     "hf-bpe": ("hf-bpe", "table", "tied"),
+    "sp-unigram": ("sp-unigram", "table", "tied"),
     "raw-bytes": ("raw-bytes", "table", "tied"),
 }
+NEEDS_CODES = ("factorized", "factorized_vocab")  # heads over FSQ codes need the codec
 
 
 def _tokenizer(kind, config, corpus, spec, vocab, texts, pieces, codec_dir, out):
+  """The tokenizer of ``kind``; fsqtok's is built as configured (``tokenizer.*``) and kept
+  in ``out``: the whole build with the codec run in ``codec_dir`` if one is given, else
+  the unigram vocabulary alone (all a table embedding needs)."""
   if kind == "raw-bytes":
     return baselines.ByteTokenizer()
   if kind == "hf-bpe":
     return baselines.HFBPETokenizer.train(texts[0], vocab)
+  if kind == "sp-unigram":
+    return baselines.SentencePieceTokenizer.train(texts[0], vocab)
   tok_dir = os.path.join(out, f"tok_{corpus}_{vocab}")
   if not os.path.exists(os.path.join(tok_dir, VOCAB_FILE)):
     c = config.copy_and_resolve_references()
     c.data.source = spec
-    train_tokenizer(c, codec_dir, vocab, tok_dir, texts=texts, pieces=pieces)
-  return Tokenizer.load(tok_dir)
+    if codec_dir:
+      train_tokenizer(c, codec_dir, vocab, tok_dir, texts=texts, pieces=pieces)
+    else:
+      tokenizer_build.unigram_tokenizer(c, texts[0], vocab, tok_dir + ".work").save(tok_dir)
+  tok = Tokenizer.load(tok_dir)
+  if kind == "fsqtok-fewest":
+    strings = [tok.id_to_token(i) for i in tok.learned_ids]
+    return Tokenizer(strings, max_piece_bytes=tok.max_piece_bytes)
+  return tok
 
 
 def _generation(model, params, tok, n_tokens: int, codec_and_params=None):
@@ -238,8 +260,11 @@ def main(argv):
     c = config.copy_and_resolve_references()
     c.data.source = spec
     texts = recon.load_texts(c)
-    pieces = recon.load_pieces(c, texts) if corpus in codec_dirs else None
-    codec = recon.load_trained_codec(c, codec_dirs[corpus]) if corpus in codec_dirs else None
+    codec_exact = c.tokenizer.vocabulary == "codec_exact"
+    if codec_exact and corpus not in codec_dirs:
+      raise app.UsageError(f"tokenizer.vocabulary='codec_exact' needs a codec run: give "
+                           f"codec_workdirs={corpus}=DIR.")
+    pieces = recon.load_pieces(c, texts) if codec_exact else None
     byte_runs = {}  # raw bytes under the bytes budget do not depend on the vocabulary size
     for vocab in config.vocab_sizes:
       toks = {"hf-bpe": _tokenizer("hf-bpe", c, corpus, spec, vocab, texts, pieces, None, out)}
@@ -249,8 +274,8 @@ def main(argv):
       target_flops = _reference_flops(c, toks["hf-bpe"], texts)
       for budget in config.budgets:
         for name in config.variants:
-          kind = VARIANTS[name][0]
-          if kind == "fsqtok" and corpus not in codec_dirs:
+          kind, _, head = VARIANTS[name]
+          if head in NEEDS_CODES and corpus not in codec_dirs:
             logging.warning("No codec run for %s: skipping %s.", corpus, name)
             continue
           if kind == "hf-bpe" and budget == "flops" and "bytes" in config.budgets:
@@ -258,6 +283,8 @@ def main(argv):
           if kind not in toks:
             toks[kind] = _tokenizer(kind, c, corpus, spec, vocab, texts, pieces,
                                     codec_dirs.get(corpus), out)
+          codec = (recon.load_trained_codec(c, codec_dirs[corpus])
+                   if head in NEEDS_CODES else None)
           for seed in config.seeds:
             if kind == "raw-bytes" and budget == "bytes" and seed in byte_runs:
               r = byte_runs[seed]
@@ -281,7 +308,7 @@ def main(argv):
 
 
 def _print_data_stats(c, corpus, spec, vocab, texts, pieces, codec_dirs, toks, out):
-  kinds = ["hf-bpe", "raw-bytes"] + (["fsqtok"] if corpus in codec_dirs else [])
+  kinds = ["hf-bpe", "sp-unigram", "raw-bytes", "fsqtok", "fsqtok-fewest"]
   for kind in kinds:
     if kind not in toks:
       toks[kind] = _tokenizer(kind, c, corpus, spec, vocab, texts, pieces,

@@ -1,8 +1,10 @@
 """The tokenizers fsqtok is compared with, behind the interface the LM needs
-(`fsqtok.lm_data.TokenizerLike`): raw UTF-8 bytes, and Hugging Face byte-level BPE."""
+(`fsqtok.lm_data.TokenizerLike`): raw UTF-8 bytes, Hugging Face byte-level BPE and
+SentencePiece unigram."""
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Sequence
 
 SPECIALS = ("[PAD]", "[BOS]", "[EOS]")
@@ -60,6 +62,57 @@ class HFBPETokenizer:
     """Bytes per id (0 for the specials): byte-level BPE spells each byte as one char."""
     specials = {self.pad_id, self.bos_id, self.eos_id}
     return [0 if i in specials else len(self._tok.id_to_token(i))
+            for i in range(self.vocab_size)]
+
+  def __len__(self) -> int:
+    return self.vocab_size
+
+
+class SentencePieceTokenizer:
+  """SentencePiece unigram (or BPE), trained losslessly: identity normalization, no
+  dummy prefix, whitespace kept, byte fallback; ``vocab_size`` counts everything (PAD,
+  BOS, EOS, UNK and the 256 byte pieces included). A corpus too small for the size gets
+  fewer ids (``hard_vocab_limit=False``)."""
+
+  def __init__(self, model_proto: bytes):
+    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+    self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    self.model_proto = model_proto
+    self.vocab_size = self._sp.get_piece_size()
+    self.pad_id, self.bos_id, self.eos_id = self._sp.pad_id(), self._sp.bos_id(), self._sp.eos_id()
+
+  @classmethod
+  def train(cls, texts: Sequence[str], vocab_size: int, model_type: str = "unigram"
+            ) -> "SentencePieceTokenizer":
+    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+    with tempfile.TemporaryDirectory() as tmp:
+      path = os.path.join(tmp, "train.txt")
+      # SentencePiece reads one sentence a line: each block is one, its newlines written
+      # as U+2028 (an ordinary character to it), mapped back on decoding.
+      with open(path, "w", encoding="utf-8") as f:
+        f.writelines(t.replace("\n", "\u2028") + "\n" for t in texts)
+      spm.SentencePieceTrainer.train(
+          input=path, model_prefix=os.path.join(tmp, "sp"), vocab_size=vocab_size,
+          model_type=model_type, byte_fallback=True, character_coverage=0.9999,
+          normalization_rule_name="identity", add_dummy_prefix=False,
+          remove_extra_whitespaces=False, split_by_whitespace=True,
+          max_sentence_length=1 << 20, hard_vocab_limit=False,
+          allow_whitespace_only_pieces=True, max_sentencepiece_length=16,
+          pad_id=0, unk_id=1, bos_id=2, eos_id=3, num_threads=1, minloglevel=2)
+      with open(os.path.join(tmp, "sp.model"), "rb") as f:
+        return cls(f.read())
+
+  def encode(self, text: str) -> list[int]:
+    return self._sp.encode(text.replace("\n", "\u2028"))
+
+  def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+    del skip_special_tokens  # SentencePiece never decodes its control ids
+    return self._sp.decode(list(ids)).replace("\u2028", "\n")
+
+  def token_lengths(self) -> list[int]:
+    """Bytes per id (0 for control ids): what each piece decodes to."""
+    return [0 if self._sp.is_control(i) else
+            1 if self._sp.is_byte(i) else len(self.decode([i]).encode("utf-8"))
             for i in range(self.vocab_size)]
 
   def __len__(self) -> int:

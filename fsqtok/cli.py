@@ -42,11 +42,18 @@ def _train_tokenizer(args) -> None:
   config.data.source = args.corpus
   if args.steps:
     config.train.num_steps = args.steps
+  if args.vocabulary:
+    config.tokenizer.vocabulary = args.vocabulary
   workdir = args.workdir or os.path.join(args.out.rstrip("/") + ".work")
   tok, analysis = train_tokenizer(config, workdir, args.vocab_size, args.out)
+  if "codec_exact_strings" in analysis:
+    codec = (f"the codec reconstructs {analysis['codec_exact_strings']:.1%} of the learned "
+             f"strings exactly ({analysis['codes_moved']} given a nearby free code)")
+  else:
+    codec = (f"fewer than {args.vocab_size} tokens means the codec reconstructs fewer "
+             f"useful candidates exactly")
   print(f"Saved {args.out}: {len(tok)} tokens, {analysis['train_bytes_per_token']:.3f} "
-        f"training bytes per token (fewer than {args.vocab_size} tokens means the codec "
-        f"reconstructs fewer useful candidates exactly); codec run in {workdir}.")
+        f"training bytes per token; {codec}; codec run in {workdir}.")
 
 
 def _input_stream(path: str | None):
@@ -115,7 +122,14 @@ def inspect_report(tok: Tokenizer, directory: str, report: dict | None) -> str:
                  f"max {max(lengths)}")
     first = [tok.id_to_token(i) for i in tok.learned_ids[:20]]
     lines.append("most frequent learned tokens: " + " ".join(json.dumps(t) for t in first))
-  if report:
+  if report and "codec_exact_strings" in report:
+    r = report
+    lines.append(f"unigram vocabulary: {r['single_characters']} single characters; the codec "
+                 f"reconstructs {r['codec_exact_strings']:.1%} of the learned strings "
+                 f"exactly ({r['codec_exact_uses']:.1%} of their uses), {r['codes_moved']} "
+                 f"moved to a nearby free code; {r['train_bytes_per_token']:.3f} training "
+                 f"bytes per token")
+  elif report:
     r = report
     c = r["composition"]
     lines.append(f"codebook: {r['codes_used']} codes used by {r['distinct_candidates']} "
@@ -136,7 +150,11 @@ def inspect_plot(tok: Tokenizer, report: dict | None, png_path: str) -> None:
   lengths = [len(tok.id_to_token(i).encode("utf-8")) for i in tok.learned_ids]
   ax_len.hist(lengths, bins=range(1, 18), rwidth=0.9)
   ax_len.set(xlabel="learned token length (bytes)", ylabel="tokens")
-  if report:
+  if tok.model == "unigram":
+    scores = sorted((tok.id_to_score(i) for i in tok.learned_ids), reverse=True)
+    ax_freq.semilogx(range(1, len(scores) + 1), scores)
+    ax_freq.set(xlabel="token rank", ylabel="log probability", title="unigram scores")
+  elif report:
     curve = report["code_frequency_curve"]
     ax_freq.loglog(range(1, len(curve) + 1), curve)
     ax_freq.set(xlabel="code rank", ylabel="occurrences", title="code frequency")
@@ -158,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="fsqtok", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest="command", required=True)
-  t = sub.add_parser("train-tokenizer", help="train the codec on a corpus and save a tokenizer")
+  t = sub.add_parser("train-tokenizer", help="train a vocabulary and its codec on a corpus, "
+                                             "save the tokenizer")
   t.add_argument("--corpus", default="builtin", help="builtin | files:GLOB | tfds:NAME")
   t.add_argument("--vocab-size", type=int, default=32768,
                  help="every id: specials + 256 bytes + learned")
@@ -166,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
   t.add_argument("--config", default=_DEFAULT_CONFIG, help="codec config, path[:arg]")
   t.add_argument("--workdir", help="codec run directory (default: OUT.work)")
   t.add_argument("--steps", type=int, default=0, help="override train.num_steps")
+  t.add_argument("--vocabulary", choices=("unigram", "codec_exact"),
+                 help="override tokenizer.vocabulary (default: the config's, unigram)")
   t.set_defaults(func=_train_tokenizer)
   for name, func, what in (("encode", _encode, "text -> id lines"),
                            ("decode", _decode, "id lines -> text")):

@@ -30,6 +30,7 @@ from fsqtok import sharding as sharding_lib
 from fsqtok import workdir as workdir_lib
 from fsqtok.data import PieceSet
 from fsqtok.tokenizer import VOCAB_FILE, Tokenizer
+from fsqtok import tokenizer_build
 from fsqtok.tokenizer_build import train_tokenizer
 
 AMBIGUOUS_FILE = "ambiguous_ids.json"
@@ -123,16 +124,27 @@ def vocabulary_drift(model: lm_lib.TransformerLM, params, tok: Tokenizer, *, mes
           "learned_tokens": len(strings)}
 
 
+def codec_pieces(config, workdir: str, texts) -> tuple[PieceSet, PieceSet]:
+  """What the codec learns (and the joint phase keeps reconstructing): the unigram
+  vocabulary's strings (trained once, kept in ``workdir``), or the codec-exact build's
+  candidates."""
+  if config.tokenizer.vocabulary == "codec_exact":
+    return recon.load_pieces(config, texts)
+  vocab = tokenizer_build.unigram_vocabulary(config, workdir, texts[0],
+                                             tokenizer_build.learned_size(config.vocab.size))
+  strings = tokenizer_build.vocabulary_pieces(vocab, config.model.max_len)
+  return strings, strings
+
+
 def run_curriculum(config, workdir: str) -> dict[str, Any]:
   texts = recon.load_texts(config)
-  pieces = recon.load_pieces(config, texts)
   report: dict[str, Any] = {"source": config.data.source}
-  report["recon"] = {k: v for k, v in recon.train_recon(config, workdir, pieces).items()
-                     if k in ("validation", "train_wall_seconds", "steps")}
-
   vocab_dir = os.path.join(workdir, "vocab")
+  pieces = codec_pieces(config, workdir, texts)
   if not os.path.exists(os.path.join(vocab_dir, VOCAB_FILE)):
     train_tokenizer(config, workdir, config.vocab.size, vocab_dir, texts=texts, pieces=pieces)
+  report["recon"] = {k: v for k, v in recon.train_recon(config, workdir, pieces).items()
+                     if k in ("validation", "train_wall_seconds", "steps")}
   tok = Tokenizer.load(vocab_dir)
   codec, codec_params = recon.load_trained_codec(config, workdir)
   data = lm_train.LMData(tok, texts, config.lm.data.seq_len, pieces)

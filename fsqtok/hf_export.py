@@ -1,26 +1,62 @@
 """Export to a Hugging Face ``tokenizer.json`` (loadable by `tokenizers` and
 ``transformers.PreTrainedTokenizerFast(tokenizer_file=...)``).
 
-The export is a Unigram model in which every token scores -1, so Viterbi picks the
-fewest tokens, as fsqtok does; ``byte_fallback`` covers anything else with the same
-``<0xNN>`` tokens at the same ids; the pre-tokenizer is fsqtok's piece regex; the decoder
-fuses byte tokens back into text. Each side decodes the other's ids exactly, and on
-ordinary text both produce the same ids except where fsqtok uses a multi-piece span (a
-pre-tokenizer cannot express spans, so the export segments piece by piece there and
-needs more tokens). They can also differ where the regex engines
-disagree (Unicode combining marks are word characters for Oniguruma, not for Python's
-``re``), on runs over 16 bytes (fsqtok cuts them first), and by Hugging Face's own
-convention that special-token strings typed in the text are parsed as specials
-(fsqtok's ``parse_special=True``). A byte token's name typed as text ("<0x41>") stays
-text: the pre-tokenizer cuts it into several pieces, so Unigram never matches the name.
+The export is a ``Unigram`` model with ``byte_fallback`` (the same ``<0xNN>`` tokens at the
+same ids), a ``Split`` pre-tokenizer and a decoder that fuses byte tokens back into text.
+
+* A ``"unigram"`` tokenizer exports its scores, and Hugging Face's Viterbi search is the
+  one fsqtok runs (`fsqtok.tokenizer`), so both give **the same ids** on every text
+  (tested on real text and on arbitrary Unicode strings), with one convention to match:
+  Hugging Face parses special-token strings typed in the text as specials, which is
+  fsqtok's ``encode(text, parse_special=True)``.
+* The pre-tokenizer's regex (`fsqtok.pieces.RUN_PATTERN` for a unigram tokenizer,
+  ``PIECE_PATTERN`` for a fewest one) is written out with explicit code-point ranges, built from
+  what Python's ``re`` counts as a letter, digit or space, so that Hugging Face's regex
+  engine (Oniguruma, whose ``\\w`` and ``\\s`` differ: combining marks, ``\\x1c``-``\\x1f``,
+  ...) splits every text exactly as `fsqtok.pieces` does.
+* A ``"fewest"`` tokenizer exports every token with score -1, so Viterbi picks the fewest
+  tokens inside each piece; its multi-piece spans and its cut of runs over 16 bytes have
+  no Hugging Face equivalent, so there the export can need more tokens.
+
+A byte token's name typed as text ("<0x41>") stays text: the pre-tokenizer cuts it into
+several runs, so Unigram never matches the name.
 """
 from __future__ import annotations
 
+import functools
 import os
+import re
+import sys
 
 from fsqtok import pieces as pieces_lib
 from fsqtok import workdir as workdir_lib
 from fsqtok.tokenizer import Tokenizer
+
+
+def _ranges(member) -> str:
+  """Oniguruma character-class body with every code point for which ``member`` holds."""
+  out, start = [], None
+  for cp in range(sys.maxunicode + 2):
+    inside = cp <= sys.maxunicode and not 0xD800 <= cp <= 0xDFFF and member(chr(cp))
+    if inside and start is None:
+      start = cp
+    elif not inside and start is not None:
+      out.append(f"\\x{{{start:X}}}" if cp - 1 == start else
+                 f"\\x{{{start:X}}}-\\x{{{cp - 1:X}}}")
+      start = None
+  return "".join(out)
+
+
+@functools.cache
+def hf_piece_pattern(contractions: bool = True) -> str:
+  """`fsqtok.pieces.RUN_PATTERN` (``PIECE_PATTERN`` without ``contractions``) for
+  Oniguruma, with Python's character classes spelled out as code-point ranges (computed
+  once, about a second)."""
+  letter, digit, space = (re.compile(p).fullmatch for p in (r"[^\W\d_]", r"\d", r"\s"))
+  l, d, s = _ranges(letter), _ranges(digit), _ranges(space)
+  pattern = f" ?[{l}]+| ?[{d}]+| ?[^{l}{d}{s}]+|[{s}]+(?![^{s}])|[{s}]+"
+  return pieces_lib.RUN_PATTERN.replace(pieces_lib.PIECE_PATTERN, pattern) if contractions \
+      else pattern
 
 
 def to_hf_tokenizer(tok: Tokenizer):
@@ -28,11 +64,18 @@ def to_hf_tokenizer(tok: Tokenizer):
   from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
   from tokenizers import Tokenizer as HFTokenizer  # pylint: disable=g-import-not-at-top
 
-  vocab = [(tok.id_to_token(i), -1.0) for i in range(len(tok))]
+  if tok.model == "unigram":
+    # Specials and byte tokens are never matched by the search; 0.0 keeps them out of the
+    # lowest score, from which both sides derive an uncovered character's score.
+    scores = [tok.id_to_score(i) for i in range(len(tok))]
+    vocab = [(tok.id_to_token(i), 0.0 if sc is None else sc) for i, sc in enumerate(scores)]
+  else:
+    vocab = [(tok.id_to_token(i), -1.0) for i in range(len(tok))]
   unk = tok.token_to_id("[UNK]")
   hf = HFTokenizer(models.Unigram(vocab, unk_id=unk if unk is not None else 0,
                                   byte_fallback=True))
-  hf.pre_tokenizer = pre_tokenizers.Split(Regex(pieces_lib.PIECE_PATTERN), behavior="isolated")
+  hf.pre_tokenizer = pre_tokenizers.Split(Regex(hf_piece_pattern(tok.model == "unigram")),
+                                          behavior="isolated")
   hf.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
   hf.add_special_tokens([AddedToken(s, special=True, normalized=False)
                          for s in tok.special_tokens])
@@ -45,3 +88,4 @@ def export_hf(tok: Tokenizer, path: str) -> str:
     path = os.path.join(path, "tokenizer.json")
   workdir_lib.atomic_write_text(path, to_hf_tokenizer(tok).to_str(pretty=False))
   return path
+

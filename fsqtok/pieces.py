@@ -19,6 +19,10 @@ MAX_PIECE_BYTES = 16
 # any string: nothing is ever dropped.
 PIECE_PATTERN = r" ?[^\W\d_]+| ?\d+| ?(?:[^\w\s]|_)+|\s+(?!\S)|\s+"
 _PIECE_RE = re.compile(PIECE_PATTERN)
+# The runs of a unigram tokenizer (`split_runs`): the same, after GPT-2's English
+# contractions ("'s", "'d", "'ll", ...), which then stay whole ("Call'd" -> "Call", "'d").
+RUN_PATTERN = "'(?:[stdm]|re|ve|ll)|" + PIECE_PATTERN
+_RUN_RE = re.compile(RUN_PATTERN)
 
 
 def _cut(run: str, max_bytes: int) -> Iterator[str]:
@@ -34,6 +38,12 @@ def _cut(run: str, max_bytes: int) -> Iterator[str]:
       start, size = i, 0
     size += n
   yield run[start:]
+
+
+def split_runs(text: str) -> list[str]:
+  """Splits text into runs (`RUN_PATTERN`), however long (no cut);
+  ``"".join(split_runs(t)) == t`` for every string."""
+  return _RUN_RE.findall(text)
 
 
 def split_pieces(text: str, max_bytes: int = MAX_PIECE_BYTES) -> list[str]:

@@ -1,17 +1,24 @@
 """The exact tokenizer over a learned vocabulary, with byte fallback and special tokens.
 
 Ids are laid out as: special tokens ``[0, S)``, the 256 byte-fallback tokens
-``[S, S+256)``, the learned strings, then specials added later by the user. A learned
-string is a piece, part of a piece, or a *span* of several whole pieces (see
-`fsqtok.candidates`).
+``[S, S+256)``, the learned strings, then specials added later by the user.
 
-Encoding splits text into pieces (`fsqtok.pieces`). Each piece has a cached segmentation
-into the fewest vocabulary strings and single bytes (one dictionary lookup when the
-piece is a vocabulary string, else dynamic programming over its at most 16 bytes). Then
-spans replace runs of pieces where that saves the most tokens: an exact dynamic program
-over the span matches only (weighted interval scheduling), so text without span matches
-costs nothing more. The result has the fewest tokens among segmentations that keep piece
-boundaries except inside spans. Decoding concatenates the tokens' bytes, so
+Two segmentations (``Tokenizer.model``):
+
+* ``"unigram"`` (the default build, `fsqtok.unigram`): every learned string has a score
+  (its log probability). Text is split into the pre-tokenizer's runs
+  (`fsqtok.pieces.split_runs`, uncut) and each run into the strings of highest total
+  score (Viterbi); a character no learned string covers costs the lowest score minus 10
+  and becomes its UTF-8 byte tokens. Ties go to the path whose last token is longest.
+  This is exactly the Hugging Face ``Unigram`` model's search, so the exported
+  ``tokenizer.json`` (`fsqtok.hf_export`) gives the same ids. Learned strings may be one
+  character long and never cross a run boundary.
+* ``"fewest"`` (the codec-exact build of `fsqtok.vocab`): learned strings are pieces,
+  parts of pieces (2+ bytes) or *spans* of several whole pieces (`fsqtok.candidates`).
+  Each piece (cut at ``max_piece_bytes``) gets its fewest-token segmentation, then spans
+  replace runs of pieces where that saves the most tokens (weighted interval scheduling).
+
+Each run or piece's segmentation is cached. Decoding concatenates the tokens' bytes, so
 ``decode(encode(x)) == x`` for every string that has a UTF-8 encoding. Nothing here
 needs JAX or the codec.
 """
@@ -20,6 +27,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -30,7 +38,9 @@ from fsqtok import pieces as pieces_lib
 from fsqtok import workdir as workdir_lib
 
 FORMAT = "fsqtok-tokenizer"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added "model" and "scores"; version 1 files load as "fewest"
+MODELS = ("unigram", "fewest")
+UNK_PENALTY = 10.0  # an uncovered character's score below the lowest (as Hugging Face's)
 VOCAB_FILE = "tokenizer.json"
 
 DEFAULT_SPECIALS = (
@@ -56,24 +66,40 @@ class Tokenizer:
   """Encodes text to ids and back, exactly."""
 
   def __init__(self, learned: Iterable[str], *, codes: Sequence[int] | None = None,
+               scores: Sequence[float] | None = None,
                specials: Sequence[str] = DEFAULT_SPECIALS,
                max_piece_bytes: int = pieces_lib.MAX_PIECE_BYTES):
+    """``scores`` (log probabilities, one per learned string) make a ``"unigram"``
+    tokenizer; without them it is ``"fewest"``."""
     learned = list(learned)
-    if codes is not None and len(codes) != len(learned):
-      raise ValueError(f"{len(codes)} codes for {len(learned)} learned strings.")
+    for name, values in (("codes", codes), ("scores", scores)):
+      if values is not None and len(values) != len(learned):
+        raise ValueError(f"{len(values)} {name} for {len(learned)} learned strings.")
     if len(set(specials)) != len(specials) or not all(specials):
       raise ValueError(f"Special tokens must be distinct non-empty strings: {specials}.")
+    self.model = "fewest" if scores is None else "unigram"
     self.max_piece_bytes = max_piece_bytes
     self._specials = list(specials)
     self._learned: list[bytes] = []
     self._codes: list[int] = []
+    self._scores: list[float] = []
+    min_bytes = 1 if self.model == "unigram" else 2
     seen = set()
     for i, s in enumerate(learned):
       b = _utf8(s)
-      if not 2 <= len(b) <= max_piece_bytes:
+      if not min_bytes <= len(b) <= max_piece_bytes:
         continue  # single bytes already have a token; overlong strings are never matched
       if b in seen:
         raise ValueError(f"Learned string {s!r} appears twice in the vocabulary.")
+      if self.model == "unigram":
+        if pieces_lib.split_runs(s) != [s]:
+          raise ValueError(f"Learned string {s!r} crosses a pre-tokenizer boundary; a "
+                           f"unigram tokenizer segments each run on its own, so it could "
+                           f"never be used. Leave it out of the vocabulary.")
+        if not math.isfinite(scores[i]):
+          raise ValueError(f"Learned string {s!r} has score {scores[i]}; scores are finite "
+                           f"log probabilities.")
+        self._scores.append(float(scores[i]))
       seen.add(b)
       self._learned.append(b)
       self._codes.append(-1 if codes is None else int(codes[i]))
@@ -87,6 +113,11 @@ class Tokenizer:
     self._learned_base = self._byte_base + 256
     self._added_base = self._learned_base + len(self._learned)
     self._bytes_to_id = {b: self._learned_base + i for i, b in enumerate(self._learned)}
+    # Unigram: string -> (id, score); the longest string in characters bounds the search.
+    self._scored = {b.decode("utf-8"): (self._learned_base + i, sc)
+                    for i, (b, sc) in enumerate(zip(self._learned, self._scores))}
+    self._max_chars = max(map(len, self._scored), default=1)
+    self._unk_score = min(min(self._scores, default=0.0), 0.0) - UNK_PENALTY
     # Spans as a trie over pieces: piece -> [span id ending here or -1, children].
     self._span_trie: dict[str, list] = {}
     for b, i in self._bytes_to_id.items():
@@ -159,6 +190,11 @@ class Tokenizer:
   def eos_id(self) -> int:
     return self._special_id("[EOS]")
 
+  def id_to_score(self, token_id: int) -> float | None:
+    """The log probability of a learned token of a unigram tokenizer (None otherwise)."""
+    i = token_id - self._learned_base
+    return self._scores[i] if self._scores and 0 <= i < len(self._learned) else None
+
   def id_to_code(self, token_id: int) -> int:
     """The FSQ code index of a learned token (-1 for specials, bytes, or no codes)."""
     i = token_id - self._learned_base
@@ -200,13 +236,49 @@ class Tokenizer:
       end = start
     return tuple(reversed(ids))
 
+  def _viterbi(self, run: str) -> tuple[int, ...]:
+    """Highest-scoring segmentation of one run (Hugging Face Unigram's search, step for
+    step: starts in order, strings by length, a strictly better score replaces)."""
+    n = len(run)
+    best: list[float | None] = [0.0] + [None] * n
+    back = [(0, -1)] * (n + 1)  # (start, id; -1: an uncovered character)
+    scored, unk = self._scored, self._unk_score
+    for i in range(n):
+      here = best[i]
+      single = False
+      for j in range(i + 1, min(n, i + self._max_chars) + 1):
+        hit = scored.get(run[i:j])
+        if hit is not None:
+          score = here + hit[1]
+          if best[j] is None or score > best[j]:
+            best[j], back[j] = score, (i, hit[0])
+          single = single or j == i + 1
+      if not single:
+        score = here + unk
+        if best[i + 1] is None or score > best[i + 1]:
+          best[i + 1], back[i + 1] = score, (i, -1)
+    ids: list[int] = []
+    end = n
+    while end:
+      start, tid = back[end]
+      if tid >= 0:
+        ids.append(tid)
+      else:
+        ids.extend(reversed([self._byte_base + b for b in run[start:end].encode("utf-8")]))
+      end = start
+    return tuple(reversed(ids))
+
   def _piece_ids(self, piece: str) -> tuple[int, ...]:
-    """Ids of one piece: a dictionary hit, else the cached fewest-token segmentation."""
+    """Ids of one piece (a run for unigram), cached: a dictionary hit, else the fewest-token
+    or Viterbi segmentation."""
     cached = self._cache.get(piece)
     if cached is None:
-      data = piece.encode("utf-8")
-      whole = self._bytes_to_id.get(data)
-      cached = (whole,) if whole is not None else self._segment(data)
+      if self.model == "unigram":
+        cached = self._viterbi(piece)
+      else:
+        data = piece.encode("utf-8")
+        whole = self._bytes_to_id.get(data)
+        cached = (whole,) if whole is not None else self._segment(data)
       if len(self._cache) < 1_000_000:
         self._cache[piece] = cached
     return cached
@@ -263,15 +335,24 @@ class Tokenizer:
     return ids
 
   def encode_pieces(self, pieces: Sequence[str]) -> list[int]:
-    """Ids of text already split by `fsqtok.pieces.split_pieces` (no specials parsed)."""
+    """Ids of text already split by `fsqtok.pieces.split_pieces` (``split_runs`` for a
+    unigram tokenizer; no specials parsed)."""
+    if self.model == "unigram":
+      return list(itertools.chain.from_iterable(map(self._piece_ids, pieces)))
     return self._segment_pieces(pieces)
 
   def _encode_text(self, text: str) -> list[int]:
+    if self.model == "unigram":
+      cache = self._cache  # the hot path: one dictionary lookup per cached run
+      return list(itertools.chain.from_iterable(
+          cache.get(r) or self._piece_ids(r) for r in pieces_lib.split_runs(text)))
     return self._segment_pieces(pieces_lib.split_pieces(text, self.max_piece_bytes))
 
   def fewest_tokens_without(self, token_id: int) -> int:
     """How many tokens the string of a learned token needs if that token is removed
-    (what the vocabulary loses per use of it; `fsqtok.vocab`)."""
+    (what the vocabulary loses per use of it; `fsqtok.vocab`; "fewest" model only)."""
+    if self.model != "fewest":
+      raise ValueError("fewest_tokens_without is for 'fewest' tokenizers (fsqtok.vocab).")
     data = self._token_bytes_or_special(token_id)
     parts = pieces_lib.split_pieces(data.decode("utf-8"), self.max_piece_bytes)
     if len(parts) == 1:
@@ -404,9 +485,11 @@ class Tokenizer:
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     payload = {
-        "format": FORMAT, "version": FORMAT_VERSION, "max_piece_bytes": self.max_piece_bytes,
+        "format": FORMAT, "version": FORMAT_VERSION, "model": self.model,
+        "max_piece_bytes": self.max_piece_bytes,
         "specials": self._specials, "added_specials": self._added,
         "learned": [b.decode("utf-8") for b in self._learned], "codes": self._codes,
+        "scores": self._scores if self.model == "unigram" else None,
     }
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.")
     try:
@@ -445,12 +528,15 @@ class Tokenizer:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
       raise ValueError(f"{path} is not an fsqtok tokenizer (no format {FORMAT!r}); a "
                        f"Hugging Face tokenizer.json? Load that with `tokenizers`.")
-    if payload.get("version") != FORMAT_VERSION:
+    if payload.get("version") not in (1, FORMAT_VERSION):
       raise ValueError(f"{path} has format version {payload.get('version')}; this fsqtok "
-                       f"reads version {FORMAT_VERSION}.")
+                       f"reads versions 1 and {FORMAT_VERSION}: upgrade fsqtok.")
+    if payload.get("model", "fewest") not in MODELS:
+      raise ValueError(f"{path} has model {payload.get('model')!r}; this fsqtok knows "
+                       f"{MODELS}: upgrade fsqtok.")
     try:
-      tok = cls(payload["learned"], codes=payload["codes"], specials=payload["specials"],
-                max_piece_bytes=payload["max_piece_bytes"])
+      tok = cls(payload["learned"], codes=payload["codes"], scores=payload.get("scores"),
+                specials=payload["specials"], max_piece_bytes=payload["max_piece_bytes"])
       tok.add_special_tokens(payload["added_specials"])
     except (KeyError, TypeError) as e:
       raise ValueError(f"{path} is damaged: {e!r}. Save the tokenizer again.") from None

@@ -1,44 +1,176 @@
-"""From a corpus to a saved tokenizer: train the codec on the candidates, select the
-vocabulary among the exact ones for compression on the training texts, save.
+"""From a corpus to a saved tokenizer.
+
+``config.tokenizer.vocabulary`` picks the order of the two steps:
+
+* ``"unigram"`` (default): **vocabulary first, codec second.** A unigram-LM vocabulary is
+  trained on the corpus (`fsqtok.unigram`: EM and likelihood pruning, filled to the
+  requested size on any corpus); then the codec is trained on exactly those strings
+  (`fsqtok.recon`), and every string gets its own FSQ code: the code its encoder gives,
+  or, where two strings share one, the nearest free code for the one the decoder does not
+  reconstruct (`distinct_codes`). How many strings decode exactly is reported; encoding
+  never depends on it (the tokenizer works on strings, `fsqtok.tokenizer`).
+* ``"codec_exact"`` (the first design, kept for comparison): the codec is trained on
+  candidate strings and the vocabulary is chosen for compression among those it
+  reconstructs exactly (`fsqtok.vocab`); segmentation by the fewest tokens.
 
 The saved directory holds ``tokenizer.json`` (all that encoding and decoding need), the
 codec's parameters and model config (``codec.msgpack``, ``codec_config.json``: the code
-vectors of the tokens) and the codebook analysis (``vocab_report.json``).
+vectors of the tokens) and the build report (``vocab_report.json``).
 """
 from __future__ import annotations
 
 import json
-from typing import Any
+import os
+import tempfile
+from typing import Any, Sequence
 
+import numpy as np
 from flax import serialization
 
+from fsqtok import evaluate as evaluate_lib
 from fsqtok import recon
 from fsqtok import sharding as sharding_lib
+from fsqtok import unigram as unigram_lib
 from fsqtok import vocab as vocab_lib
+from fsqtok import workdir as workdir_lib
+from fsqtok.data import PieceSet
 from fsqtok.tokenizer import DEFAULT_SPECIALS, Tokenizer
+
+VOCABULARY_FILE = "vocabulary.json"  # the unigram vocabulary, kept in the build's workdir
+VOCABULARIES = ("unigram", "codec_exact")
+
+
+def learned_size(vocab_size: int) -> int:
+  """Learned strings in a vocabulary of ``vocab_size`` ids (specials and bytes included)."""
+  learned = vocab_size - len(DEFAULT_SPECIALS) - 256
+  if learned < 1:
+    raise ValueError(f"vocab_size={vocab_size} leaves no room for learned strings beside the "
+                     f"{len(DEFAULT_SPECIALS)} special and 256 byte tokens every vocabulary "
+                     f"has: use at least {len(DEFAULT_SPECIALS) + 257}.")
+  return learned
+
+
+def unigram_vocabulary(config, workdir: str, train_texts: Sequence[str], size: int
+                       ) -> unigram_lib.UnigramVocab:
+  """The unigram vocabulary of ``config.tokenizer`` for ``train_texts``, trained once and
+  kept in ``workdir`` (a build that resumes reuses it when the settings are the same)."""
+  t = config.tokenizer
+  settings = {"source": config.data.source, "size": size, "max_token_bytes": config.model.max_len,
+              **{k: t[k] for k in ("seed_size", "shrink", "em_iterations", "char_coverage",
+                                   "max_piece_chars")}}
+  path = os.path.join(workdir, VOCABULARY_FILE)
+  if os.path.exists(path):
+    saved = workdir_lib.read_json(path)
+    if saved.get("settings") == settings:
+      return unigram_lib.UnigramVocab.from_json(saved)
+  counts = unigram_lib.count_pieces(train_texts, progress=config.train.progress_bar)
+  vocab = unigram_lib.train_unigram(
+      counts, size, max_token_bytes=config.model.max_len, seed_size=t.seed_size,
+      shrink=t.shrink, em_iterations=t.em_iterations, char_coverage=t.char_coverage,
+      max_piece_chars=t.max_piece_chars, progress=config.train.progress_bar)
+  os.makedirs(workdir, exist_ok=True)
+  workdir_lib.write_json(path, {"settings": settings, **vocab.to_json()})
+  return vocab
+
+
+def unigram_tokenizer(config, train_texts: Sequence[str], vocab_size: int,
+                      workdir: str | None = None) -> Tokenizer:
+  """A unigram tokenizer of ``vocab_size`` ids without a codec (no codes): all that
+  encoding and decoding need, for comparisons that use a table embedding."""
+  size = learned_size(vocab_size)
+  if workdir is None:
+    with tempfile.TemporaryDirectory() as tmp:
+      vocab = unigram_vocabulary(config, tmp, train_texts, size)
+  else:
+    vocab = unigram_vocabulary(config, workdir, train_texts, size)
+  return Tokenizer(vocab.strings, scores=vocab.scores, max_piece_bytes=config.model.max_len)
+
+
+def vocabulary_pieces(vocab: unigram_lib.UnigramVocab, max_bytes: int) -> PieceSet:
+  """The vocabulary's strings as the codec's training set (count = expected uses, >= 1)."""
+  return PieceSet.from_counts({s: max(1, round(n)) for s, n in zip(vocab.strings, vocab.counts)},
+                              max_bytes)
+
+
+def distinct_codes(codes_K: np.ndarray, order_K: Sequence[int], levels: Sequence[int]
+                   ) -> np.ndarray:
+  """One distinct FSQ code per string: in ``order_K`` (first = first served) each string
+  keeps its code if it is free, else takes the nearest free code (fewest digit steps of
+  +-1; ties by digit, then down before up), so the code stays near what the encoder gave."""
+  levels_D = np.asarray(levels, np.int64)
+  basis_D = np.cumprod(np.r_[1, levels_D[:-1]])
+  out = np.asarray(codes_K, np.int64).copy()
+  taken: set[int] = set()
+  for k in order_K:
+    code = int(out[k])
+    frontier, seen = [code], {code}
+    while code in taken:
+      nxt = []
+      for c in frontier:
+        digits = (c // basis_D) % levels_D
+        for d in range(len(levels_D)):
+          for step in (-1, 1):
+            if 0 <= digits[d] + step < levels_D[d]:
+              n = c + step * int(basis_D[d])
+              if n not in seen:
+                seen.add(n)
+                nxt.append(n)
+      if not nxt:
+        raise ValueError(f"{len(out)} strings do not fit the {int(np.prod(levels_D))} codes "
+                         f"of FSQ levels {tuple(levels)}.")
+      frontier = nxt
+      free = [c for c in frontier if c not in taken]
+      if free:
+        code = free[0]
+    out[k] = code
+    taken.add(code)
+  return out
 
 
 def train_tokenizer(config, workdir: str, vocab_size: int, out_dir: str, *,
                     texts=None, pieces=None) -> tuple[Tokenizer, dict[str, Any]]:
-  """Trains (or resumes) the codec of ``config`` in ``workdir``, saves the tokenizer.
+  """Builds the tokenizer of ``config`` (resuming its codec in ``workdir``), saves it.
 
   ``vocab_size`` counts every id: specials, the 256 byte tokens and the learned strings.
-  ``texts`` / ``pieces``: the corpus split and its candidates, if the caller has them.
+  ``texts``: the corpus split, if the caller has it; ``pieces``: the codec-exact build's
+  candidates, if the caller has them (the unigram build makes its own).
   """
-  learned = vocab_size - len(DEFAULT_SPECIALS) - 256
-  if learned < 0:
-    raise ValueError(f"vocab_size={vocab_size} is smaller than the {len(DEFAULT_SPECIALS)} "
-                     f"special and 256 byte tokens every vocabulary has.")
+  size = learned_size(vocab_size)
+  kind = config.tokenizer.vocabulary
+  if kind not in VOCABULARIES:
+    raise ValueError(f"Unknown tokenizer.vocabulary {kind!r}: use one of {VOCABULARIES}.")
   texts = texts or recon.load_texts(config)
-  pieces = pieces or recon.load_pieces(config, texts)
-  recon.train_recon(config, workdir, pieces)
-  model, params = recon.load_trained_codec(config, workdir)
   mesh = sharding_lib.data_mesh(config.train.num_devices)
-  table, analysis = vocab_lib.build_code_vocabulary(
-      model, params, pieces[0], texts[0], learned, batch_size=config.train.eval_batch_size,
-      mesh=mesh, max_piece_bytes=config.model.max_len, progress=config.train.progress_bar)
-  tok = Tokenizer([s.decode("utf-8") for s in table.strings], codes=table.codes_K.tolist(),
-                  max_piece_bytes=config.model.max_len)
+  if kind == "codec_exact":
+    tok, analysis, params = _codec_exact(config, workdir, size, texts, pieces, mesh)
+  else:
+    vocab = unigram_vocabulary(config, workdir, texts[0], size)
+    strings = vocabulary_pieces(vocab, config.model.max_len)
+    recon.train_recon(config, workdir, (strings, strings))
+    model, params = recon.load_trained_codec(config, workdir)
+    stats = evaluate_lib.compute_piece_stats(model, params, strings,
+                                             batch_size=config.train.eval_batch_size, mesh=mesh)
+    row = {strings.piece_bytes(i).decode("utf-8"): i for i in range(strings.num_distinct)}
+    rows = np.array([row[s] for s in vocab.strings])
+    exact = np.asarray(stats["exact"])[rows]
+    counts = np.asarray(vocab.counts)
+    # Exact strings first (a code decodes to at most one string), then the most used.
+    order = np.lexsort((np.arange(len(rows)), -counts, ~exact))
+    codes = distinct_codes(np.asarray(stats["code"])[rows], order, config.model.levels)
+    tok = Tokenizer(vocab.strings, scores=vocab.scores, codes=codes.tolist(),
+                    max_piece_bytes=config.model.max_len)
+    train_tokens = sum(len(tok.encode(t)) for t in texts[0])
+    analysis = {
+        "vocabulary": "unigram", "learned_tokens": len(vocab),
+        "single_characters": sum(len(s) == 1 for s in vocab.strings),
+        "codec_exact_strings": float(exact.mean()),
+        "codec_exact_uses": float(np.dot(exact, counts) / counts.sum()),
+        "codes_moved": int(np.sum(codes != np.asarray(stats["code"])[rows])),
+        "not_exact_examples": [s for s, e in zip(vocab.strings, exact) if not e][:20],
+        "train_tokens_per_piece": vocab.history[-1]["tokens_per_piece"],
+        "train_bytes_per_token": sum(len(t.encode("utf-8")) for t in texts[0])
+                                 / max(1, train_tokens),
+        "rounds": list(vocab.history)}
   analysis = {**analysis, "requested_vocab_size": vocab_size, "vocab_size": len(tok),
               "source": config.data.source}
   tok.save(out_dir, extra_files={
@@ -47,3 +179,15 @@ def train_tokenizer(config, workdir: str, vocab_size: int, out_dir: str, *,
       "vocab_report.json": json.dumps(analysis).encode(),
   })
   return tok, analysis
+
+
+def _codec_exact(config, workdir, size, texts, pieces, mesh):
+  pieces = pieces or recon.load_pieces(config, texts)
+  recon.train_recon(config, workdir, pieces)
+  model, params = recon.load_trained_codec(config, workdir)
+  table, analysis = vocab_lib.build_code_vocabulary(
+      model, params, pieces[0], texts[0], size, batch_size=config.train.eval_batch_size,
+      mesh=mesh, max_piece_bytes=config.model.max_len, progress=config.train.progress_bar)
+  tok = Tokenizer([s.decode("utf-8") for s in table.strings], codes=table.codes_K.tolist(),
+                  max_piece_bytes=config.model.max_len)
+  return tok, {"vocabulary": "codec_exact", **analysis}, params

@@ -55,7 +55,8 @@ def test_inspect_writes_report_and_plot(trained, capsys):
   cli.main(["inspect", str(trained)])
   report = (trained / "inspect.txt").read_text()
   tok = Tokenizer.load(str(trained))
-  assert f"vocabulary: {len(tok)} ids" in report and "codebook:" in report
+  assert f"vocabulary: {len(tok)} ids" in report and "unigram vocabulary:" in report
+  assert tok.model == "unigram" and len(tok) == 400
   assert (trained / "inspect.png").read_bytes()[:4] == b"\x89PNG"
   assert "Wrote" in capsys.readouterr().out
 

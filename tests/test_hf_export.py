@@ -5,6 +5,7 @@ import tokenizers
 from hypothesis import given, strategies as st
 
 from conftest import SHAKESPEARE_SNIPPET
+from fsqtok import pieces as pieces_lib
 from fsqtok.data import PieceSet
 from fsqtok.hf_export import export_hf, to_hf_tokenizer
 from fsqtok.tokenizer import Tokenizer
@@ -54,3 +55,45 @@ def test_vocabulary_and_specials_line_up(pair, tmp_path):
   assert hf.encode("[CLS] hi").ids[0] == tok.token_to_id("[CLS]")
   saved = json.loads(to_hf_tokenizer(tok).to_str())
   assert saved["model"]["type"] == "Unigram" and saved["model"]["byte_fallback"]
+
+
+# ---- unigram tokenizers: the export gives the same ids ------------------------------
+
+ANY_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=200)
+# Characters where Python's re and Oniguruma disagree on \w, \d or \s, among others.
+TRICKY = st.lists(st.sampled_from(list("ab 1_\n\t\r.,") + [
+    "\u0301", "\u0903", "\x1c", "\x1f", "\x85", "\xa0", "\u2028", "\u3000", "\u203f",
+    "\uff3f", "\xb2", "\u2167", "\u00bd", "\u0660", "é", "日", "🙂", "<0x41>", "[PAD]"]),
+    max_size=40).map("".join)
+
+
+@pytest.fixture(scope="module")
+def unigram_pair(doc_files, tmp_path_factory):
+  from fsqtok import unigram  # pylint: disable=g-import-not-at-top
+  texts = [p.read_text(encoding="utf-8") for p in sorted(doc_files.glob("*.txt"))]
+  vocab = unigram.train_unigram(unigram.count_pieces(texts[:150]), 1200, seed_size=20_000)
+  tok = Tokenizer(vocab.strings, scores=vocab.scores)
+  path = export_hf(tok, str(tmp_path_factory.mktemp("hf_unigram")))
+  return tok, tokenizers.Tokenizer.from_file(path), texts[150:]
+
+
+def test_unigram_export_gives_the_same_ids_on_held_out_documents(unigram_pair):
+  tok, hf, held_out = unigram_pair
+  assert len(held_out) == 50
+  for doc in held_out:
+    assert hf.encode(doc).ids == tok.encode(doc, parse_special=True)
+
+
+@given(st.one_of(ANY_TEXT, TRICKY))
+def test_unigram_export_gives_the_same_ids_on_any_text(unigram_pair, text):
+  tok, hf, _ = unigram_pair
+  ids = tok.encode(text, parse_special=True)
+  assert hf.encode(text).ids == ids
+  assert hf.decode(ids, skip_special_tokens=False) == text
+
+
+@given(st.one_of(ANY_TEXT, TRICKY))
+def test_exported_pre_tokenizer_splits_like_fsqtok(unigram_pair, text):
+  _, hf, _ = unigram_pair
+  hf_runs = [r for r, _ in hf.pre_tokenizer.pre_tokenize_str(text)]
+  assert hf_runs == pieces_lib.split_runs(text)

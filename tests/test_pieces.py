@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
+from fsqtok import pieces as pieces_lib
 from fsqtok.pieces import array_to_pieces, pieces_to_array, split_pieces
 
 # Any Python string that can be UTF-8 (no lone surrogates): every plane, controls, NUL.
@@ -54,3 +55,14 @@ def test_bad_arguments():
     split_pieces("x", 2)
   with pytest.raises(ValueError, match="1..16 bytes"):
     pieces_to_array(["x" * 17])
+
+
+@given(TEXT)
+def test_runs_cover_the_text_and_keep_contractions(text):
+  runs = pieces_lib.split_runs(text)
+  assert "".join(runs) == text and all(runs)
+
+
+def test_runs_are_pieces_with_english_contractions_whole():
+  assert pieces_lib.split_runs("Call'd it's we'll") == ["Call", "'d", " it", "'s", " we", "'ll"]
+  assert pieces_lib.split_runs("x" * 40) == ["x" * 40]  # never cut

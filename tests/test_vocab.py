@@ -100,12 +100,14 @@ def test_vocabulary_from_a_trained_codec_is_exact(pieces):
   assert [bytes(r[:n]) for r, n in zip(out, lengths)] == list(vocab.strings)
 
 
-def test_train_tokenizer_end_to_end(doc_files, tmp_path):
+def test_codec_exact_build_end_to_end(doc_files, tmp_path):
+  """The first design, kept for comparison: codec first, vocabulary among its exact strings."""
   from conftest import tiny_recon_config  # pylint: disable=g-import-not-at-top
   from fsqtok.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
   from fsqtok.tokenizer_build import train_tokenizer  # pylint: disable=g-import-not-at-top
   config = tiny_recon_config(f"files:{doc_files}/*.txt", str(tmp_path / "tfds"))
   config.train.num_steps = 100
+  config.tokenizer.vocabulary = "codec_exact"
   out = tmp_path / "tok"
   tok, analysis = train_tokenizer(config, str(tmp_path / "work"), 300, str(out))
   assert sorted(p.name for p in out.iterdir()) == [
@@ -115,5 +117,6 @@ def test_train_tokenizer_end_to_end(doc_files, tmp_path):
   assert analysis["vocab_size"] == len(tok)
   text = (doc_files / "doc000.txt").read_text()
   assert loaded.decode(loaded.encode(text)) == text
-  with pytest.raises(ValueError, match="smaller than"):
+  assert loaded.model == "fewest" and analysis["vocabulary"] == "codec_exact"
+  with pytest.raises(ValueError, match="leaves no room"):
     train_tokenizer(config, str(tmp_path / "work"), 100, str(out))

@@ -1,0 +1,310 @@
+"""The unigram-LM vocabulary: strings chosen by the likelihood of the corpus, not by a codec.
+
+A unigram language model gives every vocabulary string a probability; a piece of text
+(`fsqtok.pieces`) is segmented into the sequence of strings of highest probability (the
+Viterbi path, `fsqtok.tokenizer`). Training (Kudo 2018, as SentencePiece does it):
+
+1. *Seeds*: every single character (the most frequent ones covering ``char_coverage`` of
+   the text; rarer ones fall back to bytes) and the ``seed_size`` most frequent substrings
+   of the pieces (2+ characters, at most ``max_token_bytes`` UTF-8 bytes, seen twice).
+2. *EM*: the E-step sums, over every distinct piece weighted by its count, each string's
+   expected number of uses over all segmentations (forward-backward on the piece's lattice,
+   in log space, vectorised over pieces); the M-step sets log p = digamma(count) -
+   digamma(total), a sparse Bayesian estimate that drives rare strings to zero.
+3. *Pruning*: each string's loss is what the corpus likelihood loses if it goes: its
+   expected count times (its log p minus the log p of the best segmentation of its own
+   text by the other strings). The ``shrink`` share with the highest loss stays (single
+   characters always stay); EM again; until ``size`` strings remain.
+
+Everything is numpy over arrays of lattice edges; the only Python loops run over string
+positions (at most ``max_piece_chars``) and, once per round, over the vocabulary.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Iterable, Sequence
+
+import numpy as np
+from scipy import special
+from tqdm.auto import tqdm
+
+from fsqtok import pieces as pieces_lib
+
+SCORE_DECIMALS = 6  # scores are rounded so JSON readers (Python's, serde's) agree bit for bit
+
+
+@dataclasses.dataclass(frozen=True)
+class UnigramVocab:
+  """Vocabulary strings, most probable first, with their log probabilities, expected
+  uses in the training pieces, and the training rounds (strings left, log likelihood)."""
+
+  strings: tuple[str, ...]
+  scores: tuple[float, ...]
+  counts: tuple[float, ...]
+  history: tuple[dict, ...] = ()
+
+  def to_json(self) -> dict:
+    return {"strings": list(self.strings), "scores": list(self.scores),
+            "counts": list(self.counts), "history": list(self.history)}
+
+  @classmethod
+  def from_json(cls, payload: dict) -> "UnigramVocab":
+    return cls(tuple(payload["strings"]), tuple(payload["scores"]),
+               tuple(payload["counts"]), tuple(payload["history"]))
+
+  def __len__(self) -> int:
+    return len(self.strings)
+
+
+def count_pieces(texts: Iterable[str], progress: bool = False) -> collections.Counter:
+  """Occurrences of every piece (pre-tokenizer runs, uncut) in ``texts``."""
+  counts: collections.Counter = collections.Counter()
+  for text in tqdm(texts, desc="count pieces", unit=" texts", disable=not progress):
+    counts.update(pieces_lib.split_runs(text))
+  return counts
+
+
+def _substrings(s: str, max_bytes: int, min_chars: int = 1):
+  """``(start, end)`` character spans of ``s`` with ``min_chars``+ characters and at most
+  ``max_bytes`` UTF-8 bytes, by start then length."""
+  ascii_only = s.isascii()
+  n = len(s)
+  for i in range(n):
+    size = 0
+    for j in range(i + 1, n + 1):
+      size += 1 if ascii_only else len(s[j - 1].encode("utf-8"))
+      if size > max_bytes:
+        break
+      if j - i >= min_chars:
+        yield i, j
+
+
+class Lattice:
+  """Every way to write each of ``strings`` with vocabulary strings: one edge per
+  (string n, start, end, token) with ``text_n[start:end]`` in the vocabulary.
+
+  ``exclude_whole``: leave out the edge that is the whole string (the segmentations of a
+  vocabulary string by the *other* strings, for pruning).
+  """
+
+  def __init__(self, strings: Sequence[str], index: dict[str, int], max_bytes: int,
+               exclude_whole: bool = False):
+    piece, start, end, token = [], [], [], []
+    for n, s in enumerate(strings):
+      for i, j in _substrings(s, max_bytes):
+        t = index.get(s[i:j])
+        if t is not None and not (exclude_whole and i == 0 and j == len(s)):
+          piece.append(n)
+          start.append(i)
+          end.append(j)
+          token.append(t)
+    self.lengths_N = np.fromiter(map(len, strings), np.int64, len(strings))
+    self._set(np.asarray(piece, np.int64), np.asarray(start, np.int64),
+              np.asarray(end, np.int64), np.asarray(token, np.int64))
+
+  def _set(self, piece, start, end, token):
+    self.piece_E, self.start_E, self.end_E, self.token_E = piece, start, end, token
+    self._by_end = np.lexsort((piece, end))
+    self._by_start = np.lexsort((piece, start))
+
+  def keep_tokens(self, new_id_V: np.ndarray) -> None:
+    """Drops the edges of removed tokens (``new_id_V[t] < 0``) and renumbers the rest."""
+    keep = new_id_V[self.token_E] >= 0
+    self._set(self.piece_E[keep], self.start_E[keep], self.end_E[keep],
+              new_id_V[self.token_E[keep]])
+
+  @property
+  def max_len(self) -> int:
+    return int(self.lengths_N.max(initial=0))
+
+  def _sweep(self, order, position_E, other_E, table, logp_V, reduce_max, positions):
+    """One pass (forward or backward): ``table[n, pos] = reduce over edges at pos of
+    table[n, other end] + logp[token]``."""
+    pos_sorted = position_E[order]
+    bounds = np.searchsorted(pos_sorted, np.arange(table.shape[1] + 1))
+    for pos in positions:
+      sel = order[bounds[pos]:bounds[pos + 1]]
+      if sel.size == 0:
+        continue
+      p = self.piece_E[sel]
+      v = table[p, other_E[sel]] + logp_V[self.token_E[sel]]
+      heads = np.flatnonzero(np.r_[True, p[1:] != p[:-1]])
+      table[p[heads], pos] = _reduce(v, heads, reduce_max)
+
+  def forward(self, logp_V: np.ndarray, reduce_max: bool = False) -> np.ndarray:
+    """``alpha[n, i]``: log of the summed (or best, ``reduce_max``) probability of the
+    segmentations of ``string_n[:i]``."""
+    alpha = np.full((len(self.lengths_N), self.max_len + 1), -np.inf)
+    alpha[:, 0] = 0.0
+    self._sweep(self._by_end, self.end_E, self.start_E, alpha, logp_V, reduce_max,
+                range(1, self.max_len + 1))
+    return alpha
+
+  def backward(self, logp_V: np.ndarray) -> np.ndarray:
+    """``beta[n, i]``: log of the summed probability of the segmentations of
+    ``string_n[i:]``."""
+    beta = np.full((len(self.lengths_N), self.max_len + 1), -np.inf)
+    beta[np.arange(len(self.lengths_N)), self.lengths_N] = 0.0
+    self._sweep(self._by_start, self.start_E, self.end_E, beta, logp_V, False,
+                range(self.max_len - 1, -1, -1))
+    return beta
+
+  def expected_counts(self, logp_V: np.ndarray, weights_N: np.ndarray
+                      ) -> tuple[np.ndarray, float]:
+    """Expected uses of each token over all segmentations (weighted by ``weights_N``) and
+    the log likelihood of the strings."""
+    alpha, beta = self.forward(logp_V), self.backward(logp_V)
+    log_z = alpha[np.arange(len(self.lengths_N)), self.lengths_N]
+    post = np.exp(alpha[self.piece_E, self.start_E] + logp_V[self.token_E]
+                  + beta[self.piece_E, self.end_E] - log_z[self.piece_E])
+    counts = np.bincount(self.token_E, weights=post * weights_N[self.piece_E],
+                         minlength=len(logp_V))
+    return counts, float(np.dot(weights_N, log_z))
+
+
+def _reduce(v: np.ndarray, heads: np.ndarray, reduce_max: bool) -> np.ndarray:
+  """Max or log-sum-exp of ``v`` over the runs starting at ``heads``."""
+  m = np.maximum.reduceat(v, heads)
+  if reduce_max:
+    return m
+  rep = np.repeat(m, np.diff(np.r_[heads, len(v)]))
+  with np.errstate(invalid="ignore"):
+    shifted = np.where(np.isfinite(rep), v - rep, -np.inf)
+  with np.errstate(divide="ignore"):
+    return m + np.log(np.add.reduceat(np.exp(shifted), heads))
+
+
+def _m_step(counts_V: np.ndarray) -> np.ndarray:
+  """log p from expected counts: digamma(count) - digamma(total) (a sparse prior)."""
+  total = counts_V.sum()
+  with np.errstate(divide="ignore", invalid="ignore"):
+    logp = special.digamma(np.maximum(counts_V, 1e-300)) - special.digamma(total)
+  return np.where(counts_V > 0, logp, -np.inf)
+
+
+def _characters(piece_counts: dict[str, int], coverage: float) -> list[str]:
+  """The most frequent characters that together cover ``coverage`` of all characters."""
+  chars: collections.Counter = collections.Counter()
+  for p, n in piece_counts.items():
+    for ch in p:
+      chars[ch] += n
+  ranked = sorted(chars.items(), key=lambda kv: (-kv[1], kv[0]))
+  total = sum(chars.values())
+  keep, covered = [], 0
+  for ch, n in ranked:
+    if keep and covered >= coverage * total:
+      break
+    keep.append(ch)
+    covered += n
+  return keep
+
+
+def _seeds(pieces: Sequence[str], counts_N: np.ndarray, max_bytes: int, seed_size: int,
+           progress: bool) -> list[tuple[str, int]]:
+  """The ``seed_size`` most frequent substrings of 2+ characters (seen at least twice)."""
+  subs: collections.Counter = collections.Counter()
+  for p, n in tqdm(zip(pieces, counts_N.tolist()), total=len(pieces), desc="unigram seeds",
+                   disable=not progress, unit=" pieces"):
+    for i, j in _substrings(p, max_bytes, min_chars=2):
+      subs[p[i:j]] += n
+  ranked = sorted(((s, n) for s, n in subs.items() if n >= 2),
+                  key=lambda kv: (-kv[1] * len(kv[0]), kv[0]))
+  return ranked[:seed_size]
+
+
+def train_unigram(piece_counts: dict[str, int], size: int, *,
+                  max_token_bytes: int = pieces_lib.MAX_PIECE_BYTES, seed_size: int = 200_000,
+                  shrink: float = 0.75, em_iterations: int = 2,
+                  char_coverage: float = 0.9999, max_piece_chars: int = 64,
+                  progress: bool = False) -> UnigramVocab:
+  """A vocabulary of ``size`` strings (single characters included) for ``piece_counts``.
+
+  Pieces longer than ``max_piece_chars`` characters (long runs of spaces or symbols) are
+  left out of training; the tokenizer still segments them.
+  """
+  if size < 1:
+    raise ValueError(f"A unigram vocabulary needs size >= 1, got {size}.")
+  if not 0 < shrink < 1:
+    raise ValueError(f"shrink must be in (0, 1), got {shrink}.")
+  if not 0 < char_coverage <= 1:
+    raise ValueError(f"char_coverage must be in (0, 1], got {char_coverage}.")
+  chars = _characters(piece_counts, char_coverage)[:size]
+  char_set = set(chars)
+  kept = [(p, n) for p, n in piece_counts.items()
+          if len(p) <= max_piece_chars and char_set.issuperset(p)]
+  if not kept:
+    raise ValueError("No text to train a unigram vocabulary on: the corpus is empty.")
+  kept.sort()
+  pieces = [p for p, _ in kept]
+  counts_N = np.array([n for _, n in kept], np.float64)
+  seeds = [(s, n) for s, n in _seeds(pieces, counts_N, max_token_bytes, seed_size, progress)
+           if char_set.issuperset(s)]
+  strings = chars + [s for s, _ in seeds]
+  is_char = np.r_[np.ones(len(chars), bool), np.zeros(len(seeds), bool)]
+  char_counts = collections.Counter()
+  for p, n in kept:
+    for ch in p:
+      char_counts[ch] += n
+  init = np.array([char_counts[c] for c in chars] + [n for _, n in seeds], np.float64)
+  logp = np.log(init) - np.log(init.sum())
+  lattice = Lattice(pieces, {s: i for i, s in enumerate(strings)}, max_token_bytes)
+  history = []
+  bar = tqdm(desc="unigram EM", disable=not progress, unit=" rounds")
+  while True:
+    for _ in range(em_iterations):
+      counts, loglik = lattice.expected_counts(logp, counts_N)
+      logp = _m_step(counts)
+    # Strings no segmentation uses any more go first (unless that leaves too few).
+    target = size - len(chars)
+    keep = is_char | (counts >= 0.5)
+    if int((keep & ~is_char).sum()) < target:
+      unused = np.flatnonzero(~keep)
+      keep[unused[np.lexsort((unused, -counts[unused]))][:target - int((keep & ~is_char).sum())]] = True
+    n_multi = int((keep & ~is_char).sum())
+    history.append({"strings": int(keep.sum()), "log_likelihood": loglik,
+                    "tokens_per_piece": float(counts.sum() / counts_N.sum())})
+    bar.update()
+    bar.set_postfix(strings=int(keep.sum()), loglik=f"{loglik:.4g}")
+    if n_multi > target:
+      loss = _pruning_loss(strings, logp, counts, is_char, keep, max_token_bytes)
+      multi = np.flatnonzero(keep & ~is_char)
+      n_keep = max(target, int(n_multi * shrink))
+      ranked = multi[np.lexsort((multi, -loss[multi]))]
+      keep = is_char.copy()
+      keep[ranked[:n_keep]] = True
+    new_id = np.full(len(strings), -1, np.int64)
+    new_id[keep] = np.arange(int(keep.sum()))
+    strings = [s for s, k in zip(strings, keep) if k]
+    is_char, logp, counts = is_char[keep], logp[keep], counts[keep]
+    lattice.keep_tokens(new_id)
+    if n_multi <= target:
+      break
+  for _ in range(em_iterations):
+    counts, loglik = lattice.expected_counts(logp, counts_N)
+    logp = _m_step(counts)
+  history.append({"strings": len(strings), "log_likelihood": loglik,
+                  "tokens_per_piece": float(counts.sum() / counts_N.sum())})
+  bar.close()
+  # A character no segmentation uses keeps a tiny probability (it is still a token).
+  floor = np.min(logp[np.isfinite(logp)]) - 1.0
+  logp = np.where(np.isfinite(logp), logp, floor)
+  order = np.lexsort((np.arange(len(strings)), -logp))
+  return UnigramVocab(tuple(strings[i] for i in order),
+                      tuple(round(float(logp[i]), SCORE_DECIMALS) for i in order),
+                      tuple(float(counts[i]) for i in order), tuple(history))
+
+
+def _pruning_loss(strings, logp, counts, is_char, keep, max_bytes) -> np.ndarray:
+  """Per string: expected count x (log p - log p of its best segmentation by the other
+  strings); +inf where no other segmentation exists."""
+  idx = np.flatnonzero(keep)
+  index = {strings[i]: k for k, i in enumerate(idx)}
+  multi = np.flatnonzero(keep & ~is_char)
+  alt_lattice = Lattice([strings[i] for i in multi], index, max_bytes, exclude_whole=True)
+  alpha = alt_lattice.forward(logp[idx], reduce_max=True)
+  alt = alpha[np.arange(len(multi)), alt_lattice.lengths_N]
+  loss = np.full(len(strings), np.inf)
+  with np.errstate(invalid="ignore"):
+    loss[multi] = counts[multi] * (logp[multi] - alt)
+  return np.nan_to_num(loss, nan=np.inf)

@@ -1,0 +1,69 @@
+"""The tokenizer build (fsqtok/tokenizer_build.py): vocabulary first, then the codec."""
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from conftest import tiny_recon_config
+from fsqtok import tokenizer_build
+from fsqtok.tokenizer import Tokenizer
+
+LEVELS = (3, 4, 2)
+
+
+def _digits(code):
+  out = []
+  for n in LEVELS:
+    out.append(code % n)
+    code //= n
+  return np.array(out)
+
+
+@given(st.lists(st.integers(0, 23), min_size=1, max_size=24))
+def test_distinct_codes_are_distinct_and_nearest(codes):
+  order = list(range(len(codes)))
+  out = tokenizer_build.distinct_codes(np.array(codes), order, LEVELS)
+  assert len(set(out.tolist())) == len(codes)
+  taken = set()
+  for k in order:
+    if codes[k] not in taken:
+      assert out[k] == codes[k]  # a free code is kept
+    else:  # a taken one moves to a free code at the fewest digit steps
+      free = [c for c in range(24) if c not in taken]
+      best = min(np.abs(_digits(c) - _digits(codes[k])).sum() for c in free)
+      assert np.abs(_digits(out[k]) - _digits(codes[k])).sum() == best
+    taken.add(int(out[k]))
+
+
+def test_distinct_codes_refuse_more_strings_than_codes():
+  with pytest.raises(ValueError, match="do not fit"):
+    tokenizer_build.distinct_codes(np.zeros(25, np.int64), range(25), LEVELS)
+
+
+def test_unigram_build_end_to_end_and_resume(doc_files, tmp_path):
+  config = tiny_recon_config(f"files:{doc_files}/*.txt", str(tmp_path / "tfds"))
+  config.train.num_steps = 60
+  work, out = tmp_path / "work", tmp_path / "tok"
+  tok, report = tokenizer_build.train_tokenizer(config, str(work), 600, str(out))
+  assert tok.model == "unigram" and len(tok) == report["vocab_size"] == 600  # filled
+  assert sorted(p.name for p in out.iterdir()) == [
+      "codec.msgpack", "codec_config.json", "tokenizer.json", "vocab_report.json"]
+  codes = [tok.id_to_code(i) for i in tok.learned_ids]
+  assert min(codes) >= 0 and len(set(codes)) == len(codes)  # every string its own code
+  assert 0.0 <= report["codec_exact_strings"] <= 1.0 and report["train_bytes_per_token"] > 1.5
+  text = (doc_files / "doc199.txt").read_text()
+  loaded = Tokenizer.load(str(out))
+  assert loaded.encode(text) == tok.encode(text) and loaded.decode(tok.encode(text)) == text
+  # The vocabulary is kept beside the codec run and reused by a resumed build.
+  saved = json.loads((work / tokenizer_build.VOCABULARY_FILE).read_text())
+  assert saved["strings"] == [tok.id_to_token(i) for i in tok.learned_ids]
+  again, _ = tokenizer_build.train_tokenizer(config, str(work), 600, str(tmp_path / "tok2"))
+  assert all(again.id_to_code(i) == tok.id_to_code(i) for i in tok.learned_ids)
+
+
+def test_unknown_vocabulary_kind_is_a_clear_error(doc_files, tmp_path):
+  config = tiny_recon_config(f"files:{doc_files}/*.txt", str(tmp_path / "tfds"))
+  config.tokenizer.vocabulary = "bpe"
+  with pytest.raises(ValueError, match="Unknown tokenizer.vocabulary 'bpe'"):
+    tokenizer_build.train_tokenizer(config, str(tmp_path / "w"), 600, str(tmp_path / "t"))

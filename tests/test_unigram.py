@@ -1,0 +1,162 @@
+"""The unigram-LM vocabulary (fsqtok/unigram.py) and the tokenizer's Viterbi search."""
+import itertools
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from conftest import SHAKESPEARE_SNIPPET
+from fsqtok import pieces as pieces_lib
+from fsqtok import unigram
+from fsqtok.tokenizer import UNK_PENALTY, Tokenizer
+
+
+def _segmentations(s, vocab):
+  """Every way to write ``s`` with ``vocab`` strings (brute force)."""
+  if not s:
+    yield ()
+    return
+  for j in range(1, len(s) + 1):
+    if s[:j] in vocab:
+      for rest in _segmentations(s[j:], vocab):
+        yield (s[:j], *rest)
+
+
+VOCAB = ["a", "b", "c", "ab", "bc", "abc", "ca", "cab"]
+LOGP = np.log(np.array([0.2, 0.15, 0.1, 0.2, 0.1, 0.1, 0.1, 0.05]))
+
+
+@given(st.lists(st.text("abc", min_size=1, max_size=7), min_size=1, max_size=5))
+def test_lattice_sums_and_maxima_match_brute_force(strings):
+  index = {s: i for i, s in enumerate(VOCAB)}
+  lattice = unigram.Lattice(strings, index, max_bytes=16)
+  weights = np.arange(1, len(strings) + 1, dtype=np.float64)
+  counts, loglik = lattice.expected_counts(LOGP, weights)
+  best = lattice.forward(LOGP, reduce_max=True)[np.arange(len(strings)), lattice.lengths_N]
+  want_counts = np.zeros(len(VOCAB))
+  want_loglik = 0.0
+  for s, w in zip(strings, weights):
+    segs = list(_segmentations(s, index))
+    probs = np.array([math.exp(sum(LOGP[index[t]] for t in seg)) for seg in segs])
+    want_loglik += w * math.log(probs.sum())
+    for seg, p in zip(segs, probs):
+      for t in seg:
+        want_counts[index[t]] += w * p / probs.sum()
+    np.testing.assert_allclose(best[strings.index(s)], math.log(probs.max()), rtol=1e-9)
+  np.testing.assert_allclose(counts, want_counts, rtol=1e-9, atol=1e-12)
+  np.testing.assert_allclose(loglik, want_loglik, rtol=1e-9)
+
+
+def test_lattice_without_the_whole_string_and_after_pruning():
+  index = {s: i for i, s in enumerate(VOCAB)}
+  lattice = unigram.Lattice(["abc", "cab"], index, max_bytes=16, exclude_whole=True)
+  best = lattice.forward(LOGP, reduce_max=True)[[0, 1], lattice.lengths_N]
+  np.testing.assert_allclose(best, [LOGP[3] + LOGP[2], LOGP[2] + LOGP[3]])  # ab|c, c|ab
+  # Dropping "ab" and renumbering leaves the same sums over what remains.
+  new_id = np.array([0, 1, 2, -1, 3, 4, 5, 6])
+  lattice.keep_tokens(new_id)
+  logp = LOGP[new_id >= 0]
+  best = lattice.forward(logp, reduce_max=True)[[0, 1], lattice.lengths_N]
+  np.testing.assert_allclose(best, [LOGP[0] + LOGP[4], LOGP[6] + LOGP[1]])  # a|bc, ca|b
+
+
+@pytest.fixture(scope="module")
+def trained(doc_files):
+  texts = [p.read_text(encoding="utf-8") for p in sorted(doc_files.glob("*.txt"))]
+  counts = unigram.count_pieces(texts[:150])
+  return texts, counts, unigram.train_unigram(counts, 1500, seed_size=30_000)
+
+
+def test_vocabulary_is_filled_distinct_and_usable(trained):
+  texts, counts, vocab = trained
+  assert len(vocab) == 1500 == len(set(vocab.strings)) == len(vocab.scores)
+  assert all(pieces_lib.split_runs(s) == [s] for s in vocab.strings)
+  assert all(1 <= len(s.encode("utf-8")) <= 16 for s in vocab.strings)
+  assert list(vocab.scores) == sorted(vocab.scores, reverse=True)
+  assert all(math.isfinite(x) and x < 0 for x in vocab.scores)
+  # Frequent words are single strings; characters of the text are all there (coverage).
+  assert {" the", " of", " to", " is"} <= set(vocab.strings)
+  char_counts = {}
+  for p, n in counts.items():
+    for ch in p:
+      char_counts[ch] = char_counts.get(ch, 0) + n
+  left_out = set(char_counts) - set(vocab.strings)
+  assert sum(char_counts[c] for c in left_out) <= 1e-4 * sum(char_counts.values())
+  # Pruning rounds shrink to the size; the likelihood is measured each round.
+  sizes = [h["strings"] for h in vocab.history]
+  assert sizes == sorted(sizes, reverse=True) and sizes[-1] == 1500
+
+
+def test_training_is_deterministic_and_beats_characters(trained):
+  texts, counts, vocab = trained
+  again = unigram.train_unigram(counts, 1500, seed_size=30_000)
+  assert again == vocab
+  tok = Tokenizer(vocab.strings, scores=vocab.scores)
+  held_out = "".join(texts[150:])
+  ids = tok.encode(held_out)
+  assert tok.decode(ids) == held_out
+  # Bytes per token on unseen text: characters alone would give about 1.
+  assert len(held_out.encode("utf-8")) / len(ids) > 2.2
+
+
+def test_bad_arguments_are_clear_errors():
+  with pytest.raises(ValueError, match="size >= 1"):
+    unigram.train_unigram({"ab": 3}, 0)
+  with pytest.raises(ValueError, match="corpus is empty"):
+    unigram.train_unigram({}, 10)
+  with pytest.raises(ValueError, match="shrink"):
+    unigram.train_unigram({"ab": 3}, 10, shrink=1.0)
+
+
+# ---- the tokenizer's unigram search -------------------------------------------------
+
+SMALL = Tokenizer(["a", "b", "ab", "abc", " a", "é", "bc", " ab", "c"],
+                  scores=[-2.0, -2.5, -3.0, -4.5, -2.0, -6.0, -3.5, -5.0, -2.2])
+
+
+def _best(run, tok):
+  """The highest-scoring segmentation by brute force (uncovered characters cost the
+  lowest score minus 10), and its score."""
+  scores = {tok.id_to_token(i): tok.id_to_score(i) for i in tok.learned_ids}
+  unk = min(scores.values()) - UNK_PENALTY
+  best = None
+  for cut in itertools.product([0, 1], repeat=max(len(run) - 1, 0)):
+    parts, start = [], 0
+    for k, c in enumerate(cut, 1):
+      if c:
+        parts.append(run[start:k])
+        start = k
+    parts.append(run[start:])
+    if any(p not in scores and len(p) > 1 for p in parts):
+      continue
+    total = sum(scores.get(p, unk) for p in parts)
+    best = total if best is None else max(best, total)
+  return best
+
+
+@given(st.text(" abcé", max_size=9))
+def test_viterbi_finds_the_best_segmentation(text):
+  ids = SMALL.encode(text)
+  assert SMALL.decode(ids) == text
+  unk = min(SMALL.id_to_score(i) for i in SMALL.learned_ids) - UNK_PENALTY
+  for run in pieces_lib.split_runs(text):
+    # The only character outside the vocabulary is the one-byte space: one byte token.
+    score = sum(unk if SMALL.id_to_score(i) is None else SMALL.id_to_score(i)
+                for i in SMALL.encode(run))
+    assert math.isclose(score, _best(run, SMALL), abs_tol=1e-9)
+
+
+def test_unigram_save_load_and_errors(tmp_path):
+  SMALL.save(str(tmp_path / "t"))
+  loaded = Tokenizer.load(str(tmp_path / "t"))
+  assert loaded.model == "unigram"
+  assert [loaded.id_to_score(i) for i in loaded.learned_ids] == [
+      SMALL.id_to_score(i) for i in SMALL.learned_ids]
+  assert loaded.encode("abc ab é!") == SMALL.encode("abc ab é!")
+  with pytest.raises(ValueError, match="crosses a pre-tokenizer boundary"):
+    Tokenizer(["a b"], scores=[-1.0])
+  with pytest.raises(ValueError, match="finite"):
+    Tokenizer(["ab"], scores=[float("-inf")])
+  with pytest.raises(ValueError, match="1 scores for 2"):
+    Tokenizer(["ab", "cd"], scores=[-1.0])
