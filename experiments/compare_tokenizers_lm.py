@@ -52,6 +52,7 @@ from fsqtok import corpus as corpus_lib  # noqa: E402
 from fsqtok import curriculum  # noqa: E402
 from fsqtok import generate as generate_lib  # noqa: E402
 from fsqtok import lm_train  # noqa: E402
+from fsqtok import pieces as pieces_lib  # noqa: E402
 from fsqtok import recon  # noqa: E402
 from fsqtok import workdir as workdir_lib  # noqa: E402
 from fsqtok.tokenizer import VOCAB_FILE, Tokenizer  # noqa: E402
@@ -137,6 +138,33 @@ def _token_lengths(tok) -> np.ndarray:
   return np.array([len(tok.token_bytes(i) or b"") for i in range(len(tok))])
 
 
+def segmentation_consistency(tok, texts) -> dict[str, float]:
+  """How regular a tokenizer's segmentation is on ``texts``: over the word types (runs of
+  `fsqtok.pieces.split_runs`) seen at least twice, the share whose occurrences are not all
+  cut the same way (token boundaries inside the run, and whether a token crosses its
+  edges), and the share of run occurrences that a token crosses."""
+  lengths = _token_lengths(tok)
+  cuts: dict[str, set] = {}
+  seen: dict[str, int] = {}
+  crossed = occurrences = 0
+  for text in texts:
+    bounds = set(np.cumsum(lengths[np.asarray(tok.encode(text), np.int64)]).tolist())
+    start = 0
+    for run in pieces_lib.split_runs(text):
+      end = start + len(run.encode("utf-8"))
+      inside = tuple(b - start for b in range(start + 1, end) if b in bounds)
+      cross = (start > 0 and start not in bounds) or end not in bounds
+      cuts.setdefault(run, set()).add((inside, cross))
+      seen[run] = seen.get(run, 0) + 1
+      crossed += cross
+      occurrences += 1
+      start = end
+  repeated = [r for r, n in seen.items() if n >= 2]
+  return {"inconsistent_types": float(np.mean([len(cuts[r]) > 1 for r in repeated]))
+                                if repeated else 0.0,
+          "crossed_runs": crossed / max(occurrences, 1)}
+
+
 def _data_stats(tok, data) -> dict[str, float]:
   """What differs in the token streams: ids used in training, the share of held-out tokens
   that are one byte or rare (seen < 10 times in training), and the held-out bits per byte
@@ -186,7 +214,8 @@ def run_one(config, workdir, name, tok, texts, seed, *, budget, target_flops, co
           "train_bytes_per_second": report["train_tokens_per_second"] * bytes_per_token,
           "flops_per_byte": flops_per_token / bytes_per_token,
           **_generation(model, params, tok, c.generation_tokens, codec_and_params),
-          **_data_stats(tok, data), "curve": curve}
+          **_data_stats(tok, data), **segmentation_consistency(tok, texts[1]),
+          "curve": curve}
 
 
 def _plain_lm(config, tok):
@@ -255,7 +284,8 @@ def main(argv):
   results = []
   if _STATS_ONLY.value:
     print("| corpus | vocab | tokenizer | ids (used) | held-out bytes/token | 1-byte tokens "
-          "| rare tokens (< 10 in training) | unigram bits/byte |\n|---|---|---|---|---|---|---|---|")
+          "| rare tokens (< 10 in training) | unigram bits/byte | word types cut "
+          "inconsistently | runs crossed by a token |\n|---|---|---|---|---|---|---|---|---|---|")
   for corpus, spec in corpora.items():
     c = config.copy_and_resolve_references()
     c.data.source = spec
@@ -315,10 +345,12 @@ def _print_data_stats(c, corpus, spec, vocab, texts, pieces, codec_dirs, toks, o
                               codec_dirs.get(corpus), out)
     data = lm_train.LMData(toks[kind], texts, c.lm.data.seq_len)
     st = _data_stats(toks[kind], data)
+    seg = segmentation_consistency(toks[kind], texts[1])
     print(f"| {corpus} | {vocab} | {kind} | {len(toks[kind])} ({st['ids_used']}) "
           f"| {data.val_bytes / float(np.sum(data.val['weights'])):.3f} "
           f"| {st['one_byte_share']:.1%} | {st['rare_share']:.2%} "
-          f"| {st['unigram_bits_per_byte']:.3f} |", flush=True)
+          f"| {st['unigram_bits_per_byte']:.3f} | {seg['inconsistent_types']:.2%} "
+          f"| {seg['crossed_runs']:.2%} |", flush=True)
 
 
 def results_table(results) -> str:

@@ -183,8 +183,10 @@ def _m_step(counts_V: np.ndarray) -> np.ndarray:
   return np.where(counts_V > 0, logp, -np.inf)
 
 
-def _characters(piece_counts: dict[str, int], coverage: float) -> list[str]:
-  """The most frequent characters that together cover ``coverage`` of all characters."""
+def _characters(piece_counts: dict[str, int], coverage: float
+                ) -> tuple[list[str], collections.Counter]:
+  """The most frequent characters that together cover ``coverage`` of all characters,
+  and every character's count."""
   chars: collections.Counter = collections.Counter()
   for p, n in piece_counts.items():
     for ch in p:
@@ -197,7 +199,7 @@ def _characters(piece_counts: dict[str, int], coverage: float) -> list[str]:
       break
     keep.append(ch)
     covered += n
-  return keep
+  return keep, chars
 
 
 def _seeds(pieces: Sequence[str], counts_N: np.ndarray, max_bytes: int, seed_size: int,
@@ -229,7 +231,8 @@ def train_unigram(piece_counts: dict[str, int], size: int, *,
     raise ValueError(f"shrink must be in (0, 1), got {shrink}.")
   if not 0 < char_coverage <= 1:
     raise ValueError(f"char_coverage must be in (0, 1], got {char_coverage}.")
-  chars = _characters(piece_counts, char_coverage)[:size]
+  chars, char_counts = _characters(piece_counts, char_coverage)
+  chars = chars[:size]
   char_set = set(chars)
   kept = [(p, n) for p, n in piece_counts.items()
           if len(p) <= max_piece_chars and char_set.issuperset(p)]
@@ -242,10 +245,6 @@ def train_unigram(piece_counts: dict[str, int], size: int, *,
            if char_set.issuperset(s)]
   strings = chars + [s for s, _ in seeds]
   is_char = np.r_[np.ones(len(chars), bool), np.zeros(len(seeds), bool)]
-  char_counts = collections.Counter()
-  for p, n in kept:
-    for ch in p:
-      char_counts[ch] += n
   init = np.array([char_counts[c] for c in chars] + [n for _, n in seeds], np.float64)
   logp = np.log(init) - np.log(init.sum())
   lattice = Lattice(pieces, {s: i for i, s in enumerate(strings)}, max_token_bytes)
