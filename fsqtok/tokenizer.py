@@ -12,7 +12,8 @@ Two segmentations (``Tokenizer.model``):
   and becomes its UTF-8 byte tokens. Ties go to the path whose last token is longest.
   This is exactly the Hugging Face ``Unigram`` model's search, so the exported
   ``tokenizer.json`` (`fsqtok.hf_export`) gives the same ids. Learned strings may be one
-  character long and never cross a run boundary.
+  character long; they are matched inside runs only (a string that no run contains is
+  never used).
 * ``"fewest"`` (the codec-exact build of `fsqtok.vocab`): learned strings are pieces,
   parts of pieces (2+ bytes) or *spans* of several whole pieces (`fsqtok.candidates`).
   Each piece (cut at ``max_piece_bytes``) gets its fewest-token segmentation, then spans
@@ -92,10 +93,6 @@ class Tokenizer:
       if b in seen:
         raise ValueError(f"Learned string {s!r} appears twice in the vocabulary.")
       if self.model == "unigram":
-        if pieces_lib.split_runs(s) != [s]:
-          raise ValueError(f"Learned string {s!r} crosses a pre-tokenizer boundary; a "
-                           f"unigram tokenizer segments each run on its own, so it could "
-                           f"never be used. Leave it out of the vocabulary.")
         if not math.isfinite(scores[i]):
           raise ValueError(f"Learned string {s!r} has score {scores[i]}; scores are finite "
                            f"log probabilities.")

@@ -71,7 +71,9 @@ def trained(doc_files):
 def test_vocabulary_is_filled_distinct_and_usable(trained):
   texts, counts, vocab = trained
   assert len(vocab) == 1500 == len(set(vocab.strings)) == len(vocab.scores)
-  assert all(pieces_lib.split_runs(s) == [s] for s in vocab.strings)
+  # Every string is part of a training run (runs are the tokenizer's only search space).
+  runs = "\0".join(counts)
+  assert all(s in runs for s in vocab.strings)
   assert all(1 <= len(s.encode("utf-8")) <= 16 for s in vocab.strings)
   assert list(vocab.scores) == sorted(vocab.scores, reverse=True)
   assert all(math.isfinite(x) and x < 0 for x in vocab.scores)
@@ -154,8 +156,10 @@ def test_unigram_save_load_and_errors(tmp_path):
   assert [loaded.id_to_score(i) for i in loaded.learned_ids] == [
       SMALL.id_to_score(i) for i in SMALL.learned_ids]
   assert loaded.encode("abc ab é!") == SMALL.encode("abc ab é!")
-  with pytest.raises(ValueError, match="crosses a pre-tokenizer boundary"):
-    Tokenizer(["a b"], scores=[-1.0])
+  # Strings are matched inside runs: part of a contraction is usable, a span never is.
+  tok = Tokenizer(["'r", "e", "a b", "b"], scores=[-1.0, -1.0, -0.5, -1.0])
+  assert [tok.id_to_token(i) for i in tok.encode("'re a b")][:2] == ["'r", "e"]
+  assert tok.token_to_id("a b") not in tok.encode("'re a b")
   with pytest.raises(ValueError, match="finite"):
     Tokenizer(["ab"], scores=[float("-inf")])
   with pytest.raises(ValueError, match="1 scores for 2"):
