@@ -144,33 +144,7 @@ def train_tokenizer(config, workdir: str, vocab_size: int, out_dir: str, *,
   if kind == "codec_exact":
     tok, analysis, params = _codec_exact(config, workdir, size, texts, pieces, mesh)
   else:
-    vocab = unigram_vocabulary(config, workdir, texts[0], size)
-    strings = vocabulary_pieces(vocab, config.model.max_len)
-    recon.train_recon(config, workdir, (strings, strings))
-    model, params = recon.load_trained_codec(config, workdir)
-    stats = evaluate_lib.compute_piece_stats(model, params, strings,
-                                             batch_size=config.train.eval_batch_size, mesh=mesh)
-    row = {strings.piece_bytes(i).decode("utf-8"): i for i in range(strings.num_distinct)}
-    rows = np.array([row[s] for s in vocab.strings])
-    exact = np.asarray(stats["exact"])[rows]
-    counts = np.asarray(vocab.counts)
-    # Exact strings first (a code decodes to at most one string), then the most used.
-    order = np.lexsort((np.arange(len(rows)), -counts, ~exact))
-    codes = distinct_codes(np.asarray(stats["code"])[rows], order, config.model.levels)
-    tok = Tokenizer(vocab.strings, scores=vocab.scores, codes=codes.tolist(),
-                    max_piece_bytes=config.model.max_len)
-    train_tokens = sum(len(tok.encode(t)) for t in texts[0])
-    analysis = {
-        "vocabulary": "unigram", "learned_tokens": len(vocab),
-        "single_characters": sum(len(s) == 1 for s in vocab.strings),
-        "codec_exact_strings": float(exact.mean()),
-        "codec_exact_uses": float(np.dot(exact, counts) / counts.sum()),
-        "codes_moved": int(np.sum(codes != np.asarray(stats["code"])[rows])),
-        "not_exact_examples": [s for s, e in zip(vocab.strings, exact) if not e][:20],
-        "train_tokens_per_piece": vocab.history[-1]["tokens_per_piece"],
-        "train_bytes_per_token": sum(len(t.encode("utf-8")) for t in texts[0])
-                                 / max(1, train_tokens),
-        "rounds": list(vocab.history)}
+    tok, analysis, params = _unigram_build(config, workdir, size, texts, mesh)
   analysis = {**analysis, "requested_vocab_size": vocab_size, "vocab_size": len(tok),
               "source": config.data.source}
   tok.save(out_dir, extra_files={
@@ -191,3 +165,34 @@ def _codec_exact(config, workdir, size, texts, pieces, mesh):
   tok = Tokenizer([s.decode("utf-8") for s in table.strings], codes=table.codes_K.tolist(),
                   max_piece_bytes=config.model.max_len)
   return tok, {"vocabulary": "codec_exact", **analysis}, params
+
+
+def _unigram_build(config, workdir, size, texts, mesh):
+  vocab = unigram_vocabulary(config, workdir, texts[0], size)
+  strings = vocabulary_pieces(vocab, config.model.max_len)
+  recon.train_recon(config, workdir, (strings, strings))
+  model, params = recon.load_trained_codec(config, workdir)
+  stats = evaluate_lib.compute_piece_stats(model, params, strings,
+                                           batch_size=config.train.eval_batch_size, mesh=mesh)
+  row = {strings.piece_bytes(i).decode("utf-8"): i for i in range(strings.num_distinct)}
+  rows = np.array([row[s] for s in vocab.strings])
+  exact = np.asarray(stats["exact"])[rows]
+  counts = np.asarray(vocab.counts)
+  # Exact strings first (a code decodes to at most one string), then the most used.
+  order = np.lexsort((np.arange(len(rows)), -counts, ~exact))
+  codes = distinct_codes(np.asarray(stats["code"])[rows], order, config.model.levels)
+  tok = Tokenizer(vocab.strings, scores=vocab.scores, codes=codes.tolist(),
+                  max_piece_bytes=config.model.max_len)
+  train_tokens = sum(len(tok.encode(t)) for t in texts[0])
+  analysis = {
+      "vocabulary": "unigram", "learned_tokens": len(vocab),
+      "single_characters": sum(len(s) == 1 for s in vocab.strings),
+      "codec_exact_strings": float(exact.mean()),
+      "codec_exact_uses": float(np.dot(exact, counts) / counts.sum()),
+      "codes_moved": int(np.sum(codes != np.asarray(stats["code"])[rows])),
+      "not_exact_examples": [s for s, e in zip(vocab.strings, exact) if not e][:20],
+      "train_tokens_per_piece": vocab.history[-1]["tokens_per_piece"],
+      "train_bytes_per_token": sum(len(t.encode("utf-8")) for t in texts[0])
+                               / max(1, train_tokens),
+      "rounds": list(vocab.history)}
+  return tok, analysis, params
