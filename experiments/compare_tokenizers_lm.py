@@ -57,6 +57,7 @@ from fsqtok import recon  # noqa: E402
 from fsqtok import workdir as workdir_lib  # noqa: E402
 from fsqtok.tokenizer import VOCAB_FILE, Tokenizer  # noqa: E402
 from fsqtok import tokenizer_build  # noqa: E402
+from fsqtok import unigram as unigram_lib  # noqa: E402
 from fsqtok.tokenizer_build import train_tokenizer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/compare_lm.py",
@@ -77,6 +78,9 @@ VARIANTS = {  # name -> (tokenizer kind, embedding, head)
     # fsqtok's vocabulary segmented by the fewest tokens (ties: longest last token)
     # instead of the unigram LM's Viterbi: the segmentation cell of the decomposition.
     "fsqtok-fewest-table": ("fsqtok-fewest", "table", "tied"),
+    # BPE's strings scored by unigram EM on the same runs, Viterbi segmentation: the
+    # vocabulary cell of the decomposition (BPE's vocabulary, fsqtok's segmentation).
+    "bpe-vocab-unigram": ("bpe-vocab-unigram", "table", "tied"),
     "hf-bpe": ("hf-bpe", "table", "tied"),
     "sp-unigram": ("sp-unigram", "table", "tied"),
     "raw-bytes": ("raw-bytes", "table", "tied"),
@@ -94,6 +98,12 @@ def _tokenizer(kind, config, corpus, spec, vocab, texts, pieces, codec_dir, out)
     return baselines.HFBPETokenizer.train(texts[0], vocab)
   if kind == "sp-unigram":
     return baselines.SentencePieceTokenizer.train(texts[0], vocab)
+  if kind == "bpe-vocab-unigram":
+    size = tokenizer_build.learned_size(vocab)
+    bpe_strings = baselines.HFBPETokenizer.train(texts[0], vocab).strings()
+    v = unigram_lib.train_unigram(unigram_lib.count_pieces(texts[0]), size, seeds=bpe_strings,
+                                  max_token_bytes=config.model.max_len)
+    return Tokenizer(v.strings[:size], scores=v.scores[:size])
   tok_dir = os.path.join(out, f"tok_{corpus}_{vocab}")
   if not os.path.exists(os.path.join(tok_dir, VOCAB_FILE)):
     c = config.copy_and_resolve_references()

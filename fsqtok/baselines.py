@@ -31,6 +31,20 @@ class ByteTokenizer:
     return self.vocab_size
 
 
+def _byte_level_decoding() -> dict[str, int]:
+  """GPT-2's byte-level alphabet: the character that stands for each byte -> the byte."""
+  printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+               *range(ord("®"), ord("ÿ") + 1)]
+  chars, extra = {}, 0
+  for b in range(256):
+    if b in printable:
+      chars[chr(b)] = b
+    else:
+      chars[chr(256 + extra)] = b
+      extra += 1
+  return chars
+
+
 class HFBPETokenizer:
   """Byte-level BPE (GPT-2 style pre-tokenization) trained with Hugging Face `tokenizers`;
   ``vocab_size`` counts everything, the three specials included."""
@@ -54,6 +68,21 @@ class HFBPETokenizer:
 
   def encode(self, text: str) -> list[int]:
     return self._tok.encode(text, add_special_tokens=False).ids
+
+  def strings(self) -> list[str]:
+    """The learned tokens as text, in id order (tokens that are not whole UTF-8
+    characters, and the specials, left out)."""
+    byte_of = _byte_level_decoding()
+    specials = {self.pad_id, self.bos_id, self.eos_id}
+    out = []
+    for i in range(self.vocab_size):
+      if i in specials:
+        continue
+      try:
+        out.append(bytes(byte_of[c] for c in self._tok.id_to_token(i)).decode("utf-8"))
+      except UnicodeDecodeError:
+        continue
+    return out
 
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
     return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -219,11 +219,13 @@ def train_unigram(piece_counts: dict[str, int], size: int, *,
                   max_token_bytes: int = pieces_lib.MAX_PIECE_BYTES, seed_size: int = 200_000,
                   shrink: float = 0.75, em_iterations: int = 2,
                   char_coverage: float = 0.9999, max_piece_chars: int = 64,
-                  progress: bool = False) -> UnigramVocab:
+                  seeds: Sequence[str] | None = None, progress: bool = False) -> UnigramVocab:
   """A vocabulary of ``size`` strings (single characters included) for ``piece_counts``.
 
   Pieces longer than ``max_piece_chars`` characters (long runs of spaces or symbols) are
-  left out of training; the tokenizer still segments them.
+  left out of training; the tokenizer still segments them. ``seeds``: start from these
+  strings (e.g. another tokenizer's vocabulary) instead of the most frequent substrings;
+  with ``size`` >= their number EM only scores them.
   """
   if size < 1:
     raise ValueError(f"A unigram vocabulary needs size >= 1, got {size}.")
@@ -241,8 +243,13 @@ def train_unigram(piece_counts: dict[str, int], size: int, *,
   kept.sort()
   pieces = [p for p, _ in kept]
   counts_N = np.array([n for _, n in kept], np.float64)
-  seeds = [(s, n) for s, n in _seeds(pieces, counts_N, max_token_bytes, seed_size, progress)
-           if char_set.issuperset(s)]
+  if seeds is None:
+    seeds = [(s, n) for s, n in _seeds(pieces, counts_N, max_token_bytes, seed_size, progress)
+             if char_set.issuperset(s)]
+  else:  # given strings start equally likely
+    seeds = [(s, 1) for s in dict.fromkeys(seeds)
+             if len(s) >= 2 and len(s.encode("utf-8")) <= max_token_bytes
+             and char_set.issuperset(s)]
   strings = chars + [s for s, _ in seeds]
   is_char = np.r_[np.ones(len(chars), bool), np.zeros(len(seeds), bool)]
   init = np.array([char_counts[c] for c in chars] + [n for _, n in seeds], np.float64)

@@ -164,3 +164,15 @@ def test_unigram_save_load_and_errors(tmp_path):
     Tokenizer(["ab"], scores=[float("-inf")])
   with pytest.raises(ValueError, match="1 scores for 2"):
     Tokenizer(["ab", "cd"], scores=[-1.0])
+
+
+def test_seeds_given_are_scored_not_replaced(trained):
+  from fsqtok import baselines  # pylint: disable=g-import-not-at-top
+  texts, counts, _ = trained
+  bpe = baselines.HFBPETokenizer.train(texts[:150], 800)
+  strings = bpe.strings()
+  assert all(bpe.decode(bpe.encode(s)) == s for s in strings[:50])
+  multi = [s for s in strings if len(s) >= 2 and len(s.encode("utf-8")) <= 16]
+  vocab = unigram.train_unigram(counts, 2000, seeds=strings)
+  assert set(multi) <= set(vocab.strings)  # only scored: every BPE string stays
+  assert set(vocab.strings) - set(multi) == {s for s in vocab.strings if len(s) == 1}
