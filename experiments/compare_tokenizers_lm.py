@@ -335,7 +335,7 @@ def main(argv):
               if kind == "raw-bytes" and budget == "bytes":
                 byte_runs[seed] = r
             results.append({**r, "corpus": corpus, "requested_vocab": vocab})
-            if kind == "hf-bpe" and "flops" in config.budgets:
+            if kind == "hf-bpe" and budget == "bytes" and "flops" in config.budgets:
               results.append({**r, "budget": "flops", "corpus": corpus, "requested_vocab": vocab})
             print(f"{corpus} {vocab} {budget} {name} seed {seed}: {r['bits_per_byte']:.4f} "
                   f"bits/byte", flush=True)
