@@ -279,6 +279,10 @@ def main(argv):
       if not os.path.exists(path):
         raise app.UsageError(f"--merge: {path} does not exist (has that run finished?).")
       results += workdir_lib.read_json(path)
+    # One row per run: a run merged twice (or listed twice by an older grid) counts once.
+    unique = {(r["corpus"], r["requested_vocab"], r["budget"], r["variant"], r["seed"]): r
+              for r in results}
+    results = list(unique.values())
     workdir_lib.write_json(os.path.join(out, "results.json"), results)
     _plot(results, os.path.join(out, "bpb_vs_bytes.png"))
     print(results_table(results))
