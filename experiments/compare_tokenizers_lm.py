@@ -309,6 +309,7 @@ def main(argv):
       raise app.UsageError(f"tokenizer.vocabulary='codec_exact' needs a codec run: give "
                            f"codec_workdirs={corpus}=DIR.")
     pieces = recon.load_pieces(c, texts) if codec_exact else None
+    codec = None
     byte_runs = {}  # raw bytes under the bytes budget do not depend on the vocabulary size
     for vocab in config.vocab_sizes:
       toks = {"hf-bpe": _tokenizer("hf-bpe", c, corpus, spec, vocab, texts, pieces, None, out)}
@@ -327,8 +328,8 @@ def main(argv):
           if kind not in toks:
             toks[kind] = _tokenizer(kind, c, corpus, spec, vocab, texts, pieces,
                                     codec_dirs.get(corpus), out)
-          codec = (recon.load_trained_codec(c, codec_dirs[corpus])
-                   if head in NEEDS_CODES else None)
+          if head in NEEDS_CODES and codec is None:  # once per corpus, only if a head needs it
+            codec = recon.load_trained_codec(c, codec_dirs[corpus])
           for seed in config.seeds:
             if kind == "raw-bytes" and budget == "bytes" and seed in byte_runs:
               r = byte_runs[seed]

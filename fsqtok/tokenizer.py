@@ -115,9 +115,10 @@ class Tokenizer:
                     for i, (b, sc) in enumerate(zip(self._learned, self._scores))}
     self._max_chars = max(map(len, self._scored), default=1)
     self._unk_score = min(min(self._scores, default=0.0), 0.0) - UNK_PENALTY
-    # Spans as a trie over pieces: piece -> [span id ending here or -1, children].
+    # Spans ("fewest" only) as a trie over pieces: piece -> [span id ending here or -1,
+    # children]; a unigram tokenizer matches inside runs, so it needs none.
     self._span_trie: dict[str, list] = {}
-    for b, i in self._bytes_to_id.items():
+    for b, i in (self._bytes_to_id.items() if self.model == "fewest" else ()):
       parts = pieces_lib.split_pieces(b.decode("utf-8"), self.max_piece_bytes)
       if len(parts) > 1:
         children = self._span_trie
