@@ -32,6 +32,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.seeds = (0, 1, 2)
   c.variants = ("fsqtok-table", "hf-bpe", "sp-unigram", "raw-bytes")
   c.train_bytes = 1_000_000
+  c.phrase_fraction = 0.1  # tokenizer.phrase_fraction of the fsqtok-phrases-table variant
   # bytes: equal training bytes; flops: equal training FLOPs (what BPE spends on train_bytes)
   c.budgets = ("bytes", "flops")
   m = c.lm.model

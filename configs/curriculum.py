@@ -40,7 +40,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   m.positions = "rope"           # rope | learned
   m.dropout = 0.0
   m.dtype = "float32"            # float32 | bfloat16 (accelerators)
-  m.embedding = "codec"          # table | bespoke | code_factorized | codec | fuser (fsqtok/embeddings.py)
+  m.embedding = "codec"          # table | bespoke | code_factorized | table_code | codec | fuser (fsqtok/embeddings.py)
   # The fuser embedding's hyperparameters (`fsqtok.fuser.FuserSpec`; made causal), used
   # only with embedding="fuser"; its pretraining is ``c.fuser`` below.
   m.fuser = fuser_config.model_config(tiny=arg == "tiny")

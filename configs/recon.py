@@ -79,6 +79,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.tokenizer.em_iterations = 2      # EM steps between pruning rounds
   c.tokenizer.char_coverage = 0.9999 # rarer characters fall back to their bytes
   c.tokenizer.max_piece_chars = 64   # longer runs (rare) are left out of training
+  # Multi-word phrases (" of the") added after the subword vocabulary, as this share of
+  # the learned strings (0: none); each of 2..max_phrase_words words, <= model.max_len bytes.
+  c.tokenizer.phrase_fraction = 0.0
+  c.tokenizer.max_phrase_words = 4
+  c.tokenizer.num_workers = 0        # processes counting the corpus (0: every core); the
+                                     # vocabulary is the same whatever their number
 
   c.optim = adamw_config(learning_rate=3e-3, warmup_steps=200)
 

@@ -14,7 +14,8 @@ fsqtok's tokenizer is built as ``fsqtok train-tokenizer`` builds it (configs/rec
 ``tokenizer.vocabulary``: the unigram vocabulary by default). Without --fsqtok_workdirs
 only its vocabulary is built (what encoding needs; the codec only adds code vectors);
 with them, the whole build resumes the codec run there and its training time includes
-that run's wall time from report.json.
+that run's wall time from report.json. ``fsqtok-subword`` and ``fsqtok-phrases`` are its
+vocabulary without multi-word phrases and with ``--phrase_fraction`` of them.
 --json_out writes every row (corpus, vocabulary size, tokenizer, figures) as JSON.
 """
 import json
@@ -43,6 +44,8 @@ _TOKENIZERS = flags.DEFINE_list("tokenizers", [], "Tokenizers to measure (defaul
 _JSON_OUT = flags.DEFINE_string("json_out", "", "Write every row here as JSON.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed passes over the held-out text.")
 _TFDS_DIR = flags.DEFINE_string("tfds_data_dir", "", "TFDS data dir for files: corpora.")
+_PHRASES = flags.DEFINE_float("phrase_fraction", 0.01, "tokenizer.phrase_fraction of the "
+                              "fsqtok-phrases row (fsqtok-subword: none; fsqtok: the config's).")
 
 
 # ---- the tokenizers: train(ctx, out_dir) -> (encode, decode, ids in the vocabulary) ------
@@ -56,6 +59,19 @@ def train_fsqtok(ctx, out_dir):
     tok = tokenizer_build.unigram_tokenizer(ctx["config"], ctx["train_texts"], ctx["vocab"])
     tok.save(out_dir)
   return tok.encode, tok.decode, len(tok)
+
+
+def _fsqtok_vocabulary(phrase_fraction):
+  """fsqtok's vocabulary with ``tokenizer.phrase_fraction`` set (None: --phrase_fraction)."""
+  def train(ctx, out_dir):
+    from fsqtok import tokenizer_build  # pylint: disable=g-import-not-at-top
+    config = ctx["config"].copy_and_resolve_references()
+    config.tokenizer.phrase_fraction = (_PHRASES.value if phrase_fraction is None
+                                        else phrase_fraction)
+    tok = tokenizer_build.unigram_tokenizer(config, ctx["train_texts"], ctx["vocab"])
+    tok.save(out_dir)
+    return tok.encode, tok.decode, len(tok)
+  return train
 
 
 def _hf_bpe(ctx, out_dir):
@@ -108,6 +124,8 @@ def _raw_bytes(ctx, out_dir):
 
 TOKENIZERS = {
     "fsqtok": train_fsqtok,
+    "fsqtok-subword": _fsqtok_vocabulary(0.0),
+    "fsqtok-phrases": _fsqtok_vocabulary(None),
     "hf-bpe-bytelevel": _hf_bpe,
     "sentencepiece-unigram": _sentencepiece("unigram"),
     "sentencepiece-bpe": _sentencepiece("bpe"),
@@ -118,6 +136,8 @@ TOKENIZERS = {
 # How a fresh process loads each saved artifact (for the memory column).
 _LOADERS = {
     "fsqtok": "from fsqtok.tokenizer import Tokenizer; t = Tokenizer.load(D); enc = t.encode",
+    "fsqtok-subword": "from fsqtok.tokenizer import Tokenizer; t = Tokenizer.load(D); enc = t.encode",
+    "fsqtok-phrases": "from fsqtok.tokenizer import Tokenizer; t = Tokenizer.load(D); enc = t.encode",
     "hf-bpe-bytelevel": "from tokenizers import Tokenizer; t = Tokenizer.from_file(D + '/tokenizer.json'); enc = lambda s: t.encode(s).ids",
     "word-level": "from tokenizers import Tokenizer; t = Tokenizer.from_file(D + '/tokenizer.json'); enc = lambda s: t.encode(s).ids",
     "sentencepiece-unigram": "import sentencepiece as s; t = s.SentencePieceProcessor(model_file=D + '/sp.model'); enc = t.encode",

@@ -26,7 +26,9 @@ seed:
 
 Printed: held-out bits per byte (mean +- std over seeds), bytes per token, training steps,
 training FLOPs per byte, training and generation bytes per second, and what in the data
-differs (ids the tokenizer really uses, the share of held-out tokens that are one byte).
+differs (ids the tokenizer really uses, the share of held-out tokens that are one byte),
+and a second table: held-out bits per token by how often the target id is a training
+target (does a code-based embedding help rare tokens?) with the per-token loss spread.
 The factorized head generates in the open code space (`generate.generate_open`: codes
 outside the vocabulary decoded by the codec); its share of such codes is printed.
 Written: WORKDIR/results.json and WORKDIR/bpb_vs_bytes.png (bits per byte against training
@@ -51,6 +53,7 @@ from fsqtok import baselines  # noqa: E402
 from fsqtok import corpus as corpus_lib  # noqa: E402
 from fsqtok import curriculum  # noqa: E402
 from fsqtok import generate as generate_lib  # noqa: E402
+from fsqtok import lm_data  # noqa: E402
 from fsqtok import lm_train  # noqa: E402
 from fsqtok import pieces as pieces_lib  # noqa: E402
 from fsqtok import recon  # noqa: E402
@@ -75,9 +78,17 @@ VARIANTS = {  # name -> (tokenizer kind, embedding, head)
     "fsqtok-table": ("fsqtok", "table", "tied"),
     "fsqtok-factorized": ("fsqtok", "table", "factorized"),
     "fsqtok-factorized-vocab": ("fsqtok", "table", "factorized_vocab"),
+    # The input-embedding cell: a table row plus the code's digit vectors, or the code's
+    # digit vectors alone (does the code help rare tokens? see the loss by frequency).
+    "fsqtok-table-code": ("fsqtok", "table_code", "tied"),
+    "fsqtok-code-embedding": ("fsqtok", "code_factorized", "dense"),
     # fsqtok's vocabulary segmented by the fewest tokens (ties: longest last token)
     # instead of the unigram LM's Viterbi: the segmentation cell of the decomposition.
     "fsqtok-fewest-table": ("fsqtok-fewest", "table", "tied"),
+    # The multi-word cell: fsqtok's unigram vocabulary with phrases added after the
+    # subwords (``phrase_fraction`` of the learned strings) and without any.
+    "fsqtok-phrases-table": ("fsqtok-phrases", "table", "tied"),
+    "fsqtok-subword-table": ("fsqtok-subword", "table", "tied"),
     # BPE's strings scored by unigram EM on the same runs, Viterbi segmentation: the
     # vocabulary cell of the decomposition (BPE's vocabulary, fsqtok's segmentation).
     "bpe-vocab-unigram": ("bpe-vocab-unigram", "table", "tied"),
@@ -85,7 +96,8 @@ VARIANTS = {  # name -> (tokenizer kind, embedding, head)
     "sp-unigram": ("sp-unigram", "table", "tied"),
     "raw-bytes": ("raw-bytes", "table", "tied"),
 }
-NEEDS_CODES = ("factorized", "factorized_vocab")  # heads over FSQ codes need the codec
+# Heads and embeddings over FSQ codes need the codec.
+NEEDS_CODES = ("factorized", "factorized_vocab", "table_code", "code_factorized")
 
 
 def _tokenizer(kind, config, corpus, spec, vocab, texts, pieces, codec_dir, out):
@@ -104,11 +116,16 @@ def _tokenizer(kind, config, corpus, spec, vocab, texts, pieces, codec_dir, out)
     v = unigram_lib.train_unigram(unigram_lib.count_pieces(texts[0]), size, seeds=bpe_strings,
                                   max_token_bytes=config.model.max_len)
     return Tokenizer(v.strings[:size], scores=v.scores[:size])
-  tok_dir = os.path.join(out, f"tok_{corpus}_{vocab}")
+  phrase_fraction = {"fsqtok-phrases": config.phrase_fraction, "fsqtok-subword": 0.0}.get(
+      kind, config.tokenizer.phrase_fraction)
+  configured = phrase_fraction == config.tokenizer.phrase_fraction
+  tok_dir = os.path.join(out, f"tok_{corpus}_{vocab}" + ("" if configured else
+                                                          f"_phrases{phrase_fraction}"))
   if not os.path.exists(os.path.join(tok_dir, VOCAB_FILE)):
     c = config.copy_and_resolve_references()
     c.data.source = spec
-    if codec_dir:
+    c.tokenizer.phrase_fraction = phrase_fraction
+    if codec_dir and configured:  # the other phrase settings are for table heads only
       train_tokenizer(c, codec_dir, vocab, tok_dir, texts=texts, pieces=pieces)
     else:
       tokenizer_build.unigram_tokenizer(c, texts[0], vocab, tok_dir + ".work").save(tok_dir)
@@ -191,6 +208,31 @@ def _data_stats(tok, data) -> dict[str, float]:
           "unigram_bits_per_byte": float(unigram_bits / data.val_bytes)}
 
 
+FREQUENCY_EDGES = (10, 100, 1000)  # buckets of a target's count among the training targets
+
+
+def loss_by_frequency(model, params, data, vocab_size: int, batch_size: int = 64
+                      ) -> dict[str, list[float]]:
+  """Held-out loss in bits per token by how often the target id is a training target
+  (buckets ``< 10``, ``10-99``, ``100-999``, ``>= 1000``), each bucket's share of the
+  targets, and the spread (std) of the per-token loss."""
+  counts = data.token_counts(vocab_size)
+  log_probs = jax.jit(lambda p, b: model.apply({"params": p}, b["inputs"], b["valid"],
+                                               b["targets"], method="target_log_probs"))
+  bits, buckets = [], []
+  for batch in lm_data.eval_batches(data.val, batch_size):
+    keep = batch["weights"] > 0
+    bits.append(-np.asarray(log_probs(params, batch))[keep] / np.log(2))
+    buckets.append(np.searchsorted(FREQUENCY_EDGES, counts[batch["targets"][keep]],
+                                   side="right"))
+  bits, buckets = np.concatenate(bits), np.concatenate(buckets)
+  n = np.bincount(buckets, minlength=len(FREQUENCY_EDGES) + 1)
+  total = np.bincount(buckets, weights=bits, minlength=len(FREQUENCY_EDGES) + 1)
+  return {"bits_per_token_by_frequency": (total / np.maximum(n, 1)).tolist(),
+          "share_by_frequency": (n / max(n.sum(), 1)).tolist(),
+          "token_loss_std": float(bits.std())}
+
+
 def run_one(config, workdir, name, tok, texts, seed, *, budget, target_flops, codec_and_params):
   kind, embedding, head = VARIANTS[name]
   c = config.copy_and_resolve_references()
@@ -217,6 +259,7 @@ def run_one(config, workdir, name, tok, texts, seed, *, budget, target_flops, co
            for r in workdir_lib.MetricsLog.read(os.path.join(run_dir, "lm", "metrics.jsonl"))
            if r["split"] == "validation"]
   return {"variant": name, "budget": budget, "seed": seed, "vocab": len(tok), "steps": steps,
+          "phrases": len(getattr(tok, "phrases", ())),
           "bits_per_byte": report["validation"]["bits_per_byte"],
           "bytes_per_token": report["validation"]["bytes_per_token"],
           "train_bytes_seen": steps * tokens_per_step * bytes_per_token,
@@ -225,7 +268,7 @@ def run_one(config, workdir, name, tok, texts, seed, *, budget, target_flops, co
           "flops_per_byte": flops_per_token / bytes_per_token,
           **_generation(model, params, tok, c.generation_tokens, codec_and_params),
           **_data_stats(tok, data), **segmentation_consistency(tok, texts[1]),
-          "curve": curve}
+          **loss_by_frequency(model, params, data, len(tok)), "curve": curve}
 
 
 def _plain_lm(config, tok):
@@ -239,15 +282,16 @@ def _plot(results, path):
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   groups = sorted({(r["corpus"], r["requested_vocab"]) for r in results})
   budgets = [b for b in ("bytes", "flops") if any(r["budget"] == b for r in results)]
+  labels = list(dict.fromkeys(_label(_row_key(r)) for r in results))
   fig, axes = plt.subplots(len(budgets), len(groups), figsize=(5 * len(groups), 3.8 * len(budgets)),
                            squeeze=False)
   for row, budget in enumerate(budgets):
     x_index, x_label = (0, "training MB") if budget == "bytes" else (1, "training TFLOPs")
     scale = 1e6 if budget == "bytes" else 1e12
     for ax, (corpus, vocab) in zip(axes[row], groups):
-      for color, name in enumerate(VARIANTS):  # one colour per variant in every panel
-        runs = [r for r in results if (r["corpus"], r["requested_vocab"], r["variant"],
-                                       r["budget"]) == (corpus, vocab, name, budget)]
+      for color, name in enumerate(labels):  # one colour per variant in every panel
+        runs = [r for r in results if (r["corpus"], r["requested_vocab"], r["budget"])
+                == (corpus, vocab, budget) and _label(_row_key(r)) == name]
         if runs:
           n = min(len(r["curve"]) for r in runs)
           x = np.mean([[p[x_index] for p in r["curve"][:n]] for r in runs], axis=0)
@@ -280,8 +324,7 @@ def main(argv):
         raise app.UsageError(f"--merge: {path} does not exist (has that run finished?).")
       results += workdir_lib.read_json(path)
     # One row per run: a run merged twice (or listed twice by an older grid) counts once.
-    unique = {(r["corpus"], r["requested_vocab"], r["budget"], r["variant"], r["seed"]): r
-              for r in results}
+    unique = {(*_row_key(r), r["seed"]): r for r in results}
     results = list(unique.values())
     workdir_lib.write_json(os.path.join(out, "results.json"), results)
     _plot(results, os.path.join(out, "bpb_vs_bytes.png"))
@@ -319,8 +362,8 @@ def main(argv):
       target_flops = _reference_flops(c, toks["hf-bpe"], texts)
       for budget in config.budgets:
         for name in config.variants:
-          kind, _, head = VARIANTS[name]
-          if head in NEEDS_CODES and corpus not in codec_dirs:
+          kind, embedding, head = VARIANTS[name]
+          if {embedding, head} & set(NEEDS_CODES) and corpus not in codec_dirs:
             logging.warning("No codec run for %s: skipping %s.", corpus, name)
             continue
           if kind == "hf-bpe" and budget == "flops" and "bytes" in config.budgets:
@@ -328,7 +371,7 @@ def main(argv):
           if kind not in toks:
             toks[kind] = _tokenizer(kind, c, corpus, spec, vocab, texts, pieces,
                                     codec_dirs.get(corpus), out)
-          if head in NEEDS_CODES and codec is None:  # once per corpus, only if a head needs it
+          if head.startswith("factorized") and codec is None:  # it generates through it
             codec = recon.load_trained_codec(c, codec_dirs[corpus])
           for seed in config.seeds:
             if kind == "raw-bytes" and budget == "bytes" and seed in byte_runs:
@@ -368,6 +411,15 @@ def _print_data_stats(c, corpus, spec, vocab, texts, pieces, codec_dirs, toks, o
           f"| {seg['crossed_runs']:.2%} |", flush=True)
 
 
+def _row_key(r) -> tuple:
+  """A table row: corpus, vocabulary size, budget, variant and its number of phrases."""
+  return r["corpus"], r["requested_vocab"], r["budget"], r["variant"], r.get("phrases", 0)
+
+
+def _label(key) -> str:
+  return key[3] + (f" ({key[4]} phrases)" if key[4] else "")
+
+
 def results_table(results) -> str:
   """The markdown table of ``results`` (mean ± std over seeds per row)."""
   lines = ["| corpus | vocab | budget | tokenizer | ids (used) | bytes/token | 1-byte tokens "
@@ -375,23 +427,39 @@ def results_table(results) -> str:
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   keys = []
   for r in results:
-    key = (r["corpus"], r["requested_vocab"], r["budget"], r["variant"])
+    key = _row_key(r)
     if key not in keys:
       keys.append(key)
   for key in keys:
-    runs = [r for r in results
-            if (r["corpus"], r["requested_vocab"], r["budget"], r["variant"]) == key]
+    runs = [r for r in results if _row_key(r) == key]
     bpb = np.array([r["bits_per_byte"] for r in runs])
     mean = lambda k, runs=runs: float(np.mean([r[k] for r in runs]))
     std = bpb.std(ddof=1) if len(bpb) > 1 else 0.0
-    name = key[3] + (f" ({mean('open_code_share'):.0%} open codes)"
-                     if key[3] == "fsqtok-factorized" else "")
+    name = _label(key) + (f" ({mean('open_code_share'):.0%} open codes)"
+                          if key[3] == "fsqtok-factorized" else "")
     lines.append(
         f"| {key[0]} | {key[1]} | {key[2]} | {name} | {runs[0]['vocab']} ({runs[0]['ids_used']}) "
         f"| {mean('bytes_per_token'):.3f} | {mean('one_byte_share'):.1%} | {runs[0]['steps']} "
         f"| {mean('train_bytes_seen') / 1e6:.2f} | {bpb.mean():.4f} ± {std:.4f} "
         f"| {mean('flops_per_byte') * 1e6 / 1e9:.0f} | {mean('train_bytes_per_second') / 1e3:.1f} "
         f"| {mean('generation_bytes_per_second'):.0f} |")
+  measured = [k for k in keys if all("bits_per_token_by_frequency" in r
+                                     for r in results if _row_key(r) == k)]
+  if measured:  # (runs of older versions did not measure it)
+    edges = FREQUENCY_EDGES
+    labels = [f"< {edges[0]}"] + [f"{a}-{b - 1}" for a, b in zip(edges, edges[1:])] + [
+        f">= {edges[-1]}"]
+    lines += ["", "Held-out bits per token by how often the target is a training target "
+              "(share of targets), and the per-token loss spread:", "",
+              "| corpus | vocab | budget | tokenizer | " + " | ".join(labels) + " | std |",
+              "|---|---|---|---|" + "---|" * (len(labels) + 1)]
+    for key in measured:
+      runs = [r for r in results if _row_key(r) == key]
+      bits = np.mean([r["bits_per_token_by_frequency"] for r in runs], axis=0)
+      share = np.mean([r["share_by_frequency"] for r in runs], axis=0)
+      cells = " | ".join(f"{b:.2f} ({s:.0%})" for b, s in zip(bits, share))
+      std = np.mean([r["token_loss_std"] for r in runs])
+      lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {_label(key)} | {cells} | {std:.2f} |")
   return "\n".join(lines)
 
 

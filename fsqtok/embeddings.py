@@ -8,6 +8,9 @@ Embeddings map ``ids_BxT -> x_BxTxD``:
 * ``code_factorized``: a token with an FSQ code gets the sum of one small table per FSQ
   dimension, indexed by that dimension's digit of its code (8 tables of 5-8 rows cover all
   4,096,000 codes); tokens without a code (specials, bytes) get rows of a small table.
+* ``table_code``: a table row plus the ``code_factorized`` vector of the token's code: its
+  own vector, and what its code shares with similar strings (a rare token starts from its
+  code's); ``attend`` (the tied head) goes through the table.
 * ``fuser``: the contextual fuser (`fsqtok.fuser`): each token's bytes with the bytes of
   the tokens before it (causal window) where the ambiguity gate is on, the static table
   row where it is off; its hyperparameters are the LM's ``fuser`` field (default
@@ -107,6 +110,26 @@ class CodeFactorizedEmbedding(nn.Module):
     from_plain = self.plain_table(jnp.maximum(plain, 0))
     from_code = self.embed_codes(self._digits[ids_BxT])
     return jnp.where((plain >= 0)[..., None], from_plain, from_code)
+
+
+class TableCodeEmbedding(nn.Module):
+  """A table row plus the code-factorized vector of the token's code."""
+
+  vocab_size: int
+  d_model: int
+  token_codes: tuple[int, ...]
+  levels: tuple[int, ...]
+
+  def setup(self):
+    self.table = bespoke.StandardEmbed(self.vocab_size, self.d_model)
+    self.code = CodeFactorizedEmbedding(self.vocab_size, self.d_model, self.token_codes,
+                                        self.levels)
+
+  def __call__(self, ids_BxT):
+    return self.table(ids_BxT) + self.code(ids_BxT)
+
+  def attend(self, x_BxTxD):
+    return self.table.attend(x_BxTxD)
 
 
 def bytes_layout(token_bytes, max_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -295,6 +318,8 @@ EMBEDDINGS = {
     "bespoke": _bespoke,
     "code_factorized": lambda lm: CodeFactorizedEmbedding(
         lm.vocab_size, lm.d_model, lm.token_codes, lm.levels),
+    "table_code": lambda lm: TableCodeEmbedding(lm.vocab_size, lm.d_model, lm.token_codes,
+                                                lm.levels),
     "codec": lambda lm: CodecEmbedding(lm.vocab_size, lm.d_model, lm.token_bytes, lm.codec),
     "fuser": fuser_lib.lm_embedding,
 }

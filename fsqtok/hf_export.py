@@ -14,6 +14,9 @@ same ids), a ``Split`` pre-tokenizer and a decoder that fuses byte tokens back i
   what Python's ``re`` counts as a letter, digit or space, so that Hugging Face's regex
   engine (Oniguruma, whose ``\\w`` and ``\\s`` differ: combining marks, ``\\x1c``-``\\x1f``,
   ...) splits every text exactly as `fsqtok.pieces` does.
+* A unigram tokenizer's phrases (`fsqtok.pieces.run_regex`) lead the pre-tokenizer's regex
+  as the same trie of literals and the same word-boundary look-ahead; both engines
+  backtrack alike, so they pick the same phrase.
 * A ``"fewest"`` tokenizer exports every token with score -1, so Viterbi picks the fewest
   tokens inside each piece; its multi-piece spans and its cut of runs over 16 bytes have
   no Hugging Face equivalent, so there the export can need more tokens.
@@ -48,15 +51,26 @@ def _ranges(member) -> str:
 
 
 @functools.cache
-def hf_piece_pattern(contractions: bool = True) -> str:
-  """`fsqtok.pieces.RUN_PATTERN` (``PIECE_PATTERN`` without ``contractions``) for
-  Oniguruma, with Python's character classes spelled out as code-point ranges (computed
-  once, about a second)."""
-  letter, digit, space = (re.compile(p).fullmatch for p in (r"[^\W\d_]", r"\d", r"\s"))
-  l, d, s = _ranges(letter), _ranges(digit), _ranges(space)
+def _classes() -> tuple[str, str, str]:
+  """Python's letter, digit and space classes as Oniguruma ranges (about a second)."""
+  letter, digit, space = (re.compile(p).fullmatch
+                          for p in (pieces_lib.LETTER, r"\d", r"\s"))
+  return _ranges(letter), _ranges(digit), _ranges(space)
+
+
+def hf_piece_pattern(contractions: bool = True, phrases: tuple[str, ...] = ()) -> str:
+  """`fsqtok.pieces.run_regex` (``PIECE_PATTERN`` without ``contractions``) for
+  Oniguruma, with Python's character classes spelled out as code-point ranges."""
+  l, d, s = _classes()
   pattern = f" ?[{l}]+| ?[{d}]+| ?[^{l}{d}{s}]+|[{s}]+(?![^{s}])|[{s}]+"
-  return pieces_lib.RUN_PATTERN.replace(pieces_lib.PIECE_PATTERN, pattern) if contractions \
-      else pattern
+  if not contractions:
+    return pattern
+  pattern = pieces_lib.RUN_PATTERN.replace(pieces_lib.PIECE_PATTERN, pattern)
+  if phrases:
+    trie = pieces_lib.phrase_pattern(
+        phrases, escape=lambda ch: ch if ch.isascii() and ch.isalnum() else f"\\x{{{ord(ch):X}}}")
+    pattern = f"(?:{trie})(?![{l}])|{pattern}"
+  return pattern
 
 
 def to_hf_tokenizer(tok: Tokenizer):
@@ -74,8 +88,8 @@ def to_hf_tokenizer(tok: Tokenizer):
   unk = tok.token_to_id("[UNK]")
   hf = HFTokenizer(models.Unigram(vocab, unk_id=unk if unk is not None else 0,
                                   byte_fallback=True))
-  hf.pre_tokenizer = pre_tokenizers.Split(Regex(hf_piece_pattern(tok.model == "unigram")),
-                                          behavior="isolated")
+  pattern = hf_piece_pattern(tok.model == "unigram", tok.phrases)
+  hf.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
   hf.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
   hf.add_special_tokens([AddedToken(s, special=True, normalized=False)
                          for s in tok.special_tokens])

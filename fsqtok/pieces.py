@@ -1,12 +1,18 @@
-"""The piece pre-tokenizer: text -> pieces of at most ``max_bytes`` UTF-8 bytes.
+"""The pre-tokenizers: text -> pieces of at most ``max_bytes`` UTF-8 bytes, or runs.
 
 A piece is a run of letters with an optional leading space, a digit run, a punctuation
 run or a whitespace run (the last space of a run attaches to the next word, as in GPT-2).
 Runs longer than ``max_bytes`` are cut at character boundaries, so every piece is valid
 UTF-8 and the concatenation of the pieces is the text, always.
+
+A unigram tokenizer splits text into *runs* (`split_runs`): the same classes, uncut, after
+GPT-2's English contractions, and, first of all, its *phrases*: multi-word vocabulary
+strings (" of the") matched where they end at a word boundary (`run_regex`), so that a
+phrase is one run and the unigram search can give it one token.
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Iterable, Iterator
 
@@ -23,6 +29,48 @@ _PIECE_RE = re.compile(PIECE_PATTERN)
 # contractions ("'s", "'d", "'ll", ...), which then stay whole ("Call'd" -> "Call", "'d").
 RUN_PATTERN = "'(?:[stdm]|re|ve|ll)|" + PIECE_PATTERN
 _RUN_RE = re.compile(RUN_PATTERN)
+LETTER = r"[^\W\d_]"
+WORD_RE = re.compile(f" ?{LETTER}+")  # a word run: what phrases are made of
+
+
+def phrase_pattern(phrases: Iterable[str], escape=re.escape) -> str:
+  """A regex for any of ``phrases``, written as a trie so that it costs one branch per
+  character (longest phrase first, then shorter ones where the longer cannot match).
+  ``escape`` writes one character (the regex engine's own escaping)."""
+  trie: dict = {}
+  for phrase in phrases:
+    node = trie
+    for ch in phrase:
+      node = node.setdefault(ch, {})
+    node[""] = {}
+
+  def emit(node) -> str:
+    alts = [escape(ch) + emit(child) for ch, child in sorted(node.items()) if ch]
+    if not alts:
+      return ""
+    body = alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
+    return f"(?:{body})?" if "" in node else body
+
+  return emit(trie)
+
+
+def is_phrase(s: str) -> bool:
+  """Whether ``s`` is two or more word runs (a phrase a unigram tokenizer can match)."""
+  runs = split_runs(s)
+  return len(runs) >= 2 and all(WORD_RE.fullmatch(r) for r in runs) and \
+      all(r.startswith(" ") for r in runs[1:])
+
+
+@functools.lru_cache(maxsize=8)
+def run_regex(phrases: tuple[str, ...] = ()) -> re.Pattern:
+  """The runs of a unigram tokenizer with ``phrases``: a phrase where one matches and ends
+  at a word boundary, else `RUN_PATTERN`."""
+  if not phrases:
+    return _RUN_RE
+  bad = [p for p in phrases if not is_phrase(p)]
+  if bad:
+    raise ValueError(f"Phrases must be two or more words (' ?letters' runs): {bad[:5]}.")
+  return re.compile(f"(?:{phrase_pattern(phrases)})(?!{LETTER})|{RUN_PATTERN}")
 
 
 def _cut(run: str, max_bytes: int) -> Iterator[str]:
@@ -40,10 +88,10 @@ def _cut(run: str, max_bytes: int) -> Iterator[str]:
   yield run[start:]
 
 
-def split_runs(text: str) -> list[str]:
-  """Splits text into runs (`RUN_PATTERN`), however long (no cut);
+def split_runs(text: str, phrases: tuple[str, ...] = ()) -> list[str]:
+  """Splits text into runs (`RUN_PATTERN`, after ``phrases``), however long (no cut);
   ``"".join(split_runs(t)) == t`` for every string."""
-  return _RUN_RE.findall(text)
+  return run_regex(phrases).findall(text)
 
 
 def split_pieces(text: str, max_bytes: int = MAX_PIECE_BYTES) -> list[str]:

@@ -13,7 +13,9 @@ Two segmentations (``Tokenizer.model``):
   This is exactly the Hugging Face ``Unigram`` model's search, so the exported
   ``tokenizer.json`` (`fsqtok.hf_export`) gives the same ids. Learned strings may be one
   character long; they are matched inside runs only (a string that no run contains is
-  never used).
+  never used). *Phrases* (multi-word learned strings, " of the"; `fsqtok.unigram`) are
+  matched by the pre-tokenizer first, where one ends at a word boundary, so that each is
+  one run (`fsqtok.pieces.run_regex`); the search then scores it against its words.
 * ``"fewest"`` (the codec-exact build of `fsqtok.vocab`): learned strings are pieces,
   parts of pieces (2+ bytes) or *spans* of several whole pieces (`fsqtok.candidates`).
   Each piece (cut at ``max_piece_bytes``) gets its fewest-token segmentation, then spans
@@ -35,13 +37,17 @@ import shutil
 import tempfile
 from typing import Iterable, Sequence
 
+import numpy as np
+
 from fsqtok import pieces as pieces_lib
+from fsqtok import processes
 from fsqtok import workdir as workdir_lib
 
 FORMAT = "fsqtok-tokenizer"
-FORMAT_VERSION = 2  # 2 added "model" and "scores"; version 1 files load as "fewest"
+FORMAT_VERSION = 3  # 3 added "phrases", 2 "model" and "scores"; 1 loads as "fewest"
 MODELS = ("unigram", "fewest")
 UNK_PENALTY = 10.0  # an uncovered character's score below the lowest (as Hugging Face's)
+PARALLEL_MIN_CHARS = 1 << 20  # encode_batch uses every core from this many characters on
 VOCAB_FILE = "tokenizer.json"
 
 DEFAULT_SPECIALS = (
@@ -67,11 +73,12 @@ class Tokenizer:
   """Encodes text to ids and back, exactly."""
 
   def __init__(self, learned: Iterable[str], *, codes: Sequence[int] | None = None,
-               scores: Sequence[float] | None = None,
+               scores: Sequence[float] | None = None, phrases: Sequence[str] = (),
                specials: Sequence[str] = DEFAULT_SPECIALS,
                max_piece_bytes: int = pieces_lib.MAX_PIECE_BYTES):
     """``scores`` (log probabilities, one per learned string) make a ``"unigram"``
-    tokenizer; without them it is ``"fewest"``."""
+    tokenizer; without them it is ``"fewest"``. ``phrases``: the learned strings of a
+    unigram tokenizer that its pre-tokenizer matches as one run."""
     learned = list(learned)
     for name, values in (("codes", codes), ("scores", scores)):
       if values is not None and len(values) != len(learned):
@@ -100,6 +107,13 @@ class Tokenizer:
       seen.add(b)
       self._learned.append(b)
       self._codes.append(-1 if codes is None else int(codes[i]))
+    self.phrases = tuple(sorted(set(phrases)))
+    if self.phrases:
+      missing = [p for p in self.phrases if _utf8(p) not in seen]
+      if self.model != "unigram" or missing:
+        raise ValueError(f"Phrases must be learned strings of a unigram tokenizer; not "
+                         f"learned: {missing[:5]}.")
+    self._run_re = pieces_lib.run_regex(self.phrases)  # checks that each is a phrase
     self._added: list[str] = []
     self._rebuild()
 
@@ -110,6 +124,10 @@ class Tokenizer:
     self._learned_base = self._byte_base + 256
     self._added_base = self._learned_base + len(self._learned)
     self._bytes_to_id = {b: self._learned_base + i for i, b in enumerate(self._learned)}
+    # Bytes each id decodes to (0 for specials), for offsets.
+    self._byte_lengths = np.array([0] * self._byte_base + [1] * 256
+                                  + [len(b) for b in self._learned]
+                                  + [0] * len(self._added), np.int64)
     # Unigram: string -> (id, score); the longest string in characters bounds the search.
     self._scored = {b.decode("utf-8"): (self._learned_base + i, sc)
                     for i, (b, sc) in enumerate(zip(self._learned, self._scores))}
@@ -332,9 +350,14 @@ class Tokenizer:
     ids.extend(itertools.chain.from_iterable(per_piece[pos:]))
     return ids
 
+  def split(self, text: str) -> list[str]:
+    """The pre-tokenizer's pieces (``"fewest"``) or runs (``"unigram"``, phrases first)."""
+    if self.model == "unigram":
+      return self._run_re.findall(text)
+    return pieces_lib.split_pieces(text, self.max_piece_bytes)
+
   def encode_pieces(self, pieces: Sequence[str]) -> list[int]:
-    """Ids of text already split by `fsqtok.pieces.split_pieces` (``split_runs`` for a
-    unigram tokenizer; no specials parsed)."""
+    """Ids of text already split by `split` (no specials parsed)."""
     if self.model == "unigram":
       return list(itertools.chain.from_iterable(map(self._piece_ids, pieces)))
     return self._segment_pieces(pieces)
@@ -343,7 +366,7 @@ class Tokenizer:
     if self.model == "unigram":
       cache = self._cache  # the hot path: one dictionary lookup per cached run
       return list(itertools.chain.from_iterable(
-          cache.get(r) or self._piece_ids(r) for r in pieces_lib.split_runs(text)))
+          cache.get(r) or self._piece_ids(r) for r in self._run_re.findall(text)))
     return self._segment_pieces(pieces_lib.split_pieces(text, self.max_piece_bytes))
 
   def fewest_tokens_without(self, token_id: int) -> int:
@@ -386,43 +409,63 @@ class Tokenizer:
     A byte-fallback token inside a multi-byte character spans that whole character;
     added [BOS]/[EOS] span ``(0, 0)``, as in Hugging Face tokenizers.
     """
+    ids, offsets_Nx2 = self._encode_arrays(text, add_special_tokens, parse_special)
+    return ids, list(map(tuple, offsets_Nx2.tolist()))
+
+  def _encode_arrays(self, text: str, add_special_tokens: bool, parse_special: bool
+                     ) -> tuple[list[int], np.ndarray]:
+    """`encode_with_offsets` with the offsets as an int32 ``[N, 2]`` array."""
     _utf8(text)
     parts = (self._special_re.split(text) if parse_special and self._special_re is not None
              else [text])
     ids: list[int] = []
-    offsets: list[tuple[int, int]] = []
+    firsts, lasts = [], []
     pos = 0
     for i, part in enumerate(parts):
       if i % 2:
         ids.append(self._special_to_id[part])
-        offsets.append((pos, pos + len(part)))
+        firsts.append(np.array([pos]))
+        lasts.append(np.array([pos + len(part)]))
       elif part:
-        char_of_byte = [c for c, ch in enumerate(part, pos)
-                        for _ in range(len(ch.encode("utf-8")))]
-        start = 0
-        for tid in self._encode_text(part):
-          end = start + len(self._token_bytes_or_special(tid))
-          offsets.append((char_of_byte[start], char_of_byte[end - 1] + 1))
-          ids.append(tid)
-          start = end
+        part_ids = self._encode_text(part)
+        lengths = self._byte_lengths[np.asarray(part_ids, np.int64)]
+        ends = np.cumsum(lengths)
+        starts = ends - lengths
+        if part.isascii():
+          firsts.append(starts + pos)
+          lasts.append(ends + pos)
+        else:  # the character of each byte: count the bytes that start a character
+          data = np.frombuffer(part.encode("utf-8"), np.uint8)
+          char_of_byte = np.cumsum((data & 0xC0) != 0x80) - 1 + pos
+          firsts.append(char_of_byte[starts])
+          lasts.append(char_of_byte[ends - 1] + 1)
+        ids.extend(part_ids)
       pos += len(part)
+    offsets = np.zeros((len(ids), 2), np.int32)
+    if firsts:
+      offsets[:, 0], offsets[:, 1] = np.concatenate(firsts), np.concatenate(lasts)
     if add_special_tokens:
       ids = [self._special_id("[BOS]"), *ids, self._special_id("[EOS]")]
-      offsets = [(0, 0), *offsets, (0, 0)]
+      offsets = np.concatenate([np.zeros((1, 2), np.int32), offsets,
+                                np.zeros((1, 2), np.int32)])
     return ids, offsets
 
   def encode_batch(self, texts: Sequence[str], *, padding: bool | str = False,
                    truncation: bool = False, max_length: int | None = None,
                    padding_side: str = "right", add_special_tokens: bool = False,
-                   parse_special: bool = False) -> dict:
+                   parse_special: bool = False, return_offsets_mapping: bool = True,
+                   num_workers: int | None = None) -> dict:
     """Hugging Face-style batch encoding.
+
+    ``num_workers``: processes that encode the texts, in contiguous chunks, with the same
+    ids as `encode` (None: every core for batches of ``PARALLEL_MIN_CHARS`` characters or
+    more, else this process; 1: this process).
 
     ``padding``: False (lists of different lengths), True / "longest", or "max_length".
     ``truncation`` cuts to ``max_length`` (from the right). Returns ``input_ids``,
-    ``attention_mask`` and ``offset_mapping``: int32 numpy arrays ``[B, T]`` /
-    ``[B, T, 2]`` when padded, lists otherwise.
+    ``attention_mask`` and (``return_offsets_mapping``) ``offset_mapping``: int32 numpy
+    arrays ``[B, T]`` / ``[B, T, 2]`` when padded, lists otherwise.
     """
-    import numpy as np  # pylint: disable=g-import-not-at-top
     if isinstance(texts, str):
       raise TypeError("encode_batch takes a list of strings; use encode for one string.")
     if padding is True:
@@ -433,14 +476,16 @@ class Tokenizer:
       raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}.")
     if (truncation or padding == "max_length") and (max_length is None or max_length < 1):
       raise ValueError("truncation and padding='max_length' need max_length >= 1.")
-    rows = [self.encode_with_offsets(t, add_special_tokens=add_special_tokens,
-                                     parse_special=parse_special) for t in texts]
+    rows = self._encode_rows(list(texts), add_special_tokens, parse_special,
+                             return_offsets_mapping, num_workers)
     if truncation:
       rows = [(ids[:max_length], offs[:max_length]) for ids, offs in rows]
     if padding in (False, "do_not_pad"):
-      return {"input_ids": [r[0] for r in rows],
-              "attention_mask": [[1] * len(r[0]) for r in rows],
-              "offset_mapping": [r[1] for r in rows]}
+      out = {"input_ids": [r[0] for r in rows],
+             "attention_mask": [[1] * len(r[0]) for r in rows]}
+      if return_offsets_mapping:
+        out["offset_mapping"] = [list(map(tuple, r[1].tolist())) for r in rows]
+      return out
     width = max_length if padding == "max_length" else max((len(r[0]) for r in rows), default=0)
     if any(len(r[0]) > width for r in rows):
       raise ValueError(f"A text has more than max_length={width} tokens; set truncation=True.")
@@ -452,9 +497,39 @@ class Tokenizer:
       n = len(row_ids)
       cols = slice(0, n) if padding_side == "right" else slice(width - n, width)
       ids[b, cols], mask[b, cols] = row_ids, 1
-      if n:
+      if n and return_offsets_mapping:
         offs[b, cols] = row_offs
-    return {"input_ids": ids, "attention_mask": mask, "offset_mapping": offs}
+    out = {"input_ids": ids, "attention_mask": mask}
+    if return_offsets_mapping:
+      out["offset_mapping"] = offs
+    return out
+
+  def _encode_rows(self, texts: list[str], add_special_tokens: bool, parse_special: bool,
+                   offsets: bool, num_workers: int | None
+                   ) -> list[tuple[list[int], np.ndarray | None]]:
+    """`_encode_arrays` of every text (ids alone without ``offsets``), over
+    ``num_workers`` processes."""
+    if num_workers is None:
+      big = sum(map(len, texts)) >= PARALLEL_MIN_CHARS
+      num_workers = (os.cpu_count() or 1) if big else 1
+    if not isinstance(num_workers, int) or num_workers < 1:
+      raise ValueError(f"num_workers must be None or an int >= 1, got {num_workers!r}.")
+    num_workers = min(num_workers, len(texts))
+    if num_workers <= 1:
+      return [_encode_one(self, t, add_special_tokens, parse_special, offsets) for t in texts]
+    bounds = [len(texts) * k // (4 * num_workers) for k in range(4 * num_workers + 1)]
+    chunks = [(texts[a:b], add_special_tokens, parse_special, offsets)
+              for a, b in zip(bounds, bounds[1:]) if b > a]
+    rows = []
+    for ids_N, offsets_Nx2, counts in processes.map_chunks(_encode_chunk, chunks, num_workers,
+                                                           shared=self):
+      cut = np.cumsum(counts)[:-1]
+      rows.extend(zip((ids.tolist() for ids in np.split(ids_N, cut)),
+                      np.split(offsets_Nx2, cut) if offsets else itertools.repeat(None)))
+    return rows
+
+  def __getstate__(self) -> dict:
+    return {**self.__dict__, "_cache": {}}  # a worker process needs no cache of ours
 
   def _special_id(self, token: str) -> int:
     if token not in self._special_to_id:
@@ -488,6 +563,7 @@ class Tokenizer:
         "specials": self._specials, "added_specials": self._added,
         "learned": [b.decode("utf-8") for b in self._learned], "codes": self._codes,
         "scores": self._scores if self.model == "unigram" else None,
+        "phrases": list(self.phrases),
     }
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.")
     try:
@@ -526,16 +602,36 @@ class Tokenizer:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
       raise ValueError(f"{path} is not an fsqtok tokenizer (no format {FORMAT!r}); a "
                        f"Hugging Face tokenizer.json? Load that with `tokenizers`.")
-    if payload.get("version") not in (1, FORMAT_VERSION):
+    if payload.get("version") not in range(1, FORMAT_VERSION + 1):
       raise ValueError(f"{path} has format version {payload.get('version')}; this fsqtok "
-                       f"reads versions 1 and {FORMAT_VERSION}: upgrade fsqtok.")
+                       f"reads versions 1 to {FORMAT_VERSION}: upgrade fsqtok.")
     if payload.get("model", "fewest") not in MODELS:
       raise ValueError(f"{path} has model {payload.get('model')!r}; this fsqtok knows "
                        f"{MODELS}: upgrade fsqtok.")
     try:
       tok = cls(payload["learned"], codes=payload["codes"], scores=payload.get("scores"),
-                specials=payload["specials"], max_piece_bytes=payload["max_piece_bytes"])
+                phrases=payload.get("phrases", ()), specials=payload["specials"],
+                max_piece_bytes=payload["max_piece_bytes"])
       tok.add_special_tokens(payload["added_specials"])
     except (KeyError, TypeError) as e:
       raise ValueError(f"{path} is damaged: {e!r}. Save the tokenizer again.") from None
     return tok
+
+
+def _encode_chunk(tok: Tokenizer, texts: list[str], add_special_tokens: bool,
+                  parse_special: bool, offsets: bool
+                  ) -> tuple[np.ndarray, np.ndarray | None, list[int]]:
+  """A worker's rows as arrays (cheap to send back): every id, every offset, and how many
+  belong to each text."""
+  rows = [_encode_one(tok, t, add_special_tokens, parse_special, offsets) for t in texts]
+  ids = np.fromiter(itertools.chain.from_iterable(r[0] for r in rows), np.int32)
+  offsets_Nx2 = np.concatenate([r[1] for r in rows]) if offsets and rows else None
+  return ids, offsets_Nx2, [len(r[0]) for r in rows]
+
+
+def _encode_one(tok: Tokenizer, text: str, add_special_tokens: bool, parse_special: bool,
+                offsets: bool) -> tuple[list[int], np.ndarray | None]:
+  if offsets:
+    return tok._encode_arrays(text, add_special_tokens, parse_special)  # pylint: disable=protected-access
+  return tok.encode(text, add_special_tokens=add_special_tokens,
+                    parse_special=parse_special), None

@@ -57,17 +57,30 @@ def unigram_vocabulary(config, workdir: str, train_texts: Sequence[str], size: i
   t = config.tokenizer
   settings = {"source": config.data.source, "size": size, "max_token_bytes": config.model.max_len,
               **{k: t[k] for k in ("seed_size", "shrink", "em_iterations", "char_coverage",
-                                   "max_piece_chars")}}
+                                   "max_piece_chars", "phrase_fraction", "max_phrase_words")}}
   path = os.path.join(workdir, VOCABULARY_FILE)
   if os.path.exists(path):
     saved = workdir_lib.read_json(path)
     if saved.get("settings") == settings:
       return unigram_lib.UnigramVocab.from_json(saved)
-  counts = unigram_lib.count_pieces(train_texts, progress=config.train.progress_bar)
+  if not 0 <= t.phrase_fraction < 1:
+    raise ValueError(f"tokenizer.phrase_fraction must be in [0, 1), got {t.phrase_fraction}.")
+  progress, max_bytes, workers = config.train.progress_bar, config.model.max_len, t.num_workers
+  n_phrases = round(t.phrase_fraction * size)
+  if n_phrases:
+    candidates = unigram_lib.count_phrases(train_texts, max_bytes, t.max_phrase_words,
+                                           progress=progress, num_workers=workers)
+    n_phrases = unigram_lib.phrase_budget(candidates, n_phrases)
+  counts = unigram_lib.count_pieces(train_texts, progress=progress, num_workers=workers)
   vocab = unigram_lib.train_unigram(
-      counts, size, max_token_bytes=config.model.max_len, seed_size=t.seed_size,
+      counts, size - n_phrases, max_token_bytes=max_bytes, seed_size=t.seed_size,
       shrink=t.shrink, em_iterations=t.em_iterations, char_coverage=t.char_coverage,
-      max_piece_chars=t.max_piece_chars, progress=config.train.progress_bar)
+      max_piece_chars=t.max_piece_chars, progress=progress)
+  if n_phrases:
+    vocab = unigram_lib.add_phrases(vocab, train_texts, candidates, n_phrases,
+                                    max_token_bytes=max_bytes, em_iterations=t.em_iterations,
+                                    max_piece_chars=t.max_piece_chars, progress=progress,
+                                    num_workers=workers)
   os.makedirs(workdir, exist_ok=True)
   workdir_lib.write_json(path, {"settings": settings, **vocab.to_json()})
   return vocab
@@ -83,7 +96,8 @@ def unigram_tokenizer(config, train_texts: Sequence[str], vocab_size: int,
       vocab = unigram_vocabulary(config, tmp, train_texts, size)
   else:
     vocab = unigram_vocabulary(config, workdir, train_texts, size)
-  return Tokenizer(vocab.strings, scores=vocab.scores, max_piece_bytes=config.model.max_len)
+  return Tokenizer(vocab.strings, scores=vocab.scores, phrases=vocab.phrases,
+                   max_piece_bytes=config.model.max_len)
 
 
 def vocabulary_pieces(vocab: unigram_lib.UnigramVocab, max_bytes: int) -> PieceSet:
@@ -182,11 +196,12 @@ def _unigram_build(config, workdir, size, texts, mesh):
   order = np.lexsort((np.arange(len(rows)), -counts, ~exact))
   codes = distinct_codes(np.asarray(stats["code"])[rows], order, config.model.levels)
   tok = Tokenizer(vocab.strings, scores=vocab.scores, codes=codes.tolist(),
-                  max_piece_bytes=config.model.max_len)
+                  phrases=vocab.phrases, max_piece_bytes=config.model.max_len)
   train_tokens = sum(len(tok.encode(t)) for t in texts[0])
   analysis = {
       "vocabulary": "unigram", "learned_tokens": len(vocab),
       "single_characters": sum(len(s) == 1 for s in vocab.strings),
+      "phrases": len(vocab.phrases),
       "codec_exact_strings": float(exact.mean()),
       "codec_exact_uses": float(np.dot(exact, counts) / counts.sum()),
       "codes_moved": int(np.sum(codes != np.asarray(stats["code"])[rows])),

@@ -18,11 +18,19 @@ Viterbi path, `fsqtok.tokenizer`). Training (Kudo 2018, as SentencePiece does it
 
 Everything is numpy over arrays of lattice edges; the only Python loops run over string
 positions (at most ``max_piece_chars``) and, once per round, over the vocabulary.
+
+*Phrases* (`add_phrases`, after SuperBPE's transition point: multi-word tokens added once
+the subword vocabulary is complete): the sequences of 2-``max_words`` consecutive words
+(`fsqtok.pieces.WORD_RE`, at most ``max_token_bytes``) that save the most tokens under the
+subword vocabulary (occurrences x (tokens - 1)) join it; the runs are counted again with
+the phrases as runs (`fsqtok.pieces.run_regex`) and EM scores every string anew.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
+import os
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -30,8 +38,10 @@ from scipy import special
 from tqdm.auto import tqdm
 
 from fsqtok import pieces as pieces_lib
+from fsqtok import processes
 
 SCORE_DECIMALS = 6  # scores are rounded so JSON readers (Python's, serde's) agree bit for bit
+PARALLEL_MIN_CHARS = 1 << 22  # smaller corpora are counted in this process (workers cost ~1 s)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,25 +53,83 @@ class UnigramVocab:
   scores: tuple[float, ...]
   counts: tuple[float, ...]
   history: tuple[dict, ...] = ()
+  phrases: tuple[str, ...] = ()  # the multi-word strings among ``strings``
 
   def to_json(self) -> dict:
     return {"strings": list(self.strings), "scores": list(self.scores),
-            "counts": list(self.counts), "history": list(self.history)}
+            "counts": list(self.counts), "history": list(self.history),
+            "phrases": list(self.phrases)}
 
   @classmethod
   def from_json(cls, payload: dict) -> "UnigramVocab":
     return cls(tuple(payload["strings"]), tuple(payload["scores"]),
-               tuple(payload["counts"]), tuple(payload["history"]))
+               tuple(payload["counts"]), tuple(payload["history"]),
+               tuple(payload.get("phrases", ())))
 
   def __len__(self) -> int:
     return len(self.strings)
 
 
-def count_pieces(texts: Iterable[str], progress: bool = False) -> collections.Counter:
-  """Occurrences of every piece (pre-tokenizer runs, uncut) in ``texts``."""
+def _count_in_parallel(count, texts: Sequence[str], num_workers: int, progress: bool,
+                       desc: str, *args) -> collections.Counter:
+  """``count(None, texts, *args)`` over contiguous chunks of ``texts`` in ``num_workers``
+  worker processes (0: every core; `fsqtok.processes`; one below ``PARALLEL_MIN_CHARS``
+  characters), summed: the same counts whatever the number of workers."""
+  texts = list(texts)
+  num_workers = min(num_workers or os.cpu_count() or 1, max(1, len(texts) // 64))
+  if num_workers <= 1 or sum(map(len, texts)) < PARALLEL_MIN_CHARS:
+    return count(None, tqdm(texts, desc=desc, unit=" texts", disable=not progress), *args)
+  bounds = np.linspace(0, len(texts), num_workers + 1).astype(int)
+  chunks = [(texts[a:b], *args) for a, b in zip(bounds, bounds[1:]) if b > a]
+  total: collections.Counter = collections.Counter()
+  with tqdm(total=len(texts), desc=desc, unit=" texts", disable=not progress) as bar:
+    for (chunk, *_), part in zip(chunks, processes.map_chunks(count, chunks, num_workers)):
+      total.update(part)
+      bar.update(len(chunk))
+  return total
+
+
+def count_pieces(texts: Iterable[str], progress: bool = False,
+                 phrases: tuple[str, ...] = (), num_workers: int = 1) -> collections.Counter:
+  """Occurrences of every piece (pre-tokenizer runs, uncut, ``phrases`` first) in ``texts``
+  (``num_workers`` processes; 0: every core)."""
+  return _count_in_parallel(_count_runs, texts, num_workers, progress, "count pieces",
+                            tuple(phrases))
+
+
+def _count_runs(_, texts: Iterable[str], phrases: tuple[str, ...]) -> collections.Counter:
   counts: collections.Counter = collections.Counter()
-  for text in tqdm(texts, desc="count pieces", unit=" texts", disable=not progress):
-    counts.update(pieces_lib.split_runs(text))
+  for text in texts:
+    counts.update(pieces_lib.split_runs(text, phrases))
+  return counts
+
+
+def count_phrases(texts: Iterable[str], max_bytes: int, max_words: int = 4,
+                  progress: bool = False, num_workers: int = 1) -> collections.Counter:
+  """Occurrences of every sequence of 2-``max_words`` consecutive word runs of at most
+  ``max_bytes`` UTF-8 bytes (a phrase candidate) in ``texts`` (``num_workers`` processes;
+  0: every core)."""
+  return _count_in_parallel(_count_word_sequences, texts, num_workers, progress,
+                            "count phrases", max_bytes, max_words)
+
+
+def _count_word_sequences(_, texts: Iterable[str], max_bytes: int, max_words: int
+                          ) -> collections.Counter:
+  word = pieces_lib.WORD_RE.fullmatch
+  counts: collections.Counter = collections.Counter()
+  for text in texts:
+    runs = pieces_lib.split_runs(text)
+    is_word = [word(r) is not None for r in runs]
+    for i in itertools.compress(range(len(runs)), is_word):
+      phrase, size = runs[i], len(runs[i].encode("utf-8"))
+      for k in range(i + 1, min(i + max_words, len(runs))):
+        if not is_word[k] or runs[k][0] != " ":
+          break
+        size += len(runs[k].encode("utf-8"))
+        if size > max_bytes:
+          break
+        phrase += runs[k]
+        counts[phrase] += 1
   return counts
 
 
@@ -202,14 +270,23 @@ def _characters(piece_counts: dict[str, int], coverage: float
   return keep, chars
 
 
-def _seeds(pieces: Sequence[str], counts_N: np.ndarray, max_bytes: int, seed_size: int,
-           progress: bool) -> list[tuple[str, int]]:
-  """The ``seed_size`` most frequent substrings of 2+ characters (seen at least twice)."""
+def _substring_counts(pieces: Sequence[str], counts_N: np.ndarray, max_bytes: int,
+                      only: set[str] | None = None, progress: bool = False
+                      ) -> collections.Counter:
+  """Occurrences of the substrings of 2+ characters of the pieces (of ``only`` those)."""
   subs: collections.Counter = collections.Counter()
   for p, n in tqdm(zip(pieces, counts_N.tolist()), total=len(pieces), desc="unigram seeds",
                    disable=not progress, unit=" pieces"):
     for i, j in _substrings(p, max_bytes, min_chars=2):
-      subs[p[i:j]] += n
+      if only is None or p[i:j] in only:
+        subs[p[i:j]] += n
+  return subs
+
+
+def _seeds(pieces: Sequence[str], counts_N: np.ndarray, max_bytes: int, seed_size: int,
+           progress: bool) -> list[tuple[str, int]]:
+  """The ``seed_size`` most frequent substrings of 2+ characters (seen at least twice)."""
+  subs = _substring_counts(pieces, counts_N, max_bytes, progress=progress)
   ranked = sorted(((s, n) for s, n in subs.items() if n >= 2),
                   key=lambda kv: (-kv[1] * len(kv[0]), kv[0]))
   return ranked[:seed_size]
@@ -224,8 +301,8 @@ def train_unigram(piece_counts: dict[str, int], size: int, *,
 
   Pieces longer than ``max_piece_chars`` characters (long runs of spaces or symbols) are
   left out of training; the tokenizer still segments them. ``seeds``: start from these
-  strings (e.g. another tokenizer's vocabulary) instead of the most frequent substrings;
-  with ``size`` >= their number EM only scores them.
+  strings (e.g. another tokenizer's vocabulary) instead of the most frequent substrings,
+  each first as likely as it is frequent; with ``size`` >= their number EM only scores them.
   """
   if size < 1:
     raise ValueError(f"A unigram vocabulary needs size >= 1, got {size}.")
@@ -246,10 +323,11 @@ def train_unigram(piece_counts: dict[str, int], size: int, *,
   if seeds is None:
     seeds = [(s, n) for s, n in _seeds(pieces, counts_N, max_token_bytes, seed_size, progress)
              if char_set.issuperset(s)]
-  else:  # given strings start equally likely
-    seeds = [(s, 1) for s in dict.fromkeys(seeds)
-             if len(s) >= 2 and len(s.encode("utf-8")) <= max_token_bytes
-             and char_set.issuperset(s)]
+  else:  # given strings start from their frequency as substrings of the pieces
+    given = [s for s in dict.fromkeys(seeds) if len(s) >= 2 and char_set.issuperset(s)
+             and len(s.encode("utf-8")) <= max_token_bytes]
+    frequency = _substring_counts(pieces, counts_N, max_token_bytes, set(given))
+    seeds = [(s, max(frequency[s], 1)) for s in given]
   strings = chars + [s for s, _ in seeds]
   is_char = np.r_[np.ones(len(chars), bool), np.zeros(len(seeds), bool)]
   init = np.array([char_counts[c] for c in chars] + [n for _, n in seeds], np.float64)
@@ -286,19 +364,70 @@ def train_unigram(piece_counts: dict[str, int], size: int, *,
     lattice.keep_tokens(new_id)
     if n_multi <= target:
       break
-  for _ in range(em_iterations):
-    counts, loglik = lattice.expected_counts(logp, counts_N)
-    logp = _m_step(counts)
+  logp, counts, loglik = _em(lattice, logp, counts_N, em_iterations)
   history.append({"strings": len(strings), "log_likelihood": loglik,
                   "tokens_per_piece": float(counts.sum() / counts_N.sum())})
   bar.close()
-  # A character no segmentation uses keeps a tiny probability (it is still a token).
+  return _vocab(strings, logp, counts, history)
+
+
+def _em(lattice: Lattice, logp: np.ndarray, counts_N: np.ndarray, iterations: int):
+  """``iterations`` EM steps: the new log probabilities, expected counts, log likelihood."""
+  for _ in range(iterations):
+    counts, loglik = lattice.expected_counts(logp, counts_N)
+    logp = _m_step(counts)
+  return logp, counts, loglik
+
+
+def _vocab(strings, logp, counts, history, phrases=()) -> UnigramVocab:
+  """The vocabulary, most probable string first; a string no segmentation uses keeps a
+  tiny probability (it is still a token)."""
   floor = np.min(logp[np.isfinite(logp)]) - 1.0
   logp = np.where(np.isfinite(logp), logp, floor)
   order = np.lexsort((np.arange(len(strings)), -logp))
   return UnigramVocab(tuple(strings[i] for i in order),
                       tuple(round(float(logp[i]), SCORE_DECIMALS) for i in order),
-                      tuple(float(counts[i]) for i in order), tuple(history))
+                      tuple(float(counts[i]) for i in order), tuple(history),
+                      tuple(sorted(phrases)))
+
+
+def phrase_budget(candidates: dict[str, int], n_phrases: int, min_count: int = 2) -> int:
+  """How many of ``n_phrases`` the candidates can fill (those seen ``min_count``+ times)."""
+  return min(n_phrases, sum(n >= min_count for n in candidates.values()))
+
+
+def add_phrases(vocab: UnigramVocab, texts: Sequence[str], candidates: dict[str, int],
+                n_phrases: int, *, max_token_bytes: int = pieces_lib.MAX_PIECE_BYTES,
+                em_iterations: int = 2, max_piece_chars: int = 64, min_count: int = 2,
+                progress: bool = False, num_workers: int = 1) -> UnigramVocab:
+  """``vocab`` and the ``n_phrases`` candidates (`count_phrases`, seen ``min_count``+
+  times) that save the most tokens under it, every string scored anew by EM on the runs
+  of ``texts`` split with the phrases (`fsqtok.pieces.run_regex`)."""
+  from fsqtok.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+  if n_phrases <= 0:
+    return vocab
+  subwords = Tokenizer(vocab.strings, scores=vocab.scores, max_piece_bytes=max_token_bytes)
+  known = set(vocab.strings)
+  gains = sorted((-n * (len(subwords.encode(p)) - 1), p) for p, n in candidates.items()
+                 if n >= min_count and p not in known)
+  phrases = tuple(sorted(p for _, p in gains[:n_phrases]))
+  piece_counts = count_pieces(texts, progress=progress, phrases=phrases,
+                              num_workers=num_workers)
+  strings = list(vocab.strings) + list(phrases)
+  chars = {s for s in strings if len(s) == 1}
+  kept = sorted((p, n) for p, n in piece_counts.items()
+                if len(p) <= max_piece_chars and chars.issuperset(p))
+  counts_N = np.array([n for _, n in kept], np.float64)
+  init = np.array(list(vocab.counts) + [candidates[p] for p in phrases], np.float64)
+  logp = np.log(np.maximum(init, 1e-3)) - np.log(np.maximum(init, 1e-3).sum())
+  lattice = Lattice([p for p, _ in kept], {s: i for i, s in enumerate(strings)},
+                    max_token_bytes)
+  logp, counts, loglik = _em(lattice, logp, counts_N, em_iterations)
+  used = counts[len(vocab):] >= 0.5
+  history = [*vocab.history, {"strings": len(strings), "phrases": len(phrases),
+                              "phrases_used": int(used.sum()), "log_likelihood": loglik,
+                              "tokens_per_piece": float(counts.sum() / counts_N.sum())}]
+  return _vocab(strings, logp, counts, history, phrases)
 
 
 def _pruning_loss(strings, logp, counts, is_char, keep, max_bytes) -> np.ndarray:

@@ -33,9 +33,11 @@ def _tiny_codec_args(doc_files, tmp_path):
 
 
 def test_bench_tokenizer_prints_a_table(doc_files, tmp_path):
-  out = _run("bench_tokenizer.py", *_tiny_codec_args(doc_files, tmp_path), "--repeats=1")
-  for name in ("fsqtok", "hf-bpe-bytelevel", "sentencepiece-unigram", "sentencepiece-bpe",
-               "word-level", "raw-bytes"):
+  names = ("fsqtok", "fsqtok-phrases", "hf-bpe-bytelevel", "sentencepiece-unigram",
+           "raw-bytes")
+  out = _run("bench_tokenizer.py", *_tiny_codec_args(doc_files, tmp_path), "--repeats=1",
+             f"--tokenizers={','.join(names)}")
+  for name in names:
     assert f"| {name} |" in out
   assert "| raw-bytes | 256 | 1.000 | 100.0% |" in out
 
@@ -50,12 +52,13 @@ def test_compare_tokenizers_lm_prints_a_table(doc_files, tmp_path):
              f"--config.corpora=docs=files:{doc_files}/*.txt",
              f"--config.codec_workdirs=docs={tmp_path / 'codec'}",
              f"--config.data.tfds_data_dir={tmp_path / 'tfds'}",
-             "--config.variants=('fsqtok-factorized','raw-bytes')",
-             "--config.budgets=('bytes','flops')", f"--workdir={tmp_path / 'out'}")
-  for budget in ("bytes", "flops"):
-    assert f"| docs | 400 | {budget} | fsqtok-factorized (" in out
-    assert f"| docs | 400 | {budget} | raw-bytes | 259 (" in out
+             "--config.variants=('fsqtok-table-code','raw-bytes')",
+             "--config.budgets=('flops',)", f"--workdir={tmp_path / 'out'}")
+  assert "| docs | 400 | flops | fsqtok-table-code | 400 (" in out
+  assert "| docs | 400 | flops | raw-bytes | 259 (" in out
   assert (tmp_path / "out" / "bpb_vs_bytes.png").exists()
+  by_frequency = out[out.index("Held-out bits per token by how often"):].splitlines()
+  assert sum(l.startswith("| docs | 400 | flops |") for l in by_frequency) == 2
   merged = _run("compare_tokenizers_lm.py", "--config=configs/compare_lm.py:tiny",
                 f"--merge={tmp_path / 'out'}", f"--workdir={tmp_path / 'merged'}")
   assert merged.strip().splitlines()[-4:] == out.strip().splitlines()[-4:]

@@ -67,12 +67,17 @@ TRICKY = st.lists(st.sampled_from(list("ab 1_\n\t\r.,'") + ["re", "ll", "s", "'d
     max_size=40).map("".join)
 
 
-@pytest.fixture(scope="module")
-def unigram_pair(doc_files, tmp_path_factory):
+@pytest.fixture(scope="module", params=["subwords", "phrases"])
+def unigram_pair(doc_files, tmp_path_factory, request):
+  """A unigram tokenizer (with 120 phrases, or none) and its export."""
   from fsqtok import unigram  # pylint: disable=g-import-not-at-top
   texts = [p.read_text(encoding="utf-8") for p in sorted(doc_files.glob("*.txt"))]
-  vocab = unigram.train_unigram(unigram.count_pieces(texts[:150]), 1200, seed_size=20_000)
-  tok = Tokenizer(vocab.strings, scores=vocab.scores)
+  n_phrases = 120 if request.param == "phrases" else 0
+  vocab = unigram.train_unigram(unigram.count_pieces(texts[:150]), 1200 - n_phrases,
+                                seed_size=20_000)
+  vocab = unigram.add_phrases(vocab, texts[:150], unigram.count_phrases(texts[:150], 16),
+                              n_phrases)
+  tok = Tokenizer(vocab.strings, scores=vocab.scores, phrases=vocab.phrases)
   path = export_hf(tok, str(tmp_path_factory.mktemp("hf_unigram")))
   return tok, tokenizers.Tokenizer.from_file(path), texts[150:]
 
@@ -84,7 +89,21 @@ def test_unigram_export_gives_the_same_ids_on_held_out_documents(unigram_pair):
     assert hf.encode(doc).ids == tok.encode(doc, parse_special=True)
 
 
-@given(st.one_of(ANY_TEXT, TRICKY))
+# Sequences of frequent words of the corpus (phrases and near misses: " of them").
+WORDS = st.lists(st.sampled_from(["the", "of", "a", "is", "to", "in", "them", "The", "for",
+                                  "be", "function", "list", "'s", ".", ",", "\n", "é"]),
+                 max_size=30).map(lambda ws: "".join(" " + w if w.isalpha() else w for w in ws))
+
+
+def test_unigram_export_uses_the_phrases(unigram_pair):
+  tok, hf, _ = unigram_pair
+  text = "This is the value of the list of items in the function."
+  assert hf.encode(text).ids == tok.encode(text)
+  if tok.phrases:
+    assert set(tok.phrases) & {tok.id_to_token(i) for i in tok.encode(text)}
+
+
+@given(st.one_of(ANY_TEXT, TRICKY, WORDS))
 def test_unigram_export_gives_the_same_ids_on_any_text(unigram_pair, text):
   tok, hf, _ = unigram_pair
   ids = tok.encode(text, parse_special=True)
@@ -92,8 +111,8 @@ def test_unigram_export_gives_the_same_ids_on_any_text(unigram_pair, text):
   assert hf.decode(ids, skip_special_tokens=False) == text
 
 
-@given(st.one_of(ANY_TEXT, TRICKY))
+@given(st.one_of(ANY_TEXT, TRICKY, WORDS))
 def test_exported_pre_tokenizer_splits_like_fsqtok(unigram_pair, text):
-  _, hf, _ = unigram_pair
+  tok, hf, _ = unigram_pair
   hf_runs = [r for r, _ in hf.pre_tokenizer.pre_tokenize_str(text)]
-  assert hf_runs == pieces_lib.split_runs(text)
+  assert hf_runs == tok.split(text) == pieces_lib.split_runs(text, tok.phrases)

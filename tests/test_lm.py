@@ -22,7 +22,7 @@ def _ids(b=2, t=9, seed=0):
 
 
 COMBOS = [("table", "tied"), ("table", "dense"), ("code_factorized", "factorized"),
-          ("code_factorized", "dense"), ("table", "factorized")]
+          ("code_factorized", "dense"), ("table", "factorized"), ("table_code", "tied")]
 
 
 @pytest.mark.parametrize("embedding,head", COMBOS)

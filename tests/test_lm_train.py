@@ -1,5 +1,6 @@
 import json
 import math
+import shutil
 
 import chex
 import jax
@@ -14,6 +15,7 @@ from fsqtok import lm as lm_lib
 from fsqtok import lm_data
 from fsqtok import lm_train
 from fsqtok import sharding as sharding_lib
+from fsqtok import tokenizer_build
 
 
 class _ByteTok:
@@ -164,6 +166,10 @@ def test_curriculum_end_to_end_resumes_exactly_and_then_does_nothing(doc_files, 
   dying_batcher = DyingBatcher
 
   monkeypatch.setattr(lm_data, "window_batcher", dying_batcher)
+  # (the finished codec and vocabulary are copied: the run starts at the lm phase)
+  for name in ("recon", "vocab"):
+    shutil.copytree(tmp_path / "whole" / name, tmp_path / "killed" / name)
+  shutil.copy(tmp_path / "whole" / tokenizer_build.VOCABULARY_FILE, tmp_path / "killed")
   with pytest.raises(KeyboardInterrupt):
     curriculum.run_curriculum(config, str(tmp_path / "killed"))
   monkeypatch.setattr(lm_data, "window_batcher", real_batcher)

@@ -1,3 +1,5 @@
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
@@ -66,3 +68,36 @@ def test_runs_cover_the_text_and_keep_contractions(text):
 def test_runs_are_pieces_with_english_contractions_whole():
   assert pieces_lib.split_runs("Call'd it's we'll") == ["Call", "'d", " it", "'s", " we", "'ll"]
   assert pieces_lib.split_runs("x" * 40) == ["x" * 40]  # never cut
+
+
+PHRASES = (" of the", " of the same", "Return the", " is a", " it is")
+WORDS = st.lists(st.sampled_from(["of", "the", "same", "them", "is", "a", "an", "it", "Return",
+                                  " ", "  ", ".", "'s", "\n", "1", "é", "x"]),
+                 max_size=30).map(lambda ws: "".join(
+                     w if w in {" ", "  ", ".", "'s", "\n", "1", "é"} else " " + w for w in ws))
+
+
+@given(st.one_of(WORDS, TEXT))
+def test_phrase_runs_are_whole_runs_joined(text):
+  """With phrases, every run is a run of the plain pre-tokenizer or a phrase made of
+  consecutive plain runs: phrases never cut a word."""
+  runs = pieces_lib.split_runs(text, PHRASES)
+  assert "".join(runs) == text
+  plain = pieces_lib.split_runs(text)
+  edges = lambda rs: set(itertools.accumulate(map(len, rs)))
+  assert edges(runs) <= edges(plain)
+  assert all(r in PHRASES or r in plain for r in runs)
+
+
+def test_phrases_match_longest_first_at_word_boundaries():
+  split = lambda t: pieces_lib.split_runs(t, PHRASES)
+  assert split("x of the end") == ["x", " of the", " end"]
+  assert split(" of them") == [" of", " them"]
+  assert split(" of the same thing") == [" of the same", " thing"]
+  assert split(" of the samely") == [" of the", " samely"]
+  assert split("Return the x. Return them") == ["Return the", " x", ".", " Return", " them"]
+  assert split("  of the's") == [" ", " of the", "'s"]
+  assert pieces_lib.is_phrase(" of the") and not pieces_lib.is_phrase(" of")
+  for bad in (" of", "of the.", "of  the", " 1 2"):
+    with pytest.raises(ValueError, match="two or more words"):
+      pieces_lib.run_regex((bad,))

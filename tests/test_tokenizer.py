@@ -2,7 +2,7 @@ import json
 import os
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from conftest import SHAKESPEARE_SNIPPET
 from fsqtok.data import PieceSet
@@ -142,6 +142,10 @@ def test_loading_damaged_or_foreign_directories(tmp_path):
                                                        "version": 1}))
   with pytest.raises(ValueError, match="damaged"):
     Tokenizer.load(str(tmp_path))
+  (tmp_path / "tokenizer.json").write_text(json.dumps({"format": "fsqtok-tokenizer",
+                                                       "version": 4}))
+  with pytest.raises(ValueError, match="reads versions 1 to 3: upgrade fsqtok"):
+    Tokenizer.load(str(tmp_path))
 
 
 @given(TEXT)
@@ -212,3 +216,37 @@ def test_saved_files_get_the_usual_permissions(tok, tmp_path):
     os.umask(old)
   assert stat.S_IMODE(os.stat(tmp_path / "tok").st_mode) == 0o755
   assert stat.S_IMODE(os.stat(tmp_path / "tok" / "tokenizer.json").st_mode) == 0o644
+
+
+@pytest.fixture(scope="module")
+def unigram_tok(doc_files):
+  from fsqtok import unigram  # pylint: disable=g-import-not-at-top
+  texts = [p.read_text(encoding="utf-8") for p in sorted(doc_files.glob("*.txt"))][:100]
+  vocab = unigram.train_unigram(unigram.count_pieces(texts), 700, seed_size=10_000)
+  vocab = unigram.add_phrases(vocab, texts, unigram.count_phrases(texts, 16), 30)
+  return Tokenizer(vocab.strings, scores=vocab.scores, phrases=vocab.phrases), texts
+
+
+@given(st.lists(TEXT, min_size=2, max_size=12))
+@settings(max_examples=8)  # each example starts worker processes
+def test_batch_workers_give_the_ids_of_one_process(unigram_tok, texts):
+  tok, _ = unigram_tok
+  one = tok.encode_batch(texts, num_workers=1, parse_special=True)
+  two = tok.encode_batch(texts, num_workers=2, parse_special=True)
+  assert two == one and one["input_ids"] == [tok.encode(t, parse_special=True) for t in texts]
+
+
+def test_batch_workers_on_documents_and_their_errors(unigram_tok, tok):
+  utok, docs = unigram_tok
+  for t in (utok, tok):
+    padded = t.encode_batch(docs, padding=True, num_workers=2)
+    ragged = t.encode_batch(docs, num_workers=1)
+    assert padded["attention_mask"].sum(1).tolist() == [len(r) for r in ragged["input_ids"]]
+    assert [row[m > 0].tolist() for row, m in zip(padded["input_ids"],
+                                                   padded["attention_mask"])] == ragged["input_ids"]
+    ids_only = t.encode_batch(docs, return_offsets_mapping=False, num_workers=2)
+    assert ids_only == {k: ragged[k] for k in ("input_ids", "attention_mask")}
+  with pytest.raises(ValueError, match="lone surrogate"):
+    utok.encode_batch(["fine", "bad \ud800"], num_workers=2)
+  with pytest.raises(ValueError, match="num_workers"):
+    utok.encode_batch(["a"], num_workers=0)

@@ -44,9 +44,11 @@ def test_distinct_codes_refuse_more_strings_than_codes():
 def test_unigram_build_end_to_end_and_resume(doc_files, tmp_path):
   config = tiny_recon_config(f"files:{doc_files}/*.txt", str(tmp_path / "tfds"))
   config.train.num_steps = 60
+  config.tokenizer.phrase_fraction = 0.1
   work, out = tmp_path / "work", tmp_path / "tok"
   tok, report = tokenizer_build.train_tokenizer(config, str(work), 600, str(out))
   assert tok.model == "unigram" and len(tok) == report["vocab_size"] == 600  # filled
+  assert len(tok.phrases) == report["phrases"] == round(0.1 * (600 - 13 - 256))
   assert sorted(p.name for p in out.iterdir()) == [
       "codec.msgpack", "codec_config.json", "tokenizer.json", "vocab_report.json"]
   codes = [tok.id_to_code(i) for i in tok.learned_ids]
@@ -55,6 +57,7 @@ def test_unigram_build_end_to_end_and_resume(doc_files, tmp_path):
   text = (doc_files / "doc199.txt").read_text()
   loaded = Tokenizer.load(str(out))
   assert loaded.encode(text) == tok.encode(text) and loaded.decode(tok.encode(text)) == text
+  assert loaded.phrases == tok.phrases
   # The vocabulary is kept beside the codec run and reused by a resumed build.
   saved = json.loads((work / tokenizer_build.VOCABULARY_FILE).read_text())
   assert saved["strings"] == [tok.id_to_token(i) for i in tok.learned_ids]
@@ -67,3 +70,17 @@ def test_unknown_vocabulary_kind_is_a_clear_error(doc_files, tmp_path):
   config.tokenizer.vocabulary = "bpe"
   with pytest.raises(ValueError, match="Unknown tokenizer.vocabulary 'bpe'"):
     tokenizer_build.train_tokenizer(config, str(tmp_path / "w"), 600, str(tmp_path / "t"))
+
+
+def test_the_tokenizer_is_the_same_whatever_the_number_of_workers(doc_files, tmp_path,
+                                                                   monkeypatch):
+  config = tiny_recon_config(f"files:{doc_files}/*.txt", str(tmp_path / "tfds"))
+  config.tokenizer.phrase_fraction = 0.05
+  texts = [p.read_text(encoding="utf-8") for p in sorted(doc_files.glob("*.txt"))]
+  monkeypatch.setattr(tokenizer_build.unigram_lib, "PARALLEL_MIN_CHARS", 0)  # a small corpus
+  saved = []
+  for workers in (1, 2):
+    config.tokenizer.num_workers = workers
+    tokenizer_build.unigram_tokenizer(config, texts, 800).save(str(tmp_path / f"w{workers}"))
+    saved.append((tmp_path / f"w{workers}" / "tokenizer.json").read_bytes())
+  assert saved[0] == saved[1] and b'" of the"' in saved[0]  # byte for byte, phrases and all

@@ -176,3 +176,53 @@ def test_seeds_given_are_scored_not_replaced(trained):
   vocab = unigram.train_unigram(counts, 2000, seeds=strings)
   assert set(multi) <= set(vocab.strings)  # only scored: every BPE string stays
   assert set(vocab.strings) - set(multi) == {s for s in vocab.strings if len(s) == 1}
+
+
+def test_phrase_candidates_are_counted_word_sequences():
+  counts = unigram.count_phrases(["Return the list of the items. Return the list, 42 of the"],
+                                 max_bytes=16, max_words=3)
+  assert counts["Return the"] == counts[" Return the"] == 1 and counts[" of the"] == 2
+  assert counts[" the list"] == 2 and counts[" the list of"] == 1
+  assert " list of the" in counts and "Return the list of" not in counts  # max_words
+  assert not any("," in p or "42" in p or "." in p for p in counts)  # words only
+  assert all(len(p.encode("utf-8")) <= 16 for p in counts)
+  short = unigram.count_phrases(["Return the list of the items."], max_bytes=9, max_words=3)
+  assert set(short) == {" the list", " list of", " of the"}  # " the items": 10 bytes
+
+
+def test_phrases_fill_their_share_and_compress_held_out_text(trained):
+  texts, counts, plain = trained  # 1500 subword strings
+  candidates = unigram.count_phrases(texts[:150], max_bytes=16)
+  n = unigram.phrase_budget(candidates, 150)
+  assert n == 150
+  subwords = unigram.train_unigram(counts, 1500 - n, seed_size=30_000)
+  vocab = unigram.add_phrases(subwords, texts[:150], candidates, n)
+  assert len(vocab) == 1500 == len(set(vocab.strings)) and len(vocab.phrases) == n
+  assert set(vocab.phrases) <= set(vocab.strings) and " of the" in vocab.phrases
+  assert set(vocab.strings) - set(vocab.phrases) == set(subwords.strings)
+  assert vocab.history[-1]["phrases_used"] > 0.9 * n  # EM gives them their uses
+  assert unigram.add_phrases(subwords, texts[:150], candidates, n) == vocab  # deterministic
+  assert unigram.UnigramVocab.from_json(vocab.to_json()) == vocab
+  with_phrases = Tokenizer(vocab.strings, scores=vocab.scores, phrases=vocab.phrases)
+  without = Tokenizer(plain.strings, scores=plain.scores)
+  held_out = "".join(texts[150:])
+  ids = with_phrases.encode(held_out)
+  assert with_phrases.decode(ids) == held_out
+  assert len(ids) < len(without.encode(held_out))  # the same size, fewer tokens
+  assert with_phrases.token_to_id(" of the") in ids
+
+
+def test_phrase_tokenizer_saves_loads_and_checks_its_phrases(tmp_path):
+  tok = Tokenizer(["a", "b", " a", " b", "a b"], scores=[-1.0, -1.0, -1.0, -1.0, -0.5],
+                  phrases=["a b"])
+  assert [tok.id_to_token(i) for i in tok.encode("a b ab a ba b")] == [
+      "a b", " a", "b", " a", " b", "a", " b"]
+  tok.save(str(tmp_path / "t"))
+  loaded = Tokenizer.load(str(tmp_path / "t"))
+  assert loaded.phrases == ("a b",) and loaded.encode("a b a b") == tok.encode("a b a b")
+  with pytest.raises(ValueError, match="not learned"):
+    Tokenizer(["a", "b"], scores=[-1.0, -1.0], phrases=["a b"])
+  with pytest.raises(ValueError, match="unigram"):
+    Tokenizer(["ab", "a b"], phrases=["a b"])
+  with pytest.raises(ValueError, match="two or more words"):
+    Tokenizer(["ab"], scores=[-1.0], phrases=["ab"])
