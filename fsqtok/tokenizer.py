@@ -517,9 +517,9 @@ class Tokenizer:
     num_workers = min(num_workers, len(texts))
     if num_workers <= 1:
       return [_encode_one(self, t, add_special_tokens, parse_special, offsets) for t in texts]
-    bounds = [len(texts) * k // (4 * num_workers) for k in range(4 * num_workers + 1)]
+    bounds = [len(texts) * k // num_workers for k in range(num_workers + 1)]
     chunks = [(texts[a:b], add_special_tokens, parse_special, offsets)
-              for a, b in zip(bounds, bounds[1:]) if b > a]
+              for a, b in zip(bounds, bounds[1:]) if b > a]  # one contiguous run a worker
     rows = []
     for ids_N, offsets_Nx2, counts in processes.map_chunks(_encode_chunk, chunks, num_workers,
                                                            shared=self):
