@@ -135,9 +135,8 @@ TOKENIZERS = {
 
 # How a fresh process loads each saved artifact (for the memory column).
 _LOADERS = {
-    "fsqtok": "from fsqtok.tokenizer import Tokenizer; t = Tokenizer.load(D); enc = t.encode",
-    "fsqtok-subword": "from fsqtok.tokenizer import Tokenizer; t = Tokenizer.load(D); enc = t.encode",
-    "fsqtok-phrases": "from fsqtok.tokenizer import Tokenizer; t = Tokenizer.load(D); enc = t.encode",
+    **dict.fromkeys(("fsqtok", "fsqtok-subword", "fsqtok-phrases"),
+                    "from fsqtok.tokenizer import Tokenizer; t = Tokenizer.load(D); enc = t.encode"),
     "hf-bpe-bytelevel": "from tokenizers import Tokenizer; t = Tokenizer.from_file(D + '/tokenizer.json'); enc = lambda s: t.encode(s).ids",
     "word-level": "from tokenizers import Tokenizer; t = Tokenizer.from_file(D + '/tokenizer.json'); enc = lambda s: t.encode(s).ids",
     "sentencepiece-unigram": "import sentencepiece as s; t = s.SentencePieceProcessor(model_file=D + '/sp.model'); enc = t.encode",

@@ -78,10 +78,9 @@ VARIANTS = {  # name -> (tokenizer kind, embedding, head)
     "fsqtok-table": ("fsqtok", "table", "tied"),
     "fsqtok-factorized": ("fsqtok", "table", "factorized"),
     "fsqtok-factorized-vocab": ("fsqtok", "table", "factorized_vocab"),
-    # The input-embedding cell: a table row plus the code's digit vectors, or the code's
-    # digit vectors alone (does the code help rare tokens? see the loss by frequency).
+    # The input-embedding cell: a table row plus the code's digit vectors (does the code
+    # help rare tokens? see the loss by frequency).
     "fsqtok-table-code": ("fsqtok", "table_code", "tied"),
-    "fsqtok-code-embedding": ("fsqtok", "code_factorized", "dense"),
     # fsqtok's vocabulary segmented by the fewest tokens (ties: longest last token)
     # instead of the unigram LM's Viterbi: the segmentation cell of the decomposition.
     "fsqtok-fewest-table": ("fsqtok-fewest", "table", "tied"),
