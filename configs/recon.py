@@ -85,6 +85,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.tokenizer.max_phrase_words = 4
   c.tokenizer.num_workers = 0        # processes counting the corpus (0: every core); the
                                      # vocabulary is the same whatever their number
+  # Bounds for large corpora (fsqtok/unigram.py, fsqtok/corpus.py): the vocabulary is
+  # trained on a seeded sample of about sample_chars characters of the training blocks
+  # (0: all of them), and counting keeps at most max_distinct_runs distinct runs (the
+  # rarest go when there are more; 0: no bound). Both are reported in vocab_report.json.
+  c.tokenizer.sample_chars = 0
+  c.tokenizer.sample_seed = 0
+  c.tokenizer.max_distinct_runs = 2_000_000
 
   c.optim = adamw_config(learning_rate=3e-3, warmup_steps=200)
 

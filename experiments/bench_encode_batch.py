@@ -1,13 +1,15 @@
-"""Batch encoding on several cores: fsqtok's `encode_batch` against one process, beside
-SentencePiece unigram and Hugging Face BPE (their own batch encoders), in one run.
+"""Encoding speed, one core and several: fsqtok's compiled search (`fsqtok.native_encode`)
+and its pure-Python reference, beside SentencePiece unigram and Hugging Face BPE (their own
+batch encoders), in one run.
 
-  python experiments/bench_encode_batch.py --corpus=files:/work/corpora/docs.txt --mb=20
+  python experiments/bench_encode_batch.py --corpus=files:/work/corpora/docs.txt --mb=10
 
 Every tokenizer is trained on the corpus's training split (fsqtok: its vocabulary, which is
 all encoding needs) at ``--vocab_size``; the held-out and training blocks are repeated up
-to ``--mb`` megabytes of documents, encoded once per setting, fsqtok each time by a freshly
-loaded tokenizer (its run cache empty). Printed: MB/s and the speedup over the same
-tokenizer's one-process encoding; fsqtok's ids are checked equal to its one-process ids.
+to ``--mb`` megabytes of documents. fsqtok encodes them with a freshly loaded tokenizer
+("cold": empty run caches, the compiled search built) and then again with the same one
+("warm"). Printed: MB/s and the speedup over the same tokenizer on one thread/process;
+every fsqtok setting's ids are checked equal to the pure-Python reference's.
 """
 import os
 import sys
@@ -64,29 +66,37 @@ def main(argv):
         f"{_VOCAB.value}; {os.cpu_count()} cores\n")
   print("| tokenizer | how | MB/s | vs one process |")
   print("|---|---|---|---|")
-  # Every setting starts from a freshly loaded tokenizer (an empty run cache), as a script
-  # that tokenizes a corpus once does; forked workers inherit the cache as it is.
   saved = tempfile.mkdtemp(prefix="bench_encode_batch_")
   tok.save(saved)
-  for offsets in (False, True):  # ids alone (ragged lists); ids and offsets, padded arrays
-    how = "ids and offsets, padded" if offsets else "ids"
-    pad = "longest" if offsets else False
-    one, seconds = _timed(lambda o=offsets, pad=pad: Tokenizer.load(saved).encode_batch(
-        blocks, num_workers=1, return_offsets_mapping=o, padding=pad))
-    print(f"| fsqtok | encode_batch ({how}), 1 process | {mb / seconds:.2f} | 1.00x |",
-          flush=True)
-    for n in workers:
-      out, s = _timed(lambda n=n, o=offsets, pad=pad: Tokenizer.load(saved).encode_batch(
-          blocks, num_workers=n, return_offsets_mapping=o, padding=pad))
-      same = (np.array_equal(out["input_ids"], one["input_ids"]) if pad
-              else out["input_ids"] == one["input_ids"])
-      assert same, "the workers' ids differ from one process's"
-      print(f"| fsqtok | encode_batch ({how}), {n} processes | {mb / s:.2f} | "
-            f"{seconds / s:.2f}x |", flush=True)
-  _, s1 = _timed(lambda: [sp.encode(b) for b in blocks])
+
+  def load(native):
+    t = Tokenizer.load(saved)
+    t.native = native
+    return t
+
+  base = {}  # one thread/process's seconds per setting
+  reference = load(False).encode_batch(blocks, num_workers=1, return_offsets_mapping=False)
+  for native, what, unit in ((True, "compiled", "thread"), (False, "pure Python", "process")):
+    for offsets in (False, True):  # ids alone (ragged lists); ids and offsets, padded arrays
+      how = "ids and offsets, padded" if offsets else "ids"
+      pad = "longest" if offsets else False
+      for n in [1, *workers]:
+        t = load(native)
+        for state in ("cold", "warm") if native else ("cold",):
+          out, s = _timed(lambda t=t, n=n, o=offsets, pad=pad: t.encode_batch(
+              blocks, num_workers=n, return_offsets_mapping=o, padding=pad))
+          ids = ([row[m > 0].tolist() for row, m in zip(out["input_ids"], out["attention_mask"])]
+                 if pad else out["input_ids"])
+          assert ids == reference["input_ids"], "ids differ from the pure-Python reference's"
+          if n == 1:
+            base[native, offsets, state] = s
+          units = unit if n == 1 else unit + ("s" if native else "es")
+          print(f"| fsqtok {what} | encode_batch ({how}), {n} {units}, {state} | "
+                f"{mb / s:.2f} | {base[native, offsets, state] / s:.2f}x |", flush=True)
+  lines = [b.replace("\n", "\u2028") for b in blocks]  # as SentencePieceTokenizer.encode
+  _, s1 = _timed(lambda: [sp._sp.encode(line) for line in lines])  # pylint: disable=protected-access
   print(f"| SentencePiece unigram | encode, 1 thread | {mb / s1:.2f} | 1.00x |")
   for n in workers:
-    lines = [b.replace("\n", "\u2028") for b in blocks]  # as SentencePieceTokenizer.encode
     _, s = _timed(lambda n=n, lines=lines: sp._sp.encode(lines, num_threads=n))  # pylint: disable=protected-access
     print(f"| SentencePiece unigram | encode(list), {n} threads | {mb / s:.2f} | "
           f"{s1 / s:.2f}x |", flush=True)

@@ -44,6 +44,8 @@ def _train_tokenizer(args) -> None:
     config.train.num_steps = args.steps
   if args.vocabulary:
     config.tokenizer.vocabulary = args.vocabulary
+  if args.sample_mb:
+    config.tokenizer.sample_chars = int(args.sample_mb * 1e6)
   workdir = args.workdir or os.path.join(args.out.rstrip("/") + ".work")
   tok, analysis = train_tokenizer(config, workdir, args.vocab_size, args.out)
   if "codec_exact_strings" in analysis:
@@ -185,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
   t.add_argument("--config", default=_DEFAULT_CONFIG, help="codec config, path[:arg]")
   t.add_argument("--workdir", help="codec run directory (default: OUT.work)")
   t.add_argument("--steps", type=int, default=0, help="override train.num_steps")
+  t.add_argument("--sample-mb", type=float, default=0,
+                 help="train the vocabulary on a seeded sample of about this many MB of "
+                      "the training text (tokenizer.sample_chars; 0: all of it)")
   t.add_argument("--vocabulary", choices=("unigram", "codec_exact"),
                  help="override tokenizer.vocabulary (default: the config's, unigram)")
   t.set_defaults(func=_train_tokenizer)

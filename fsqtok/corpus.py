@@ -130,6 +130,13 @@ def split_blocks(text: str, block_chars: int) -> list[str]:
   return blocks
 
 
+def _unit_hash(block: str, key: str) -> float:
+  """A number in [0, 1) fixed by ``block``'s content and ``key``."""
+  h = hashlib.blake2b(block.encode("utf-8", "surrogatepass"), digest_size=8,
+                      key=key.encode()).digest()
+  return int.from_bytes(h, "little") / 2.0**64
+
+
 def split_documents(docs: list[str], *, val_fraction: float, seed: int, block_chars: int
                     ) -> tuple[list[str], list[str]]:
   """Deterministic train/validation split by a seeded hash of each block's content.
@@ -142,12 +149,21 @@ def split_documents(docs: list[str], *, val_fraction: float, seed: int, block_ch
   train, val = [], []
   for doc in docs:
     for block in split_blocks(doc, block_chars):
-      h = hashlib.blake2b(block.encode("utf-8", "surrogatepass"), digest_size=8,
-                          key=str(seed).encode()).digest()
-      u = int.from_bytes(h, "little") / 2.0**64
-      (val if u < val_fraction else train).append(block)
+      (val if _unit_hash(block, str(seed)) < val_fraction else train).append(block)
   if not train or (val_fraction > 0 and not val):
     raise ValueError(f"Corpus too small to split: {len(train)} train and {len(val)} "
                      f"validation blocks of {block_chars} characters. Lower "
                      f"data.block_chars or add text.")
   return train, val
+
+
+def sample_blocks(blocks: list[str], max_chars: int, seed: int) -> list[str]:
+  """About ``max_chars`` characters of ``blocks``, in order: each block is kept with the
+  same probability, decided by a seeded hash of its content (independent of the split's),
+  so the sample depends neither on the blocks' order nor on how the corpus is read. All of
+  them when they hold no more than ``max_chars`` (or ``max_chars`` <= 0)."""
+  total = sum(map(len, blocks))
+  if max_chars <= 0 or total <= max_chars:
+    return list(blocks)
+  keep = max_chars / total
+  return [b for b in blocks if _unit_hash(b, f"sample:{seed}") < keep]

@@ -130,8 +130,8 @@ def codec_pieces(config, workdir: str, texts) -> tuple[PieceSet, PieceSet]:
   candidates."""
   if config.tokenizer.vocabulary == "codec_exact":
     return recon.load_pieces(config, texts)
-  vocab = tokenizer_build.unigram_vocabulary(config, workdir, texts[0],
-                                             tokenizer_build.learned_size(config.vocab.size))
+  vocab, _ = tokenizer_build.unigram_vocabulary(config, workdir, texts[0],
+                                                tokenizer_build.learned_size(config.vocab.size))
   strings = tokenizer_build.vocabulary_pieces(vocab, config.model.max_len)
   return strings, strings
 

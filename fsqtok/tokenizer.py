@@ -21,13 +21,17 @@ Two segmentations (``Tokenizer.model``):
   Each piece (cut at ``max_piece_bytes``) gets its fewest-token segmentation, then spans
   replace runs of pieces where that saves the most tokens (weighted interval scheduling).
 
-Each run or piece's segmentation is cached. Decoding concatenates the tokens' bytes, so
+A unigram tokenizer encodes with the compiled search of `fsqtok.native_encode` (the same
+ids; ``Tokenizer.native = False`` keeps the pure-Python reference below, which caches each
+run's or piece's segmentation). Decoding concatenates the tokens' bytes, so
 ``decode(encode(x)) == x`` for every string that has a UTF-8 encoding. Nothing here
 needs JAX or the codec.
 """
 from __future__ import annotations
 
 import bisect
+import concurrent.futures
+import gc
 import itertools
 import json
 import math
@@ -39,6 +43,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from fsqtok import native_encode
 from fsqtok import pieces as pieces_lib
 from fsqtok import processes
 from fsqtok import workdir as workdir_lib
@@ -47,7 +52,8 @@ FORMAT = "fsqtok-tokenizer"
 FORMAT_VERSION = 3  # 3 added "phrases", 2 "model" and "scores"; 1 loads as "fewest"
 MODELS = ("unigram", "fewest")
 UNK_PENALTY = 10.0  # an uncovered character's score below the lowest (as Hugging Face's)
-PARALLEL_MIN_CHARS = 1 << 20  # encode_batch uses every core from this many characters on
+PARALLEL_MIN_CHARS = 1 << 20  # encode_batch's processes (pure Python): from this many characters
+THREADS_MIN_CHARS = 1 << 16  # encode_batch's threads (compiled search): from this many characters
 VOCAB_FILE = "tokenizer.json"
 
 DEFAULT_SPECIALS = (
@@ -114,6 +120,8 @@ class Tokenizer:
         raise ValueError(f"Phrases must be learned strings of a unigram tokenizer; not "
                          f"learned: {missing[:5]}.")
     self._run_re = pieces_lib.run_regex(self.phrases)  # checks that each is a phrase
+    # The compiled search (unigram only); False: the pure-Python reference (same ids).
+    self.native = self.model == "unigram" and native_encode.available()
     self._added: list[str] = []
     self._rebuild()
 
@@ -149,6 +157,17 @@ class Tokenizer:
     pattern = "|".join(re.escape(s) for s in sorted(all_specials, key=len, reverse=True))
     self._special_re = re.compile(f"({pattern})") if all_specials else None
     self._cache: dict[str, tuple[int, ...]] = {}
+    self._encoder: native_encode.Encoder | None = None
+    self._threads: concurrent.futures.ThreadPoolExecutor | None = None
+
+  def _native_encoder(self) -> native_encode.Encoder | None:
+    """The compiled search, built on first use; None where it is not used."""
+    if not (self.native and self.model == "unigram"):
+      return None
+    if self._encoder is None:
+      self._encoder = native_encode.Encoder.build(
+          self._scored, self.phrases, self._unk_score, self._byte_base, self.vocab_size)
+    return self._encoder
 
   @property
   def vocab_size(self) -> int:
@@ -352,6 +371,9 @@ class Tokenizer:
 
   def split(self, text: str) -> list[str]:
     """The pre-tokenizer's pieces (``"fewest"``) or runs (``"unigram"``, phrases first)."""
+    encoder = self._native_encoder()
+    if encoder is not None:
+      return encoder.split(text)
     if self.model == "unigram":
       return self._run_re.findall(text)
     return pieces_lib.split_pieces(text, self.max_piece_bytes)
@@ -363,6 +385,9 @@ class Tokenizer:
     return self._segment_pieces(pieces)
 
   def _encode_text(self, text: str) -> list[int]:
+    encoder = self._native_encoder()
+    if encoder is not None:
+      return encoder.encode(text)[0].tolist()
     if self.model == "unigram":
       cache = self._cache  # the hot path: one dictionary lookup per cached run
       return list(itertools.chain.from_iterable(
@@ -426,6 +451,11 @@ class Tokenizer:
         ids.append(self._special_to_id[part])
         firsts.append(np.array([pos]))
         lasts.append(np.array([pos + len(part)]))
+      elif part and (encoder := self._native_encoder()) is not None:
+        part_ids_N, spans_Nx2 = encoder.encode(part, offsets=True)
+        firsts.append(spans_Nx2[:, 0] + pos)
+        lasts.append(spans_Nx2[:, 1] + pos)
+        ids.extend(part_ids_N.tolist())
       elif part:
         part_ids = self._encode_text(part)
         lengths = self._byte_lengths[np.asarray(part_ids, np.int64)]
@@ -457,9 +487,10 @@ class Tokenizer:
                    num_workers: int | None = None) -> dict:
     """Hugging Face-style batch encoding.
 
-    ``num_workers``: processes that encode the texts, in contiguous chunks, with the same
-    ids as `encode` (None: every core for batches of ``PARALLEL_MIN_CHARS`` characters or
-    more, else this process; 1: this process).
+    ``num_workers``: how many encode the texts, in contiguous chunks, with the same ids
+    as `encode`: threads running the compiled search (``native``), else worker processes
+    (None: every core for batches of ``THREADS_MIN_CHARS`` / ``PARALLEL_MIN_CHARS``
+    characters or more, else this thread; 1: this thread).
 
     ``padding``: False (lists of different lengths), True / "longest", or "max_length".
     ``truncation`` cuts to ``max_length`` (from the right). Returns ``input_ids``,
@@ -476,12 +507,26 @@ class Tokenizer:
       raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}.")
     if (truncation or padding == "max_length") and (max_length is None or max_length < 1):
       raise ValueError("truncation and padding='max_length' need max_length >= 1.")
-    rows = self._encode_rows(list(texts), add_special_tokens, parse_special,
+    gc_was_on = gc.isenabled()
+    gc.disable()  # the rows are many lists: collections would walk them again and again
+    try:
+      return self._encode_batch(list(texts), padding, truncation, max_length, padding_side,
+                                add_special_tokens, parse_special, return_offsets_mapping,
+                                num_workers)
+    finally:
+      if gc_was_on:
+        gc.enable()
+
+  def _encode_batch(self, texts, padding, truncation, max_length, padding_side,
+                    add_special_tokens, parse_special, return_offsets_mapping, num_workers):
+    """`encode_batch` after its checks (with the garbage collector off)."""
+    rows = self._encode_rows(texts, add_special_tokens, parse_special,
                              return_offsets_mapping, num_workers)
     if truncation:
       rows = [(ids[:max_length], offs[:max_length]) for ids, offs in rows]
     if padding in (False, "do_not_pad"):
-      out = {"input_ids": [r[0] for r in rows],
+      out = {"input_ids": [r[0].tolist() if isinstance(r[0], np.ndarray) else r[0]
+                           for r in rows],
              "attention_mask": [[1] * len(r[0]) for r in rows]}
       if return_offsets_mapping:
         out["offset_mapping"] = [list(map(tuple, r[1].tolist())) for r in rows]
@@ -509,15 +554,26 @@ class Tokenizer:
                    ) -> list[tuple[list[int], np.ndarray | None]]:
     """`_encode_arrays` of every text (ids alone without ``offsets``), over
     ``num_workers`` processes."""
+    threads = self._native_encoder() is not None
     if num_workers is None:
-      big = sum(map(len, texts)) >= PARALLEL_MIN_CHARS
+      big = sum(map(len, texts)) >= (THREADS_MIN_CHARS if threads else PARALLEL_MIN_CHARS)
       num_workers = (os.cpu_count() or 1) if big else 1
     if not isinstance(num_workers, int) or num_workers < 1:
       raise ValueError(f"num_workers must be None or an int >= 1, got {num_workers!r}.")
     num_workers = min(num_workers, len(texts))
     if num_workers <= 1:
-      return [_encode_one(self, t, add_special_tokens, parse_special, offsets) for t in texts]
+      row = _native_row if threads else _encode_one
+      return [row(self, t, add_special_tokens, parse_special, offsets) for t in texts]
     bounds = [len(texts) * k // num_workers for k in range(num_workers + 1)]
+    if threads:  # the compiled search releases the GIL; each thread keeps its run cache
+      if self._threads is None or self._threads._max_workers != num_workers:  # pylint: disable=protected-access
+        if self._threads is not None:
+          self._threads.shutdown()
+        self._threads = concurrent.futures.ThreadPoolExecutor(num_workers)
+      parts = self._threads.map(
+          lambda ab: [_native_row(self, t, add_special_tokens, parse_special, offsets)
+                      for t in texts[ab[0]:ab[1]]], zip(bounds, bounds[1:]))
+      return [row for part in parts for row in part]  # ids as arrays: no GIL-bound lists
     chunks = [(texts[a:b], add_special_tokens, parse_special, offsets)
               for a, b in zip(bounds, bounds[1:]) if b > a]  # one contiguous run a worker
     rows = []
@@ -529,7 +585,8 @@ class Tokenizer:
     return rows
 
   def __getstate__(self) -> dict:
-    return {**self.__dict__, "_cache": {}}  # a worker process needs no cache of ours
+    # A worker process builds its own caches, compiled search and threads.
+    return {**self.__dict__, "_cache": {}, "_encoder": None, "_threads": None}
 
   def _special_id(self, token: str) -> int:
     if token not in self._special_to_id:
@@ -627,6 +684,22 @@ def _encode_chunk(tok: Tokenizer, texts: list[str], add_special_tokens: bool,
   ids = np.fromiter(itertools.chain.from_iterable(r[0] for r in rows), np.int32)
   offsets_Nx2 = np.concatenate([r[1] for r in rows]) if offsets and rows else None
   return ids, offsets_Nx2, [len(r[0]) for r in rows]
+
+
+def _native_row(tok: Tokenizer, text: str, add_special_tokens: bool, parse_special: bool,
+                offsets: bool) -> tuple[np.ndarray | list[int], np.ndarray | None]:
+  """`_encode_one` with the compiled search: ids as an int32 array (on a thread the search
+  runs without the GIL; building Python lists would not)."""
+  if parse_special and tok._special_re is not None and tok._special_re.search(text):  # pylint: disable=protected-access
+    return _encode_one(tok, text, add_special_tokens, parse_special, offsets)
+  _utf8(text)
+  ids_N, spans_Nx2 = tok._native_encoder().encode(text, offsets)  # pylint: disable=protected-access
+  if add_special_tokens:
+    ids_N = np.concatenate([[tok.bos_id], ids_N, [tok.eos_id]]).astype(np.int32)
+    if offsets:
+      spans_Nx2 = np.concatenate([np.zeros((1, 2), np.int32), spans_Nx2,
+                                  np.zeros((1, 2), np.int32)])
+  return ids_N, spans_Nx2
 
 
 def _encode_one(tok: Tokenizer, text: str, add_special_tokens: bool, parse_special: bool,

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 from flax import serialization
 
+from fsqtok import corpus as corpus_lib
 from fsqtok import evaluate as evaluate_lib
 from fsqtok import recon
 from fsqtok import sharding as sharding_lib
@@ -51,39 +52,54 @@ def learned_size(vocab_size: int) -> int:
 
 
 def unigram_vocabulary(config, workdir: str, train_texts: Sequence[str], size: int
-                       ) -> unigram_lib.UnigramVocab:
+                       ) -> tuple[unigram_lib.UnigramVocab, dict[str, Any]]:
   """The unigram vocabulary of ``config.tokenizer`` for ``train_texts``, trained once and
-  kept in ``workdir`` (a build that resumes reuses it when the settings are the same)."""
+  kept in ``workdir`` (a build that resumes reuses it when the settings are the same), and
+  what counting saw: the characters sampled (`fsqtok.corpus.sample_blocks`), the distinct
+  runs kept and those the bound dropped."""
   t = config.tokenizer
   settings = {"source": config.data.source, "size": size, "max_token_bytes": config.model.max_len,
               **{k: t[k] for k in ("seed_size", "shrink", "em_iterations", "char_coverage",
-                                   "max_piece_chars", "phrase_fraction", "max_phrase_words")}}
+                                   "max_piece_chars", "phrase_fraction", "max_phrase_words",
+                                   "sample_chars", "sample_seed", "max_distinct_runs")}}
   path = os.path.join(workdir, VOCABULARY_FILE)
   if os.path.exists(path):
     saved = workdir_lib.read_json(path)
     if saved.get("settings") == settings:
-      return unigram_lib.UnigramVocab.from_json(saved)
+      return unigram_lib.UnigramVocab.from_json(saved), saved.get("counting", {})
   if not 0 <= t.phrase_fraction < 1:
     raise ValueError(f"tokenizer.phrase_fraction must be in [0, 1), got {t.phrase_fraction}.")
+  if t.max_distinct_runs and t.max_distinct_runs < 1000:
+    raise ValueError(f"tokenizer.max_distinct_runs={t.max_distinct_runs} would leave too "
+                     f"little to learn from; use 0 (no bound) or at least 1000.")
   progress, max_bytes, workers = config.train.progress_bar, config.model.max_len, t.num_workers
+  texts = corpus_lib.sample_blocks(list(train_texts), t.sample_chars, t.sample_seed)
+  bound = t.max_distinct_runs
   n_phrases = round(t.phrase_fraction * size)
   if n_phrases:
-    candidates = unigram_lib.count_phrases(train_texts, max_bytes, t.max_phrase_words,
-                                           progress=progress, num_workers=workers)
+    candidates = unigram_lib.count_phrases(texts, max_bytes, t.max_phrase_words,
+                                           progress=progress, num_workers=workers,
+                                           max_distinct=bound)
     n_phrases = unigram_lib.phrase_budget(candidates, n_phrases)
-  counts = unigram_lib.count_pieces(train_texts, progress=progress, num_workers=workers)
+  report = unigram_lib.CountReport()
+  counts = unigram_lib.count_pieces(texts, progress=progress, num_workers=workers,
+                                    max_distinct=bound, report=report)
   vocab = unigram_lib.train_unigram(
       counts, size - n_phrases, max_token_bytes=max_bytes, seed_size=t.seed_size,
       shrink=t.shrink, em_iterations=t.em_iterations, char_coverage=t.char_coverage,
       max_piece_chars=t.max_piece_chars, progress=progress)
   if n_phrases:
-    vocab = unigram_lib.add_phrases(vocab, train_texts, candidates, n_phrases,
+    vocab = unigram_lib.add_phrases(vocab, texts, candidates, n_phrases,
                                     max_token_bytes=max_bytes, em_iterations=t.em_iterations,
                                     max_piece_chars=t.max_piece_chars, progress=progress,
-                                    num_workers=workers)
+                                    num_workers=workers, max_distinct=bound)
+  counting = {"train_chars": sum(map(len, train_texts)), "sampled_chars": report.chars,
+              "sampled_blocks": len(texts), "distinct_runs": report.distinct,
+              "pruned_runs": report.pruned_strings,
+              "pruned_occurrences": report.pruned_occurrences}
   os.makedirs(workdir, exist_ok=True)
-  workdir_lib.write_json(path, {"settings": settings, **vocab.to_json()})
-  return vocab
+  workdir_lib.write_json(path, {"settings": settings, "counting": counting, **vocab.to_json()})
+  return vocab, counting
 
 
 def unigram_tokenizer(config, train_texts: Sequence[str], vocab_size: int,
@@ -93,9 +109,9 @@ def unigram_tokenizer(config, train_texts: Sequence[str], vocab_size: int,
   size = learned_size(vocab_size)
   if workdir is None:
     with tempfile.TemporaryDirectory() as tmp:
-      vocab = unigram_vocabulary(config, tmp, train_texts, size)
+      vocab, _ = unigram_vocabulary(config, tmp, train_texts, size)
   else:
-    vocab = unigram_vocabulary(config, workdir, train_texts, size)
+    vocab, _ = unigram_vocabulary(config, workdir, train_texts, size)
   return Tokenizer(vocab.strings, scores=vocab.scores, phrases=vocab.phrases,
                    max_piece_bytes=config.model.max_len)
 
@@ -182,7 +198,7 @@ def _codec_exact(config, workdir, size, texts, pieces, mesh):
 
 
 def _unigram_build(config, workdir, size, texts, mesh):
-  vocab = unigram_vocabulary(config, workdir, texts[0], size)
+  vocab, counting = unigram_vocabulary(config, workdir, texts[0], size)
   strings = vocabulary_pieces(vocab, config.model.max_len)
   recon.train_recon(config, workdir, (strings, strings))
   model, params = recon.load_trained_codec(config, workdir)
@@ -209,5 +225,5 @@ def _unigram_build(config, workdir, size, texts, mesh):
       "train_tokens_per_piece": vocab.history[-1]["tokens_per_piece"],
       "train_bytes_per_token": sum(len(t.encode("utf-8")) for t in texts[0])
                                / max(1, train_tokens),
-      "rounds": list(vocab.history)}
+      "counting": counting, "rounds": list(vocab.history)}
   return tok, analysis, params

@@ -42,6 +42,9 @@ from fsqtok import processes
 
 SCORE_DECIMALS = 6  # scores are rounded so JSON readers (Python's, serde's) agree bit for bit
 PARALLEL_MIN_CHARS = 1 << 22  # smaller corpora are counted in this process (workers cost ~1 s)
+CHUNK_CHARS = 1 << 22  # corpora are counted in chunks of this many characters, summed in order
+SEED_COUNT_FACTOR = 16  # seeds are counted among at most this x seed_size distinct substrings
+CHUNKS_PER_WORKER = 4  # chunks a worker process counts before the sum is taken (and pruned)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,31 +73,81 @@ class UnigramVocab:
     return len(self.strings)
 
 
+def _chunks(texts: Sequence[str], chunk_chars: int) -> list[list[str]]:
+  """Consecutive texts, about ``chunk_chars`` characters a chunk."""
+  chunks, current, size = [], [], 0
+  for t in texts:
+    current.append(t)
+    size += len(t)
+    if size >= chunk_chars:
+      chunks.append(current)
+      current, size = [], 0
+  return chunks + [current] if current else chunks
+
+
+def prune_counts(counts: collections.Counter, keep: int) -> int:
+  """Keeps the at most ``keep`` most frequent strings of ``counts`` (a tie at the cut goes
+  out whole); returns how many occurrences went."""
+  if len(counts) <= keep:
+    return 0
+  values = np.fromiter(counts.values(), np.int64, len(counts))
+  cut = int(np.partition(values, len(values) - keep - 1)[len(values) - keep - 1])
+  gone = [s for s, n in counts.items() if n <= cut]
+  return sum(counts.pop(s) for s in gone)
+
+
+@dataclasses.dataclass
+class CountReport:
+  """What counting saw and what the bound on distinct strings dropped."""
+  chars: int = 0
+  distinct: int = 0
+  pruned_strings: int = 0      # distinct strings dropped (some may have come back)
+  pruned_occurrences: int = 0  # their occurrences up to then
+
+
 def _count_in_parallel(count, texts: Sequence[str], num_workers: int, progress: bool,
-                       desc: str, *args) -> collections.Counter:
-  """``count(None, texts, *args)`` over contiguous chunks of ``texts`` in ``num_workers``
-  worker processes (0: every core; `fsqtok.processes`; one below ``PARALLEL_MIN_CHARS``
-  characters), summed: the same counts whatever the number of workers."""
+                       desc: str, *args, max_distinct: int = 0,
+                       report: CountReport | None = None) -> collections.Counter:
+  """``count(None, chunk, *args)`` over chunks of ``CHUNK_CHARS`` characters of ``texts``,
+  summed in order, in waves of chunks over ``num_workers`` worker processes (0: every
+  core; `fsqtok.processes`; this process below ``PARALLEL_MIN_CHARS`` characters). With
+  ``max_distinct``, whenever the sum holds more distinct strings it keeps the
+  ``max_distinct // 2`` most frequent (`prune_counts`), so memory stays bounded however
+  long the corpus. Chunks and their order depend on the texts alone: the same counts
+  whatever the number of workers."""
   texts = list(texts)
-  num_workers = min(num_workers or os.cpu_count() or 1, max(1, len(texts) // 64))
-  if num_workers <= 1 or sum(map(len, texts)) < PARALLEL_MIN_CHARS:
-    return count(None, tqdm(texts, desc=desc, unit=" texts", disable=not progress), *args)
-  bounds = np.linspace(0, len(texts), num_workers + 1).astype(int)
-  chunks = [(texts[a:b], *args) for a, b in zip(bounds, bounds[1:]) if b > a]
+  chars = sum(map(len, texts))
+  num_workers = 1 if chars < PARALLEL_MIN_CHARS else (num_workers or os.cpu_count() or 1)
+  chunks = _chunks(texts, CHUNK_CHARS)
+  wave = num_workers * CHUNKS_PER_WORKER
+  report = report if report is not None else CountReport()
+  report.chars += chars
   total: collections.Counter = collections.Counter()
-  with tqdm(total=len(texts), desc=desc, unit=" texts", disable=not progress) as bar:
-    for (chunk, *_), part in zip(chunks, processes.map_chunks(count, chunks, num_workers)):
-      total.update(part)
-      bar.update(len(chunk))
+  with tqdm(total=chars, desc=desc, unit="char", unit_scale=True,
+            disable=not progress) as bar:
+    for w in range(0, len(chunks), wave):
+      batch = chunks[w:w + wave]
+      parts = ([count(None, c, *args) for c in batch] if num_workers == 1 else
+               processes.map_chunks(count, [(c, *args) for c in batch], num_workers))
+      for chunk, part in zip(batch, parts):
+        total.update(part)
+        if max_distinct and len(total) > max_distinct:
+          before = len(total)
+          report.pruned_occurrences += prune_counts(total, max_distinct // 2)
+          report.pruned_strings += before - len(total)
+        bar.update(sum(map(len, chunk)))
+  report.distinct = len(total)
   return total
 
 
 def count_pieces(texts: Iterable[str], progress: bool = False,
-                 phrases: tuple[str, ...] = (), num_workers: int = 1) -> collections.Counter:
+                 phrases: tuple[str, ...] = (), num_workers: int = 1, max_distinct: int = 0,
+                 report: CountReport | None = None) -> collections.Counter:
   """Occurrences of every piece (pre-tokenizer runs, uncut, ``phrases`` first) in ``texts``
-  (``num_workers`` processes; 0: every core)."""
+  (``num_workers`` processes, 0: every core; ``max_distinct``: a bound on the distinct
+  pieces kept, 0: none; ``report`` is filled in)."""
   return _count_in_parallel(_count_runs, texts, num_workers, progress, "count pieces",
-                            tuple(phrases))
+                            tuple(phrases), max_distinct=max_distinct, report=report)
 
 
 def _count_runs(_, texts: Iterable[str], phrases: tuple[str, ...]) -> collections.Counter:
@@ -105,12 +158,14 @@ def _count_runs(_, texts: Iterable[str], phrases: tuple[str, ...]) -> collection
 
 
 def count_phrases(texts: Iterable[str], max_bytes: int, max_words: int = 4,
-                  progress: bool = False, num_workers: int = 1) -> collections.Counter:
+                  progress: bool = False, num_workers: int = 1, max_distinct: int = 0,
+                  report: CountReport | None = None) -> collections.Counter:
   """Occurrences of every sequence of 2-``max_words`` consecutive word runs of at most
-  ``max_bytes`` UTF-8 bytes (a phrase candidate) in ``texts`` (``num_workers`` processes;
-  0: every core)."""
+  ``max_bytes`` UTF-8 bytes (a phrase candidate) in ``texts`` (``num_workers`` processes,
+  0: every core; ``max_distinct``, ``report``: as `count_pieces`)."""
   return _count_in_parallel(_count_word_sequences, texts, num_workers, progress,
-                            "count phrases", max_bytes, max_words)
+                            "count phrases", max_bytes, max_words, max_distinct=max_distinct,
+                            report=report)
 
 
 def _count_word_sequences(_, texts: Iterable[str], max_bytes: int, max_words: int
@@ -271,22 +326,30 @@ def _characters(piece_counts: dict[str, int], coverage: float
 
 
 def _substring_counts(pieces: Sequence[str], counts_N: np.ndarray, max_bytes: int,
-                      only: set[str] | None = None, progress: bool = False
-                      ) -> collections.Counter:
-  """Occurrences of the substrings of 2+ characters of the pieces (of ``only`` those)."""
+                      only: set[str] | None = None, progress: bool = False,
+                      max_distinct: int = 0) -> collections.Counter:
+  """Occurrences of the substrings of 2+ characters of the pieces (of ``only`` those).
+  With ``max_distinct``, pieces are read most frequent first and the rarest substrings go
+  whenever there are more than that (`prune_counts`): bounded memory on any corpus."""
   subs: collections.Counter = collections.Counter()
-  for p, n in tqdm(zip(pieces, counts_N.tolist()), total=len(pieces), desc="unigram seeds",
-                   disable=not progress, unit=" pieces"):
+  order = np.argsort(-counts_N, kind="stable") if max_distinct else range(len(pieces))
+  for k in tqdm(order, total=len(pieces), desc="unigram seeds", disable=not progress,
+                unit=" pieces"):
+    p, n = pieces[k], int(counts_N[k])
     for i, j in _substrings(p, max_bytes, min_chars=2):
       if only is None or p[i:j] in only:
         subs[p[i:j]] += n
+    if max_distinct and len(subs) > max_distinct:
+      prune_counts(subs, max_distinct // 2)
   return subs
 
 
 def _seeds(pieces: Sequence[str], counts_N: np.ndarray, max_bytes: int, seed_size: int,
            progress: bool) -> list[tuple[str, int]]:
-  """The ``seed_size`` most frequent substrings of 2+ characters (seen at least twice)."""
-  subs = _substring_counts(pieces, counts_N, max_bytes, progress=progress)
+  """The ``seed_size`` most frequent substrings of 2+ characters (seen at least twice;
+  counted with at most ``SEED_COUNT_FACTOR`` x ``seed_size`` distinct substrings kept)."""
+  subs = _substring_counts(pieces, counts_N, max_bytes, progress=progress,
+                           max_distinct=SEED_COUNT_FACTOR * seed_size)
   ranked = sorted(((s, n) for s, n in subs.items() if n >= 2),
                   key=lambda kv: (-kv[1] * len(kv[0]), kv[0]))
   return ranked[:seed_size]
@@ -399,7 +462,8 @@ def phrase_budget(candidates: dict[str, int], n_phrases: int, min_count: int = 2
 def add_phrases(vocab: UnigramVocab, texts: Sequence[str], candidates: dict[str, int],
                 n_phrases: int, *, max_token_bytes: int = pieces_lib.MAX_PIECE_BYTES,
                 em_iterations: int = 2, max_piece_chars: int = 64, min_count: int = 2,
-                progress: bool = False, num_workers: int = 1) -> UnigramVocab:
+                progress: bool = False, num_workers: int = 1, max_distinct: int = 0
+                ) -> UnigramVocab:
   """``vocab`` and the ``n_phrases`` candidates (`count_phrases`, seen ``min_count``+
   times) that save the most tokens under it, every string scored anew by EM on the runs
   of ``texts`` split with the phrases (`fsqtok.pieces.run_regex`)."""
@@ -412,7 +476,7 @@ def add_phrases(vocab: UnigramVocab, texts: Sequence[str], candidates: dict[str,
                  if n >= min_count and p not in known)
   phrases = tuple(sorted(p for _, p in gains[:n_phrases]))
   piece_counts = count_pieces(texts, progress=progress, phrases=phrases,
-                              num_workers=num_workers)
+                              num_workers=num_workers, max_distinct=max_distinct)
   strings = list(vocab.strings) + list(phrases)
   chars = {s for s in strings if len(s) == 1}
   kept = sorted((p, n) for p, n in piece_counts.items()

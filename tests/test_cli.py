@@ -17,7 +17,8 @@ def trained(doc_files, tmp_path_factory):
   try:
     cli.main(["train-tokenizer", "--corpus", f"files:{doc_files}/*.txt", "--vocab-size",
               "400", "--out", str(out), "--config",
-              os.path.join(REPO, "configs", "recon.py") + ":tiny", "--steps", "60"])
+              os.path.join(REPO, "configs", "recon.py") + ":tiny", "--steps", "60",
+              "--sample-mb", "0.15"])
   finally:
     if old is None:
       os.environ.pop("TFDS_DATA_DIR")
@@ -31,6 +32,14 @@ def _run(args, stdin: bytes) -> bytes:
                         capture_output=True, cwd=REPO, check=False)
   assert proc.returncode == 0, proc.stderr.decode()[-2000:]
   return proc.stdout
+
+
+def test_the_vocabulary_was_trained_on_the_sample_asked_for(trained):
+  import json  # pylint: disable=g-import-not-at-top
+  counting = json.loads((trained / "vocab_report.json").read_text())["counting"]
+  assert counting["train_chars"] > 0.2e6
+  assert 0.1e6 < counting["sampled_chars"] < 0.2e6
+  assert counting["distinct_runs"] > 1000 and counting["pruned_runs"] == 0
 
 
 def test_encode_decode_streams_restore_the_input(trained, tmp_path):

@@ -32,6 +32,20 @@ def test_one_long_document_still_gets_a_validation_split():
   assert all(b.endswith("\n") for b in train + val)
 
 
+def test_sample_is_seeded_sized_and_independent_of_order():
+  docs = corpus.load_documents("builtin")[:600]
+  train, _ = corpus.split_documents(docs, val_fraction=0.1, seed=0, block_chars=512)
+  total = sum(map(len, train))
+  sample = corpus.sample_blocks(train, total // 4, seed=0)
+  assert sample == corpus.sample_blocks(train, total // 4, seed=0)
+  assert 0.2 < sum(map(len, sample)) / total < 0.3
+  assert set(sample) <= set(train) and sample == [b for b in train if b in set(sample)]
+  assert set(corpus.sample_blocks(train[::-1], total // 4, seed=0)) == set(sample)
+  assert set(corpus.sample_blocks(train, total // 4, seed=1)) != set(sample)
+  # Not the split's hash: training blocks are sampled at the same rate as any other.
+  assert corpus.sample_blocks(train, 0, seed=0) == train == corpus.sample_blocks(train, total, 0)
+
+
 def test_split_blocks_reassemble():
   text = "abc\ndef\n" * 300 + "no newline at the end"
   assert "".join(corpus.split_blocks(text, 100)) == text

@@ -79,3 +79,15 @@ def test_granularity_ablation_prints_a_table(doc_files, tmp_path):
   out = _run("granularity_ablation.py", *_tiny_codec_args(doc_files, tmp_path))
   for row in ("pieces", "pieces + parts", "pieces + spans", "all (default)"):
     assert f"| {row} |" in out
+
+
+def test_bench_tokenizer_scale_prints_a_table(doc_files, tmp_path):
+  source = tmp_path / "corpus.txt"
+  source.write_text("".join(p.read_text(encoding="utf-8")
+                            for p in sorted(doc_files.glob("*.txt"))[:80]), encoding="utf-8")
+  out = _run("bench_tokenizer_scale.py", f"--sources={source}", "--sizes_mb=0.3,0.6",
+             "--tokenizers=fsqtok,fsqtok-sampled,hf-bpe", "--vocab_size=600",
+             "--sample_mb=0.2", "--held_out_mb=0.05", f"--json_out={tmp_path / 'rows.json'}")
+  for name in ("fsqtok", "fsqtok-sampled", "hf-bpe"):
+    assert f"| {name} |" in out
+  assert out.count("| True |") == 6

@@ -227,13 +227,19 @@ def unigram_tok(doc_files):
   return Tokenizer(vocab.strings, scores=vocab.scores, phrases=vocab.phrases), texts
 
 
-@given(st.lists(TEXT, min_size=2, max_size=12))
+@pytest.mark.parametrize("native", [True, False])  # threads, or worker processes
+@given(texts=st.lists(TEXT, min_size=2, max_size=12))
 @settings(max_examples=8)  # each example starts worker processes
-def test_batch_workers_give_the_ids_of_one_process(unigram_tok, texts):
+def test_batch_workers_give_the_ids_of_one_process(unigram_tok, native, texts):
   tok, _ = unigram_tok
-  one = tok.encode_batch(texts, num_workers=1, parse_special=True)
-  two = tok.encode_batch(texts, num_workers=2, parse_special=True)
-  assert two == one and one["input_ids"] == [tok.encode(t, parse_special=True) for t in texts]
+  tok.native = native
+  try:
+    one = tok.encode_batch(texts, num_workers=1, parse_special=True)
+    two = tok.encode_batch(texts, num_workers=2, parse_special=True)
+    assert two == one
+    assert one["input_ids"] == [tok.encode(t, parse_special=True) for t in texts]
+  finally:
+    tok.native = True
 
 
 def test_batch_workers_on_documents_and_their_errors(unigram_tok, tok):

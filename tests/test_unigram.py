@@ -1,4 +1,5 @@
 """The unigram-LM vocabulary (fsqtok/unigram.py) and the tokenizer's Viterbi search."""
+import collections
 import itertools
 import math
 
@@ -88,6 +89,43 @@ def test_vocabulary_is_filled_distinct_and_usable(trained):
   # Pruning rounds shrink to the size; the likelihood is measured each round.
   sizes = [h["strings"] for h in vocab.history]
   assert sizes == sorted(sizes, reverse=True) and sizes[-1] == 1500
+
+
+def test_prune_counts_keeps_the_most_frequent():
+  counts = collections.Counter({"a": 9, "b": 5, "c": 5, "d": 2, "e": 1})
+  assert unigram.prune_counts(counts, 2) == 10 + 3  # b and c tie at the cut: both go
+  assert counts == {"a": 9}
+  assert unigram.prune_counts(counts, 5) == 0
+
+
+def test_bounded_counting_is_bounded_and_the_same_for_any_workers(trained, monkeypatch):
+  texts, counts, _ = trained
+  monkeypatch.setattr(unigram, "CHUNK_CHARS", 20_000)  # many chunks, pruned between them
+  monkeypatch.setattr(unigram, "PARALLEL_MIN_CHARS", 1)
+  bound = len(counts) // 3
+  one_report, two_report = unigram.CountReport(), unigram.CountReport()
+  one = unigram.count_pieces(texts[:150], max_distinct=bound, report=one_report)
+  two = unigram.count_pieces(texts[:150], max_distinct=bound, num_workers=2,
+                             report=two_report)
+  assert one == two and one_report == two_report
+  assert len(one) <= bound and one_report.distinct == len(one)
+  assert one_report.pruned_strings > 0 and one_report.pruned_occurrences > 0
+  assert one_report.chars == sum(map(len, texts[:150]))
+  # What stays are the frequent runs, counted at most as often as they occur.
+  assert all(one[r] <= counts[r] for r in one)
+  assert all(r in one for r, _ in counts.most_common(50))
+  assert unigram.count_pieces(texts[:150], max_distinct=0) == counts  # no bound: exact
+
+
+def test_seed_counting_bounded_keeps_the_frequent_substrings(trained):
+  _, counts, _ = trained
+  pieces = sorted(counts)
+  counts_N = np.array([counts[p] for p in pieces], np.float64)
+  full = unigram._substring_counts(pieces, counts_N, 16)  # pylint: disable=protected-access
+  bounded = unigram._substring_counts(pieces, counts_N, 16, max_distinct=len(full) // 4)  # pylint: disable=protected-access
+  assert len(bounded) <= len(full) // 4
+  top = [s for s, _ in full.most_common(500)]
+  assert sum(s in bounded for s in top) >= 490
 
 
 def test_training_is_deterministic_and_beats_characters(trained):
