@@ -12,11 +12,17 @@ strings, so it measures time, not what a larger corpus would teach; the repeats 
 same string objects, so ``loaded`` memory stops growing with them). Every
 tokenizer trains in a fresh child process; its peak memory is the largest resident set of
 that process and its worker processes together (sampled from /proc every 50 ms), and
-``loaded`` is what the child held after reading the text, before training. fsqtok's row
-is its vocabulary (what encoding needs: `fsqtok.tokenizer_build.unigram_tokenizer`; the
-codec adds a fixed number of steps whatever the corpus size); ``fsqtok-sampled`` trains
-it on a ``--sample_mb`` sample (`tokenizer.sample_chars`). Held-out bytes per token are
-measured on the same held-out blocks for every row, each checked lossless.
+``loaded`` is what the child held after reading the text, before training. fsqtok's rows
+read the training set as ``fsqtok train-tokenizer`` reads a ``files:`` corpus: written to
+a file first (outside the clock), then streamed from disk (`fsqtok.corpus.stream_split`;
+``loaded`` is then the child without the text). They are its vocabulary (what encoding
+needs: `fsqtok.tokenizer_build.unigram_vocabulary`; the codec adds a fixed number of steps
+whatever the corpus size); ``fsqtok-sampled`` trains it on a ``--sample_mb`` sample
+(`tokenizer.sample_chars`). SentencePiece loads every sentence and builds a suffix array
+over them; above ``--sp_max_mb`` it trains on its own seeded sample of that many MB of
+sentences (``input_sentence_size``, as its documentation advises for large corpora; the
+row says so). Held-out bytes per token are measured on the same held-out blocks for every
+row, each checked lossless.
 """
 import json
 import os
@@ -38,6 +44,8 @@ _VOCAB = flags.DEFINE_integer("vocab_size", 32768, "Vocabulary size of every tok
 _SAMPLE_MB = flags.DEFINE_float("sample_mb", 20.0, "fsqtok-sampled: MB of training text "
                                 "the vocabulary is trained on.")
 _HELD_OUT_MB = flags.DEFINE_float("held_out_mb", 1.0, "MB of held-out blocks measured.")
+_SP_MAX_MB = flags.DEFINE_float("sp_max_mb", 200.0, "SentencePiece trains on a sample of "
+                                "this many MB of larger training sets.")
 _JSON_OUT = flags.DEFINE_string("json_out", "", "Write the rows here as JSON.")
 _CHILD = flags.DEFINE_string("child", "", "Internal: tokenizer,size_mb,result_path.")
 
@@ -103,39 +111,52 @@ def _child(spec: str) -> None:
   name, size_mb, result_path = spec.split(",")
   from fsqtok import baselines  # pylint: disable=g-import-not-at-top
   train, held_out, repeats = _texts(float(size_mb))
-  loaded = _rss_mb(os.getpid())
+  train_mb = sum(len(b.encode("utf-8")) for b in train) / 1e6
   vocab = _VOCAB.value
-  tic = time.perf_counter()
-  counting = {}
-  if name.startswith("fsqtok"):
-    from configs import recon as recon_config  # pylint: disable=g-import-not-at-top
-    from fsqtok import tokenizer_build  # pylint: disable=g-import-not-at-top
-    config = recon_config.get_config("")
-    config.train.progress_bar = False
-    config.data.source = f"bench:{size_mb}MB"
-    if name == "fsqtok-sampled":
-      config.tokenizer.sample_chars = int(_SAMPLE_MB.value * 1e6)
-    with tempfile.TemporaryDirectory() as tmp:
+  counting, extra = {}, {}
+  with tempfile.TemporaryDirectory() as tmp:
+    if name.startswith("fsqtok"):  # streamed from disk, as train-tokenizer reads files:
+      path = os.path.join(tmp, "train.txt")
+      with open(path, "w", encoding="utf-8") as f:
+        f.writelines(train)
+      del train
+    loaded = _rss_mb(os.getpid())
+    tic = time.perf_counter()
+    if name.startswith("fsqtok"):
+      from configs import recon as recon_config  # pylint: disable=g-import-not-at-top
+      from fsqtok import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
+      from fsqtok import tokenizer_build  # pylint: disable=g-import-not-at-top
+      config = recon_config.get_config("")
+      config.train.progress_bar = False
+      config.data.source = f"bench:{size_mb}MB"
+      if name == "fsqtok-sampled":
+        config.tokenizer.sample_chars = int(_SAMPLE_MB.value * 1e6)
+      blocks, _ = corpus_lib.stream_split(f"files:{path}", val_fraction=0.0, seed=0,
+                                          block_chars=config.data.block_chars)
       vocab_, counting = tokenizer_build.unigram_vocabulary(
-          config, tmp, train, tokenizer_build.learned_size(vocab))
-    from fsqtok.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
-    tok = Tokenizer(vocab_.strings, scores=vocab_.scores, phrases=vocab_.phrases,
-                    max_piece_bytes=config.model.max_len)
-    encode, decode = tok.encode, tok.decode
-  elif name == "hf-bpe":
-    tok = baselines.HFBPETokenizer.train(train, vocab)
-    encode, decode = tok.encode, tok.decode
-  elif name == "sp-unigram":
-    tok = baselines.SentencePieceTokenizer.train(train, vocab)
-    encode, decode = tok.encode, tok.decode
-  else:
-    raise ValueError(f"Unknown tokenizer {name!r}.")
-  seconds = time.perf_counter() - tic
+          config, tmp, blocks, tokenizer_build.learned_size(vocab))
+      from fsqtok.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+      tok = Tokenizer(vocab_.strings, scores=vocab_.scores, phrases=vocab_.phrases,
+                      max_piece_bytes=config.model.max_len)
+      encode, decode = tok.encode, tok.decode
+    elif name == "hf-bpe":
+      tok = baselines.HFBPETokenizer.train(train, vocab)
+      encode, decode = tok.encode, tok.decode
+    elif name == "sp-unigram":
+      max_sentences = 0
+      if train_mb > _SP_MAX_MB.value:
+        max_sentences = round(len(train) * _SP_MAX_MB.value / train_mb)
+        extra = {"sp_sampled_sentences": max_sentences}
+      tok = baselines.SentencePieceTokenizer.train(train, vocab, max_sentences=max_sentences)
+      encode, decode = tok.encode, tok.decode
+    else:
+      raise ValueError(f"Unknown tokenizer {name!r}.")
+    seconds = time.perf_counter() - tic
   n_bytes = sum(len(b.encode("utf-8")) for b in held_out)
   ids = [encode(b) for b in held_out]
   lossless = all(decode(i) == b for i, b in zip(ids, held_out))
-  row = {"tokenizer": name, "size_mb": float(size_mb), "repeats": repeats,
-         "train_mb": sum(len(b.encode("utf-8")) for b in train) / 1e6,
+  row = {"tokenizer": name, "size_mb": float(size_mb), "repeats": repeats, **extra,
+         "train_mb": train_mb,
          "train_seconds": seconds, "loaded_mb": loaded,
          "held_out_bytes_per_token": n_bytes / sum(map(len, ids)), "lossless": lossless,
          "vocab_size": len(tok), **({"counting": counting} if counting else {})}
@@ -148,7 +169,7 @@ def _run(name: str, size_mb: str) -> dict:
     result_path = f.name
   argv = [sys.executable, os.path.abspath(__file__), f"--child={name},{size_mb},{result_path}",
           f"--vocab_size={_VOCAB.value}", f"--sample_mb={_SAMPLE_MB.value}",
-          f"--held_out_mb={_HELD_OUT_MB.value}", f"--sources={','.join(_SOURCES.value)}"]
+          f"--held_out_mb={_HELD_OUT_MB.value}", f"--sp_max_mb={_SP_MAX_MB.value}", f"--sources={','.join(_SOURCES.value)}"]
   tic = time.perf_counter()
   proc = subprocess.Popen(argv)
   peak = 0.0
@@ -176,7 +197,9 @@ def main(argv):
     for name in _TOKENIZERS.value:
       r = _run(name, size)
       rows.append(r)
-      print(f"| {r['train_mb']:.0f} | {r['repeats']:.2f} | {name} | {r['train_seconds']:.1f} | "
+      label = (f"{name} (sample of {_SP_MAX_MB.value:g} MB)" if "sp_sampled_sentences" in r
+               else name)
+      print(f"| {r['train_mb']:.0f} | {r['repeats']:.2f} | {label} | {r['train_seconds']:.1f} | "
             f"{r['peak_rss_mb']:.0f} ({r['loaded_mb']:.0f}) | "
             f"{r['held_out_bytes_per_token']:.3f} | {r['lossless']} |", flush=True)
       if _JSON_OUT.value:

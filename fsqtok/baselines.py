@@ -111,8 +111,10 @@ class SentencePieceTokenizer:
     self.pad_id, self.bos_id, self.eos_id = self._sp.pad_id(), self._sp.bos_id(), self._sp.eos_id()
 
   @classmethod
-  def train(cls, texts: Sequence[str], vocab_size: int, model_type: str = "unigram"
-            ) -> "SentencePieceTokenizer":
+  def train(cls, texts: Sequence[str], vocab_size: int, model_type: str = "unigram",
+            max_sentences: int = 0) -> "SentencePieceTokenizer":
+    """``max_sentences``: train on SentencePiece's own seeded sample of this many texts
+    (``input_sentence_size``; 0: all of them)."""
     import sentencepiece as spm  # pylint: disable=g-import-not-at-top
     with tempfile.TemporaryDirectory() as tmp:
       path = os.path.join(tmp, "train.txt")
@@ -127,7 +129,8 @@ class SentencePieceTokenizer:
           remove_extra_whitespaces=False, split_by_whitespace=True,
           max_sentence_length=1 << 20, hard_vocab_limit=False,
           allow_whitespace_only_pieces=True, max_sentencepiece_length=16,
-          pad_id=0, unk_id=1, bos_id=2, eos_id=3, num_threads=1, minloglevel=2)
+          pad_id=0, unk_id=1, bos_id=2, eos_id=3, num_threads=1, minloglevel=2,
+          input_sentence_size=max_sentences, shuffle_input_sentence=True)
       with open(os.path.join(tmp, "sp.model"), "rb") as f:
         return cls(f.read())
 

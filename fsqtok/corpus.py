@@ -8,15 +8,20 @@ Sources are looked up by scheme in `SOURCES`:
   versions.
 * ``files:GLOB`` -- the user's text files, prepared through `fsqtok.files_dataset`.
 * ``tfds:NAME[:SPLIT]`` -- any TensorFlow Datasets text set (default split ``train``).
+
+`split_documents` loads a corpus whole; `stream_split` gives the same blocks as
+re-iterable `BlockStream`s that read ``files:`` corpora from disk a few MB at a time, so
+the tokenizer build's memory does not grow with the corpus.
 """
 from __future__ import annotations
 
 import ast
+import codecs
 import functools
 import hashlib
 import pathlib
 import sysconfig
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 _STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3",
                 "turtledemo", "__pycache__"}
@@ -157,13 +162,112 @@ def split_documents(docs: list[str], *, val_fraction: float, seed: int, block_ch
   return train, val
 
 
-def sample_blocks(blocks: list[str], max_chars: int, seed: int) -> list[str]:
+def sample_blocks(blocks: Iterable[str], max_chars: int, seed: int) -> list[str] | BlockStream:
   """About ``max_chars`` characters of ``blocks``, in order: each block is kept with the
   same probability, decided by a seeded hash of its content (independent of the split's),
   so the sample depends neither on the blocks' order nor on how the corpus is read. All of
-  them when they hold no more than ``max_chars`` (or ``max_chars`` <= 0)."""
-  total = sum(map(len, blocks))
+  them when they hold no more than ``max_chars`` (or ``max_chars`` <= 0). A `BlockStream`
+  gives a `BlockStream` (read as it is iterated), anything else a list."""
+  total = total_chars(blocks)
   if max_chars <= 0 or total <= max_chars:
-    return list(blocks)
-  keep = max_chars / total
-  return [b for b in blocks if _unit_hash(b, f"sample:{seed}") < keep]
+    return blocks if isinstance(blocks, BlockStream) else list(blocks)
+  keep, key = max_chars / total, f"sample:{seed}"
+  if isinstance(blocks, BlockStream):
+    return BlockStream(lambda: (b for b in blocks if _unit_hash(b, key) < keep))
+  return [b for b in blocks if _unit_hash(b, key) < keep]
+
+
+class BlockStream:
+  """Blocks of text made anew by ``make`` on every iteration, so they need not all be in
+  memory at once; ``chars`` (their characters) is counted by one pass, once."""
+
+  def __init__(self, make: Callable[[], Iterator[str]]):
+    self._make = make
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._make())
+
+  @functools.cached_property
+  def chars(self) -> int:
+    return sum(map(len, self))
+
+
+def total_chars(blocks: Iterable[str]) -> int:
+  """Characters of ``blocks`` (a `BlockStream`'s counted once)."""
+  return blocks.chars if isinstance(blocks, BlockStream) else sum(map(len, blocks))
+
+
+def chunk_blocks(blocks: Iterable[str], chunk_chars: int) -> Iterator[list[str]]:
+  """Consecutive blocks, about ``chunk_chars`` characters a chunk (read as they are used)."""
+  current, size = [], 0
+  for b in blocks:
+    current.append(b)
+    size += len(b)
+    if size >= chunk_chars:
+      yield current
+      current, size = [], 0
+  if current:
+    yield current
+
+
+READ_BYTES = 1 << 22  # a streamed file is read this many bytes at a time
+
+
+def not_utf8_error(path: str, byte: int, reason: str) -> ValueError:
+  """The error for a corpus file that is not UTF-8 (nothing is decoded by guessing)."""
+  return ValueError(f"{path} is not UTF-8 text (byte {byte}: {reason}). Convert it first, "
+                    f"e.g. iconv -f latin1 -t utf-8 {path} > {path}.utf8")
+
+
+def read_blocks(path: str, block_chars: int) -> Iterator[str]:
+  """The blocks of a UTF-8 text file, exactly those of ``split_blocks(whole text)``, read
+  ``READ_BYTES`` at a time. Text that is not UTF-8 is an error naming the file and byte."""
+  decoder = codecs.getincrementaldecoder("utf-8")("strict")
+  text, start, offset = "", 0, 0
+  with open(path, "rb") as f:
+    while True:
+      raw = f.read(READ_BYTES)
+      pending = len(decoder.getstate()[0])  # bytes of a character cut by the last read
+      try:
+        text = text[start:] + decoder.decode(raw, final=not raw)
+      except UnicodeDecodeError as e:
+        raise not_utf8_error(path, offset - pending + e.start, e.reason) from None
+      offset += len(raw)
+      start = 0
+      # A block is final once more than block_chars characters follow its start.
+      while len(text) - start > block_chars or (not raw and start < len(text)):
+        end = min(start + block_chars, len(text))
+        if end < len(text):
+          newline = text.rfind("\n", start, end)
+          end = newline + 1 if newline > start else end
+        yield text[start:end]
+        start = end
+      if not raw:
+        return
+
+
+def stream_split(spec: str, *, data_dir: str | None = None, text_key: str = "text",
+                 val_fraction: float, seed: int, block_chars: int
+                 ) -> tuple[BlockStream, BlockStream]:
+  """The train and validation blocks of `split_documents` for the corpus ``spec``, as
+  `BlockStream`s: ``files:`` corpora are read block by block from disk on each pass
+  (bounded memory at any size), other sources are loaded once and held."""
+  scheme, _, arg = spec.partition(":")
+  if scheme != "files":
+    train, val = split_documents(load_documents(spec, data_dir=data_dir, text_key=text_key),
+                                 val_fraction=val_fraction, seed=seed, block_chars=block_chars)
+    return BlockStream(lambda: train), BlockStream(lambda: val)
+  if not arg:
+    raise ValueError("'files:' needs a glob, e.g. files:data/*.txt")
+  if not 0.0 <= val_fraction < 1.0:
+    raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+  from fsqtok import files_dataset  # pylint: disable=g-import-not-at-top
+  paths = files_dataset.resolve_glob(arg)
+
+  def side(is_val: bool) -> Iterator[str]:
+    for path in paths:
+      for block in read_blocks(path, block_chars):
+        if (_unit_hash(block, str(seed)) < val_fraction) == is_val:
+          yield block
+
+  return BlockStream(lambda: side(False)), BlockStream(lambda: side(True))

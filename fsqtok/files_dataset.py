@@ -14,6 +14,8 @@ import os
 
 import tensorflow_datasets as tfds
 
+from fsqtok import corpus
+
 
 @dataclasses.dataclass
 class FilesTextConfig(tfds.core.BuilderConfig):
@@ -40,7 +42,11 @@ class FilesText(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self):
     for i, path in enumerate(self.builder_config.paths):
       with open(path, "rb") as f:
-        text = f.read().decode("utf-8", errors="replace")
+        raw = f.read()
+      try:
+        text = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise corpus.not_utf8_error(path, e.start, e.reason) from None
       yield i, {"text": text, "path": path}
 
 

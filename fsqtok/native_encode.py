@@ -134,6 +134,21 @@ class Encoder:
                          *self._cache())
     return ids, (spans if offsets else None)
 
+  def encode_many(self, texts: Sequence[str], offsets: bool = False
+                  ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """`encode` of every text in one compiled call: all ids (int32 ``[N]``), their spans
+    in their own text (int32 ``[N, 2]``, with ``offsets``) and each text's token count
+    (``[len(texts)]``). The texts must be valid UTF-8 (no lone surrogate)."""
+    cps = np.frombuffer("".join(texts).encode("utf-32-le"), np.uint32)
+    bounds = np.zeros(len(texts) + 1, np.int64)
+    np.cumsum([len(t) for t in texts], out=bounds[1:])
+    v, p = self.vocab, self.phrases
+    ids, spans, counts = _encode_many(
+        cps, bounds, classes(cps), v.root, v.table, v.value, v.shift, self.scores, p.root,
+        p.table, p.value, p.shift, self.unk_score, self.max_chars, self.byte_base, offsets,
+        *self._cache())
+    return ids, (spans if offsets else None), counts
+
   def split(self, text: str) -> list[str]:
     """The runs of ``text`` (what `fsqtok.pieces.split_runs` gives with these phrases)."""
     cps = np.frombuffer(text.encode("utf-32-le"), np.uint32)
@@ -316,6 +331,33 @@ def _viterbi(cps, a, m, root, table, value, shift, scores, unk_score, max_chars,
   out_ids[:top] = out_ids[:top][::-1].copy()
   out_pos[:top] = out_pos[:top][::-1].copy()
   return top
+
+
+@_jit
+def _encode_many(cps, bounds, cls, root, table, value, shift, scores, p_root, p_table,
+                 p_value, p_shift, unk_score, max_chars, byte_base, want_spans,
+                 c_slots, c_pool, c_state):
+  """`_encode` of each text ``cps[bounds[r]:bounds[r + 1]]``, concatenated; and counts."""
+  capacity = 0  # tokens <= UTF-8 bytes
+  for i in range(len(cps)):
+    cp = cps[i]
+    capacity += 1 + (cp >= 0x80) + (cp >= 0x800) + (cp >= 0x10000)
+  ids = np.empty(capacity, np.int32)
+  spans = np.empty((capacity if want_spans else 0, 2), np.int32)
+  counts = np.empty(len(bounds) - 1, np.int64)
+  total = 0
+  for r in range(len(bounds) - 1):
+    row_ids, row_spans = _encode(cps[bounds[r]:bounds[r + 1]], cls, root, table, value,
+                                 shift, scores, p_root, p_table, p_value, p_shift,
+                                 unk_score, max_chars, byte_base, want_spans,
+                                 c_slots, c_pool, c_state)
+    k = len(row_ids)
+    ids[total:total + k] = row_ids
+    if want_spans:
+      spans[total:total + k] = row_spans
+    counts[r] = k
+    total += k
+  return ids[:total], spans[:total], counts
 
 
 @_jit

@@ -159,6 +159,7 @@ class Tokenizer:
     self._cache: dict[str, tuple[int, ...]] = {}
     self._encoder: native_encode.Encoder | None = None
     self._threads: concurrent.futures.ThreadPoolExecutor | None = None
+    self._id_objects: np.ndarray | None = None  # the ids as Python ints (`_id_lists`)
 
   def _native_encoder(self) -> native_encode.Encoder | None:
     """The compiled search, built on first use; None where it is not used."""
@@ -520,16 +521,17 @@ class Tokenizer:
   def _encode_batch(self, texts, padding, truncation, max_length, padding_side,
                     add_special_tokens, parse_special, return_offsets_mapping, num_workers):
     """`encode_batch` after its checks (with the garbage collector off)."""
+    lists = padding in (False, "do_not_pad")
     rows = self._encode_rows(texts, add_special_tokens, parse_special,
-                             return_offsets_mapping, num_workers)
+                             return_offsets_mapping, num_workers, lists)
     if truncation:
-      rows = [(ids[:max_length], offs[:max_length]) for ids, offs in rows]
-    if padding in (False, "do_not_pad"):
-      out = {"input_ids": [r[0].tolist() if isinstance(r[0], np.ndarray) else r[0]
-                           for r in rows],
+      rows = [(ids[:max_length], None if offs is None else offs[:max_length])
+              for ids, offs in rows]
+    if lists:
+      out = {"input_ids": [r[0] for r in rows],
              "attention_mask": [[1] * len(r[0]) for r in rows]}
       if return_offsets_mapping:
-        out["offset_mapping"] = [list(map(tuple, r[1].tolist())) for r in rows]
+        out["offset_mapping"] = [r[1] for r in rows]
       return out
     width = max_length if padding == "max_length" else max((len(r[0]) for r in rows), default=0)
     if any(len(r[0]) > width for r in rows):
@@ -549,11 +551,28 @@ class Tokenizer:
       out["offset_mapping"] = offs
     return out
 
+  def _as_lists(self, rows: list, offsets: bool) -> list:
+    """Rows of (ids, offsets) as Python lists (`_id_lists`; offsets as tuples)."""
+    ids = self._id_lists([r[0] for r in rows])
+    return list(zip(ids, [list(map(tuple, r[1].tolist())) for r in rows] if offsets
+                    else itertools.repeat(None)))
+
+  def _id_lists(self, rows: list) -> list[list[int]]:
+    """Rows of ids (int arrays or lists) as lists of Python ints. Arrays are gathered from
+    one object array of the ids' ints, made once: no int object is allocated per token."""
+    if not rows or not all(isinstance(r, np.ndarray) for r in rows):
+      return [r.tolist() if isinstance(r, np.ndarray) else r for r in rows]
+    if self._id_objects is None or len(self._id_objects) != self.vocab_size:
+      self._id_objects = np.array(range(self.vocab_size), dtype=object)
+    flat = self._id_objects[np.concatenate(rows)].tolist()
+    ends = np.cumsum([len(r) for r in rows]).tolist()
+    return [flat[a:b] for a, b in zip([0, *ends], ends)]
+
   def _encode_rows(self, texts: list[str], add_special_tokens: bool, parse_special: bool,
-                   offsets: bool, num_workers: int | None
-                   ) -> list[tuple[list[int], np.ndarray | None]]:
-    """`_encode_arrays` of every text (ids alone without ``offsets``), over
-    ``num_workers`` processes."""
+                   offsets: bool, num_workers: int | None, lists: bool) -> list[tuple]:
+    """`_encode_arrays` of every text (ids alone without ``offsets``) on ``num_workers``
+    threads (compiled search) or processes, one contiguous chunk each; with ``lists``,
+    ids and offsets as Python lists."""
     threads = self._native_encoder() is not None
     if num_workers is None:
       big = sum(map(len, texts)) >= (THREADS_MIN_CHARS if threads else PARALLEL_MIN_CHARS)
@@ -562,18 +581,23 @@ class Tokenizer:
       raise ValueError(f"num_workers must be None or an int >= 1, got {num_workers!r}.")
     num_workers = min(num_workers, len(texts))
     if num_workers <= 1:
-      row = _native_row if threads else _encode_one
-      return [row(self, t, add_special_tokens, parse_special, offsets) for t in texts]
+      rows = (_native_rows(self, texts, add_special_tokens, parse_special, offsets) if threads
+              else [_encode_one(self, t, add_special_tokens, parse_special, offsets)
+                    for t in texts])
+      return self._as_lists(rows, offsets) if lists else rows
     bounds = [len(texts) * k // num_workers for k in range(num_workers + 1)]
     if threads:  # the compiled search releases the GIL; each thread keeps its run cache
       if self._threads is None or self._threads._max_workers != num_workers:  # pylint: disable=protected-access
         if self._threads is not None:
           self._threads.shutdown()
         self._threads = concurrent.futures.ThreadPoolExecutor(num_workers)
+      # Each thread: its share in one compiled call, rows as arrays; the lists (which
+      # need the GIL) are built once all are done.
       parts = self._threads.map(
-          lambda ab: [_native_row(self, t, add_special_tokens, parse_special, offsets)
-                      for t in texts[ab[0]:ab[1]]], zip(bounds, bounds[1:]))
-      return [row for part in parts for row in part]  # ids as arrays: no GIL-bound lists
+          lambda ab: _native_rows(self, texts[ab[0]:ab[1]], add_special_tokens,
+                                  parse_special, offsets), zip(bounds, bounds[1:]))
+      rows = [row for part in parts for row in part]
+      return self._as_lists(rows, offsets) if lists else rows
     chunks = [(texts[a:b], add_special_tokens, parse_special, offsets)
               for a, b in zip(bounds, bounds[1:]) if b > a]  # one contiguous run a worker
     rows = []
@@ -582,11 +606,12 @@ class Tokenizer:
       cut = np.cumsum(counts)[:-1]
       rows.extend(zip((ids.tolist() for ids in np.split(ids_N, cut)),
                       np.split(offsets_Nx2, cut) if offsets else itertools.repeat(None)))
-    return rows
+    return self._as_lists(rows, offsets) if lists else rows
 
   def __getstate__(self) -> dict:
     # A worker process builds its own caches, compiled search and threads.
-    return {**self.__dict__, "_cache": {}, "_encoder": None, "_threads": None}
+    return {**self.__dict__, "_cache": {}, "_encoder": None, "_threads": None,
+            "_id_objects": None}
 
   def _special_id(self, token: str) -> int:
     if token not in self._special_to_id:
@@ -700,6 +725,25 @@ def _native_row(tok: Tokenizer, text: str, add_special_tokens: bool, parse_speci
       spans_Nx2 = np.concatenate([np.zeros((1, 2), np.int32), spans_Nx2,
                                   np.zeros((1, 2), np.int32)])
   return ids_N, spans_Nx2
+
+
+def _native_rows(tok: Tokenizer, texts: list[str], add_special_tokens: bool,
+                 parse_special: bool, offsets: bool) -> list[tuple]:
+  """`_native_row` of every text; without special tokens to add or parse, all of them in
+  one compiled call (`native_encode.Encoder.encode_many`: no Python, so no GIL, per text)."""
+  if not texts:
+    return []
+  if add_special_tokens or (parse_special and tok._special_re is not None):  # pylint: disable=protected-access
+    return [_native_row(tok, t, add_special_tokens, parse_special, offsets) for t in texts]
+  try:
+    ids_N, spans_Nx2, counts = tok._native_encoder().encode_many(texts, offsets)  # pylint: disable=protected-access
+  except (TypeError, UnicodeEncodeError):
+    for t in texts:
+      _utf8(t)  # the clear error for the first text that is not a valid str
+    raise
+  cut = np.cumsum(counts[:-1])
+  return list(zip(np.split(ids_N, cut),
+                  np.split(spans_Nx2, cut) if offsets else itertools.repeat(None)))
 
 
 def _encode_one(tok: Tokenizer, text: str, add_special_tokens: bool, parse_special: bool,

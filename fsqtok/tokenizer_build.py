@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 from flax import serialization
+from tqdm.auto import tqdm
 
 from fsqtok import corpus as corpus_lib
 from fsqtok import evaluate as evaluate_lib
@@ -73,7 +74,9 @@ def unigram_vocabulary(config, workdir: str, train_texts: Sequence[str], size: i
     raise ValueError(f"tokenizer.max_distinct_runs={t.max_distinct_runs} would leave too "
                      f"little to learn from; use 0 (no bound) or at least 1000.")
   progress, max_bytes, workers = config.train.progress_bar, config.model.max_len, t.num_workers
-  texts = corpus_lib.sample_blocks(list(train_texts), t.sample_chars, t.sample_seed)
+  if not isinstance(train_texts, corpus_lib.BlockStream):
+    train_texts = list(train_texts)
+  texts = corpus_lib.sample_blocks(train_texts, t.sample_chars, t.sample_seed)
   bound = t.max_distinct_runs
   n_phrases = round(t.phrase_fraction * size)
   if n_phrases:
@@ -93,8 +96,8 @@ def unigram_vocabulary(config, workdir: str, train_texts: Sequence[str], size: i
                                     max_token_bytes=max_bytes, em_iterations=t.em_iterations,
                                     max_piece_chars=t.max_piece_chars, progress=progress,
                                     num_workers=workers, max_distinct=bound)
-  counting = {"train_chars": sum(map(len, train_texts)), "sampled_chars": report.chars,
-              "sampled_blocks": len(texts), "distinct_runs": report.distinct,
+  counting = {"train_chars": corpus_lib.total_chars(train_texts), "sampled_chars": report.chars,
+              "sampled_blocks": report.blocks, "distinct_runs": report.distinct,
               "pruned_runs": report.pruned_strings,
               "pruned_occurrences": report.pruned_occurrences}
   os.makedirs(workdir, exist_ok=True)
@@ -162,19 +165,27 @@ def train_tokenizer(config, workdir: str, vocab_size: int, out_dir: str, *,
   """Builds the tokenizer of ``config`` (resuming its codec in ``workdir``), saves it.
 
   ``vocab_size`` counts every id: specials, the 256 byte tokens and the learned strings.
-  ``texts``: the corpus split, if the caller has it; ``pieces``: the codec-exact build's
-  candidates, if the caller has them (the unigram build makes its own).
+  ``texts``: the corpus split, if the caller has it (else the unigram build streams a
+  ``files:`` corpus from disk, `fsqtok.corpus.stream_split`); ``pieces``: the codec-exact
+  build's candidates, if the caller has them (the unigram build makes its own).
   """
   size = learned_size(vocab_size)
   kind = config.tokenizer.vocabulary
   if kind not in VOCABULARIES:
     raise ValueError(f"Unknown tokenizer.vocabulary {kind!r}: use one of {VOCABULARIES}.")
-  texts = texts or recon.load_texts(config)
   mesh = sharding_lib.data_mesh(config.train.num_devices)
   if kind == "codec_exact":
+    texts = texts or recon.load_texts(config)
     tok, analysis, params = _codec_exact(config, workdir, size, texts, pieces, mesh)
   else:
-    tok, analysis, params = _unigram_build(config, workdir, size, texts, mesh)
+    d = config.data
+    train_blocks = texts[0] if texts else corpus_lib.stream_split(
+        d.source, data_dir=d.tfds_data_dir or None, text_key=d.text_key,
+        val_fraction=d.val_fraction, seed=d.split_seed, block_chars=d.block_chars)[0]
+    if not corpus_lib.total_chars(train_blocks):
+      raise ValueError(f"Corpus {d.source!r} has no training text (empty files, or every "
+                       f"block held out): add text or lower data.val_fraction.")
+    tok, analysis, params = _unigram_build(config, workdir, size, train_blocks, mesh)
   analysis = {**analysis, "requested_vocab_size": vocab_size, "vocab_size": len(tok),
               "source": config.data.source}
   tok.save(out_dir, extra_files={
@@ -197,8 +208,8 @@ def _codec_exact(config, workdir, size, texts, pieces, mesh):
   return tok, {"vocabulary": "codec_exact", **analysis}, params
 
 
-def _unigram_build(config, workdir, size, texts, mesh):
-  vocab, counting = unigram_vocabulary(config, workdir, texts[0], size)
+def _unigram_build(config, workdir, size, train_blocks, mesh):
+  vocab, counting = unigram_vocabulary(config, workdir, train_blocks, size)
   strings = vocabulary_pieces(vocab, config.model.max_len)
   recon.train_recon(config, workdir, (strings, strings))
   model, params = recon.load_trained_codec(config, workdir)
@@ -213,7 +224,14 @@ def _unigram_build(config, workdir, size, texts, mesh):
   codes = distinct_codes(np.asarray(stats["code"])[rows], order, config.model.levels)
   tok = Tokenizer(vocab.strings, scores=vocab.scores, codes=codes.tolist(),
                   phrases=vocab.phrases, max_piece_bytes=config.model.max_len)
-  train_tokens = sum(len(tok.encode(t)) for t in texts[0])
+  train_tokens = train_bytes = 0
+  with tqdm(total=corpus_lib.total_chars(train_blocks), desc="encode the training text",
+            unit="char", unit_scale=True, disable=not config.train.progress_bar) as bar:
+    for chunk in corpus_lib.chunk_blocks(train_blocks, unigram_lib.CHUNK_CHARS):
+      ids = tok.encode_batch(chunk, return_offsets_mapping=False)["input_ids"]
+      train_tokens += sum(map(len, ids))
+      train_bytes += sum(len(t.encode("utf-8")) for t in chunk)
+      bar.update(sum(map(len, chunk)))
   analysis = {
       "vocabulary": "unigram", "learned_tokens": len(vocab),
       "single_characters": sum(len(s) == 1 for s in vocab.strings),
@@ -223,7 +241,6 @@ def _unigram_build(config, workdir, size, texts, mesh):
       "codes_moved": int(np.sum(codes != np.asarray(stats["code"])[rows])),
       "not_exact_examples": [s for s, e in zip(vocab.strings, exact) if not e][:20],
       "train_tokens_per_piece": vocab.history[-1]["tokens_per_piece"],
-      "train_bytes_per_token": sum(len(t.encode("utf-8")) for t in texts[0])
-                               / max(1, train_tokens),
+      "train_bytes_per_token": train_bytes / max(1, train_tokens),
       "counting": counting, "rounds": list(vocab.history)}
   return tok, analysis, params

@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import math
 import os
 from typing import Iterable, Sequence
 
@@ -37,6 +38,7 @@ import numpy as np
 from scipy import special
 from tqdm.auto import tqdm
 
+from fsqtok import corpus as corpus_lib
 from fsqtok import pieces as pieces_lib
 from fsqtok import processes
 
@@ -73,18 +75,6 @@ class UnigramVocab:
     return len(self.strings)
 
 
-def _chunks(texts: Sequence[str], chunk_chars: int) -> list[list[str]]:
-  """Consecutive texts, about ``chunk_chars`` characters a chunk."""
-  chunks, current, size = [], [], 0
-  for t in texts:
-    current.append(t)
-    size += len(t)
-    if size >= chunk_chars:
-      chunks.append(current)
-      current, size = [], 0
-  return chunks + [current] if current else chunks
-
-
 def prune_counts(counts: collections.Counter, keep: int) -> int:
   """Keeps the at most ``keep`` most frequent strings of ``counts`` (a tie at the cut goes
   out whole); returns how many occurrences went."""
@@ -100,12 +90,13 @@ def prune_counts(counts: collections.Counter, keep: int) -> int:
 class CountReport:
   """What counting saw and what the bound on distinct strings dropped."""
   chars: int = 0
+  blocks: int = 0
   distinct: int = 0
   pruned_strings: int = 0      # distinct strings dropped (some may have come back)
   pruned_occurrences: int = 0  # their occurrences up to then
 
 
-def _count_in_parallel(count, texts: Sequence[str], num_workers: int, progress: bool,
+def _count_in_parallel(count, texts: Iterable[str], num_workers: int, progress: bool,
                        desc: str, *args, max_distinct: int = 0,
                        report: CountReport | None = None) -> collections.Counter:
   """``count(None, chunk, *args)`` over chunks of ``CHUNK_CHARS`` characters of ``texts``,
@@ -113,20 +104,21 @@ def _count_in_parallel(count, texts: Sequence[str], num_workers: int, progress: 
   core; `fsqtok.processes`; this process below ``PARALLEL_MIN_CHARS`` characters). With
   ``max_distinct``, whenever the sum holds more distinct strings it keeps the
   ``max_distinct // 2`` most frequent (`prune_counts`), so memory stays bounded however
-  long the corpus. Chunks and their order depend on the texts alone: the same counts
+  long the corpus. ``texts`` may be a `fsqtok.corpus.BlockStream`: only a wave of chunks
+  is held at a time. Chunks and their order depend on the texts alone: the same counts
   whatever the number of workers."""
-  texts = list(texts)
-  chars = sum(map(len, texts))
+  if not isinstance(texts, corpus_lib.BlockStream):
+    texts = list(texts)
+  chars = corpus_lib.total_chars(texts)
   num_workers = 1 if chars < PARALLEL_MIN_CHARS else (num_workers or os.cpu_count() or 1)
-  chunks = _chunks(texts, CHUNK_CHARS)
+  chunks = corpus_lib.chunk_blocks(texts, CHUNK_CHARS)
   wave = num_workers * CHUNKS_PER_WORKER
   report = report if report is not None else CountReport()
   report.chars += chars
   total: collections.Counter = collections.Counter()
   with tqdm(total=chars, desc=desc, unit="char", unit_scale=True,
             disable=not progress) as bar:
-    for w in range(0, len(chunks), wave):
-      batch = chunks[w:w + wave]
+    while batch := list(itertools.islice(chunks, wave)):
       parts = ([count(None, c, *args) for c in batch] if num_workers == 1 else
                processes.map_chunks(count, [(c, *args) for c in batch], num_workers))
       for chunk, part in zip(batch, parts):
@@ -136,6 +128,7 @@ def _count_in_parallel(count, texts: Sequence[str], num_workers: int, progress: 
           report.pruned_occurrences += prune_counts(total, max_distinct // 2)
           report.pruned_strings += before - len(total)
         bar.update(sum(map(len, chunk)))
+        report.blocks += len(chunk)
   report.distinct = len(total)
   return total
 
@@ -397,7 +390,10 @@ def train_unigram(piece_counts: dict[str, int], size: int, *,
   logp = np.log(init) - np.log(init.sum())
   lattice = Lattice(pieces, {s: i for i, s in enumerate(strings)}, max_token_bytes)
   history = []
-  bar = tqdm(desc="unigram EM", disable=not progress, unit=" rounds")
+  # Rounds at most (fewer when unused strings go early): for the progress bar's ETA.
+  rounds = 1 + max(0, math.ceil(math.log((size - len(chars)) / max(1, len(seeds)))
+                                / math.log(shrink))) if size > len(chars) else 1
+  bar = tqdm(total=rounds, desc="unigram EM", disable=not progress, unit=" rounds")
   while True:
     for _ in range(em_iterations):
       counts, loglik = lattice.expected_counts(logp, counts_N)

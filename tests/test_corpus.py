@@ -2,6 +2,7 @@ import dataclasses
 
 import pytest
 import tensorflow_datasets as tfds
+from hypothesis import given, settings, strategies as st
 
 from fsqtok import corpus
 
@@ -50,6 +51,48 @@ def test_split_blocks_reassemble():
   text = "abc\ndef\n" * 300 + "no newline at the end"
   assert "".join(corpus.split_blocks(text, 100)) == text
   assert "".join(corpus.split_blocks("x" * 1000, 100)) == "x" * 1000
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=st.text(st.sampled_from("ab\n\u00e9\u4e2d\U0001f600"), max_size=400),
+       block_chars=st.integers(1, 40), read_bytes=st.integers(1, 64))
+def test_read_blocks_streams_exactly_the_blocks_of_the_whole_text(text, block_chars,
+                                                                  read_bytes, tmp_path_factory):
+  path = tmp_path_factory.mktemp("stream") / "t.txt"
+  path.write_bytes(text.encode("utf-8"))
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(corpus, "READ_BYTES", read_bytes)  # cuts inside characters and blocks
+    assert list(corpus.read_blocks(str(path), block_chars)) == corpus.split_blocks(
+        text, block_chars)
+
+
+def test_stream_split_is_the_split_read_from_disk_and_samples_alike(doc_files):
+  spec = f"files:{doc_files}/*.txt"
+  docs = [p.read_text(encoding="utf-8") for p in sorted(doc_files.glob("*.txt"))]
+  train, val = corpus.split_documents(docs, val_fraction=0.1, seed=3, block_chars=512)
+  s_train, s_val = corpus.stream_split(spec, val_fraction=0.1, seed=3, block_chars=512)
+  assert isinstance(s_train, corpus.BlockStream)
+  assert list(s_train) == train and list(s_val) == val and list(s_train) == train  # re-read
+  assert s_train.chars == corpus.total_chars(train)
+  sample = corpus.sample_blocks(s_train, s_train.chars // 3, seed=0)
+  assert isinstance(sample, corpus.BlockStream)
+  assert list(sample) == corpus.sample_blocks(train, s_train.chars // 3, seed=0)
+  chunks = list(corpus.chunk_blocks(s_train, 5000))
+  assert sum(chunks, []) == train and all(sum(map(len, c)) >= 5000 for c in chunks[:-1])
+  b_train, _ = corpus.stream_split("builtin", val_fraction=0.1, seed=3, block_chars=512)
+  assert list(b_train)[:5] == corpus.split_documents(
+      corpus.load_documents("builtin"), val_fraction=0.1, seed=3, block_chars=512)[0][:5]
+
+
+def test_streamed_text_that_is_not_utf8_is_an_error_naming_file_and_byte(tmp_path):
+  for name, tail in (("a.txt", "caf\u00e9"), ("b.txt", "caf\u00e9 au lait")):
+    (tmp_path / name).write_bytes(b"fine text\n" * 3 + tail.encode("latin-1"))
+    train, _ = corpus.stream_split(f"files:{tmp_path}/{name}", val_fraction=0.0, seed=0,
+                                   block_chars=8)
+    with pytest.raises(ValueError, match=rf"{name} is not UTF-8 text \(byte 33: .*iconv"):
+      list(train)
+    with pytest.raises(ValueError, match=rf"{name} is not UTF-8 text \(byte 33: .*iconv"):
+      corpus.load_documents(f"files:{tmp_path}/{name}", data_dir=str(tmp_path / "tfds"))
 
 
 def test_files_source_goes_through_the_tfds_builder(text_files, tmp_path):

@@ -81,13 +81,30 @@ def test_granularity_ablation_prints_a_table(doc_files, tmp_path):
     assert f"| {row} |" in out
 
 
+def test_make_scale_corpora_repeats_and_replaces_words(doc_files, tmp_path):
+  docs = "".join(p.read_text(encoding="utf-8") for p in sorted(doc_files.glob("*.txt")))
+  (tmp_path / "docs.txt").write_text(docs[:20_000], encoding="utf-8")
+  (tmp_path / "books.txt").write_text(docs[20_000:30_000], encoding="utf-8")
+  _run("make_scale_corpora.py", f"--dir={tmp_path}", "--sizes_mb=0.05", "--distinct_mb=0.04")
+  source = (docs[:30_000]).encode("utf-8")
+  repeated = (tmp_path / "scale0.05.txt").read_bytes()
+  assert repeated.startswith(source + source[:1000]) and repeated.endswith(b"\n")
+  assert len(repeated) <= 50_000
+  distinct = (tmp_path / "distinct0.04.txt").read_text(encoding="utf-8").split("\n")[0].split(" ")
+  original = docs.split("\n")[0].split(" ")
+  assert len(distinct) == len(original) and distinct[0] == original[0]
+  assert all(w.isalpha() and w.islower() for w in distinct[2::3])
+
+
 def test_bench_tokenizer_scale_prints_a_table(doc_files, tmp_path):
   source = tmp_path / "corpus.txt"
   source.write_text("".join(p.read_text(encoding="utf-8")
                             for p in sorted(doc_files.glob("*.txt"))[:80]), encoding="utf-8")
   out = _run("bench_tokenizer_scale.py", f"--sources={source}", "--sizes_mb=0.3,0.6",
-             "--tokenizers=fsqtok,fsqtok-sampled,hf-bpe", "--vocab_size=600",
-             "--sample_mb=0.2", "--held_out_mb=0.05", f"--json_out={tmp_path / 'rows.json'}")
-  for name in ("fsqtok", "fsqtok-sampled", "hf-bpe"):
+             "--tokenizers=fsqtok,fsqtok-sampled,hf-bpe,sp-unigram", "--vocab_size=600",
+             "--sample_mb=0.2", "--held_out_mb=0.05", "--sp_max_mb=0.4",
+             f"--json_out={tmp_path / 'rows.json'}")
+  for name in ("fsqtok", "fsqtok-sampled", "hf-bpe", "sp-unigram"):
     assert f"| {name} |" in out
-  assert out.count("| True |") == 6
+  assert "| sp-unigram (sample of 0.4 MB) |" in out  # 0.6 MB > --sp_max_mb: its own sample
+  assert out.count("| True |") == 8

@@ -52,6 +52,18 @@ def test_same_runs_ids_and_offsets_as_the_reference(pair, text):
   assert native.decode(ids) == text
 
 
+@settings(max_examples=50)
+@given(st.lists(TEXTS, max_size=6))
+def test_a_batch_in_one_compiled_call_is_each_text_encoded(pair, texts):
+  native, reference, _ = pair
+  ids, spans, counts = native._native_encoder().encode_many(texts, offsets=True)  # pylint: disable=protected-access
+  assert counts.tolist() == [len(reference.encode(t)) for t in texts]
+  cut = np.cumsum(counts[:-1]) if len(texts) else []
+  for text, row_ids, row_spans in zip(texts, np.split(ids, cut), np.split(spans, cut)):
+    want_ids, want_spans = reference.encode_with_offsets(text)
+    assert row_ids.tolist() == want_ids and list(map(tuple, row_spans.tolist())) == want_spans
+
+
 def test_same_ids_on_documents_and_batches(pair):
   native, reference, texts = pair
   docs = texts[:40]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from conftest import SHAKESPEARE_SNIPPET
+from fsqtok import corpus
 from fsqtok import pieces as pieces_lib
 from fsqtok import unigram
 from fsqtok.tokenizer import UNK_PENALTY, Tokenizer
@@ -115,6 +115,11 @@ def test_bounded_counting_is_bounded_and_the_same_for_any_workers(trained, monke
   assert all(one[r] <= counts[r] for r in one)
   assert all(r in one for r, _ in counts.most_common(50))
   assert unigram.count_pieces(texts[:150], max_distinct=0) == counts  # no bound: exact
+  stream_report = unigram.CountReport()  # blocks read as they are counted: the same
+  stream = corpus.BlockStream(lambda: iter(texts[:150]))
+  assert unigram.count_pieces(stream, max_distinct=bound, num_workers=2,
+                              report=stream_report) == one and stream_report == one_report
+  assert one_report.blocks == 150
 
 
 def test_seed_counting_bounded_keeps_the_frequent_substrings(trained):
