@@ -126,13 +126,20 @@ def split_blocks(text: str, block_chars: int) -> list[str]:
   """Cuts a document into blocks of about ``block_chars`` characters at line ends."""
   blocks, start = [], 0
   while start < len(text):
-    end = min(start + block_chars, len(text))
-    if end < len(text):
-      newline = text.rfind("\n", start, end)
-      end = newline + 1 if newline > start else end
+    end = _block_end(text, start, block_chars)
     blocks.append(text[start:end])
     start = end
   return blocks
+
+
+def _block_end(text: str, start: int, block_chars: int) -> int:
+  """Where the block from ``start`` ends: after its last line end within ``block_chars``
+  characters (or there, when it has none), or at the end of ``text``."""
+  end = min(start + block_chars, len(text))
+  if end < len(text):
+    newline = text.rfind("\n", start, end)
+    end = newline + 1 if newline > start else end
+  return end
 
 
 def _unit_hash(block: str, key: str) -> float:
@@ -236,10 +243,7 @@ def read_blocks(path: str, block_chars: int) -> Iterator[str]:
       start = 0
       # A block is final once more than block_chars characters follow its start.
       while len(text) - start > block_chars or (not raw and start < len(text)):
-        end = min(start + block_chars, len(text))
-        if end < len(text):
-          newline = text.rfind("\n", start, end)
-          end = newline + 1 if newline > start else end
+        end = _block_end(text, start, block_chars)
         yield text[start:end]
         start = end
       if not raw:
