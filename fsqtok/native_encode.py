@@ -334,14 +334,20 @@ def _viterbi(cps, a, m, root, table, value, shift, scores, unk_score, max_chars,
 
 
 @_jit
+def _utf8_bytes(cps):
+  size = 0
+  for i in range(len(cps)):
+    cp = cps[i]
+    size += 1 + (cp >= 0x80) + (cp >= 0x800) + (cp >= 0x10000)
+  return size
+
+
+@_jit
 def _encode_many(cps, bounds, cls, root, table, value, shift, scores, p_root, p_table,
                  p_value, p_shift, unk_score, max_chars, byte_base, want_spans,
                  c_slots, c_pool, c_state):
   """`_encode` of each text ``cps[bounds[r]:bounds[r + 1]]``, concatenated; and counts."""
-  capacity = 0  # tokens <= UTF-8 bytes
-  for i in range(len(cps)):
-    cp = cps[i]
-    capacity += 1 + (cp >= 0x80) + (cp >= 0x800) + (cp >= 0x10000)
+  capacity = _utf8_bytes(cps)  # tokens <= UTF-8 bytes
   ids = np.empty(capacity, np.int32)
   spans = np.empty((capacity if want_spans else 0, 2), np.int32)
   counts = np.empty(len(bounds) - 1, np.int64)
@@ -368,10 +374,7 @@ def _encode(cps, cls, root, table, value, shift, scores, p_root, p_table, p_valu
   record in ``c_pool`` = [chars m, tokens k, m code points, k ids, k starts];
   ``c_state`` = (records, pool used)."""
   n = len(cps)
-  capacity = 0  # tokens <= UTF-8 bytes
-  for i in range(n):
-    cp = cps[i]
-    capacity += 1 + (cp >= 0x80) + (cp >= 0x800) + (cp >= 0x10000)
+  capacity = _utf8_bytes(cps)  # tokens <= UTF-8 bytes
   ids = np.empty(capacity, np.int32)
   spans = np.empty((capacity if want_spans else 0, 2), np.int32)
   best = np.empty(n + 1, np.float64)
