@@ -32,6 +32,11 @@ def _recon_summary(report, workdir):
           f"Report: {os.path.join(workdir, 'recon', 'report.md')}")
 
 
+def _percent(share) -> str:
+  """A share as a percentage; "n/a" where it is unknown (MFU on a CPU: no known peak)."""
+  return "n/a" if share is None else f"{share:.1%}"
+
+
 def _curriculum_summary(report, workdir):
   lines = [f"[curriculum] {report['source']}: held-out bits per byte "
            f"{report['bits_per_byte']:.4f}"]
@@ -40,7 +45,7 @@ def _curriculum_summary(report, workdir):
     if "validation" in r:
       lines.append(f"  {phase}: {r['validation']['bits_per_byte']:.4f} bits/byte, "
                    f"{r['validation']['bytes_per_token']:.2f} bytes/token, "
-                   f"{r['train_tokens_per_second']:.0f} tokens/s, MFU {r.get('mfu', float('nan')):.1%}"
+                   f"{r['train_tokens_per_second']:.0f} tokens/s, MFU {_percent(r.get('mfu'))}"
                    f" on {r.get('devices', '?')}")
   if "vocabulary" in report.get("joint", {}):
     v = report["joint"]["vocabulary"]

@@ -99,7 +99,12 @@ def _decode(args) -> None:
     except ValueError:
       raise SystemExit(f"fsqtok decode: line {lineno} is not space-separated integer "
                        f"ids.") from None
-    out.write(tok.decode(ids, skip_special_tokens=args.skip_special_tokens).encode("utf-8"))
+    try:
+      text = tok.decode(ids, skip_special_tokens=args.skip_special_tokens)
+    except IndexError as e:  # an id outside the vocabulary
+      raise SystemExit(f"fsqtok decode: line {lineno}: {e} Decode with the tokenizer that "
+                       f"produced these ids.") from None
+    out.write(text.encode("utf-8"))
   out.flush()
 
 

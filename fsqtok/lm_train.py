@@ -61,6 +61,10 @@ def flops_per_token(model: lm_lib.TransformerLM, seq_len: int) -> float:
   return 6 * (l * per_layer + head) + 6 * l * seq_len * d
 
 
+def _finite_or_none(x: float) -> float | None:
+  return float(x) if np.isfinite(x) else None
+
+
 def peak_flops(mesh, override: float = 0.0) -> float:
   """Peak FLOP/s of the mesh's devices (NaN where unknown, e.g. on CPU)."""
   if override:
@@ -259,8 +263,9 @@ def train_lm_phase(phase: str, config, workdir: str, model: lm_lib.TransformerLM
   report = {
       "phase": phase, "steps": num_steps, "devices": f"{mesh.size} x {jax.devices()[0].device_kind}",
       "model_flops_per_token": model_flops,
-      "mfu": tokens_per_second * model_flops / peak_flops(
-          mesh, t.get("peak_flops_per_device", 0.0)),
+      # None where the device's peak is unknown (a CPU): shown as "n/a"
+      "mfu": _finite_or_none(tokens_per_second * model_flops / peak_flops(
+          mesh, t.get("peak_flops_per_device", 0.0))),
       "validation": evaluate_bits_per_byte(state.apply_fn, state.params, data.val,
                                            data.val_bytes, **eval_kw),
       "train_tokens_per_second": tokens_per_second,

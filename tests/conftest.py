@@ -1,15 +1,29 @@
 """Test setup: 8 simulated CPU devices (for data-parallel tests), quiet logs, fixed seeds."""
 import os
 import sys
+import tempfile
 
 # Must happen before JAX is imported anywhere.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Compiled programs are kept on disk and shared by the test workers, the subprocesses and
+# the notebook kernels (they inherit these variables): the tests build the same tiny
+# models many times, and compiling them is most of the suite's time.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"fsqtok-test-jax-cache-{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import hypothesis  # noqa: E402
+import jax  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
 import pytest  # noqa: E402
+
+# Orbax saves a replicated array in slices, one per device, each slice a compiled program:
+# on 8 simulated CPU devices that is compilation without benefit. One writer per array.
+ocp.type_handlers.register_type_handler(
+    jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
 
 hypothesis.settings.register_profile("ci", max_examples=200, deadline=None, derandomize=True)
 hypothesis.settings.load_profile("ci")

@@ -60,6 +60,15 @@ def test_encode_rejects_non_utf8_input(trained):
   assert proc.returncode != 0 and b"line 2 is not UTF-8" in proc.stderr
 
 
+def test_decode_of_an_unknown_id_is_one_line(trained, tmp_path, monkeypatch):
+  ids = tmp_path / "ids.txt"
+  ids.write_text("300 301\n5 400\n")  # the tokenizer has ids 0..399
+  monkeypatch.setattr(sys, "stdout", open(os.devnull, "w"))  # pylint: disable=consider-using-with
+  with pytest.raises(SystemExit, match=r"line 2: Token id 400 is outside the vocabulary "
+                                       r"\[0, 400\)\. Decode with the tokenizer"):
+    cli.main(["decode", "--tokenizer", str(trained), str(ids)])
+
+
 def test_inspect_writes_report_and_plot(trained, capsys):
   cli.main(["inspect", str(trained)])
   report = (trained / "inspect.txt").read_text()

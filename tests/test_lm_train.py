@@ -143,6 +143,7 @@ def test_curriculum_end_to_end_resumes_exactly_and_then_does_nothing(doc_files, 
   assert set(whole) >= {"recon", "lm", "joint", "sample", "bits_per_byte"}
   assert 0 < whole["bits_per_byte"] < 8 and whole["sample"]["text"].startswith("The ")
   assert 0 <= whole["sample"]["open_codes"] <= whole["sample"]["codes"]
+  assert whole["lm"]["mfu"] is None  # no known peak FLOP/s on a CPU: "n/a", not nan
   lm_curve = [json.loads(l) for l in open(tmp_path / "whole" / "lm" / "metrics.jsonl")]
   train_loss = [r["loss"] for r in lm_curve if r["split"] == "train"]
   assert train_loss[-1] < train_loss[0]
