@@ -313,8 +313,8 @@ def run_setting(name: str, data: dict[str, Any], sizes, d_model: int, config,
                               jnp.zeros((1, config.model.context), jnp.int32))
       row = {"setting": name, "size": int(size), "embedding": emb_name,
              "embed_params": embed.param_count(),
-             "embed_params_initialised": bespoke.count_params(params["params"]["embed"]),
-             "model_params": bespoke.count_params(params),
+             "embed_params_initialised": optimizer_lib.count_params(params["params"]["embed"]),
+             "model_params": optimizer_lib.count_params(params),
              "unigram_test_loss": baseline, "seeds": seeds,
              "seconds": time.time() - t0, **res}
       if isinstance(embed, bespoke.BespokeEmbed):

@@ -345,11 +345,6 @@ class BespokeEmbed(nn.Module):
     return bespoke_param_count(self.assignment, self.widths, self.d_model)
 
 
-def count_params(params) -> int:
-  """Number of scalars in a parameter pytree."""
-  return int(sum(np.prod(np.shape(p)) for p in jax.tree_util.tree_leaves(params)))
-
-
 # Registry: name -> builder(counts_V, d_model, config) -> module. ``config`` is an
 # ml_collections ConfigDict (or anything with these attributes): thresholds,
 # multipliers, hash_rows, hash_from.

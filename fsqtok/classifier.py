@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import traverse_util
 from flax.training import train_state
 from tqdm.auto import tqdm
 
@@ -118,16 +117,6 @@ def train_step(state: train_state.TrainState, batch):
     return loss, acc
   (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   return state.apply_gradients(grads=grads), {"loss": loss, "accuracy": acc}
-
-
-def count_params(tree) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
-
-
-def trainable_count(params, frozen=()) -> int:
-  """Parameters outside the top-level names in ``frozen``."""
-  flat = traverse_util.flatten_dict(params)
-  return int(sum(np.prod(v.shape) for k, v in flat.items() if k[0] not in frozen))
 
 
 def fit(apply_fn: Callable[[Any, dict], jax.Array], params, tx: optax.GradientTransformation,

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import serialization, traverse_util
+from flax import serialization
 from flax.training import train_state
 from tqdm.auto import tqdm
 
@@ -104,22 +104,6 @@ def train_step(state: train_state.TrainState, batch, rng, *, recon_weight: float
   return new_state, {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
 
 
-def frozen_labels(params, frozen: Sequence[str]):
-  """``"frozen"`` for parameters under a top-level name in ``frozen``, else ``"train"``."""
-  flat = traverse_util.flatten_dict(params)
-  labels = {k: "frozen" if k[0] in frozen else "train" for k in flat}
-  return traverse_util.unflatten_dict(labels)
-
-
-def make_optimizer(optim_config, num_steps: int, params, frozen: Sequence[str]):
-  """AdamW with warmup + cosine on the trainable parameters; frozen ones get zero updates
-  (and no optimizer state)."""
-  return optax.multi_transform(
-      {"train": optimizer_lib.make_optimizer(optim_config, num_steps),
-       "frozen": optax.set_to_zero()},
-      frozen_labels(params, frozen))
-
-
 @functools.partial(jax.jit, static_argnums=(0,))
 def _eval_sums(apply_fn, params, batch):
   _, (nll, count) = lm_loss(params, apply_fn, batch, jax.random.PRNGKey(0), deterministic=True)
@@ -180,7 +164,7 @@ def train_lm_phase(phase: str, config, workdir: str, model: lm_lib.TransformerLM
     params = init_params()
     return train_state.TrainState.create(
         apply_fn=model.apply, params=params,
-        tx=make_optimizer(optim, num_steps, params, frozen))
+        tx=optimizer_lib.make_optimizer(optim, num_steps, params, frozen))
 
   if os.path.exists(report_path):  # finished: nothing to do
     return workdir_lib.read_json(report_path), load_phase_params(phase_dir, init_params)

@@ -1,8 +1,14 @@
-"""optax AdamW with linear warmup and cosine decay, built from ``config.optim``."""
+"""The one optimizer of every phase: optax AdamW with linear warmup and cosine decay,
+built from ``config.optim``, with frozen parts; and parameter counts."""
 from __future__ import annotations
 
+from typing import Any, Sequence
+
+import jax
 import ml_collections
+import numpy as np
 import optax
+from flax import traverse_util
 
 
 def adamw_config(learning_rate: float, warmup_steps: int, *, end_lr_ratio: float = 0.01,
@@ -22,11 +28,34 @@ def learning_rate_schedule(optim_config, num_steps: int) -> optax.Schedule:
       decay_steps=max(num_steps, warmup + 1), end_value=c.learning_rate * c.end_lr_ratio)
 
 
-def make_optimizer(optim_config, num_steps: int) -> optax.GradientTransformation:
+def frozen_labels(params, frozen: Sequence[str]):
+  """``"frozen"`` for parameters under a top-level name in ``frozen``, else ``"train"``."""
+  flat = traverse_util.flatten_dict(params)
+  labels = {k: "frozen" if k[0] in frozen else "train" for k in flat}
+  return traverse_util.unflatten_dict(labels)
+
+
+def make_optimizer(optim_config, num_steps: int, params: Any = None,
+                   frozen: Sequence[str] = ()) -> optax.GradientTransformation:
+  """AdamW (clipped, warmup + cosine) over ``num_steps``. Parameters under the top-level
+  names in ``frozen`` (``params`` then says which exist) get zero updates and no state."""
   c = optim_config
   chain = []
   if c.grad_clip:
     chain.append(optax.clip_by_global_norm(c.grad_clip))
   chain.append(optax.adamw(learning_rate_schedule(c, num_steps), b1=c.b1, b2=c.b2,
                            weight_decay=c.weight_decay))
-  return optax.chain(*chain)
+  tx = optax.chain(*chain)
+  if not frozen:
+    return tx
+  if params is None:
+    raise ValueError("make_optimizer needs the parameters to freeze some of them.")
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
+                               frozen_labels(params, frozen))
+
+
+def count_params(params, frozen: Sequence[str] = ()) -> int:
+  """Number of scalars in a parameter pytree, outside the top-level names in ``frozen``."""
+  if frozen:
+    params = {k: v for k, v in params.items() if k not in frozen}
+  return int(sum(np.prod(np.shape(p)) for p in jax.tree_util.tree_leaves(params)))

@@ -1,7 +1,7 @@
 """Soft prompts (prompt tuning): k learned vectors prepended to the input of a frozen LM.
 
 The parameters are ``{"lm": <the LM's>, "prompt": {"vectors": [k, d_model]}}``; only
-``prompt`` trains: `make_optimizer` is `fsqtok.lm_train.make_optimizer` with ``lm``
+``prompt`` trains: `make_optimizer` is `fsqtok.optimizer.make_optimizer` with ``lm``
 frozen (``optax.multi_transform`` gives it zero updates and no optimizer state), so the
 base model stays bit-identical. The vectors enter through ``prefix_BxKxD`` of
 `fsqtok.lm.TransformerLM` (after any registers; dropped from the outputs).
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
-from fsqtok import lm_train
+from fsqtok import optimizer as optimizer_lib
 from fsqtok import workdir as workdir_lib
 
 VECTORS_FILE = "prompt.msgpack"
@@ -60,7 +60,7 @@ def make_optimizer(optim_config, num_steps: int, params):
   if set(params) != {"lm", "prompt"}:
     raise ValueError(f"Soft-prompt parameters are {{'lm', 'prompt'}}, got {sorted(params)}: "
                      f"build them with soft_prompt.combine(lm_params, prompt).")
-  return lm_train.make_optimizer(optim_config, num_steps, params, FROZEN)
+  return optimizer_lib.make_optimizer(optim_config, num_steps, params, FROZEN)
 
 
 def save(directory: str, prompt, meta: dict[str, Any]) -> None:

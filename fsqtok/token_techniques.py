@@ -157,7 +157,7 @@ def classification_study(config, workdir, tok, model, params, train, test, class
     return {"features": np.concatenate(out), "labels": data["labels"]}
 
   probe_train, probe_test = feats(train), feats(test)
-  base_count = clf.count_params(params)
+  base_count = optimizer_lib.count_params(params)
   table_VxD = model.apply({"params": params}, jnp.arange(tok.base.vocab_size)[None],
                           method=lambda m, i: m.embed(i))[0]
   results = {m: {"accuracy": [], "trainable_params": None} for m in cc.methods}
@@ -177,7 +177,7 @@ def classification_study(config, workdir, tok, model, params, train, test, class
         p, _ = clf.fit(apply, p0, tx, batches(probe_train), steps, desc=desc,
                        progress=config.progress_bar)
         acc = clf.accuracy(apply, p, probe_test, cc.eval_batch_size)
-        results[method]["trainable_params"] = clf.count_params(p0)
+        results[method]["trainable_params"] = optimizer_lib.count_params(p0)
       elif method == "soft_prompt":
         prompt = soft_prompt.init_prompt(rng, cc.prompt_length, model.d_model, table_VxD,
                                          low=tok.ordinary_range[0])
@@ -200,7 +200,7 @@ def classification_study(config, workdir, tok, model, params, train, test, class
                                   cc.eval_batch_size)
         if acc_loaded != acc:
           raise AssertionError(f"The reloaded prompt scores {acc_loaded}, not {acc}.")
-        results[method]["trainable_params"] = clf.trainable_count(p0, soft_prompt.FROZEN)
+        results[method]["trainable_params"] = optimizer_lib.count_params(p0, soft_prompt.FROZEN)
       elif method == "full_finetune":
         apply = lambda p, b: verbal(p, b)
         tx = optimizer_lib.make_optimizer(_optim(config, "full_finetune"), steps)
@@ -218,7 +218,7 @@ def classification_study(config, workdir, tok, model, params, train, test, class
         p, _ = clf.fit(apply, p0, tx, batches(train), steps, desc=desc,
                        progress=config.progress_bar)
         acc = clf.accuracy(apply, p, test, cc.eval_batch_size)
-        results[method]["trainable_params"] = clf.count_params(p0)
+        results[method]["trainable_params"] = optimizer_lib.count_params(p0)
       else:
         raise ValueError(f"Unknown classify method {method!r}: use zero_shot, linear_probe, "
                          f"soft_prompt, full_finetune or <{'|'.join(clf.POOLINGS)}>_head.")
@@ -320,7 +320,7 @@ def run_study(config, workdir: str, corpora: dict[str, tuple[list[str], list[str
       base = (model, params, data)
   model, params, data = base
   results["base_lm"] = {"num_registers": model.num_registers,
-                        "params": clf.count_params(params)}
+                        "params": optimizer_lib.count_params(params)}
   train = task_data(tok, corpora, 0, config.task.train_per_class, config)
   test = task_data(tok, corpora, 1, config.task.test_per_class, config)
   results["task"] = {"train_examples": int(train["labels"].shape[0]),
@@ -350,8 +350,8 @@ def markdown_tables(results: dict[str, Any]) -> str:
     seeds = ", ".join(f"{a:.3f}" for a in r["accuracy"])
     lines.append(f"| {m} | {r['mean']:.3f} ± {r['std']:.3f} | {seeds} | "
                  f"{r['trainable_params']:,} |")
-  lines += ["", f"| score | keep ratio | kept positions | ms / batch | time ratio | tail "
-            f"bits/byte | Δ bits/byte |", "|---|---|---|---|---|---|---|"]
+  lines += ["", "| score | keep ratio | kept positions | ms / batch | time ratio | tail "
+            "bits/byte | Δ bits/byte |", "|---|---|---|---|---|---|---|"]
   for r in results["pruning"]:
     lines.append(f"| {r['score']} | {r['keep_ratio']:.2f} | {r['kept_positions']} | "
                  f"{r['ms_per_batch']:.1f} | {r['time_ratio']:.3f} | "

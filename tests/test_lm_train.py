@@ -14,6 +14,7 @@ from fsqtok import baselines
 from fsqtok import lm as lm_lib
 from fsqtok import lm_data
 from fsqtok import lm_train
+from fsqtok import optimizer as optimizer_lib
 from fsqtok import sharding as sharding_lib
 from fsqtok import tokenizer_build
 
@@ -88,7 +89,7 @@ def test_frozen_codec_does_not_move_and_the_rest_learns(tmp_path):
   optim.learning_rate, optim.warmup_steps = 1e-2, 1
   state = train_state.TrainState.create(
       apply_fn=model.apply, params=params,
-      tx=lm_train.make_optimizer(optim, 60, params, frozen=("codec",)))
+      tx=optimizer_lib.make_optimizer(optim, 60, params, frozen=("codec",)))
   step = jax.jit(lm_train.train_step)
   losses = []
   for i in range(60):
@@ -114,7 +115,7 @@ def test_lm_step_on_8_devices_equals_1():
     mesh = sharding_lib.data_mesh(n)
     repl, data = sharding_lib.replicated(mesh), sharding_lib.batch_sharded(mesh)
     state = jax.device_put(train_state.TrainState.create(
-        apply_fn=model.apply, params=params, tx=lm_train.make_optimizer(optim, 10, params, ())), repl)
+        apply_fn=model.apply, params=params, tx=optimizer_lib.make_optimizer(optim, 10, params, ())), repl)
     step = jax.jit(lm_train.train_step, in_shardings=(repl, data, repl), out_shardings=(repl, repl))
     for i in range(3):
       batch = sharding_lib.shard_batch({"lm": _batch(40, b=16, seed=i)}, mesh)
