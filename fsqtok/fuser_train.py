@@ -256,12 +256,12 @@ def train_fuser(config, workdir: str, model: fuser_lib.ContextualFuser, tok,
   create = lambda: create_state(model, init(), tx)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      save_every=t.checkpoint_every, max_to_keep=2)
-  start = ckpt.latest_step() or 0
-  if start:
-    mesh = sharding_lib.data_mesh(1)
-    abstract = checkpoint_lib.abstract_like(jax.eval_shape(create),
-                                            sharding_lib.replicated(mesh))
-    state, data_state = ckpt.restore(start, abstract)
+  abstract = checkpoint_lib.abstract_like(jax.eval_shape(create),
+                                          sharding_lib.replicated(sharding_lib.data_mesh(1)))
+  restored = ckpt.restore_latest(abstract)
+  start = 0
+  if restored:
+    start, state, data_state = restored
     batcher.set_state(data_state["fuser"])
     logging.info("Resumed the fuser from step %d.", start)
   else:

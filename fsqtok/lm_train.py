@@ -171,7 +171,6 @@ def train_lm_phase(phase: str, config, workdir: str, model: lm_lib.TransformerLM
   ckpt = checkpoint_lib.Checkpointer(os.path.join(phase_dir, "checkpoints"),
                                      save_every=t.checkpoint_every,
                                      max_to_keep=t.keep_checkpoints)
-  start = ckpt.latest_step() or 0
   abstract = checkpoint_lib.abstract_like(jax.eval_shape(create_state), repl)
 
   batcher = lm_data.window_batcher(data.train, config.lm.data.batch_size, seed=config.seed)
@@ -179,8 +178,10 @@ def train_lm_phase(phase: str, config, workdir: str, model: lm_lib.TransformerLM
   if recon_weight:
     pieces = PieceBatcher(data.pieces[0], config.joint.piece_batch_size, seed=config.seed,
                           weighting=config.data.weighting)
-  if start:
-    state, data_state = ckpt.restore(start, abstract)
+  restored = ckpt.restore_latest(abstract)
+  start = 0
+  if restored:
+    start, state, data_state = restored
     batcher.set_state(data_state["lm"])
     if pieces is not None:
       pieces.set_state(data_state["pieces"])

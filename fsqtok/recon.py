@@ -123,17 +123,15 @@ def restore_latest(config, workdir: str):
       jax.eval_shape(lambda: create_state(config, model, jax.random.PRNGKey(0))),
       sharding_lib.replicated(sharding_lib.data_mesh(config.train.num_devices)))
   directory = os.path.join(workdir, PHASE, "checkpoints")
-  step = None
+  restored = None
   if os.path.isdir(directory):
     ckpt = checkpoint_lib.Checkpointer(directory, save_every=1, max_to_keep=1)
-    step = ckpt.latest_step()
-    if step is not None:
-      state, data_state = ckpt.restore(step, abstract)
+    restored = ckpt.restore_latest(abstract)
     ckpt.close()
-  if step is None:
+  if restored is None:
     raise FileNotFoundError(f"No codec checkpoint in {directory}: train one first with "
                             f"experiments/train.py --config=configs/recon.py --workdir={workdir}")
-  return step, state, data_state
+  return restored
 
 
 def load_trained_codec(config, workdir: str):
@@ -211,8 +209,10 @@ def train_recon(config, workdir: str,
   init_rng, step_rng = jax.random.split(rng)
   repl = sharding_lib.replicated(mesh)
   state = jax.jit(functools.partial(create_state, config, model), out_shardings=repl)(init_rng)
-  if start:
-    state, data_state = ckpt.restore(start, checkpoint_lib.abstract_like(state, repl))
+  restored = ckpt.restore_latest(checkpoint_lib.abstract_like(state, repl))
+  start = 0
+  if restored:
+    start, state, data_state = restored
     batcher.set_state(data_state)
     logging.info("Resumed %s from step %d.", phase_dir, start)
 
