@@ -86,7 +86,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.text.enabled = True        # each corpus runs only if its flags are given
   c.text.d_model = 64
   c.text.sizes = (200_000,)
-  # These override optim.* / train.* for the real corpora. 1e-2: in pilots (README) it
+  # These override optim.* / train.* for the real corpora. 1e-2: in pilots (docs/bespoke.md) it
   # beat 3e-3 on tinyshakespeare's validation split for every embedding, while 3e-3 was
   # better on the synthetic data at 5K-50K tokens. Evaluating 8K-way logits is costly.
   c.text.learning_rate = 1e-2

@@ -4,7 +4,7 @@
   python experiments/train.py --config=configs/curriculum.py:tiny --workdir=/tmp/tiny
 
 Arguments (``get_config(arg)``):
-  ""     CPU default on the built-in corpus (see README for the measured time): a codec
+  ""     CPU default on the built-in corpus (see docs/main_job.md for the measured time): a codec
          trained 8k steps, a 4096-token vocabulary, a 3-layer d=128 LM (1000 steps of
          16 x 128 tokens), 200 joint steps.
   tiny   seconds; for tests and the notebook.

@@ -5,7 +5,7 @@
       --wordnet_dir=/usr/share/wordnet
 
 Arguments (``get_config(arg)``):
-  ""     CPU default on the built-in corpus (the README's measured run, with
+  ""     CPU default on the built-in corpus (the measured run of docs/fuser.md, with
          ``--config.tokenizer.dir`` set to a codec-built 4096-id tokenizer): a fuser with
          a 4+4-token window (24 bytes each side) trained 4000 steps of 8 x 32 tokens
          (~25-40 min on 2 CPU cores), a 2-layer d=128 LM trained 1000 steps of 16 x 128
@@ -93,7 +93,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   f.d_model = 32 if tiny else 128
   f.model = model_config(tiny)
   if not tiny:
-    f.train.num_steps = 4000  # the measured run (README); 2000 gave less context benefit
+    f.train.num_steps = 4000  # the measured run (docs/fuser.md); 2000 gave less context benefit
 
   c.lm = ml_collections.ConfigDict()
   m = c.lm.model = ml_collections.ConfigDict()

@@ -7,7 +7,7 @@
 
 Arguments (``get_config(arg)``):
   ""      CPU default: 16k steps, 6-7 minutes on 2 CPU cores, so that `fsqtok
-          train-tokenizer` on 100 MB fits in 10 minutes (README, "Large corpora").
+          train-tokenizer` on 100 MB fits in 10 minutes (docs/tokenizer.md, "Large corpora").
           30k steps (10-11 minutes) gave held-out byte accuracy 97.4% on pieces.
   tiny    seconds; for tests and the notebook.
   long    the same codec trained 90k steps: 29-37 minutes on 2 CPU cores (97.7-98.1%).
@@ -18,7 +18,7 @@ Arguments (``get_config(arg)``):
 Why an MLP codec by default: on a 2-core CPU, XLA's convolutions made the source's
 char-CNN run at 3.6 steps/s (batch 256) against 39.5 for this MLP codec
 (experiments/bench_codec.py), and at equal wall-clock the MLP codec reconstructs far
-better (README, "Measured").
+better (docs/codec.md).
 ``data.weighting = "sqrt"`` (each distinct piece seen ~sqrt(count) times an epoch)
 beat occurrence weighting by 1.5 points of held-out byte accuracy at 15k steps.
 Any field can be overridden, e.g. ``--config.data.source=tfds:tiny_shakespeare``.

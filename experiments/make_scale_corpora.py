@@ -1,4 +1,4 @@
-"""The large training files of README "Large corpora", from the real text of
+"""The large training files of docs/tokenizer.md, "Large corpora", from the real text of
 `experiments/make_corpora.py` (``docs.txt`` + ``books.txt``, 43 MB):
 
   python experiments/make_scale_corpora.py --dir=/work/corpora

@@ -15,6 +15,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fsqtok import curriculum, recon  # noqa: E402  pylint: disable=g-import-not-at-top
+from fsqtok import workdir as workdir_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -72,7 +73,11 @@ def main(argv):
     raise app.UsageError(f"Unknown phase {config.phase!r}; known: {sorted(PHASES)}.")
   logging.info("Config:\n%s", config)
   run, summary = PHASES[config.phase]
-  print(summary(run(config, _WORKDIR.value), _WORKDIR.value))
+  try:
+    report = run(config, _WORKDIR.value)
+  except workdir_lib.WorkdirInUse as e:  # one line, no traceback
+    raise SystemExit(f"train.py: {e}") from None
+  print(summary(report, _WORKDIR.value))
 
 
 if __name__ == "__main__":

@@ -219,7 +219,7 @@ def main(argv=None) -> None:
   args = build_parser().parse_args(argv)
   try:
     args.func(args)
-  except (FileNotFoundError, ValueError) as e:
+  except (FileNotFoundError, ValueError, workdir_lib.WorkdirInUse) as e:
     raise SystemExit(f"fsqtok {args.command}: {e}") from None
 
 

@@ -136,6 +136,7 @@ def codec_pieces(config, workdir: str, texts) -> tuple[PieceSet, PieceSet]:
   return strings, strings
 
 
+@workdir_lib.exclusive_workdir
 def run_curriculum(config, workdir: str) -> dict[str, Any]:
   texts = recon.load_texts(config)
   report: dict[str, Any] = {"source": config.data.source}

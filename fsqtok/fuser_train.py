@@ -232,6 +232,7 @@ def model_from_config(config, tok, ambiguous: Sequence[int] = ()) -> fuser_lib.C
 
 # ---- the training loop ------------------------------------------------------------------
 
+@workdir_lib.exclusive_workdir
 def train_fuser(config, workdir: str, model: fuser_lib.ContextualFuser, tok,
                 train_texts: Sequence[str]) -> tuple[dict[str, Any], Any]:
   """Trains (or resumes, or finds finished) the fuser under ``workdir``; returns the

@@ -178,6 +178,7 @@ def _throughput(clock: dict[str, Any], batch_size: int) -> float:
   return steps * batch_size / seconds if steps and seconds > 0 else float("nan")
 
 
+@workdir_lib.exclusive_workdir
 def train_recon(config, workdir: str,
                 pieces: tuple[PieceSet, PieceSet] | None = None) -> dict[str, Any]:
   """Trains (or resumes, or finds finished) the codec; returns the report dict.

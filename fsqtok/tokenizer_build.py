@@ -160,6 +160,7 @@ def distinct_codes(codes_K: np.ndarray, order_K: Sequence[int], levels: Sequence
   return out
 
 
+@workdir_lib.exclusive_workdir
 def train_tokenizer(config, workdir: str, vocab_size: int, out_dir: str, *,
                     texts=None, pieces=None) -> tuple[Tokenizer, dict[str, Any]]:
   """Builds the tokenizer of ``config`` (resuming its codec in ``workdir``), saves it.

@@ -1,10 +1,85 @@
-"""Files a run leaves in its work directory, always written atomically."""
+"""Files a run leaves in its work directory, always written atomically; one writer at a
+time per work directory (`exclusive`)."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import logging
 import os
+import socket
 import tempfile
 from typing import Any, Iterable
+
+LOCK_FILE = ".fsqtok.lock"
+
+
+class WorkdirInUse(RuntimeError):
+  """Another live process is writing to the work directory."""
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # alive, another user's
+    return True
+  return True
+
+
+@contextlib.contextmanager
+def exclusive(workdir: str):
+  """Holds ``workdir/.fsqtok.lock`` (this process's id and host) while the block runs.
+
+  A second process is refused with `WorkdirInUse` naming the holder. A lock left by a
+  killed process on this host is taken over (with a warning); one from another host
+  cannot be checked, so the message says to delete it if that run is gone. Re-entrant:
+  nested blocks of the same process share the lock.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, LOCK_FILE)
+  me = {"pid": os.getpid(), "host": socket.gethostname()}
+  while True:
+    try:
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      try:
+        other = read_json(path)
+      except (OSError, ValueError):
+        other = {}  # being written this instant, or empty
+      if other == me:  # held by this process further up the call stack
+        yield
+        return
+      if other.get("host") == me["host"] and not _alive(int(other.get("pid", 0) or 0)):
+        logging.warning("Taking over %s: the process %s that held it is gone.", path,
+                        other["pid"])
+        with contextlib.suppress(FileNotFoundError):
+          os.remove(path)
+        continue
+      holder = (f"process {other['pid']} on {other['host']}" if other
+                else "another process")
+      raise WorkdirInUse(
+          f"The work directory {workdir} is in use by {holder} (lock {path}). Wait for "
+          f"that run to finish or use another work directory; if that run is gone, "
+          f"delete {path}.")
+    with os.fdopen(fd, "w") as f:
+      json.dump(me, f)
+    break
+  try:
+    yield
+  finally:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(path)
+
+
+def exclusive_workdir(fn):
+  """Decorator: ``fn(config, workdir, ...)`` runs under `exclusive` (workdir)."""
+  @functools.wraps(fn)
+  def wrapped(config, workdir, *args, **kwargs):
+    with exclusive(workdir):
+      return fn(config, workdir, *args, **kwargs)
+  return wrapped
 
 
 def _umask() -> int:
