@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fsqtok import embeddings as embeddings_lib
 from fsqtok import evaluate as evaluate_lib
 from fsqtok import fuser as fuser_lib
 from fsqtok import fuser_train
@@ -136,8 +137,33 @@ def codec_pieces(config, workdir: str, texts) -> tuple[PieceSet, PieceSet]:
   return strings, strings
 
 
+def validate_config(config) -> None:
+  """Every mistake a config can hold that would otherwise stop a run part-way: one
+  ``ValueError`` naming the field, before any corpus is read or step is taken."""
+  recon.validate_config(config)
+  tokenizer_build.learned_size(config.vocab.size)
+  m, t = config.lm.model, config.lm.train
+  for field, names in (("embedding", embeddings_lib.EMBEDDINGS),
+                       ("head", embeddings_lib.HEADS)):
+    if m[field] not in names:
+      raise ValueError(f"lm.model.{field}={m[field]!r} is unknown: use one of {sorted(names)}.")
+  if m.d_model % m.num_heads:
+    raise ValueError(f"lm.model.d_model={m.d_model} is not divisible by "
+                     f"lm.model.num_heads={m.num_heads}.")
+  for name, steps in (("lm.train.num_steps", t.num_steps),
+                      ("joint.num_steps", config.joint.num_steps)):
+    if steps < 0:
+      raise ValueError(f"{name} must be >= 0, got {steps}.")
+  try:
+    sharding_lib.check_batch_size(config.lm.data.batch_size,
+                                  sharding_lib.data_mesh(t.num_devices))
+  except ValueError as e:
+    raise ValueError(f"lm.data.batch_size: {e}") from None
+
+
 @workdir_lib.exclusive_workdir
 def run_curriculum(config, workdir: str) -> dict[str, Any]:
+  validate_config(config)
   texts = recon.load_texts(config)
   report: dict[str, Any] = {"source": config.data.source}
   vocab_dir = os.path.join(workdir, "vocab")

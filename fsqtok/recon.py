@@ -110,6 +110,15 @@ def validate_config(config) -> None:
       raise ValueError(f"train.{name} must be >= 1, got {getattr(t, name)}.")
   if config.model.max_len > 255:
     raise ValueError("model.max_len must be <= 255 (piece lengths are stored as uint8).")
+  try:
+    codec_lib.codec_from_config(config.model).fsq  # levels >= 2, an int32 codebook
+  except ValueError as e:
+    raise ValueError(f"model.levels: {e}") from None
+  try:
+    sharding_lib.check_batch_size(config.data.batch_size,
+                                  sharding_lib.data_mesh(config.train.num_devices))
+  except ValueError as e:
+    raise ValueError(f"data.batch_size: {e}") from None
 
 
 def restore_latest(config, workdir: str):

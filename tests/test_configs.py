@@ -1,3 +1,4 @@
+import os
 import chex
 import jax
 import numpy as np
@@ -51,3 +52,27 @@ def test_lm_configs_build_their_model(module, arg):
   assert config.lm.data.seq_len <= config.lm.model.max_len or config.lm.model.positions == "rope"
   if config.lm.model.embedding == "codec":
     assert "codec" in shapes["params"]
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("data.batch_size", 12, r"data.batch_size: Batch size 12 must be divisible by the 8"),
+    ("model.levels", (8, 1, 5), r"model.levels: FSQ levels must be .* >= 2"),
+    ("vocab.size", 200, r"vocab_size=200 leaves no room"),
+    ("lm.model.embedding", "tabel", r"lm.model.embedding='tabel' is unknown"),
+    ("lm.model.head", "tide", r"lm.model.head='tide' is unknown"),
+    ("lm.train.num_steps", -1, r"lm.train.num_steps must be >= 0"),
+    ("train.num_steps", -5, r"train.num_steps must be >= 1"),
+    ("lm.data.batch_size", 6, r"lm.data.batch_size: Batch size 6"),
+])
+def test_a_bad_curriculum_config_stops_before_any_work(field, value, message, tmp_path):
+  from configs import curriculum as curriculum_config  # pylint: disable=g-import-not-at-top
+  from fsqtok import curriculum  # pylint: disable=g-import-not-at-top
+  config = curriculum_config.get_config("tiny")
+  config.data.source = f"files:{tmp_path}/does-not-exist/*.txt"  # never read
+  node, *path = config, *field.split(".")
+  for name in path[:-1]:
+    node = node[name]
+  node[path[-1]] = value
+  with pytest.raises(ValueError, match=message):
+    curriculum.run_curriculum(config, str(tmp_path / "work"))
+  assert os.listdir(tmp_path / "work") == []  # nothing written (the lock is gone)
