@@ -219,7 +219,9 @@ def main(argv=None) -> None:
   args = build_parser().parse_args(argv)
   try:
     args.func(args)
-  except (FileNotFoundError, ValueError, workdir_lib.WorkdirInUse) as e:
+  except (OSError, ValueError, workdir_lib.WorkdirInUse) as e:
+    # a missing or damaged input, an unwritable or full output (files are written to a
+    # temporary name and renamed, so nothing half-written is left), a bad setting
     raise SystemExit(f"fsqtok {args.command}: {e}") from None
 
 

@@ -69,6 +69,23 @@ def test_decode_of_an_unknown_id_is_one_line(trained, tmp_path, monkeypatch):
     cli.main(["decode", "--tokenizer", str(trained), str(ids)])
 
 
+def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(trained, tmp_path,
+                                                                 monkeypatch):
+  real_fdopen = os.fdopen
+
+  def full_disk(fd, mode="r", *args, **kwargs):
+    f = real_fdopen(fd, mode, *args, **kwargs)
+    if "w" in mode:
+      f.write = lambda data: (_ for _ in ()).throw(OSError(28, "No space left on device"))
+    return f
+
+  monkeypatch.setattr(os, "fdopen", full_disk)
+  with pytest.raises(SystemExit, match=r"^fsqtok inspect: \[Errno 28\] No space left"):
+    cli.main(["inspect", str(trained), "--out", str(tmp_path / "report")])
+  monkeypatch.undo()
+  assert not [p for p in (tmp_path / "report").iterdir() if "inspect.txt" in p.name]
+
+
 def test_inspect_writes_report_and_plot(trained, capsys):
   cli.main(["inspect", str(trained)])
   report = (trained / "inspect.txt").read_text()
