@@ -44,6 +44,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.source = "builtin"      # builtin | files:GLOB | tfds:NAME[:SPLIT]
   c.data.tfds_data_dir = ""      # "" = the TFDS default (~/tensorflow_datasets)
   c.data.text_key = "text"       # the text feature of a tfds: dataset
+  c.data.invalid_utf8 = "error"  # bytes of files: that are not UTF-8: error | replace |
+                                 # skip_document (the counts go into the reports)
   c.data.val_fraction = 0.05
   c.data.split_seed = 0
   c.data.block_chars = 2048      # documents are split into blocks before train/validation

@@ -46,6 +46,8 @@ def _train_tokenizer(args) -> None:
     config.tokenizer.vocabulary = args.vocabulary
   if args.sample_mb:
     config.tokenizer.sample_chars = int(args.sample_mb * 1e6)
+  if args.invalid_utf8:
+    config.data.invalid_utf8 = args.invalid_utf8
   workdir = args.workdir or os.path.join(args.out.rstrip("/") + ".work")
   tok, analysis = train_tokenizer(config, workdir, args.vocab_size, args.out)
   if "codec_exact_strings" in analysis:
@@ -195,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
   t.add_argument("--sample-mb", type=float, default=0,
                  help="train the vocabulary on a seeded sample of about this many MB of "
                       "the training text (tokenizer.sample_chars; 0: all of it)")
+  t.add_argument("--invalid-utf8", choices=("error", "replace", "skip_document"),
+                 help="bytes of the corpus files that are not UTF-8: stop (the config's "
+                      "default), U+FFFD, or leave the file out (data.invalid_utf8)")
   t.add_argument("--vocabulary", choices=("unigram", "codec_exact"),
                  help="override tokenizer.vocabulary (default: the config's, unigram)")
   t.set_defaults(func=_train_tokenizer)

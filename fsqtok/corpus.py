@@ -12,6 +12,11 @@ Sources are looked up by scheme in `SOURCES`:
 `split_documents` loads a corpus whole; `stream_split` gives the same blocks as
 re-iterable `BlockStream`s that read ``files:`` corpora from disk a few MB at a time, so
 the tokenizer build's memory does not grow with the corpus.
+
+Bytes of a ``files:`` corpus that are not UTF-8 follow ``invalid_utf8`` (`INVALID_UTF8`):
+``"error"`` (the default: stop, naming the file and byte), ``"replace"`` (each bad
+sequence becomes U+FFFD) or ``"skip_document"`` (the whole file is left out);
+`invalid_utf8_counts` says how many bytes that changed, for the run's report.
 """
 from __future__ import annotations
 
@@ -19,9 +24,42 @@ import ast
 import codecs
 import functools
 import hashlib
+import os
 import pathlib
 import sysconfig
+import threading
 from typing import Callable, Iterable, Iterator
+
+INVALID_UTF8 = ("error", "replace", "skip_document")
+_BAD_BYTES = threading.local()
+
+
+def _count_and_replace(e: UnicodeDecodeError):
+  _BAD_BYTES.n = getattr(_BAD_BYTES, "n", 0) + (e.end - e.start)
+  return "\ufffd", e.end
+
+
+codecs.register_error("fsqtok.count_replace", _count_and_replace)
+
+
+def check_invalid_utf8(policy: str) -> None:
+  if policy not in INVALID_UTF8:
+    raise ValueError(f"data.invalid_utf8={policy!r} is unknown: use one of {INVALID_UTF8}.")
+
+
+def decode_document(raw: bytes, path: str, policy: str = "error") -> tuple[str | None, int]:
+  """``(text, bad bytes)`` of a file's bytes under ``policy``; text None: skipped."""
+  check_invalid_utf8(policy)
+  try:
+    return raw.decode("utf-8"), 0
+  except UnicodeDecodeError as e:
+    if policy == "error":
+      raise not_utf8_error(path, e.start, e.reason) from None
+    if policy == "skip_document":
+      return None, len(raw)
+  _BAD_BYTES.n = 0
+  text = raw.decode("utf-8", "fsqtok.count_replace")
+  return text, _BAD_BYTES.n
 
 _STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3",
                 "turtledemo", "__pycache__"}
@@ -48,24 +86,29 @@ def _builtin_documents() -> tuple[str, ...]:
   return tuple(docs)
 
 
-def _load_builtin(arg: str, *, data_dir: str | None, text_key: str) -> list[str]:
-  del data_dir, text_key
+def _load_builtin(arg: str, *, data_dir: str | None, text_key: str,
+                  invalid_utf8: str) -> list[str]:
+  del data_dir, text_key, invalid_utf8
   if arg:
     raise ValueError(f"'builtin' takes no argument, got 'builtin:{arg}'.")
   return list(_builtin_documents())
 
 
-def _load_files(pattern: str, *, data_dir: str | None, text_key: str) -> list[str]:
+def _load_files(pattern: str, *, data_dir: str | None, text_key: str,
+                invalid_utf8: str) -> list[str]:
   del text_key
   if not pattern:
     raise ValueError("'files:' needs a glob, e.g. files:data/*.txt")
   from fsqtok import files_dataset  # pylint: disable=g-import-not-at-top
-  source = files_dataset.files_builder(pattern, data_dir).as_data_source(split="train")
+  source = files_dataset.files_builder(pattern, data_dir, invalid_utf8).as_data_source(
+      split="train")
   records = sorted((_as_text(r["path"]), _as_text(r["text"])) for r in source)
   return [text for _, text in records]  # in path order, not the storage's order
 
 
-def _load_tfds(arg: str, *, data_dir: str | None, text_key: str) -> list[str]:
+def _load_tfds(arg: str, *, data_dir: str | None, text_key: str,
+               invalid_utf8: str) -> list[str]:
+  del invalid_utf8  # TFDS text features are decoded by TFDS
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   name, _, split = arg.partition(":")
   if not name:
@@ -96,14 +139,16 @@ SOURCES: dict[str, Callable[..., list[str]]] = {
 }
 
 
-def load_documents(spec: str, *, data_dir: str | None = None, text_key: str = "text"
-                   ) -> list[str]:
+def load_documents(spec: str, *, data_dir: str | None = None, text_key: str = "text",
+                   invalid_utf8: str = "error") -> list[str]:
   """Documents of the corpus ``spec`` (``builtin``, ``files:GLOB`` or ``tfds:NAME``)."""
   scheme, _, arg = spec.partition(":")
   if scheme not in SOURCES:
     raise ValueError(f"Unknown corpus {spec!r}: use one of 'builtin', 'files:GLOB', "
                      f"'tfds:NAME'.")
-  docs = [d for d in SOURCES[scheme](arg, data_dir=data_dir, text_key=text_key) if d]
+  check_invalid_utf8(invalid_utf8)
+  docs = [d for d in SOURCES[scheme](arg, data_dir=data_dir, text_key=text_key,
+                                     invalid_utf8=invalid_utf8) if d]
   if not docs:
     raise ValueError(f"Corpus {spec!r} is empty: it has no non-empty document. "
                      f"Point it at text files with content.")
@@ -223,13 +268,31 @@ READ_BYTES = 1 << 22  # a streamed file is read this many bytes at a time
 def not_utf8_error(path: str, byte: int, reason: str) -> ValueError:
   """The error for a corpus file that is not UTF-8 (nothing is decoded by guessing)."""
   return ValueError(f"{path} is not UTF-8 text (byte {byte}: {reason}). Convert it first, "
-                    f"e.g. iconv -f latin1 -t utf-8 {path} > {path}.utf8")
+                    f"e.g. iconv -f latin1 -t utf-8 {path} > {path}.utf8, or set "
+                    f"data.invalid_utf8 (--invalid-utf8) to 'replace' or 'skip_document'.")
 
 
-def read_blocks(path: str, block_chars: int) -> Iterator[str]:
-  """The blocks of a UTF-8 text file, exactly those of ``split_blocks(whole text)``, read
-  ``READ_BYTES`` at a time. Text that is not UTF-8 is an error naming the file and byte."""
+def _is_utf8(path: str) -> bool:
   decoder = codecs.getincrementaldecoder("utf-8")("strict")
+  with open(path, "rb") as f:
+    try:
+      while raw := f.read(READ_BYTES):
+        decoder.decode(raw)
+      decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+      return False
+  return True
+
+
+def read_blocks(path: str, block_chars: int, invalid_utf8: str = "error") -> Iterator[str]:
+  """The blocks of a UTF-8 text file, exactly those of ``split_blocks(whole text)``, read
+  ``READ_BYTES`` at a time. Bytes that are not UTF-8 follow ``invalid_utf8``: an error
+  naming the file and byte, U+FFFD, or no blocks from this file."""
+  check_invalid_utf8(invalid_utf8)
+  if invalid_utf8 == "skip_document" and not _is_utf8(path):
+    return
+  decoder = codecs.getincrementaldecoder("utf-8")(
+      "fsqtok.count_replace" if invalid_utf8 == "replace" else "strict")
   text, start, offset = "", 0, 0
   with open(path, "rb") as f:
     while True:
@@ -251,14 +314,15 @@ def read_blocks(path: str, block_chars: int) -> Iterator[str]:
 
 
 def stream_split(spec: str, *, data_dir: str | None = None, text_key: str = "text",
-                 val_fraction: float, seed: int, block_chars: int
-                 ) -> tuple[BlockStream, BlockStream]:
+                 val_fraction: float, seed: int, block_chars: int,
+                 invalid_utf8: str = "error") -> tuple[BlockStream, BlockStream]:
   """The train and validation blocks of `split_documents` for the corpus ``spec``, as
   `BlockStream`s: ``files:`` corpora are read block by block from disk on each pass
   (bounded memory at any size), other sources are loaded once and held."""
   scheme, _, arg = spec.partition(":")
   if scheme != "files":
-    train, val = split_documents(load_documents(spec, data_dir=data_dir, text_key=text_key),
+    train, val = split_documents(load_documents(spec, data_dir=data_dir, text_key=text_key,
+                                                invalid_utf8=invalid_utf8),
                                  val_fraction=val_fraction, seed=seed, block_chars=block_chars)
     return BlockStream(lambda: train), BlockStream(lambda: val)
   if not arg:
@@ -270,8 +334,35 @@ def stream_split(spec: str, *, data_dir: str | None = None, text_key: str = "tex
 
   def side(is_val: bool) -> Iterator[str]:
     for path in paths:
-      for block in read_blocks(path, block_chars):
+      for block in read_blocks(path, block_chars, invalid_utf8):
         if (_unit_hash(block, str(seed)) < val_fraction) == is_val:
           yield block
 
   return BlockStream(lambda: side(False)), BlockStream(lambda: side(True))
+
+
+def invalid_utf8_counts(spec: str, invalid_utf8: str) -> dict[str, int | str]:
+  """What ``invalid_utf8`` changed in a ``files:`` corpus (for reports): bytes replaced,
+  files skipped and their bytes. One reading pass, made only when the policy is not
+  ``"error"`` (under ``"error"`` nothing can have changed)."""
+  check_invalid_utf8(invalid_utf8)
+  counts: dict[str, int | str] = {"policy": invalid_utf8, "replaced_bytes": 0,
+                                  "skipped_documents": 0, "skipped_bytes": 0}
+  scheme, _, arg = spec.partition(":")
+  if scheme != "files" or invalid_utf8 == "error":
+    return counts
+  from fsqtok import files_dataset  # pylint: disable=g-import-not-at-top
+  for path in files_dataset.resolve_glob(arg):
+    if invalid_utf8 == "skip_document":
+      if not _is_utf8(path):
+        counts["skipped_documents"] += 1
+        counts["skipped_bytes"] += os.path.getsize(path)
+      continue
+    decoder = codecs.getincrementaldecoder("utf-8")("fsqtok.count_replace")
+    _BAD_BYTES.n = 0
+    with open(path, "rb") as f:
+      while raw := f.read(READ_BYTES):
+        decoder.decode(raw)
+    decoder.decode(b"", final=True)
+    counts["replaced_bytes"] += _BAD_BYTES.n
+  return counts

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fsqtok import corpus as corpus_lib
 from fsqtok import embeddings as embeddings_lib
 from fsqtok import evaluate as evaluate_lib
 from fsqtok import fuser as fuser_lib
@@ -141,6 +142,7 @@ def validate_config(config) -> None:
   """Every mistake a config can hold that would otherwise stop a run part-way: one
   ``ValueError`` naming the field, before any corpus is read or step is taken."""
   recon.validate_config(config)
+  corpus_lib.check_invalid_utf8(config.data.get("invalid_utf8", "error"))
   tokenizer_build.learned_size(config.vocab.size)
   m, t = config.lm.model, config.lm.train
   for field, names in (("embedding", embeddings_lib.EMBEDDINGS),
@@ -165,7 +167,9 @@ def validate_config(config) -> None:
 def run_curriculum(config, workdir: str) -> dict[str, Any]:
   validate_config(config)
   texts = recon.load_texts(config)
-  report: dict[str, Any] = {"source": config.data.source}
+  report: dict[str, Any] = {"source": config.data.source, "invalid_utf8":
+                            corpus_lib.invalid_utf8_counts(
+                                config.data.source, config.data.get("invalid_utf8", "error"))}
   vocab_dir = os.path.join(workdir, "vocab")
   pieces = codec_pieces(config, workdir, texts)
   if not os.path.exists(os.path.join(vocab_dir, VOCAB_FILE)):

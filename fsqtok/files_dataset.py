@@ -20,6 +20,7 @@ from fsqtok import corpus
 @dataclasses.dataclass
 class FilesTextConfig(tfds.core.BuilderConfig):
   paths: tuple[str, ...] = dataclasses.field(default=(), repr=False)
+  invalid_utf8: str = "error"  # fsqtok.corpus.INVALID_UTF8
 
 
 class FilesText(tfds.core.GeneratorBasedBuilder):
@@ -42,12 +43,8 @@ class FilesText(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self):
     for i, path in enumerate(self.builder_config.paths):
       with open(path, "rb") as f:
-        raw = f.read()
-      try:
-        text = raw.decode("utf-8")
-      except UnicodeDecodeError as e:
-        raise corpus.not_utf8_error(path, e.start, e.reason) from None
-      yield i, {"text": text, "path": path}
+        text, _ = corpus.decode_document(f.read(), path, self.builder_config.invalid_utf8)
+      yield i, {"text": text or "", "path": path}  # a skipped file: no text
 
 
 def resolve_glob(pattern: str) -> tuple[str, ...]:
@@ -61,15 +58,19 @@ def resolve_glob(pattern: str) -> tuple[str, ...]:
   return tuple(paths)
 
 
-def files_builder(pattern: str, data_dir: str | None = None) -> FilesText:
-  """The prepared builder for the files matching ``pattern`` (prepared on first use)."""
+def files_builder(pattern: str, data_dir: str | None = None, invalid_utf8: str = "error"
+                  ) -> FilesText:
+  """The prepared builder for the files matching ``pattern`` (prepared on first use;
+  ``invalid_utf8``: `fsqtok.corpus.INVALID_UTF8`, part of the prepared copy's name)."""
+  corpus.check_invalid_utf8(invalid_utf8)
   paths = resolve_glob(pattern)
   digest = hashlib.blake2b(digest_size=8)
   for p in paths:
     st = os.stat(p)
     digest.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-  config = FilesTextConfig(name=f"g{digest.hexdigest()}", paths=paths,
-                           description=f"files:{pattern}")
+  suffix = "" if invalid_utf8 == "error" else f"-{invalid_utf8.replace('_', '-')}"
+  config = FilesTextConfig(name=f"g{digest.hexdigest()}{suffix}", paths=paths,
+                           invalid_utf8=invalid_utf8, description=f"files:{pattern}")
   builder = FilesText(config=config, data_dir=data_dir, file_format="array_record")
   builder.download_and_prepare()
   return builder

@@ -76,7 +76,8 @@ def load_texts(config) -> tuple[list[str], list[str]]:
   """Train and validation texts of ``config.data.source`` (deterministic split)."""
   d = config.data
   docs = corpus_lib.load_documents(d.source, data_dir=d.tfds_data_dir or None,
-                                   text_key=d.text_key)
+                                   text_key=d.text_key,
+                                   invalid_utf8=d.get("invalid_utf8", "error"))
   return corpus_lib.split_documents(docs, val_fraction=d.val_fraction, seed=d.split_seed,
                                     block_chars=d.block_chars)
 
@@ -277,6 +278,8 @@ def train_recon(config, workdir: str,
   final_train = evaluate_lib.evaluate(model, state.params, train_pieces, **eval_kw)
   report = {
       "source": config.data.source, "steps": int(t.num_steps),
+      "invalid_utf8": corpus_lib.invalid_utf8_counts(
+          config.data.source, config.data.get("invalid_utf8", "error")),
       "devices": f"{mesh.size} x {jax.devices()[0].device_kind}",
       "validation": final_val, "train": final_train,
       "validation_bytes_in_seen_pieces": evaluate_lib.seen_byte_share(val_pieces, train_pieces),

@@ -182,13 +182,16 @@ def train_tokenizer(config, workdir: str, vocab_size: int, out_dir: str, *,
     d = config.data
     train_blocks = texts[0] if texts else corpus_lib.stream_split(
         d.source, data_dir=d.tfds_data_dir or None, text_key=d.text_key,
-        val_fraction=d.val_fraction, seed=d.split_seed, block_chars=d.block_chars)[0]
+        val_fraction=d.val_fraction, seed=d.split_seed, block_chars=d.block_chars,
+        invalid_utf8=d.get("invalid_utf8", "error"))[0]
     if not corpus_lib.total_chars(train_blocks):
       raise ValueError(f"Corpus {d.source!r} has no training text (empty files, or every "
                        f"block held out): add text or lower data.val_fraction.")
     tok, analysis, params = _unigram_build(config, workdir, size, train_blocks, mesh)
   analysis = {**analysis, "requested_vocab_size": vocab_size, "vocab_size": len(tok),
-              "source": config.data.source}
+              "source": config.data.source,
+              "invalid_utf8": corpus_lib.invalid_utf8_counts(
+                  config.data.source, config.data.get("invalid_utf8", "error"))}
   tok.save(out_dir, extra_files={
       "codec.msgpack": serialization.to_bytes(params),
       "codec_config.json": json.dumps(config.model.to_dict(), indent=2).encode(),

@@ -95,6 +95,29 @@ def test_streamed_text_that_is_not_utf8_is_an_error_naming_file_and_byte(tmp_pat
       corpus.load_documents(f"files:{tmp_path}/{name}", data_dir=str(tmp_path / "tfds"))
 
 
+def test_invalid_utf8_replace_or_skip_as_asked_with_counts(tmp_path):
+  (tmp_path / "a.txt").write_bytes(b"good text\n" * 3 + "caf\u00e9 ok".encode("latin-1"))
+  (tmp_path / "b.txt").write_bytes("all fine \u00e9\n".encode("utf-8"))
+  (tmp_path / "c.bin").write_bytes(b"\xff\xfe\x00\x81 binary" * 3)
+  spec, data_dir = f"files:{tmp_path}/*", str(tmp_path / "tfds")
+  kw = dict(val_fraction=0.0, seed=0, block_chars=8)
+  replaced = corpus.load_documents(spec, data_dir=data_dir, invalid_utf8="replace")
+  assert replaced[0] == "good text\n" * 3 + "caf\ufffd ok" and replaced[1] == "all fine \u00e9\n"
+  assert "".join(corpus.stream_split(spec, invalid_utf8="replace", **kw)[0]) == "".join(replaced)
+  assert corpus.invalid_utf8_counts(spec, "replace") == {
+      "policy": "replace", "replaced_bytes": 1 + 3 * 3, "skipped_documents": 0,
+      "skipped_bytes": 0}
+  kept = corpus.load_documents(spec, data_dir=data_dir, invalid_utf8="skip_document")
+  assert kept == ["all fine \u00e9\n"]
+  assert "".join(corpus.stream_split(spec, invalid_utf8="skip_document", **kw)[0]) == kept[0]
+  assert corpus.invalid_utf8_counts(spec, "skip_document") == {
+      "policy": "skip_document", "replaced_bytes": 0, "skipped_documents": 2,
+      "skipped_bytes": 37 + 11 * 3}
+  assert corpus.invalid_utf8_counts(spec, "error")["replaced_bytes"] == 0
+  with pytest.raises(ValueError, match="invalid_utf8='guess' is unknown"):
+    corpus.load_documents(spec, data_dir=data_dir, invalid_utf8="guess")
+
+
 def test_files_source_goes_through_the_tfds_builder(text_files, tmp_path):
   data_dir = tmp_path / "tfds"
   docs = corpus.load_documents(f"files:{text_files}/*.txt", data_dir=str(data_dir))

@@ -50,6 +50,8 @@ def test_unigram_build_end_to_end_and_resume(doc_files, tmp_path):
   tok, report = tokenizer_build.train_tokenizer(config, str(work), 600, str(out))
   assert tok.model == "unigram" and len(tok) == report["vocab_size"] == 600  # filled
   assert len(tok.phrases) == report["phrases"] == round(0.1 * (600 - 13 - 256))
+  assert report["invalid_utf8"] == {"policy": "error", "replaced_bytes": 0,
+                                    "skipped_documents": 0, "skipped_bytes": 0}
   assert sorted(p.name for p in out.iterdir()) == [
       "codec.msgpack", "codec_config.json", "tokenizer.json", "vocab_report.json"]
   codes = [tok.id_to_code(i) for i in tok.learned_ids]
