@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import recon as recon_config  # noqa: E402
 from fsqtok import codec as codec_lib  # noqa: E402
+from fsqtok import candidates as candidates_lib  # noqa: E402
 from fsqtok import recon  # noqa: E402
 from fsqtok import sharding as sharding_lib  # noqa: E402
 from fsqtok.data import PieceBatcher  # noqa: E402
@@ -75,7 +76,7 @@ def bench(arg: str, batches, infer_bytes, infer_lengths):
 def main(argv):
   del argv
   config = recon_config.get_config("")
-  train_pieces, _ = recon.load_pieces(config)
+  train_pieces, _ = candidates_lib.load_pieces(config)
   batcher = PieceBatcher(train_pieces, _BATCH.value, seed=0)
   batches = [next(batcher) for _ in range(8)]
   infer = PieceBatcher(train_pieces, _INFER_BATCH.value, seed=1)

@@ -50,6 +50,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fsqtok import baselines  # noqa: E402
+from fsqtok import candidates as candidates_lib  # noqa: E402
 from fsqtok import corpus as corpus_lib  # noqa: E402
 from fsqtok import curriculum  # noqa: E402
 from fsqtok import generate as generate_lib  # noqa: E402
@@ -345,12 +346,12 @@ def main(argv):
   for corpus, spec in corpora.items():
     c = config.copy_and_resolve_references()
     c.data.source = spec
-    texts = recon.load_texts(c)
+    texts = corpus_lib.load_split(c.data)
     codec_exact = c.tokenizer.vocabulary == "codec_exact"
     if codec_exact and corpus not in codec_dirs:
       raise app.UsageError(f"tokenizer.vocabulary='codec_exact' needs a codec run: give "
                            f"codec_workdirs={corpus}=DIR.")
-    pieces = recon.load_pieces(c, texts) if codec_exact else None
+    pieces = candidates_lib.load_pieces(c, texts) if codec_exact else None
     codec = None
     byte_runs = {}  # raw bytes under the bytes budget do not depend on the vocabulary size
     for vocab in config.vocab_sizes:

@@ -36,7 +36,7 @@ from fsqtok import fuser_train  # noqa: E402
 from fsqtok import lm as lm_lib  # noqa: E402
 from fsqtok import lm_data  # noqa: E402
 from fsqtok import lm_train  # noqa: E402
-from fsqtok import recon  # noqa: E402
+from fsqtok import corpus as corpus_lib  # noqa: E402
 from fsqtok import wordnet  # noqa: E402
 from fsqtok import workdir as workdir_lib  # noqa: E402
 from fsqtok.tokenizer import VOCAB_FILE, Tokenizer  # noqa: E402
@@ -249,7 +249,7 @@ def run(config, workdir: str, wordnet_dir: str) -> dict:
   wordnet.check_database(wordnet_dir, tuple(config.eval.pos))
   start = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)
-  texts = recon.load_texts(config)
+  texts = corpus_lib.load_split(config.data)
   tok, tok_kind = load_tokenizer(config, texts[0], workdir)
   streams = [lm_data.token_stream(tok, texts[0])]
   a = config.fuser.ambiguity

@@ -17,6 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import recon as recon_config  # noqa: E402
 from fsqtok import evaluate as evaluate_lib  # noqa: E402
 from fsqtok import pieces as pieces_lib  # noqa: E402
+from fsqtok import candidates as candidates_lib  # noqa: E402
+from fsqtok import corpus as corpus_lib  # noqa: E402
 from fsqtok import recon  # noqa: E402
 from fsqtok import sharding as sharding_lib  # noqa: E402
 from fsqtok import vocab as vocab_lib  # noqa: E402
@@ -41,8 +43,8 @@ def main(argv):
   for spec, workdir in zip(_CORPORA.value, _WORKDIRS.value):
     config = recon_config.get_config(_CONFIG.value)
     config.data.source, config.data.tfds_data_dir = spec, _TFDS_DIR.value
-    texts = recon.load_texts(config)
-    train_pieces, _ = recon.load_pieces(config, texts)
+    texts = corpus_lib.load_split(config.data)
+    train_pieces, _ = candidates_lib.load_pieces(config, texts)
     model, params = recon.load_trained_codec(config, workdir)
     stats = evaluate_lib.compute_piece_stats(
         model, params, train_pieces, batch_size=config.train.eval_batch_size,

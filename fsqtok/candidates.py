@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 from typing import Iterable, Sequence
 
+from fsqtok import corpus as corpus_lib
 from fsqtok import pieces as pieces_lib
 from fsqtok.data import PieceSet
 
@@ -89,3 +90,23 @@ def candidate_set(texts: Sequence[str], *, max_bytes: int, max_span_pieces: int,
   chosen = select_candidates(counts, min_count=min_count, max_candidates=max_candidates,
                              kinds=kinds)
   return PieceSet.from_counts(chosen, max_bytes)
+
+
+def pieces_of(config, texts: list[str]) -> PieceSet:
+  """What the codec learns from ``texts`` under ``config.data.candidates``: their pieces
+  (``"pieces"``) or the adaptive-granularity candidates of `candidate_set`
+  (``"adaptive"``)."""
+  d, max_len = config.data, config.model.max_len
+  if d.candidates == "pieces":
+    return PieceSet.from_texts(texts, max_len)
+  if d.candidates == "adaptive":
+    return candidate_set(texts, max_bytes=max_len, max_span_pieces=d.max_span_pieces,
+                         min_count=d.min_count, max_candidates=d.max_candidates)
+  raise ValueError(f"Unknown data.candidates {d.candidates!r}: use 'pieces' or 'adaptive'.")
+
+
+def load_pieces(config, texts: tuple[list[str], list[str]] | None = None
+                ) -> tuple[PieceSet, PieceSet]:
+  """Train and validation `PieceSet` of ``config`` (``texts``: its split, if loaded)."""
+  train_texts, val_texts = texts if texts is not None else corpus_lib.load_split(config.data)
+  return pieces_of(config, train_texts), pieces_of(config, val_texts)

@@ -155,6 +155,16 @@ def load_documents(spec: str, *, data_dir: str | None = None, text_key: str = "t
   return docs
 
 
+def load_split(data_config) -> tuple[list[str], list[str]]:
+  """Train and validation texts of a ``config.data`` (its source, split fraction, seed,
+  block size and text policy): `load_documents` then `split_documents`."""
+  d = data_config
+  docs = load_documents(d.source, data_dir=d.tfds_data_dir or None, text_key=d.text_key,
+                        invalid_utf8=d.get("invalid_utf8", "error"))
+  return split_documents(docs, val_fraction=d.val_fraction, seed=d.split_seed,
+                         block_chars=d.block_chars)
+
+
 def parse_named(spec: str, what: str = "corpora") -> dict[str, str]:
   """``"a=builtin,b=files:x.txt"`` -> ``{"a": "builtin", "b": "files:x.txt"}``."""
   out = {}

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fsqtok import candidates as candidates_lib
 from fsqtok import corpus as corpus_lib
 from fsqtok import embeddings as embeddings_lib
 from fsqtok import evaluate as evaluate_lib
@@ -101,10 +102,10 @@ def load_lm(config, workdir: str):
   codec, _ = recon.load_trained_codec(config, workdir)
   counts = None
   if config.lm.model.embedding == "bespoke":
-    counts = lm_train.LMData(tok, recon.load_texts(config), config.lm.data.seq_len
+    counts = lm_train.LMData(tok, corpus_lib.load_split(config.data), config.lm.data.seq_len
                              ).token_counts(len(tok))
   model = build_lm(config, tok, codec, counts,
-                   fuser_ambiguous_ids(config, workdir, tok, lambda: recon.load_texts(config)[0]))
+                   fuser_ambiguous_ids(config, workdir, tok, lambda: corpus_lib.load_split(config.data)[0]))
   phase = "joint" if os.path.exists(os.path.join(workdir, "joint", lm_train.PARAMS_FILE)) else "lm"
   init = lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
   return tok, model, lm_train.load_phase_params(os.path.join(workdir, phase), init)
@@ -131,7 +132,7 @@ def codec_pieces(config, workdir: str, texts) -> tuple[PieceSet, PieceSet]:
   vocabulary's strings (trained once, kept in ``workdir``), or the codec-exact build's
   candidates."""
   if config.tokenizer.vocabulary == "codec_exact":
-    return recon.load_pieces(config, texts)
+    return candidates_lib.load_pieces(config, texts)
   vocab, _ = tokenizer_build.unigram_vocabulary(config, workdir, texts[0],
                                                 tokenizer_build.learned_size(config.vocab.size))
   strings = tokenizer_build.vocabulary_pieces(vocab, config.model.max_len)
@@ -166,7 +167,7 @@ def validate_config(config) -> None:
 @workdir_lib.exclusive_workdir
 def run_curriculum(config, workdir: str) -> dict[str, Any]:
   validate_config(config)
-  texts = recon.load_texts(config)
+  texts = corpus_lib.load_split(config.data)
   report: dict[str, Any] = {"source": config.data.source, "invalid_utf8":
                             corpus_lib.invalid_utf8_counts(
                                 config.data.source, config.data.get("invalid_utf8", "error"))}

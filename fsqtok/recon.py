@@ -72,36 +72,6 @@ def compile_train_step(mesh, donate: bool = True):
                  donate_argnums=(0,) if donate else ())
 
 
-def load_texts(config) -> tuple[list[str], list[str]]:
-  """Train and validation texts of ``config.data.source`` (deterministic split)."""
-  d = config.data
-  docs = corpus_lib.load_documents(d.source, data_dir=d.tfds_data_dir or None,
-                                   text_key=d.text_key,
-                                   invalid_utf8=d.get("invalid_utf8", "error"))
-  return corpus_lib.split_documents(docs, val_fraction=d.val_fraction, seed=d.split_seed,
-                                    block_chars=d.block_chars)
-
-
-def pieces_of(config, texts: list[str]) -> PieceSet:
-  """What the codec learns from ``texts``: their pieces (``data.candidates="pieces"``)
-  or the adaptive-granularity candidates (``"adaptive"``, `fsqtok.candidates`)."""
-  d, max_len = config.data, config.model.max_len
-  if d.candidates == "pieces":
-    return PieceSet.from_texts(texts, max_len)
-  if d.candidates == "adaptive":
-    return candidates_lib.candidate_set(
-        texts, max_bytes=max_len, max_span_pieces=d.max_span_pieces,
-        min_count=d.min_count, max_candidates=d.max_candidates)
-  raise ValueError(f"Unknown data.candidates {d.candidates!r}: use 'pieces' or 'adaptive'.")
-
-
-def load_pieces(config, texts: tuple[list[str], list[str]] | None = None
-                ) -> tuple[PieceSet, PieceSet]:
-  """Train and validation `PieceSet` of ``config.data`` (``texts``: its split, if loaded)."""
-  train_texts, val_texts = texts if texts is not None else load_texts(config)
-  return pieces_of(config, train_texts), pieces_of(config, val_texts)
-
-
 def validate_config(config) -> None:
   t = config.train
   if t.num_steps < 1:
@@ -212,7 +182,8 @@ def train_recon(config, workdir: str,
   mesh = sharding_lib.data_mesh(t.num_devices)
   sharding_lib.check_batch_size(config.data.batch_size, mesh)
   model = codec_lib.codec_from_config(config.model)
-  train_pieces, val_pieces = pieces if pieces is not None else load_pieces(config)
+  train_pieces, val_pieces = (pieces if pieces is not None
+                              else candidates_lib.load_pieces(config))
   batcher = PieceBatcher(train_pieces, config.data.batch_size, seed=config.seed,
                          weighting=config.data.weighting)
 

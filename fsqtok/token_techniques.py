@@ -36,7 +36,6 @@ from fsqtok import corpus as corpus_lib
 from fsqtok import lm as lm_lib
 from fsqtok import lm_train
 from fsqtok import optimizer as optimizer_lib
-from fsqtok import recon
 from fsqtok import soft_prompt
 from fsqtok import token_importance
 from fsqtok import token_roles
@@ -57,7 +56,7 @@ def load_corpora(config) -> dict[str, tuple[list[str], list[str]]]:
   for name, source in parse_corpora(config.corpora).items():
     c = config.copy_and_resolve_references()
     c.data.source = source
-    out[name] = recon.load_texts(c)
+    out[name] = corpus_lib.load_split(c.data)
   return out
 
 

@@ -28,6 +28,7 @@ import numpy as np
 from flax import serialization
 from tqdm.auto import tqdm
 
+from fsqtok import candidates as candidates_lib
 from fsqtok import corpus as corpus_lib
 from fsqtok import evaluate as evaluate_lib
 from fsqtok import recon
@@ -176,7 +177,7 @@ def train_tokenizer(config, workdir: str, vocab_size: int, out_dir: str, *,
     raise ValueError(f"Unknown tokenizer.vocabulary {kind!r}: use one of {VOCABULARIES}.")
   mesh = sharding_lib.data_mesh(config.train.num_devices)
   if kind == "codec_exact":
-    texts = texts or recon.load_texts(config)
+    texts = texts or corpus_lib.load_split(config.data)
     tok, analysis, params = _codec_exact(config, workdir, size, texts, pieces, mesh)
   else:
     d = config.data
@@ -201,7 +202,7 @@ def train_tokenizer(config, workdir: str, vocab_size: int, out_dir: str, *,
 
 
 def _codec_exact(config, workdir, size, texts, pieces, mesh):
-  pieces = pieces or recon.load_pieces(config, texts)
+  pieces = pieces or candidates_lib.load_pieces(config, texts)
   recon.train_recon(config, workdir, pieces)
   model, params = recon.load_trained_codec(config, workdir)
   table, analysis = vocab_lib.build_code_vocabulary(

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from conftest import tiny_recon_config
-from fsqtok import recon
+from fsqtok import corpus as corpus_lib
 from fsqtok import tokenizer_build
 from fsqtok.tokenizer import Tokenizer
 
@@ -67,7 +67,7 @@ def test_unigram_build_end_to_end_and_resume(doc_files, tmp_path):
   again, _ = tokenizer_build.train_tokenizer(config, str(work), 600, str(tmp_path / "tok2"))
   assert all(again.id_to_code(i) == tok.id_to_code(i) for i in tok.learned_ids)
   # The files were streamed from disk: the same text and vocabulary as the corpus loaded.
-  train, _ = recon.load_texts(config)
+  train, _ = corpus_lib.load_split(config.data)
   assert report["counting"]["train_chars"] == sum(map(len, train))
   assert report["counting"]["sampled_blocks"] == len(train)
   in_memory = tokenizer_build.unigram_tokenizer(config, train, 600)

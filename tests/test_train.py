@@ -12,6 +12,7 @@ import pytest
 
 from conftest import REPO, tiny_recon_config
 from fsqtok import codec as codec_lib
+from fsqtok import candidates as candidates_lib
 from fsqtok import recon
 from fsqtok import sharding as sharding_lib
 from fsqtok.data import PieceBatcher
@@ -37,7 +38,7 @@ def _run_steps(config, mesh, batches, num_steps):
 
 def test_eight_devices_match_one(config):
   assert jax.device_count() == 8, "conftest should simulate 8 CPU devices"
-  train_pieces, _ = recon.load_pieces(config)
+  train_pieces, _ = candidates_lib.load_pieces(config)
   batcher = PieceBatcher(train_pieces, 64, seed=0)
   batches = [next(batcher) for _ in range(4)]
   params1, metrics1 = _run_steps(config, sharding_lib.data_mesh(1), batches, 4)

@@ -1,0 +1,103 @@
+"""How much of a unigram vocabulary the codec reconstructs exactly, and what moves it.
+
+  python experiments/codec_exactness.py --corpus=files:/work/corpora/docs.txt \
+      --vocab_size=32768 --steps=4000 \
+      --variants="base;optim.learning_rate=1e-2;model.embed_dim=128" \
+      --json_out=experiments/results/codec_exactness.json
+
+The vocabulary is built once (the tokenizer build's `unigram_vocabulary`, kept in
+``--workdir``), then the codec of ``configs/recon.py`` trains on exactly its strings
+once per variant (``;``-separated, each a ``,``-separated list of config overrides
+``field=value``; ``base``: the config as it is), as `fsqtok.tokenizer_build` does. Per
+variant: the share of the strings its encoder's code decodes back exactly, the same
+weighted by the strings' expected uses, the distinct codes among them, and the training
+wall time (run one variant at a time on an otherwise idle machine to compare times).
+"""
+import ast
+import os
+import sys
+import time
+
+import numpy as np
+from absl import app, flags, logging
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import recon as recon_config  # noqa: E402
+from fsqtok import corpus as corpus_lib  # noqa: E402
+from fsqtok import evaluate as evaluate_lib  # noqa: E402
+from fsqtok import recon  # noqa: E402
+from fsqtok import sharding as sharding_lib  # noqa: E402
+from fsqtok import tokenizer_build  # noqa: E402
+from fsqtok import workdir as workdir_lib  # noqa: E402
+
+_CORPUS = flags.DEFINE_string("corpus", "builtin", "Corpus spec.")
+_VOCAB = flags.DEFINE_integer("vocab_size", 8192, "Vocabulary size (every id).")
+_STEPS = flags.DEFINE_integer("steps", 4000, "Codec training steps of every variant.")
+_VARIANTS = flags.DEFINE_string("variants", "base", "';'-separated override lists.")
+_CONFIG = flags.DEFINE_string("config", "", "configs/recon.py argument.")
+_TFDS_DIR = flags.DEFINE_string("tfds_data_dir", "", "TFDS data dir for files: corpora.")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/codec_exactness", "Where runs go.")
+_JSON = flags.DEFINE_string("json_out", "", "Also write the rows here.")
+
+
+def apply_overrides(config, variant: str):
+  """``field=value,...`` on a ConfigDict (values parsed as Python literals)."""
+  for item in filter(None, variant.split(",")):
+    if item == "base":
+      continue
+    field, _, value = item.partition("=")
+    node, *path = config, *field.split(".")
+    for name in path[:-1]:
+      node = node[name]
+    old = node[path[-1]]
+    node[path[-1]] = value if isinstance(old, str) else type(old)(ast.literal_eval(value))
+  return config
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  base = recon_config.get_config(_CONFIG.value)
+  base.data.source, base.data.tfds_data_dir = _CORPUS.value, _TFDS_DIR.value
+  base.train.num_steps = _STEPS.value
+  base.train.eval_every = base.train.checkpoint_every = _STEPS.value
+  d = base.data
+  train, _ = corpus_lib.stream_split(d.source, data_dir=d.tfds_data_dir or None,
+                                     val_fraction=d.val_fraction, seed=d.split_seed,
+                                     block_chars=d.block_chars)
+  vocab, _ = tokenizer_build.unigram_vocabulary(
+      base, os.path.join(_WORKDIR.value, "vocab"), train,
+      tokenizer_build.learned_size(_VOCAB.value))
+  rows = []
+  print("| variant | strings | steps | exact strings | exact uses | distinct codes | "
+        "train s |\n|---|---|---|---|---|---|---|")
+  for i, variant in enumerate(v.strip() for v in _VARIANTS.value.split(";")):
+    config = apply_overrides(recon_config.get_config(_CONFIG.value), variant)
+    config.data.source, config.data.tfds_data_dir = d.source, d.tfds_data_dir
+    config.train.num_steps = _STEPS.value
+    config.train.eval_every = config.train.checkpoint_every = _STEPS.value
+    strings = tokenizer_build.vocabulary_pieces(vocab, config.model.max_len)
+    workdir = os.path.join(_WORKDIR.value, f"variant{i}")
+    tic = time.perf_counter()
+    recon.train_recon(config, workdir, (strings, strings))
+    seconds = time.perf_counter() - tic
+    model, params = recon.load_trained_codec(config, workdir)
+    stats = evaluate_lib.compute_piece_stats(
+        model, params, strings, batch_size=config.train.eval_batch_size,
+        mesh=sharding_lib.data_mesh(config.train.num_devices))
+    exact, counts = np.asarray(stats["exact"]), strings.counts_N
+    row = {"variant": variant, "corpus": d.source, "vocab_size": _VOCAB.value,
+           "strings": int(exact.size), "steps": _STEPS.value,
+           "exact_strings": float(exact.mean()),
+           "exact_uses": float(np.dot(exact, counts) / counts.sum()),
+           "distinct_codes": int(np.unique(stats["code"]).size), "train_seconds": seconds}
+    rows.append(row)
+    print(f"| {variant} | {row['strings']} | {row['steps']} | {row['exact_strings']:.1%} | "
+          f"{row['exact_uses']:.1%} | {row['distinct_codes']} | {seconds:.0f} |", flush=True)
+  if _JSON.value:
+    workdir_lib.write_json(_JSON.value, rows)
+
+
+if __name__ == "__main__":
+  app.run(main)
