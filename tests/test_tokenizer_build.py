@@ -93,3 +93,14 @@ def test_the_tokenizer_is_the_same_whatever_the_number_of_workers(doc_files, tmp
     tokenizer_build.unigram_tokenizer(config, texts, 800).save(str(tmp_path / f"w{workers}"))
     saved.append((tmp_path / f"w{workers}" / "tokenizer.json").read_bytes())
   assert saved[0] == saved[1] and b'" of the"' in saved[0]  # byte for byte, phrases and all
+
+
+def test_the_build_trains_its_codec_at_the_tokenizer_learning_rate():
+  from configs import recon as recon_config  # pylint: disable=g-import-not-at-top
+  config = recon_config.get_config("")
+  assert config.tokenizer.codec_learning_rate == 1e-2 and config.optim.learning_rate == 3e-3
+  built = tokenizer_build.codec_config(config)
+  assert built.optim.learning_rate == 1e-2 and config.optim.learning_rate == 3e-3
+  assert built.model == config.model and built.train == config.train
+  config.tokenizer.codec_learning_rate = 0.0  # 0: optim's own
+  assert tokenizer_build.codec_config(config) is config
