@@ -47,19 +47,15 @@ def check_invalid_utf8(policy: str) -> None:
     raise ValueError(f"data.invalid_utf8={policy!r} is unknown: use one of {INVALID_UTF8}.")
 
 
-def decode_document(raw: bytes, path: str, policy: str = "error") -> tuple[str | None, int]:
-  """``(text, bad bytes)`` of a file's bytes under ``policy``; text None: skipped."""
+def decode_document(raw: bytes, path: str, policy: str = "error") -> str | None:
+  """A file's text under ``policy`` (None: the file is skipped)."""
   check_invalid_utf8(policy)
   try:
-    return raw.decode("utf-8"), 0
+    return raw.decode("utf-8")
   except UnicodeDecodeError as e:
     if policy == "error":
       raise not_utf8_error(path, e.start, e.reason) from None
-    if policy == "skip_document":
-      return None, len(raw)
-  _BAD_BYTES.n = 0
-  text = raw.decode("utf-8", "fsqtok.count_replace")
-  return text, _BAD_BYTES.n
+    return None if policy == "skip_document" else raw.decode("utf-8", "replace")
 
 _STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3",
                 "turtledemo", "__pycache__"}
@@ -282,16 +278,15 @@ def not_utf8_error(path: str, byte: int, reason: str) -> ValueError:
                     f"data.invalid_utf8 (--invalid-utf8) to 'replace' or 'skip_document'.")
 
 
-def _is_utf8(path: str) -> bool:
-  decoder = codecs.getincrementaldecoder("utf-8")("strict")
+def _bad_bytes(path: str) -> int:
+  """How many bytes of a file are not UTF-8 (one pass, ``READ_BYTES`` at a time)."""
+  decoder = codecs.getincrementaldecoder("utf-8")("fsqtok.count_replace")
+  _BAD_BYTES.n = 0
   with open(path, "rb") as f:
-    try:
-      while raw := f.read(READ_BYTES):
-        decoder.decode(raw)
-      decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-      return False
-  return True
+    while raw := f.read(READ_BYTES):
+      decoder.decode(raw)
+  decoder.decode(b"", final=True)
+  return _BAD_BYTES.n
 
 
 def read_blocks(path: str, block_chars: int, invalid_utf8: str = "error") -> Iterator[str]:
@@ -299,10 +294,10 @@ def read_blocks(path: str, block_chars: int, invalid_utf8: str = "error") -> Ite
   ``READ_BYTES`` at a time. Bytes that are not UTF-8 follow ``invalid_utf8``: an error
   naming the file and byte, U+FFFD, or no blocks from this file."""
   check_invalid_utf8(invalid_utf8)
-  if invalid_utf8 == "skip_document" and not _is_utf8(path):
+  if invalid_utf8 == "skip_document" and _bad_bytes(path):
     return
   decoder = codecs.getincrementaldecoder("utf-8")(
-      "fsqtok.count_replace" if invalid_utf8 == "replace" else "strict")
+      "replace" if invalid_utf8 == "replace" else "strict")
   text, start, offset = "", 0, 0
   with open(path, "rb") as f:
     while True:
@@ -363,16 +358,10 @@ def invalid_utf8_counts(spec: str, invalid_utf8: str) -> dict[str, int | str]:
     return counts
   from fsqtok import files_dataset  # pylint: disable=g-import-not-at-top
   for path in files_dataset.resolve_glob(arg):
-    if invalid_utf8 == "skip_document":
-      if not _is_utf8(path):
-        counts["skipped_documents"] += 1
-        counts["skipped_bytes"] += os.path.getsize(path)
-      continue
-    decoder = codecs.getincrementaldecoder("utf-8")("fsqtok.count_replace")
-    _BAD_BYTES.n = 0
-    with open(path, "rb") as f:
-      while raw := f.read(READ_BYTES):
-        decoder.decode(raw)
-    decoder.decode(b"", final=True)
-    counts["replaced_bytes"] += _BAD_BYTES.n
+    bad = _bad_bytes(path)
+    if invalid_utf8 == "replace":
+      counts["replaced_bytes"] += bad
+    elif bad:
+      counts["skipped_documents"] += 1
+      counts["skipped_bytes"] += os.path.getsize(path)
   return counts

@@ -43,7 +43,7 @@ class FilesText(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self):
     for i, path in enumerate(self.builder_config.paths):
       with open(path, "rb") as f:
-        text, _ = corpus.decode_document(f.read(), path, self.builder_config.invalid_utf8)
+        text = corpus.decode_document(f.read(), path, self.builder_config.invalid_utf8)
       yield i, {"text": text or "", "path": path}  # a skipped file: no text
 
 
