@@ -61,8 +61,9 @@ def fuser_ambiguous_ids(config, workdir: str, tok: Tokenizer,
   if config.lm.model.embedding != "fuser":
     return ()
   path = os.path.join(workdir, "fuser", AMBIGUOUS_FILE)
-  if os.path.exists(path):
-    return tuple(workdir_lib.read_json(path))
+  saved = workdir_lib.read_saved_json(path)
+  if saved is not None:
+    return tuple(saved)
   a = config.fuser.ambiguity
   stream = lm_data.token_stream(tok, train_texts())
   ids = fuser_train.ambiguous_ids(tok, [stream], corpus_top_k=a.corpus_top_k,
@@ -139,6 +140,20 @@ def codec_pieces(config, workdir: str, texts) -> tuple[PieceSet, PieceSet]:
   return strings, strings
 
 
+def _saved_tokenizer(vocab_dir: str) -> bool:
+  """Whether the vocabulary phase's tokenizer is saved and reads. A damaged one is set
+  aside (``vocab.damaged``) to be built again: the build is deterministic, so the later
+  phases, built on the old one, still fit."""
+  if not os.path.exists(os.path.join(vocab_dir, VOCAB_FILE)):
+    return False
+  try:
+    Tokenizer.load(vocab_dir)
+  except ValueError as e:
+    workdir_lib.set_aside(vocab_dir, str(e))
+    return False
+  return True
+
+
 def validate_config(config) -> None:
   """Every mistake a config can hold that would otherwise stop a run part-way: one
   ``ValueError`` naming the field, before any corpus is read or step is taken."""
@@ -173,7 +188,7 @@ def run_curriculum(config, workdir: str) -> dict[str, Any]:
                                 config.data.source, config.data.get("invalid_utf8", "error"))}
   vocab_dir = os.path.join(workdir, "vocab")
   pieces = codec_pieces(config, workdir, texts)
-  if not os.path.exists(os.path.join(vocab_dir, VOCAB_FILE)):
+  if not _saved_tokenizer(vocab_dir):
     train_tokenizer(config, workdir, config.vocab.size, vocab_dir, texts=texts, pieces=pieces)
   report["recon"] = {k: v for k, v in recon.train_recon(config, workdir, pieces).items()
                      if k in ("validation", "train_wall_seconds", "steps")}

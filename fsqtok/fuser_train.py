@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import serialization, struct
+from flax import struct
 from flax.training import train_state
 from tqdm.auto import tqdm
 
@@ -242,10 +242,9 @@ def train_fuser(config, workdir: str, model: fuser_lib.ContextualFuser, tok,
   os.makedirs(workdir, exist_ok=True)
   report_path = os.path.join(workdir, "report.json")
   init = lambda: fuser_lib.init_params(model, jax.random.PRNGKey(config.seed), f.data.seq_len)
-  if os.path.exists(report_path):
-    with open(os.path.join(workdir, PARAMS_FILE), "rb") as fh:
-      params = serialization.from_bytes(jax.eval_shape(init), fh.read())
-    return workdir_lib.read_json(report_path), params
+  finished = checkpoint_lib.finished_phase(workdir, report_path, PARAMS_FILE, init)
+  if finished is not None:  # nothing to do
+    return finished
   c = step_config(f.loss, tok)
   data = lm_data.windows(lm_data.token_stream(tok, train_texts), f.data.seq_len,
                          tok.pad_id, tok.bos_id)
@@ -270,7 +269,7 @@ def train_fuser(config, workdir: str, model: fuser_lib.ContextualFuser, tok,
   step_fn = make_step(model, c)
   log = workdir_lib.MetricsLog(os.path.join(workdir, "metrics.jsonl"), resume_step=start)
   rng = jax.random.PRNGKey(config.seed + 1)
-  pending, history = [], []
+  pending = []
   tic = time.perf_counter()
   bar = tqdm(range(start, t.num_steps), initial=start, total=t.num_steps, desc="fuser",
              disable=not t.progress_bar, dynamic_ncols=True)
@@ -287,17 +286,16 @@ def train_fuser(config, workdir: str, model: fuser_lib.ContextualFuser, tok,
         raise FloatingPointError(f"Fuser loss is {record['loss']} at step {done}: lower "
                                  f"fuser.optim.learning_rate.")
       log.write([record])
-      history.append(record)
       bar.set_postfix(loss=f"{record['loss']:.3f}")
     ckpt.save(done, state, {"fuser": batcher.get_state()}, force=done == t.num_steps)
   bar.close()
   ckpt.close()
-  last = history[-1] if history else {}
+  history = [r for r in workdir_lib.MetricsLog.read(log.path) if r["split"] == "train"]
   report = {"steps": t.num_steps, "train_wall_seconds": time.perf_counter() - tic,
-            "final": last, "first": history[0] if history else {},
+            "final": history[-1] if history else {}, "first": history[0] if history else {},
             "ambiguous_set_size": len(model.ambiguous_ids), "vocab_size": len(tok)}
-  workdir_lib.atomic_write_bytes(os.path.join(workdir, PARAMS_FILE),
-                                 serialization.to_bytes(jax.device_get(state.params)))
+  report["params_sha256"] = checkpoint_lib.save_final_params(
+      os.path.join(workdir, PARAMS_FILE), state.params)
   workdir_lib.write_json(report_path, report)
   return report, state.params
 

@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import serialization
 from flax.training import train_state
 from tqdm.auto import tqdm
 
@@ -166,8 +165,9 @@ def train_lm_phase(phase: str, config, workdir: str, model: lm_lib.TransformerLM
         apply_fn=model.apply, params=params,
         tx=optimizer_lib.make_optimizer(optim, num_steps, params, frozen))
 
-  if os.path.exists(report_path):  # finished: nothing to do
-    return workdir_lib.read_json(report_path), load_phase_params(phase_dir, init_params)
+  finished = checkpoint_lib.finished_phase(phase_dir, report_path, PARAMS_FILE, init_params)
+  if finished is not None:  # nothing to do
+    return finished
   ckpt = checkpoint_lib.Checkpointer(os.path.join(phase_dir, "checkpoints"),
                                      save_every=t.checkpoint_every,
                                      max_to_keep=t.keep_checkpoints)
@@ -259,13 +259,21 @@ def train_lm_phase(phase: str, config, workdir: str, model: lm_lib.TransformerLM
       "frozen": list(frozen), "recon_weight": recon_weight,
   }
   # The final parameters, then the report: a report means the phase is finished.
-  workdir_lib.atomic_write_bytes(os.path.join(phase_dir, PARAMS_FILE),
-                                 serialization.to_bytes(jax.device_get(state.params)))
+  report["params_sha256"] = checkpoint_lib.save_final_params(
+      os.path.join(phase_dir, PARAMS_FILE), state.params)
   workdir_lib.write_json(report_path, report)
   return report, state.params
 
 
 def load_phase_params(phase_dir: str, init_params: Callable[[], Any]):
-  """The final parameters of a finished phase (``init_params`` gives their structure)."""
-  with open(os.path.join(phase_dir, PARAMS_FILE), "rb") as f:
-    return serialization.from_bytes(jax.eval_shape(init_params), f.read())
+  """The final parameters of a finished phase (``init_params`` gives their structure);
+  `checkpoint.DamagedFile` if they cannot be read."""
+  report = workdir_lib.read_json(os.path.join(phase_dir, "report.json"))
+  try:
+    return checkpoint_lib.load_final_params(os.path.join(phase_dir, PARAMS_FILE),
+                                            jax.eval_shape(init_params),
+                                            report.get("params_sha256"))
+  except checkpoint_lib.DamagedFile as e:
+    raise checkpoint_lib.DamagedFile(
+        f"{e}. Run the curriculum again on its work directory: the phase's parameters are "
+        f"rebuilt from its newest checkpoint.") from None

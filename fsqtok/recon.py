@@ -174,10 +174,11 @@ def train_recon(config, workdir: str,
   ckpt = checkpoint_lib.Checkpointer(os.path.join(phase_dir, "checkpoints"),
                                      save_every=t.checkpoint_every, max_to_keep=t.keep_checkpoints)
   start = ckpt.latest_step() or 0
-  if start >= t.num_steps and os.path.exists(report_path):  # finished: nothing to do
-    ckpt.close()
-    with open(report_path, encoding="utf-8") as f:
-      return json.load(f)
+  if start >= t.num_steps:  # finished: nothing to do (a damaged report is made again)
+    report = workdir_lib.read_saved_json(report_path)
+    if report is not None:
+      ckpt.close()
+      return report
 
   mesh = sharding_lib.data_mesh(t.num_devices)
   sharding_lib.check_batch_size(config.data.batch_size, mesh)

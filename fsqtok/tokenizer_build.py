@@ -66,8 +66,8 @@ def unigram_vocabulary(config, workdir: str, train_texts: Sequence[str], size: i
                                    "max_piece_chars", "phrase_fraction", "max_phrase_words",
                                    "sample_chars", "sample_seed", "max_distinct_runs")}}
   path = os.path.join(workdir, VOCABULARY_FILE)
-  if os.path.exists(path):
-    saved = workdir_lib.read_json(path)
+  saved = workdir_lib.read_saved_json(path)
+  if saved is not None:
     if saved.get("settings") == settings:
       return unigram_lib.UnigramVocab.from_json(saved), saved.get("counting", {})
   if not 0 <= t.phrase_fraction < 1:

@@ -141,6 +141,31 @@ def read_json(path: str) -> Any:
     return json.load(f)
 
 
+def set_aside(path: str, reason: str) -> str:
+  """Reports a file or directory a run cannot read and renames it ``PATH.damaged`` (then
+  ``.damaged.1``, ...): kept for inspection, never deleted. Returns the new name."""
+  target, n = path + ".damaged", 0
+  while os.path.exists(target):
+    n += 1
+    target = f"{path}.damaged.{n}"
+  os.replace(path, target)
+  logging.warning("%s cannot be read (%s); moved to %s and made again.", path, reason, target)
+  return target
+
+
+def read_saved_json(path: str) -> Any | None:
+  """A JSON file an earlier run saved (a report, a cache), or None if there is none.
+  One that cannot be read (damaged by a crash while copying, a full disk) is set aside
+  (`set_aside`) and treated as missing, so the run makes it again."""
+  if not os.path.exists(path):
+    return None
+  try:
+    return read_json(path)
+  except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError included
+    set_aside(path, f"{type(e).__name__}: {str(e)[:200]}")
+    return None
+
+
 class MetricsLog:
   """``metrics.jsonl``: one JSON record per line, each with ``step`` and ``split``.
 

@@ -16,14 +16,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import hypothesis  # noqa: E402
-import jax  # noqa: E402
-import orbax.checkpoint as ocp  # noqa: E402
 import pytest  # noqa: E402
-
-# Orbax saves a replicated array in slices, one per device, each slice a compiled program:
-# on 8 simulated CPU devices that is compilation without benefit. One writer per array.
-ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
 
 hypothesis.settings.register_profile("ci", max_examples=200, deadline=None, derandomize=True)
 hypothesis.settings.load_profile("ci")

@@ -118,6 +118,43 @@ def test_invalid_utf8_replace_or_skip_as_asked_with_counts(tmp_path):
     corpus.load_documents(spec, data_dir=data_dir, invalid_utf8="guess")
 
 
+def test_nul_bytes_long_lines_empty_files_and_directories_as_documented(tmp_path):
+  """NUL is text like any other character (kept, and the tokenizer round-trips it); a line
+  of any length is read (streamed in blocks of at most block_chars); empty files are left
+  out; directories a glob matches are passed over, and a glob of directories only is the
+  "matches no file" error."""
+  from fsqtok import unigram  # pylint: disable=g-import-not-at-top
+  from fsqtok.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+  d = tmp_path / "corpus"
+  (d / "chapter.txt").mkdir(parents=True)  # a directory the glob matches
+  (d / "chapter.txt" / "inner.txt").write_text("not read: *.txt is not recursive")
+  (d / "a.txt").write_text("hello world\x00with a NUL\nsecond line\n")
+  (d / "b.txt").write_text("")
+  (d / "c.txt").write_text("x" * 100_000 + " and a tail of words\n")
+  (d / "d.txt").write_text("plain text, said twice. " * 20)
+  spec, data_dir = f"files:{d}/*.txt", str(tmp_path / "tfds")
+  expected = [(d / n).read_text() for n in ("a.txt", "c.txt", "d.txt")]
+  docs = corpus.load_documents(spec, data_dir=data_dir)
+  assert docs == expected and "\x00" in docs[0] and len(docs[1]) == 100_021
+  train, val = corpus.stream_split(spec, val_fraction=0.0, seed=0, block_chars=4096)
+  blocks = list(train)
+  assert "".join(blocks) == "".join(expected) and not list(val)
+  assert max(map(len, blocks)) <= 4096
+  vocab = unigram.train_unigram(unigram.count_pieces(docs), 40, seed_size=2000)
+  tok = Tokenizer(list(vocab.strings), scores=list(vocab.scores))
+  for doc in docs:
+    assert tok.decode(tok.encode(doc)) == doc
+  recursive = corpus.load_documents(f"files:{d}/**/*.txt", data_dir=data_dir)
+  assert recursive == [*expected[:2], "not read: *.txt is not recursive", expected[2]]
+  with pytest.raises(FileNotFoundError, match="matches no file"):
+    corpus.load_documents(f"files:{d}/chapter*", data_dir=data_dir)
+  (d / "a.txt").write_text("")
+  (d / "c.txt").write_text("")
+  (d / "d.txt").write_text("")
+  with pytest.raises(ValueError, match="is empty"):
+    corpus.load_documents(spec, data_dir=data_dir)
+
+
 def test_files_source_goes_through_the_tfds_builder(text_files, tmp_path):
   data_dir = tmp_path / "tfds"
   docs = corpus.load_documents(f"files:{text_files}/*.txt", data_dir=str(data_dir))

@@ -1,6 +1,13 @@
+import copy
 import json
 import math
+import os
+import pickle
+import random
 import shutil
+import signal
+import subprocess
+import sys
 
 import chex
 import jax
@@ -11,6 +18,7 @@ from flax import traverse_util
 
 from conftest import tiny_recon_config
 from fsqtok import baselines
+from fsqtok import checkpoint as checkpoint_lib
 from fsqtok import lm as lm_lib
 from fsqtok import lm_data
 from fsqtok import lm_train
@@ -135,61 +143,125 @@ def _curriculum_config(doc_files, tmp_path):
   return c
 
 
-def test_curriculum_end_to_end_resumes_exactly_and_then_does_nothing(doc_files, tmp_path,
-                                                                     monkeypatch):
+# Measured on every run, so never equal between two runs; the parameters' digest, because
+# a resumed run's parameters equal the uninterrupted run's only to float rounding.
+_RUN_SPECIFIC = {"train_wall_seconds", "train_tokens_per_second", "mfu", "params_sha256"}
+
+
+def _assert_same_report(got, want, where="report"):
+  """Equal reports: the same keys and values, floats to 1e-5, run-specific figures aside."""
+  if isinstance(want, dict):
+    assert set(got) == set(want), f"{where}: keys {sorted(set(got) ^ set(want))}"
+    for k in set(want) - _RUN_SPECIFIC:
+      _assert_same_report(got[k], want[k], f"{where}[{k!r}]")
+  elif isinstance(want, float):
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-7, nan_ok=True), where
+  else:
+    assert got == want, where
+
+
+@pytest.fixture(scope="module")
+def finished_curriculum(doc_files, tmp_path_factory):
+  """A tiny curriculum run to the end in ``ROOT/whole`` (factorized head: the sample comes
+  from the open code space), with the part of the work directory each write went to."""
   from fsqtok import curriculum  # pylint: disable=g-import-not-at-top
-  config = _curriculum_config(doc_files, tmp_path)
-  config.lm.model.head = "factorized"  # the sample then comes from the open code space
-  whole = curriculum.run_curriculum(config, str(tmp_path / "whole"))
+  import kill_at  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("curriculum")
+  config = _curriculum_config(doc_files, root)
+  config.lm.model.head = "factorized"
+  writes = []
+  with kill_at.recording(str(root / "whole"), writes):
+    report = curriculum.run_curriculum(config, str(root / "whole"))
+  return config, root, report, writes
+
+
+def test_curriculum_end_to_end_and_then_does_nothing(finished_curriculum):
+  from fsqtok import curriculum  # pylint: disable=g-import-not-at-top
+  config, root, whole, writes = finished_curriculum
   assert set(whole) >= {"recon", "lm", "joint", "sample", "bits_per_byte"}
   assert 0 < whole["bits_per_byte"] < 8 and whole["sample"]["text"].startswith("The ")
   assert 0 <= whole["sample"]["open_codes"] <= whole["sample"]["codes"]
   assert whole["lm"]["mfu"] is None  # no known peak FLOP/s on a CPU: "n/a", not nan
-  lm_curve = [json.loads(l) for l in open(tmp_path / "whole" / "lm" / "metrics.jsonl")]
+  lm_curve = [json.loads(l) for l in open(root / "whole" / "lm" / "metrics.jsonl")]
   train_loss = [r["loss"] for r in lm_curve if r["split"] == "train"]
   assert train_loss[-1] < train_loss[0]
   v = whole["joint"]["vocabulary"]
   assert v["learned_tokens"] > 0 and 0 <= v["still_exact"] <= 1
-
-  # A run that dies during the lm phase (after its step-10 checkpoint) resumes to the
-  # same parameters, metrics and report as the uninterrupted one.
-  real_batcher = lm_data.window_batcher
-
-  class DyingBatcher:  # the real batcher, killed at its 14th batch
-    def __init__(self, *args, **kwargs):
-      self.inner, self.n = real_batcher(*args, **kwargs), 0
-      self.get_state, self.set_state = self.inner.get_state, self.inner.set_state
-
-    def __next__(self):
-      self.n += 1
-      if self.n == 14:
-        raise KeyboardInterrupt("simulated kill")
-      return next(self.inner)
-
-  dying_batcher = DyingBatcher
-
-  monkeypatch.setattr(lm_data, "window_batcher", dying_batcher)
-  # (the finished codec and vocabulary are copied: the run starts at the lm phase)
-  for name in ("recon", "vocab"):
-    shutil.copytree(tmp_path / "whole" / name, tmp_path / "killed" / name)
-  shutil.copy(tmp_path / "whole" / tokenizer_build.VOCABULARY_FILE, tmp_path / "killed")
-  with pytest.raises(KeyboardInterrupt):
-    curriculum.run_curriculum(config, str(tmp_path / "killed"))
-  monkeypatch.setattr(lm_data, "window_batcher", real_batcher)
-  resumed = curriculum.run_curriculum(config, str(tmp_path / "killed"))
-  for phase in ("lm", "joint"):
-    assert resumed[phase]["validation"] == pytest.approx(whole[phase]["validation"], rel=1e-5)
-  assert resumed["sample"] == whole["sample"]
+  # The phases write in order: vocabulary, codec, tokenizer, lm, joint, report.
+  order = [p for k, p in enumerate(writes) if k == 0 or writes[k - 1] != p]
+  assert order == [tokenizer_build.VOCABULARY_FILE, "recon", "vocab", "lm", "joint",
+                   "curriculum_report.json"]
   # Finished: a second run trains nothing and reports the same.
-  again = curriculum.run_curriculum(config, str(tmp_path / "whole"))
-  assert again["bits_per_byte"] == whole["bits_per_byte"]
+  again = curriculum.run_curriculum(config, str(root / "whole"))
+  _assert_same_report(again, whole)
 
 
-def test_curriculum_with_the_fuser_embedding(doc_files, tmp_path):
+def test_curriculum_killed_at_seeded_moments_ends_with_the_same_report(finished_curriculum,
+                                                                       tmp_path):
+  """SIGKILL in every phase (a seeded write of each, before, during or after it), each
+  time resumed on the same work directory: the final report is the uninterrupted one's."""
+  from fsqtok import curriculum  # pylint: disable=g-import-not-at-top
+  import kill_at  # pylint: disable=g-import-not-at-top
+  config, _, whole, writes = finished_curriculum
+  config_path = tmp_path / "config.pickle"
+  config_path.write_bytes(pickle.dumps(config))
+  rng = random.Random(0)
+  groups = [(tokenizer_build.VOCABULARY_FILE, "recon"), ("vocab",), ("lm",),
+            ("joint", "curriculum_report.json")]
+  killed = tmp_path / "killed"
+  for group in groups:
+    part = rng.choice(group)
+    ordinal = rng.randrange(writes.count(part))
+    mode = rng.choice(kill_at.MODES)
+    proc = subprocess.run([sys.executable, kill_at.__file__, str(config_path), str(killed),
+                           part, str(ordinal), mode], capture_output=True, text=True,
+                          env=os.environ.copy(), timeout=600)
+    assert proc.returncode == -signal.SIGKILL, (part, ordinal, mode, proc.stderr[-3000:])
+    assert not (killed / "curriculum_report.json").exists()
+  resumed = curriculum.run_curriculum(config, str(killed))
+  _assert_same_report(resumed, whole)
+
+
+def test_curriculum_sets_damaged_files_aside_and_makes_them_again(finished_curriculum,
+                                                                  tmp_path, caplog):
+  """Files of a finished run damaged afterwards (the final parameters' bytes changed, a
+  report cut short, the tokenizer and the vocabulary cache overwritten): each is
+  reported, kept as ``.damaged`` and made again, to the same report."""
+  from fsqtok import curriculum  # pylint: disable=g-import-not-at-top
+  config, root, whole, _ = finished_curriculum
+  work = tmp_path / "work"
+  shutil.copytree(root / "whole", work)
+  params = work / "lm" / lm_train.PARAMS_FILE
+  data = bytearray(params.read_bytes())
+  data[len(data) // 2] ^= 0xFF  # one flipped byte: still parses, only the digest sees it
+  params.write_bytes(bytes(data))
+  report = work / "joint" / "report.json"
+  report.write_bytes(report.read_bytes()[:40])
+  (work / "vocab" / "tokenizer.json").write_bytes(b"\x00garbage")
+  (work / tokenizer_build.VOCABULARY_FILE).write_text("{\"strings\": [")
+  again = curriculum.run_curriculum(config, str(work))
+  _assert_same_report(again, whole)
+  for damaged in (params, report, work / "vocab", work / tokenizer_build.VOCABULARY_FILE):
+    assert os.path.exists(f"{damaged}.damaged"), damaged
+    assert f"{damaged} cannot be read" in caplog.text
+  assert again["lm"]["params_sha256"] == whole["lm"]["params_sha256"]
+  _, _, loaded = curriculum.load_lm(config, str(work))
+  (work / "joint" / lm_train.PARAMS_FILE).write_bytes(b"")
+  with pytest.raises(checkpoint_lib.DamagedFile, match="Run the curriculum again"):
+    curriculum.load_lm(config, str(work))
+  del loaded
+
+
+def test_curriculum_with_the_fuser_embedding(finished_curriculum, tmp_path):
   """The fuser phase trains the fuser, the LM starts from it, the sample is generated
   through the key/value cache, and a finished run loads with the same ambiguous set."""
   from fsqtok import curriculum  # pylint: disable=g-import-not-at-top
-  config = _curriculum_config(doc_files, tmp_path)
+  config, root, _, _ = finished_curriculum
+  config = copy.deepcopy(config)
+  # (the finished codec and vocabulary are copied: the run starts at the fuser phase)
+  for name in ("recon", "vocab"):
+    shutil.copytree(root / "whole" / name, tmp_path / "fuser" / name)
+  shutil.copy(root / "whole" / tokenizer_build.VOCABULARY_FILE, tmp_path / "fuser")
   config.lm.model.embedding, config.lm.model.head = "fuser", "dense"
   config.fuser.train.num_steps = 4
   config.lm.train.update(num_steps=4, eval_every=4, checkpoint_every=4)

@@ -82,9 +82,9 @@ def _final_state(workdir, config):
 
 
 def test_killed_run_resumes_to_the_same_state(config, tmp_path):
-  config.train.num_steps = 400
+  config.train.num_steps = 200
   config.train.log_every = 20
-  config.train.eval_every = 400
+  config.train.eval_every = 200
   config.train.checkpoint_every = 20
   straight = str(tmp_path / "straight")
   recon.train_recon(config, straight)
@@ -93,8 +93,8 @@ def test_killed_run_resumes_to_the_same_state(config, tmp_path):
   overrides = [f"--config.data.source={config.data.source}",
                f"--config.data.tfds_data_dir={config.data.tfds_data_dir}",
                "--config.data.val_fraction=0.2", "--config.data.block_chars=512",
-               "--config.train.num_steps=400", "--config.train.log_every=20",
-               "--config.train.eval_every=400", "--config.train.checkpoint_every=20",
+               "--config.train.num_steps=200", "--config.train.log_every=20",
+               "--config.train.eval_every=200", "--config.train.checkpoint_every=20",
                "--config.train.progress_bar=False"]
   proc = subprocess.Popen(
       [sys.executable, os.path.join(REPO, "experiments", "train.py"),
@@ -111,17 +111,17 @@ def test_killed_run_resumes_to_the_same_state(config, tmp_path):
   proc.wait()
   assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
   done = sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
-  assert done and done[-1] < 400, f"the run was not killed mid-way: {done}"
+  assert done and done[-1] < 200, f"the run was not killed mid-way: {done}"
 
   recon.train_recon(config, killed)
   step_a, params_a, data_a = _final_state(straight, config)
   step_b, params_b, data_b = _final_state(killed, config)
-  assert step_a == step_b == 400 and data_a == data_b
+  assert step_a == step_b == 200 and data_a == data_b
   with pytest.raises(FileNotFoundError, match="train one first"):
     recon.restore_latest(config, str(tmp_path / "nothing"))
   chex.assert_trees_all_close(params_a, params_b, rtol=1e-5, atol=1e-6)
   metrics = [json.loads(l) for l in open(os.path.join(killed, "recon", "metrics.jsonl"))]
-  assert [r["step"] for r in metrics if r["split"] == "train"] == list(range(20, 401, 20))
+  assert [r["step"] for r in metrics if r["split"] == "train"] == list(range(20, 201, 20))
 
 
 def test_nan_loss_stops_with_a_clear_error(config, tmp_path):
