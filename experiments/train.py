@@ -75,7 +75,9 @@ def main(argv):
   run, summary = PHASES[config.phase]
   try:
     report = run(config, _WORKDIR.value)
-  except workdir_lib.WorkdirInUse as e:  # one line, no traceback
+  except (workdir_lib.WorkdirInUse, recon.ConfigError, OSError) as e:
+    # one line, no traceback: a work directory in use, a config field that cannot work,
+    # a missing corpus, an unwritable or full disk
     raise SystemExit(f"train.py: {e}") from None
   print(summary(report, _WORKDIR.value))
 

@@ -49,6 +49,8 @@ def _train_tokenizer(args) -> None:
   if args.invalid_utf8:
     config.data.invalid_utf8 = args.invalid_utf8
   workdir = args.workdir or os.path.join(args.out.rstrip("/") + ".work")
+  workdir_lib.check_writable(os.path.dirname(os.path.abspath(args.out)), "--out")
+  workdir_lib.check_writable(workdir, "--workdir")
   tok, analysis = train_tokenizer(config, workdir, args.vocab_size, args.out)
   if "codec_exact_strings" in analysis:
     codec = (f"the codec reconstructs {analysis['codec_exact_strings']:.1%} of the learned "

@@ -156,8 +156,15 @@ def _saved_tokenizer(vocab_dir: str) -> bool:
 
 def validate_config(config) -> None:
   """Every mistake a config can hold that would otherwise stop a run part-way: one
-  ``ValueError`` naming the field, before any corpus is read or step is taken."""
+  `recon.ConfigError` naming the field, before any corpus is read or step is taken."""
   recon.validate_config(config)
+  try:
+    _check_config(config)
+  except ValueError as e:
+    raise recon.ConfigError(str(e)) from None
+
+
+def _check_config(config) -> None:
   corpus_lib.check_invalid_utf8(config.data.get("invalid_utf8", "error"))
   tokenizer_build.learned_size(config.vocab.size)
   m, t = config.lm.model, config.lm.train

@@ -72,7 +72,21 @@ def compile_train_step(mesh, donate: bool = True):
                  donate_argnums=(0,) if donate else ())
 
 
+class ConfigError(ValueError):
+  """A config field that cannot work, found before any work is done (the message names
+  the field)."""
+
+
 def validate_config(config) -> None:
+  """Every mistake of the codec's fields that would otherwise stop a run part-way, as a
+  `ConfigError`."""
+  try:
+    _check_config(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
+def _check_config(config) -> None:
   t = config.train
   if t.num_steps < 1:
     raise ValueError(f"train.num_steps must be >= 1, got {t.num_steps}.")

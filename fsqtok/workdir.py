@@ -82,6 +82,19 @@ def exclusive_workdir(fn):
   return wrapped
 
 
+def check_writable(directory: str, what: str) -> None:
+  """Makes ``directory`` (and its parents) and writes a probe file in it, so a location
+  that cannot be written fails at the start of a long run, with ``what`` (e.g. "--out")
+  and the reason in one line, instead of at its end."""
+  try:
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.TemporaryFile(dir=directory):
+      pass
+  except OSError as e:
+    raise OSError(e.errno, f"{what}: {directory} cannot be written ({e.strerror}); choose "
+                           f"a writable location") from None
+
+
 def _umask() -> int:
   mask = os.umask(0)
   os.umask(mask)

@@ -99,3 +99,35 @@ def test_inspect_writes_report_and_plot(trained, capsys):
 def test_missing_tokenizer_is_a_clear_error(tmp_path):
   with pytest.raises(SystemExit, match="not an fsqtok tokenizer"):
     cli.main(["inspect", str(tmp_path)])
+
+
+def test_cli_mistakes_are_one_line_before_any_work(trained, tmp_path):
+  """A damaged tokenizer, a config file that does not exist, an --out that cannot be
+  written: one line each, and train-tokenizer stops before training anything."""
+  damaged = tmp_path / "damaged"
+  damaged.mkdir()
+  (damaged / "tokenizer.json").write_bytes((trained / "tokenizer.json").read_bytes()[:100])
+  with pytest.raises(SystemExit, match=r"^fsqtok encode: .*tokenizer.json is damaged"):
+    cli.main(["encode", "--tokenizer", str(damaged)])
+  with pytest.raises(SystemExit, match=r"^fsqtok: config file .*nowhere.py not found"):
+    cli.main(["train-tokenizer", "--out", str(tmp_path / "tok"), "--config",
+              str(tmp_path / "nowhere.py")])
+  blocker = tmp_path / "a-file"
+  blocker.write_text("not a directory")
+  with pytest.raises(SystemExit, match=r"^fsqtok train-tokenizer: .*--out: .*a-file/sub "
+                                       r"cannot be written .*choose a writable location"):
+    cli.main(["train-tokenizer", "--out", str(blocker / "sub" / "tok"), "--workdir",
+              str(tmp_path / "work")])
+  assert not (tmp_path / "work").exists()  # nothing started
+
+
+def test_train_py_states_a_bad_config_in_one_line(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, "experiments", "train.py"),
+       "--config=" + os.path.join(REPO, "configs", "curriculum.py") + ":tiny",
+       f"--workdir={tmp_path / 'work'}", "--config.lm.model.head=tide"],
+      capture_output=True, text=True, check=False)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1].startswith(
+      "train.py: lm.model.head='tide' is unknown"), proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
