@@ -1,0 +1,34 @@
+"""One of several JAX processes on this machine, for tests/test_multiprocess.py.
+
+  python tests/multiprocess_child.py PROCESS_ID NUM_PROCESSES PORT OUT_DIR
+
+Joins the others (`jax.distributed.initialize`, a coordinator on localhost, CPU
+collectives over gloo; the parent sets the devices per process), then, on the mesh of
+every process's devices: three codec steps and three LM steps on fixed batches, each
+process placing only its own rows (`sharding.shard_batch`); saves the LM state with
+Orbax as ``OUT_DIR/multi`` (every process takes part) and restores ``OUT_DIR/single``,
+written by the parent in one process. Process 0 writes what the parent compares (``OUT_DIR/result.npz``).
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import multiprocess_steps  # noqa: E402  (tests/: the steps both sides run)
+
+
+def main(process_id: str, num_processes: str, port: str, out_dir: str) -> None:
+  jax.distributed.initialize(coordinator_address=f"localhost:{port}",
+                             num_processes=int(num_processes), process_id=int(process_id),
+                             initialization_timeout=120)
+  result = multiprocess_steps.run(out_dir, "multi", restore_from="single")
+  if jax.process_index() == 0:
+    np.savez(os.path.join(out_dir, "result.npz"), **result)
+  jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+  main(*sys.argv[1:])

@@ -1,0 +1,95 @@
+"""What tests/test_multiprocess.py runs once in one process and once in several: three
+codec steps and three LM steps on fixed batches over every device of every process, and
+an Orbax round trip of the LM state."""
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from flax.training import train_state
+
+from configs import recon as recon_config
+from fsqtok import checkpoint as checkpoint_lib
+from fsqtok import codec as codec_lib
+from fsqtok import lm as lm_lib
+from fsqtok import lm_train
+from fsqtok import optimizer as optimizer_lib
+from fsqtok import recon
+from fsqtok import sharding as sharding_lib
+from fsqtok.data import PieceBatcher, PieceSet
+
+TEXT = ("First Citizen: Before we proceed any further, hear me speak. All: Speak, speak. "
+        "You are all resolved rather to die than to famish? Resolved. resolved. First, you "
+        "know Caius Marcius is chief enemy to the people. ") * 4
+STEPS = 3
+
+
+def _host(tree) -> dict[str, np.ndarray]:
+  """A replicated pytree as flat numpy arrays (each process holds all of it)."""
+  flat = traverse_util.flatten_dict(jax.tree.map(lambda a: np.asarray(a.addressable_data(0)),
+                                                 tree), sep="/")
+  return {k: v for k, v in flat.items()}
+
+
+def _lm_state():
+  model = lm_lib.TransformerLM(vocab_size=64, d_model=16, num_layers=1, num_heads=2,
+                               mlp_dim=32, head="dense")
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  tx = optimizer_lib.make_optimizer(optimizer_lib.adamw_config(learning_rate=1e-2,
+                                                               warmup_steps=1), STEPS, params)
+  return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+
+def _lm_batch(i: int) -> dict[str, np.ndarray]:
+  ids = np.random.default_rng(i).integers(0, 64, (16, 9)).astype(np.int32)
+  return {"inputs": ids[:, :-1], "targets": ids[:, 1:],
+          "weights": np.ones((16, 8), np.float32), "valid": np.ones((16, 8), np.int32)}
+
+
+def run(out_dir: str, save_as: str, restore_from: str | None = None
+        ) -> dict[str, np.ndarray]:
+  """The steps on this run's mesh; saves the LM state as ``out_dir/SAVE_AS`` and restores
+  ``out_dir/RESTORE_FROM`` (another run's). Returns the results by name."""
+  mesh = sharding_lib.data_mesh()
+  repl, data = sharding_lib.replicated(mesh), sharding_lib.batch_sharded(mesh)
+  out: dict[str, np.ndarray] = {"layout": np.array([jax.process_count(),
+                                                    jax.local_device_count(),
+                                                    jax.device_count()])}
+
+  config = recon_config.get_config("tiny")
+  model = codec_lib.codec_from_config(config.model)
+  state = jax.jit(functools.partial(recon.create_state, config, model),
+                  out_shardings=repl)(jax.random.PRNGKey(0))
+  step = recon.compile_train_step(mesh, donate=False)
+  batcher = PieceBatcher(PieceSet.from_texts([TEXT], config.model.max_len), 64, seed=0)
+  for i in range(STEPS):
+    state, metrics = step(state, sharding_lib.shard_batch(next(batcher), mesh),
+                          jax.random.fold_in(jax.random.PRNGKey(1), i))
+    out[f"codec_loss/{i}"] = np.asarray(metrics["loss"].addressable_data(0))
+  out.update({f"codec/{k}": v for k, v in _host(state.params).items()})
+
+  lm_state = jax.jit(_lm_state, out_shardings=repl)()
+  lm_step = jax.jit(lm_train.train_step, in_shardings=(repl, data, repl),
+                    out_shardings=(repl, repl))
+  for i in range(STEPS):
+    lm_state, metrics = lm_step(lm_state, sharding_lib.shard_batch({"lm": _lm_batch(i)}, mesh),
+                                jax.random.PRNGKey(i))
+    out[f"lm_loss/{i}"] = np.asarray(metrics["loss"].addressable_data(0))
+  out.update({f"lm/{k}": v for k, v in _host(lm_state.params).items()})
+
+  abstract = checkpoint_lib.abstract_like(jax.eval_shape(_lm_state), repl)
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(out_dir, save_as), save_every=1,
+                                     max_to_keep=1)
+  ckpt.save(STEPS, lm_state, {"position": STEPS}, force=True)
+  ckpt.close()
+  if restore_from:
+    restorer = checkpoint_lib.Checkpointer(os.path.join(out_dir, restore_from),
+                                           save_every=1, max_to_keep=1)
+    step_, restored, position = restorer.restore_latest(abstract)
+    restorer.close()
+    out["restored/step"] = np.asarray(step_)
+    out["restored/position"] = np.asarray(position["position"])
+    out.update({f"restored/{k}": v for k, v in _host(restored.params).items()})
+  return out

@@ -1,0 +1,60 @@
+"""Several JAX processes on this machine: 2 processes x 4 CPU devices (collectives over
+gloo) give the codec and LM steps of 1 process x 8 devices, and Orbax checkpoints move
+between the two layouts."""
+import os
+import socket
+import subprocess
+import sys
+
+import chex
+import numpy as np
+
+import multiprocess_steps
+
+CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multiprocess_child.py")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _launch(num_processes: int, devices_each: int, out_dir: str, timeout: float = 240):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_each}",
+             JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, CHILD, str(i), str(num_processes), str(port),
+                             out_dir], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+           for i in range(num_processes)]
+  try:
+    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+  finally:
+    for p in procs:  # never leave a process behind, whatever happened
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  for i, (p, output) in enumerate(zip(procs, outputs)):
+    assert p.returncode == 0, f"process {i}:\n{output[-3000:]}"
+
+
+def test_two_processes_of_four_devices_equal_one_of_eight(tmp_path):
+  single = multiprocess_steps.run(str(tmp_path), "single")  # this process: 8 devices
+  _launch(2, 4, str(tmp_path))
+  multi = dict(np.load(tmp_path / "result.npz"))
+  assert single["layout"].tolist() == [1, 8, 8] and multi["layout"].tolist() == [2, 4, 8]
+  trained = {k: v for k, v in single.items() if k.split("/")[0] in ("codec", "lm",
+                                                                    "codec_loss", "lm_loss")}
+  assert sum(k.startswith("codec/") for k in trained) > 4 and len(trained) > 12
+  for key, value in trained.items():  # the same steps
+    chex.assert_trees_all_close(multi[key], value, rtol=2e-4, atol=2e-5)
+  # The 2 processes restored the checkpoint written here, and this process theirs.
+  assert multi["restored/step"] == multiprocess_steps.STEPS
+  assert multi["restored/position"] == multiprocess_steps.STEPS
+  for key in (k for k in trained if k.startswith("lm/")):
+    np.testing.assert_array_equal(multi["restored/" + key[3:]], single[key])
+  again = multiprocess_steps.run(str(tmp_path), "again", restore_from="multi")
+  for key in (k for k in trained if k.startswith("lm/")):
+    np.testing.assert_array_equal(again["restored/" + key[3:]], multi[key])
