@@ -18,6 +18,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hypothesis  # noqa: E402
 import pytest  # noqa: E402
 
+
+def pytest_collection_modifyitems(config, items):
+  """Slow tests first (a stable sort: module order kept within each kind): under xdist
+  the long ones start at once and the short ones fill the end, so no worker idles while
+  the other finishes a long test."""
+  del config
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 hypothesis.settings.register_profile("ci", max_examples=200, deadline=None, derandomize=True)
 hypothesis.settings.load_profile("ci")
 

@@ -11,6 +11,9 @@ from conftest import tiny_recon_config
 from fsqtok import recon
 
 
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("checkpoint")]
+
+
 def _files(step_dir):
   return sorted(os.path.join(d, f) for d, _, fs in os.walk(step_dir) for f in fs)
 

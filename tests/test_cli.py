@@ -9,6 +9,9 @@ from fsqtok import cli
 from fsqtok.tokenizer import Tokenizer
 
 
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("cli")]
+
+
 @pytest.fixture(scope="module")
 def trained(doc_files, tmp_path_factory):
   out = tmp_path_factory.mktemp("cli") / "tok"

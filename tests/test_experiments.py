@@ -4,8 +4,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, tiny_recon_config
 from fsqtok import recon
+
+pytestmark = pytest.mark.slow
 
 
 def _run(script, *args):

@@ -140,6 +140,7 @@ def test_ema_and_drift():
   np.testing.assert_allclose(float(d), ((1 - 1.5) ** 2 + 1.5 ** 2 + 4 + 4) / 2)
 
 
+@pytest.mark.slow
 def test_loss_falls_and_reference_updates(setup):
   s = setup
   config = fuser_config.get_config("tiny")
@@ -218,6 +219,7 @@ def _fuser_lm():
   return model, params, ids
 
 
+@pytest.mark.slow
 def test_the_lm_fuser_embedding_follows_its_config_and_is_causal():
   model, params, ids = _fuser_lm()
   assert model.fuser.window_left == 3 and model.ambiguous_ids == (29,)
@@ -235,6 +237,7 @@ def test_the_lm_fuser_embedding_follows_its_config_and_is_causal():
   chex.assert_trees_all_close(apply(params, padded, valid)[:, 3:], logits, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_the_lm_fuser_embedding_generates_with_the_cache_exactly():
   from fsqtok import generate as generate_lib  # pylint: disable=g-import-not-at-top
   from fsqtok import lm as lm_lib  # pylint: disable=g-import-not-at-top

@@ -89,6 +89,7 @@ def _batch(v, b=8, t=12, seed=0):
           "valid": np.ones((b, t), bool)}
 
 
+@pytest.mark.slow
 def test_frozen_codec_does_not_move_and_the_rest_learns(tmp_path):
   from flax.training import train_state  # pylint: disable=g-import-not-at-top
   model, v = _codec_lm()
@@ -175,6 +176,8 @@ def finished_curriculum(doc_files, tmp_path_factory):
   return config, root, report, writes
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("curriculum")
 def test_curriculum_end_to_end_and_then_does_nothing(finished_curriculum):
   from fsqtok import curriculum  # pylint: disable=g-import-not-at-top
   config, root, whole, writes = finished_curriculum
@@ -196,6 +199,8 @@ def test_curriculum_end_to_end_and_then_does_nothing(finished_curriculum):
   _assert_same_report(again, whole)
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("curriculum")
 def test_curriculum_killed_at_seeded_moments_ends_with_the_same_report(finished_curriculum,
                                                                        tmp_path):
   """SIGKILL in every phase (a seeded write of each, before, during or after it), each
@@ -222,6 +227,8 @@ def test_curriculum_killed_at_seeded_moments_ends_with_the_same_report(finished_
   _assert_same_report(resumed, whole)
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("curriculum")
 def test_curriculum_sets_damaged_files_aside_and_makes_them_again(finished_curriculum,
                                                                   tmp_path, caplog):
   """Files of a finished run damaged afterwards (the final parameters' bytes changed, a
@@ -252,6 +259,8 @@ def test_curriculum_sets_damaged_files_aside_and_makes_them_again(finished_curri
   del loaded
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("curriculum")
 def test_curriculum_with_the_fuser_embedding(finished_curriculum, tmp_path):
   """The fuser phase trains the fuser, the LM starts from it, the sample is generated
   through the key/value cache, and a finished run loads with the same ambiguous set."""

@@ -8,8 +8,11 @@ import sys
 
 import chex
 import numpy as np
+import pytest
 
 import multiprocess_steps
+
+pytestmark = pytest.mark.slow
 
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multiprocess_child.py")
 

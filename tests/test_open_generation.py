@@ -75,6 +75,7 @@ def _setup(vocab_codes):
   return tok, codec, codec_params, model, params
 
 
+@pytest.mark.slow
 def test_open_generation_decodes_codes_outside_the_vocabulary_with_the_codec():
   tok, codec, codec_params, model, params = _setup([0, 5, 11])
   prompts = [[tok.bos_id], [tok.bos_id, tok.token_to_id("ab")]]

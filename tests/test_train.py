@@ -81,6 +81,7 @@ def _final_state(workdir, config):
   return step, jax.device_get(state.params), data_state
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_state(config, tmp_path):
   config.train.num_steps = 200
   config.train.log_every = 20

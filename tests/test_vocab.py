@@ -79,6 +79,7 @@ def test_pruning_history_and_compression_against_frequency_selection():
   assert n_chosen < 0.9 * n_count  # the compression criterion beats "most frequent"
 
 
+@pytest.mark.slow
 def test_vocabulary_from_a_trained_codec_is_exact(pieces):
   config = recon_config.get_config("tiny")
   model = codec_lib.codec_from_config(config.model)
@@ -100,6 +101,7 @@ def test_vocabulary_from_a_trained_codec_is_exact(pieces):
   assert [bytes(r[:n]) for r, n in zip(out, lengths)] == list(vocab.strings)
 
 
+@pytest.mark.slow
 def test_codec_exact_build_end_to_end(doc_files, tmp_path):
   """The first design, kept for comparison: codec first, vocabulary among its exact strings."""
   from conftest import tiny_recon_config  # pylint: disable=g-import-not-at-top

@@ -68,6 +68,7 @@ def test_missing_database_names_the_fix(tmp_path):
     module.run(fuser_config.get_config("tiny"), str(tmp_path / "out"), str(tmp_path / "none"))
 
 
+@pytest.mark.slow
 def test_the_word_sense_experiment_runs_on_the_fixture(db, tmp_path):
   out = tmp_path / "out"
   proc = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "eval_word_senses.py"),
