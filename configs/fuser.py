@@ -65,13 +65,14 @@ def training_config(tiny: bool = False) -> ml_collections.ConfigDict:
                          weight_decay=0.01)
   f.data = ml_collections.ConfigDict({"seq_len": 32, "batch_size": 8})
   f.train = ml_collections.ConfigDict({
-      "num_steps": 1000, "log_every": 100, "checkpoint_every": 500, "progress_bar": True})
+      "num_steps": 1000, "log_every": 100, "checkpoint_every": 500, "progress_bar": True,
+      "num_devices": 0})  # the data mesh: 0 = every device (data.batch_size divides by it)
   if tiny:
     f.ambiguity.corpus_top_k, f.ambiguity.min_count = 8, 2
     f.loss.nce_samples = 16
     f.loss.reference_every = 2
     f.optim.warmup_steps = 2
-    f.data.seq_len, f.data.batch_size = 16, 4
+    f.data.seq_len, f.data.batch_size = 16, 8
     f.train.update({"num_steps": 6, "log_every": 2, "checkpoint_every": 3,
                     "progress_bar": False})
   return f

@@ -173,9 +173,16 @@ def train_step(state: FuserState, batch, rng, c: StepConfig, spec: fuser_lib.Fus
   return new, {**metrics, "grad_norm": optax.global_norm(grads)}
 
 
-def make_step(model: fuser_lib.ContextualFuser, c: StepConfig):
-  """The jitted step over ``{"ids", "valid"}`` batches."""
-  return jax.jit(functools.partial(train_step, c=c, spec=model.spec), donate_argnums=(0,))
+def make_step(model: fuser_lib.ContextualFuser, c: StepConfig, mesh=None, donate: bool = True):
+  """The jitted step over ``{"ids", "valid"}`` batches; on ``mesh`` (data parallel) the
+  state is replicated and the batch split along ``data``."""
+  step = functools.partial(train_step, c=c, spec=model.spec)
+  donate_argnums = (0,) if donate else ()
+  if mesh is None:
+    return jax.jit(step, donate_argnums=donate_argnums)
+  repl = sharding_lib.replicated(mesh)
+  return jax.jit(step, in_shardings=(repl, sharding_lib.batch_sharded(mesh), repl),
+                 out_shardings=(repl, repl), donate_argnums=donate_argnums)
 
 
 # ---- vocabulary helpers -----------------------------------------------------------------
@@ -252,21 +259,25 @@ def train_fuser(config, workdir: str, model: fuser_lib.ContextualFuser, tok,
                          np.arange(data["inputs"].shape[0]), f.data.batch_size,
                          seed=config.seed, what="windows of training text (lower "
                                                 "fuser.data.batch_size or seq_len)")
+  mesh = sharding_lib.data_mesh(t.get("num_devices", 0))
+  try:
+    sharding_lib.check_batch_size(f.data.batch_size, mesh)
+  except ValueError as e:
+    raise ValueError(f"fuser.data.batch_size: {e} (or set fuser.train.num_devices)") from None
+  repl = sharding_lib.replicated(mesh)
   tx = optimizer_lib.make_optimizer(f.optim, t.num_steps)
   create = lambda: create_state(model, init(), tx)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      save_every=t.checkpoint_every, max_to_keep=2)
-  abstract = checkpoint_lib.abstract_like(jax.eval_shape(create),
-                                          sharding_lib.replicated(sharding_lib.data_mesh(1)))
-  restored = ckpt.restore_latest(abstract)
+  restored = ckpt.restore_latest(checkpoint_lib.abstract_like(jax.eval_shape(create), repl))
   start = 0
   if restored:
     start, state, data_state = restored
     batcher.set_state(data_state["fuser"])
     logging.info("Resumed the fuser from step %d.", start)
   else:
-    state = jax.jit(create)()
-  step_fn = make_step(model, c)
+    state = jax.jit(create, out_shardings=repl)()
+  step_fn = make_step(model, c, mesh)
   log = workdir_lib.MetricsLog(os.path.join(workdir, "metrics.jsonl"), resume_step=start)
   rng = jax.random.PRNGKey(config.seed + 1)
   pending = []
@@ -274,7 +285,8 @@ def train_fuser(config, workdir: str, model: fuser_lib.ContextualFuser, tok,
   bar = tqdm(range(start, t.num_steps), initial=start, total=t.num_steps, desc="fuser",
              disable=not t.progress_bar, dynamic_ncols=True)
   for step in bar:
-    state, metrics = step_fn(state, next(batcher), jax.random.fold_in(rng, step))
+    state, metrics = step_fn(state, sharding_lib.shard_batch(next(batcher), mesh),
+                             jax.random.fold_in(rng, step))
     pending.append(metrics)
     done = step + 1
     if done % t.log_every == 0 or done == t.num_steps:

@@ -78,3 +78,5 @@ def test_no_readable_step_is_a_clear_error_and_nothing_is_moved(finished, tmp_pa
                                        r"\[40, 30, 20\].*delete"):
     recon.restore_latest(config, str(work))
   assert sorted(os.listdir(ckpts)) == ["20", "30", "40"]
+  with pytest.raises(FileNotFoundError, match="train one first"):
+    recon.restore_latest(config, str(tmp_path / "nothing"))

@@ -25,6 +25,7 @@ from fsqtok import lm_train
 from fsqtok import optimizer as optimizer_lib
 from fsqtok import sharding as sharding_lib
 from fsqtok import tokenizer_build
+from fsqtok import workdir as workdir_lib
 
 
 class _ByteTok:
@@ -207,12 +208,11 @@ def test_curriculum_killed_at_seeded_moments_ends_with_the_same_report(finished_
   time resumed on the same work directory: the final report is the uninterrupted one's."""
   from fsqtok import curriculum  # pylint: disable=g-import-not-at-top
   import kill_at  # pylint: disable=g-import-not-at-top
-  config, _, whole, writes = finished_curriculum
+  config, root, whole, writes = finished_curriculum
   config_path = tmp_path / "config.pickle"
   config_path.write_bytes(pickle.dumps(config))
   rng = random.Random(0)
-  groups = [(tokenizer_build.VOCABULARY_FILE, "recon"), ("vocab",), ("lm",),
-            ("joint", "curriculum_report.json")]
+  groups = [(tokenizer_build.VOCABULARY_FILE, "recon"), ("vocab",), ("lm",), ("joint",)]
   killed = tmp_path / "killed"
   for group in groups:
     part = rng.choice(group)
@@ -225,6 +225,10 @@ def test_curriculum_killed_at_seeded_moments_ends_with_the_same_report(finished_
     assert not (killed / "curriculum_report.json").exists()
   resumed = curriculum.run_curriculum(config, str(killed))
   _assert_same_report(resumed, whole)
+  for phase in ("recon", "lm", "joint"):  # one history each: no step lost or repeated
+    steps = [[(r["step"], r["split"]) for r in workdir_lib.MetricsLog.read(
+        str(run / phase / "metrics.jsonl"))] for run in (root / "whole", killed)]
+    assert steps[0] == steps[1], phase
 
 
 @pytest.mark.slow
