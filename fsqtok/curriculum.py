@@ -140,18 +140,17 @@ def codec_pieces(config, workdir: str, texts) -> tuple[PieceSet, PieceSet]:
   return strings, strings
 
 
-def _saved_tokenizer(vocab_dir: str) -> bool:
-  """Whether the vocabulary phase's tokenizer is saved and reads. A damaged one is set
-  aside (``vocab.damaged``) to be built again: the build is deterministic, so the later
-  phases, built on the old one, still fit."""
+def _saved_tokenizer(vocab_dir: str) -> Tokenizer | None:
+  """The vocabulary phase's saved tokenizer, or None. A damaged one is set aside
+  (``vocab.damaged``) to be built again: the build is deterministic, so the later phases,
+  built on the old one, still fit."""
   if not os.path.exists(os.path.join(vocab_dir, VOCAB_FILE)):
-    return False
+    return None
   try:
-    Tokenizer.load(vocab_dir)
+    return Tokenizer.load(vocab_dir)
   except ValueError as e:
     workdir_lib.set_aside(vocab_dir, str(e))
-    return False
-  return True
+    return None
 
 
 def validate_config(config) -> None:
@@ -179,11 +178,8 @@ def _check_config(config) -> None:
                       ("joint.num_steps", config.joint.num_steps)):
     if steps < 0:
       raise ValueError(f"{name} must be >= 0, got {steps}.")
-  try:
-    sharding_lib.check_batch_size(config.lm.data.batch_size,
-                                  sharding_lib.data_mesh(t.num_devices))
-  except ValueError as e:
-    raise ValueError(f"lm.data.batch_size: {e}") from None
+  sharding_lib.check_batch_size(config.lm.data.batch_size,
+                                sharding_lib.data_mesh(t.num_devices), "lm.data.batch_size")
 
 
 @workdir_lib.exclusive_workdir
@@ -195,11 +191,11 @@ def run_curriculum(config, workdir: str) -> dict[str, Any]:
                                 config.data.source, config.data.get("invalid_utf8", "error"))}
   vocab_dir = os.path.join(workdir, "vocab")
   pieces = codec_pieces(config, workdir, texts)
-  if not _saved_tokenizer(vocab_dir):
-    train_tokenizer(config, workdir, config.vocab.size, vocab_dir, texts=texts, pieces=pieces)
+  tok = _saved_tokenizer(vocab_dir)
+  if tok is None:
+    tok, _ = train_tokenizer(config, workdir, config.vocab.size, vocab_dir, texts=texts, pieces=pieces)
   report["recon"] = {k: v for k, v in recon.train_recon(config, workdir, pieces).items()
                      if k in ("validation", "train_wall_seconds", "steps")}
-  tok = Tokenizer.load(vocab_dir)
   codec, codec_params = recon.load_trained_codec(config, workdir)
   data = lm_train.LMData(tok, texts, config.lm.data.seq_len, pieces)
   model = build_lm(config, tok, codec, data.token_counts(len(tok)),

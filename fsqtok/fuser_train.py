@@ -260,10 +260,7 @@ def train_fuser(config, workdir: str, model: fuser_lib.ContextualFuser, tok,
                          seed=config.seed, what="windows of training text (lower "
                                                 "fuser.data.batch_size or seq_len)")
   mesh = sharding_lib.data_mesh(t.get("num_devices", 0))
-  try:
-    sharding_lib.check_batch_size(f.data.batch_size, mesh)
-  except ValueError as e:
-    raise ValueError(f"fuser.data.batch_size: {e} (or set fuser.train.num_devices)") from None
+  sharding_lib.check_batch_size(f.data.batch_size, mesh, "fuser.data.batch_size")
   repl = sharding_lib.replicated(mesh)
   tx = optimizer_lib.make_optimizer(f.optim, t.num_steps)
   create = lambda: create_state(model, init(), tx)

@@ -99,11 +99,9 @@ def _check_config(config) -> None:
     codec_lib.codec_from_config(config.model).fsq  # levels >= 2, an int32 codebook
   except ValueError as e:
     raise ValueError(f"model.levels: {e}") from None
-  try:
-    sharding_lib.check_batch_size(config.data.batch_size,
-                                  sharding_lib.data_mesh(config.train.num_devices))
-  except ValueError as e:
-    raise ValueError(f"data.batch_size: {e}") from None
+  sharding_lib.check_batch_size(config.data.batch_size,
+                                sharding_lib.data_mesh(config.train.num_devices),
+                                "data.batch_size")
 
 
 def restore_latest(config, workdir: str):

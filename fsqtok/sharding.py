@@ -27,10 +27,12 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+def check_batch_size(batch_size: int, mesh: Mesh, field: str = "") -> None:
+  """A ``ValueError`` (prefixed by the config ``field``, if given) unless the batch
+  splits evenly over the mesh."""
   if batch_size % mesh.size:
-    raise ValueError(f"Batch size {batch_size} must be divisible by the {mesh.size} "
-                     f"devices of the data mesh.")
+    raise ValueError(f"{field + ': ' if field else ''}Batch size {batch_size} must be "
+                     f"divisible by the {mesh.size} devices of the data mesh.")
 
 
 def shard_batch(batch, mesh: Mesh):
