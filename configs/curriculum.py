@@ -29,9 +29,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c = recon_config.get_config("full" if arg == "full" else "")
   c.phase = "curriculum"
   c.vocab = ml_collections.ConfigDict({"size": 4096})
-  # The curriculum's codec keeps optim's learning rate (its measured runs); the higher
-  # rate of tokenizer.codec_learning_rate was measured on 8k and 32k vocabularies only.
+  # The curriculum's codec keeps optim's learning rate and plain decoder (its measured
+  # runs); tokenizer.codec_learning_rate and codec_fourier_octaves were measured on 8k
+  # and 32k vocabularies only.
   c.tokenizer.codec_learning_rate = 0.0
+  c.tokenizer.codec_fourier_octaves = 0
 
   c.lm = ml_collections.ConfigDict()
   m = c.lm.model = ml_collections.ConfigDict()

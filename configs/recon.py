@@ -71,6 +71,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.model.enc_mlp_dim = 512
   c.model.dec_mlp_dim = 512
   c.model.position_embedding = True
+  c.model.dec_fourier_octaves = 0  # periodic code features for the decoder (codec.py)
 
   # How a tokenizer is built on this codec (fsqtok/tokenizer_build.py): "unigram" =
   # vocabulary first (fsqtok/unigram.py), then the codec learns exactly its strings;
@@ -87,6 +88,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # optim, which is tuned for held-out pieces): 1e-2 reconstructs more of a 32k
   # vocabulary exactly than 3e-3 in the same steps (docs/codec.md).
   c.tokenizer.codec_learning_rate = 1e-2
+  # The decoder's periodic code features when it learns the vocabulary (0: model's own,
+  # none): one octave reconstructs more of a 32k vocabulary exactly (docs/codec.md).
+  c.tokenizer.codec_fourier_octaves = 1
   # Multi-word phrases (" of the") added after the subword vocabulary, as this share of
   # the learned strings (0: none); each of 2..max_phrase_words words, <= model.max_len bytes.
   c.tokenizer.phrase_fraction = 0.0
@@ -126,6 +130,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 10
     c.tokenizer.seed_size = 20_000
     c.tokenizer.codec_learning_rate = 0.0  # 1e-2 was measured for the MLP codec only
+    c.tokenizer.codec_fourier_octaves = 0
   elif arg == "long":
     c.train.num_steps = 90_000
     c.train.eval_every = 15_000
@@ -140,6 +145,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 5000
     c.train.eval_batch_size = 8192
     c.tokenizer.codec_learning_rate = 0.0  # not measured at this width and batch
+    c.tokenizer.codec_fourier_octaves = 0
   elif arg == "source":
     c.data.weighting = "occurrence"
     _char_cnn(c.model, (128, 256, 256), (256, 128, 64))
@@ -147,6 +153,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.optim.learning_rate = 1e-4
     c.optim.warmup_steps = 1000
     c.tokenizer.codec_learning_rate = 0.0
+    c.tokenizer.codec_fourier_octaves = 0
   elif arg:
     raise ValueError(f"Unknown configs/recon.py argument {arg!r}: use '', tiny, long, "
                      f"full or source.")

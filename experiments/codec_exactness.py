@@ -8,7 +8,10 @@
 The vocabulary is built once (the tokenizer build's `unigram_vocabulary`, kept in
 ``--workdir``), then the codec of ``configs/recon.py`` trains on exactly its strings
 once per variant (``;``-separated, each a ``,``-separated list of config overrides
-``field=value``; ``base``: the config as it is), as `fsqtok.tokenizer_build` does. Per
+``field=value``; ``base``: the config as it is: `configs/recon.py`'s codec, lr 3e-3 and a
+plain decoder; the tokenizer build's codec is the variant
+``optim.learning_rate=1e-2,model.dec_fourier_octaves=1``, what
+`tokenizer_build.codec_config` makes of the default config), as the build does. Per
 variant: the share of the strings its encoder's code decodes back exactly, the same
 weighted by the strings' expected uses, the distinct codes among them, and the training
 wall time (run one variant at a time on an otherwise idle machine to compare times).

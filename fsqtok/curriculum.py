@@ -100,7 +100,7 @@ def load_lm(config, workdir: str):
   """``(tokenizer, model, params)`` of a finished curriculum (the joint phase's parameters
   if it ran, else the lm phase's)."""
   tok = Tokenizer.load(os.path.join(workdir, "vocab"))
-  codec, _ = recon.load_trained_codec(config, workdir)
+  codec, _ = recon.load_trained_codec(tokenizer_build.codec_config(config), workdir)
   counts = None
   if config.lm.model.embedding == "bespoke":
     counts = lm_train.LMData(tok, corpus_lib.load_split(config.data), config.lm.data.seq_len
@@ -196,7 +196,7 @@ def run_curriculum(config, workdir: str) -> dict[str, Any]:
     tok, _ = train_tokenizer(config, workdir, config.vocab.size, vocab_dir, texts=texts, pieces=pieces)
   report["recon"] = {k: v for k, v in recon.train_recon(config, workdir, pieces).items()
                      if k in ("validation", "train_wall_seconds", "steps")}
-  codec, codec_params = recon.load_trained_codec(config, workdir)
+  codec, codec_params = recon.load_trained_codec(tokenizer_build.codec_config(config), workdir)
   data = lm_train.LMData(tok, texts, config.lm.data.seq_len, pieces)
   model = build_lm(config, tok, codec, data.token_counts(len(tok)),
                    fuser_ambiguous_ids(config, workdir, tok, lambda: texts[0]))

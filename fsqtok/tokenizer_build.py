@@ -189,6 +189,7 @@ def train_tokenizer(config, workdir: str, vocab_size: int, out_dir: str, *,
     if not corpus_lib.total_chars(train_blocks):
       raise ValueError(f"Corpus {d.source!r} has no training text (empty files, or every "
                        f"block held out): add text or lower data.val_fraction.")
+    config = codec_config(config)  # the codec's config, also saved with the tokenizer
     tok, analysis, params = _unigram_build(config, workdir, size, train_blocks, mesh)
   analysis = {**analysis, "requested_vocab_size": vocab_size, "vocab_size": len(tok),
               "source": config.data.source,
@@ -215,22 +216,34 @@ def _codec_exact(config, workdir, size, texts, pieces, mesh):
 
 
 def codec_config(config):
-  """The config the build trains its codec with: ``config`` with the peak learning rate
-  ``tokenizer.codec_learning_rate`` (0: ``optim.learning_rate``). Learning a fixed set of
-  strings by heart takes a higher rate than generalising to held-out pieces, which is
-  what ``optim`` is tuned for (docs/codec.md, "Exactness at large vocabularies")."""
+  """The config the unigram build trains and loads its codec with: ``config`` with the
+  peak learning rate ``tokenizer.codec_learning_rate`` (0: ``optim.learning_rate``) and
+  the decoder's periodic code features ``tokenizer.codec_fourier_octaves`` (0: those of
+  ``model``). Learning a fixed set of strings by heart takes a higher rate and sharper
+  decoder inputs than generalising to held-out pieces, which ``optim`` and ``model`` are
+  tuned for (docs/codec.md, "Exactness at large vocabularies"). Whoever loads the
+  build's codec from its work directory builds it from this config."""
   lr = config.tokenizer.get("codec_learning_rate", 0.0)
-  if not lr or lr == config.optim.learning_rate:
+  octaves = config.tokenizer.get("codec_fourier_octaves", 0)
+  changes = {}
+  if lr and lr != config.optim.learning_rate:
+    changes["lr"] = lr
+  if octaves and octaves != config.model.get("dec_fourier_octaves", 0):
+    changes["octaves"] = octaves
+  if not changes:
     return config
   config = copy.deepcopy(config)
-  config.optim.learning_rate = lr
+  if "lr" in changes:
+    config.optim.learning_rate = lr
+  if "octaves" in changes:
+    config.model.dec_fourier_octaves = octaves
   return config
 
 
 def _unigram_build(config, workdir, size, train_blocks, mesh):
   vocab, counting = unigram_vocabulary(config, workdir, train_blocks, size)
   strings = vocabulary_pieces(vocab, config.model.max_len)
-  recon.train_recon(codec_config(config), workdir, (strings, strings))
+  recon.train_recon(config, workdir, (strings, strings))
   model, params = recon.load_trained_codec(config, workdir)
   stats = evaluate_lib.compute_piece_stats(model, params, strings,
                                            batch_size=config.train.eval_batch_size, mesh=mesh)

@@ -71,6 +71,38 @@ def test_gradient_reaches_the_encoder_through_the_quantizer():
   assert min(norms.values()) > 0.0, norms
 
 
+def test_fourier_features_of_the_code():
+  codes = jnp.array([[-1.0, 0.0, 0.5], [0.25, -0.5, 1.0]])
+  chex.assert_trees_all_equal(codec_lib.fourier_features(codes, 0), codes)
+  f = codec_lib.fourier_features(codes, 2)
+  chex.assert_shape(f, (2, 3 * (1 + 2 * 2)))
+  np.testing.assert_allclose(f[:, :3], codes)
+  # sin(pi z), sin(2 pi z) per dimension, then the cosines, in that order.
+  np.testing.assert_allclose(f[0, 3:9], np.sin(np.pi * np.array([-1, -2, 0, 0, 0.5, 1.0])),
+                             atol=1e-6)
+  np.testing.assert_allclose(f[1, 9:], np.cos(np.pi * np.array([0.25, 0.5, -0.5, -1, 1, 2])),
+                             atol=1e-6)
+  # Neighbouring grid points (levels 8: spacing 1/4) differ in more than the raw value.
+  near = codec_lib.fourier_features(jnp.array([[0.0], [0.25]]), 2)
+  assert float(jnp.abs(near[0] - near[1]).sum()) > 4 * 0.25
+
+
+def test_a_fourier_decoder_passes_the_gradient_to_the_encoder_and_old_configs_load():
+  model, c = tiny_model(**ARCHES["mlp"], dec_fourier_octaves=2)
+  b, l = sample_batch()
+  params = model.init(jax.random.PRNGKey(0), b, l)["params"]
+  # The decoder's first layer sees the code and its 2 x 2 periodic features per dimension.
+  assert params["decoder"]["mlp"]["kernel"].shape[0] == len(c.levels) * 5
+  grads = jax.grad(lambda p: recon.reconstruction_loss(
+      model.apply({"params": p}, b, l)[0], b, l)[0])(params)
+  assert float(jnp.linalg.norm(grads["encoder"]["to_latent"]["kernel"])) > 0
+  # A codec saved before the field existed (its codec_config.json lacks it) still loads.
+  old = c.to_dict()
+  del old["dec_fourier_octaves"]
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  assert codec_lib.codec_from_config(ml_collections.ConfigDict(old)).dec_fourier_octaves == 0
+
+
 def test_targets_weights_and_greedy_decode():
   b, l = pieces_to_array(["ab", "x" * 16])
   targets, weights = codec_lib.targets_and_weights(jnp.asarray(b), jnp.asarray(l))
@@ -87,7 +119,7 @@ def test_loss_falls_and_memorises_a_few_pieces():
   model, c = tiny_model()
   b, l = sample_batch()
   params = model.init(jax.random.PRNGKey(0), b, l)["params"]
-  tx = optax.adam(1e-2)
+  tx = optax.adam(3e-3)  # 1e-2 oscillates: its last step's accuracy depends on the JAX version
   opt = tx.init(params)
 
   @jax.jit
@@ -100,7 +132,7 @@ def test_loss_falls_and_memorises_a_few_pieces():
     return optax.apply_updates(params, updates), opt, value, acc
 
   losses = []
-  for _ in range(300):
+  for _ in range(400):
     params, opt, value, acc = step(params, opt)
     losses.append(float(value))
   assert losses[-1] < 0.1 * losses[0]

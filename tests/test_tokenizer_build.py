@@ -99,8 +99,12 @@ def test_the_build_trains_its_codec_at_the_tokenizer_learning_rate():
   from configs import recon as recon_config  # pylint: disable=g-import-not-at-top
   config = recon_config.get_config("")
   assert config.tokenizer.codec_learning_rate == 1e-2 and config.optim.learning_rate == 3e-3
+  assert config.tokenizer.codec_fourier_octaves == 1 and config.model.dec_fourier_octaves == 0
   built = tokenizer_build.codec_config(config)
   assert built.optim.learning_rate == 1e-2 and config.optim.learning_rate == 3e-3
+  assert built.model.dec_fourier_octaves == 1 and config.model.dec_fourier_octaves == 0
+  built.model.dec_fourier_octaves = 0
   assert built.model == config.model and built.train == config.train
   config.tokenizer.codec_learning_rate = 0.0  # 0: optim's own
+  config.tokenizer.codec_fourier_octaves = 0  # 0: model's own
   assert tokenizer_build.codec_config(config) is config
