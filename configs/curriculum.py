@@ -21,6 +21,7 @@ import ml_collections
 from configs import fuser as fuser_config
 from configs import recon as recon_config
 from fsqtok.optimizer import adamw_config
+from fsqtok.sharding import sharding_config
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -65,6 +66,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       "num_steps": 1000, "log_every": 50, "eval_every": 250, "eval_batch_size": 64,
       "checkpoint_every": 250, "keep_checkpoints": 2, "num_devices": 0,
       "progress_bar": True,
+      # replicated state by default; fsdp / model_parallel split it (fsqtok/sharding.py)
+      "sharding": sharding_config(),
       # MFU denominator; 0: looked up by device kind (fsqtok/lm_train.PEAK_FLOPS)
       "peak_flops_per_device": 0.0})
 

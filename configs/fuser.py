@@ -24,6 +24,7 @@ import ml_collections
 
 from configs import recon as recon_config
 from fsqtok.optimizer import adamw_config
+from fsqtok.sharding import sharding_config
 
 
 def model_config(tiny: bool = False) -> ml_collections.ConfigDict:
@@ -66,7 +67,8 @@ def training_config(tiny: bool = False) -> ml_collections.ConfigDict:
   f.data = ml_collections.ConfigDict({"seq_len": 32, "batch_size": 8})
   f.train = ml_collections.ConfigDict({
       "num_steps": 1000, "log_every": 100, "checkpoint_every": 500, "progress_bar": True,
-      "num_devices": 0})  # the data mesh: 0 = every device (data.batch_size divides by it)
+      "num_devices": 0,  # the data mesh: 0 = every device (data.batch_size divides by it)
+      "sharding": sharding_config()})  # replicated state (fsqtok/sharding.py)
   if tiny:
     f.ambiguity.corpus_top_k, f.ambiguity.min_count = 8, 2
     f.loss.nce_samples = 16

@@ -26,6 +26,7 @@ Any field can be overridden, e.g. ``--config.data.source=tfds:tiny_shakespeare``
 import ml_collections
 
 from fsqtok.optimizer import adamw_config
+from fsqtok.sharding import sharding_config
 
 
 def _char_cnn(model, enc_channels, dec_channels):
@@ -115,6 +116,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 2500
   c.train.keep_checkpoints = 3
   c.train.num_devices = 0        # 0: every visible device
+  c.train.sharding = sharding_config()  # replicated; fsdp splits the state (fsqtok/sharding.py)
   c.train.progress_bar = True
 
   if arg == "tiny":

@@ -18,6 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import serialization
 
+from fsqtok import sharding as sharding_lib
 from fsqtok import workdir as workdir_lib
 
 
@@ -113,14 +114,18 @@ class Checkpointer:
 
 
 def abstract_like(tree: Any, sharding) -> Any:
-  """ShapeDtypeStructs of ``tree`` carrying ``sharding`` (a restore target)."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+  """ShapeDtypeStructs of ``tree`` carrying ``sharding`` (one for every leaf, or a pytree
+  of them like ``tree``): a restore target."""
+  if isinstance(sharding, jax.sharding.Sharding):
+    sharding = jax.tree.map(lambda _: sharding, tree)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, sharding)
 
 
 def save_final_params(path: str, params: Any) -> str:
   """Writes a finished phase's parameters to ``path`` (msgpack, atomically); returns
   their SHA-256, which the phase's report keeps."""
-  data = serialization.to_bytes(jax.device_get(params))
+  data = serialization.to_bytes(sharding_lib.to_host(params))
   workdir_lib.atomic_write_bytes(path, data)
   return hashlib.sha256(data).hexdigest()
 

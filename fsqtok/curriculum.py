@@ -178,8 +178,11 @@ def _check_config(config) -> None:
                       ("joint.num_steps", config.joint.num_steps)):
     if steps < 0:
       raise ValueError(f"{name} must be >= 0, got {steps}.")
-  sharding_lib.check_batch_size(config.lm.data.batch_size,
-                                sharding_lib.data_mesh(t.num_devices), "lm.data.batch_size")
+  try:
+    mesh = sharding_lib.mesh_from_config(t)
+  except ValueError as e:
+    raise ValueError(f"lm.train: {e}") from None
+  sharding_lib.check_batch_size(config.lm.data.batch_size, mesh, "lm.data.batch_size")
 
 
 @workdir_lib.exclusive_workdir

@@ -50,7 +50,7 @@ def compute_piece_stats(model, params, pieces: PieceSet, *, batch_size: int, mes
       l = np.concatenate([l, np.ones(pad, l.dtype)])
     batch = sharding_lib.shard_batch({"bytes": b, "lengths": l}, mesh)
     # The batch arrives split on the mesh; jit follows its placement.
-    out = jax.device_get(piece_stats(model, params, batch["bytes"], batch["lengths"]))
+    out = sharding_lib.to_host(piece_stats(model, params, batch["bytes"], batch["lengths"]))
     for k, v in out.items():
       chunks.setdefault(k, []).append(np.asarray(v)[: batch_size - pad])
   return {k: np.concatenate(v) for k, v in chunks.items()}
@@ -101,5 +101,5 @@ def reconstruct(model, params, bytes_BxL, lengths_B) -> list[bytes]:
   """Greedy reconstructions of a few pieces (for reports and notebooks)."""
   logits, _ = jax.jit(model.apply)({"params": params}, jnp.asarray(bytes_BxL),
                                    jnp.asarray(lengths_B))
-  out, lens = jax.device_get(codec_lib.greedy_decode(logits))
+  out, lens = sharding_lib.to_host(codec_lib.greedy_decode(logits))
   return [bytes(r[:n]) for r, n in zip(out, lens)]

@@ -173,16 +173,19 @@ def train_step(state: FuserState, batch, rng, c: StepConfig, spec: fuser_lib.Fus
   return new, {**metrics, "grad_norm": optax.global_norm(grads)}
 
 
-def make_step(model: fuser_lib.ContextualFuser, c: StepConfig, mesh=None, donate: bool = True):
-  """The jitted step over ``{"ids", "valid"}`` batches; on ``mesh`` (data parallel) the
-  state is replicated and the batch split along ``data``."""
+def make_step(model: fuser_lib.ContextualFuser, c: StepConfig, mesh=None, donate: bool = True,
+              state_sh=None):
+  """The jitted step over ``{"ids", "valid"}`` batches; on ``mesh`` the batch is split
+  along ``data`` and the state placed by ``state_sh`` (`fsqtok.sharding.state_shardings`;
+  None: replicated)."""
   step = functools.partial(train_step, c=c, spec=model.spec)
   donate_argnums = (0,) if donate else ()
   if mesh is None:
     return jax.jit(step, donate_argnums=donate_argnums)
   repl = sharding_lib.replicated(mesh)
-  return jax.jit(step, in_shardings=(repl, sharding_lib.batch_sharded(mesh), repl),
-                 out_shardings=(repl, repl), donate_argnums=donate_argnums)
+  state_sh = repl if state_sh is None else state_sh
+  return jax.jit(step, in_shardings=(state_sh, sharding_lib.batch_sharded(mesh), repl),
+                 out_shardings=(state_sh, repl), donate_argnums=donate_argnums)
 
 
 # ---- vocabulary helpers -----------------------------------------------------------------
@@ -259,22 +262,23 @@ def train_fuser(config, workdir: str, model: fuser_lib.ContextualFuser, tok,
                          np.arange(data["inputs"].shape[0]), f.data.batch_size,
                          seed=config.seed, what="windows of training text (lower "
                                                 "fuser.data.batch_size or seq_len)")
-  mesh = sharding_lib.data_mesh(t.get("num_devices", 0))
+  mesh = sharding_lib.mesh_from_config(t)
   sharding_lib.check_batch_size(f.data.batch_size, mesh, "fuser.data.batch_size")
-  repl = sharding_lib.replicated(mesh)
   tx = optimizer_lib.make_optimizer(f.optim, t.num_steps)
   create = lambda: create_state(model, init(), tx)
+  state_sh = sharding_lib.state_shardings(jax.eval_shape(create), mesh, t.get("sharding"))
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      save_every=t.checkpoint_every, max_to_keep=2)
-  restored = ckpt.restore_latest(checkpoint_lib.abstract_like(jax.eval_shape(create), repl))
+  restored = ckpt.restore_latest(checkpoint_lib.abstract_like(jax.eval_shape(create),
+                                                              state_sh))
   start = 0
   if restored:
     start, state, data_state = restored
     batcher.set_state(data_state["fuser"])
     logging.info("Resumed the fuser from step %d.", start)
   else:
-    state = jax.jit(create, out_shardings=repl)()
-  step_fn = make_step(model, c, mesh)
+    state = jax.jit(create, out_shardings=state_sh)()
+  step_fn = make_step(model, c, mesh, state_sh=state_sh)
   log = workdir_lib.MetricsLog(os.path.join(workdir, "metrics.jsonl"), resume_step=start)
   rng = jax.random.PRNGKey(config.seed + 1)
   pending = []
@@ -287,7 +291,7 @@ def train_fuser(config, workdir: str, model: fuser_lib.ContextualFuser, tok,
     pending.append(metrics)
     done = step + 1
     if done % t.log_every == 0 or done == t.num_steps:
-      host = jax.device_get(pending)
+      host = sharding_lib.to_host(pending)
       pending = []
       record = {"step": done, "split": "train",
                 **{k: float(np.mean([m[k] for m in host])) for k in host[0]}}

@@ -48,6 +48,24 @@ _NEG = -1e9  # masked attention logit (finite: a fully masked row stays finite)
 # marker (an empty pytree node), so "first call" is known while tracing, not at run time.
 PREFIX_PENDING = "prefix_pending"
 
+# The logical axis names of the LM's parameters, by path pattern (first match wins; a
+# pattern applies only to leaves of as many dimensions as it names). A sharding config's
+# ``logical_axes`` says which mesh axis each name goes to (`fsqtok.sharding`): with
+# ``heads``, ``mlp`` and ``vocab`` on ``model``, attention is split by heads, the MLP by
+# its hidden width and the table and output layer by vocabulary rows (Megatron style).
+# Optimizer moments have the same path suffixes, so they follow their parameters.
+PARAM_AXES = (
+    (r"attn/(query|key|value)/kernel$", ("embed", "heads", "head_dim")),
+    (r"attn/(query|key|value)/bias$", ("heads", "head_dim")),
+    (r"attn/out/kernel$", ("heads", "head_dim", "embed")),
+    (r"mlp_in/kernel$", ("embed", "mlp")),
+    (r"mlp_in/bias$", ("mlp",)),
+    (r"mlp_out/kernel$", ("mlp", "embed")),
+    (r"embed/embed/embedding$", ("vocab", "embed")),
+    (r"output_head/out/kernel$", ("embed", "vocab")),
+    (r"output_head/out/bias$", ("vocab",)),
+)
+
 
 def rope(x_BxTxHxD: jax.Array, positions_BxT: jax.Array, base: float = 10_000.0) -> jax.Array:
   """Rotary position embedding (rotating pairs of the two halves of each head)."""

@@ -103,6 +103,22 @@ def train_step(state: train_state.TrainState, batch, rng, *, recon_weight: float
   return new_state, {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
 
 
+def state_shardings(abstract_state, mesh, train_config):
+  """Where each leaf of an LM training state lives (``train.sharding``: replicated by
+  default; FSDP and tensor parallel by `fsqtok.lm.PARAM_AXES`)."""
+  return sharding_lib.state_shardings(abstract_state, mesh, train_config.get("sharding"),
+                                      lm_lib.PARAM_AXES)
+
+
+def compile_train_step(mesh, state_sh, recon_weight: float = 0.0, donate: bool = True):
+  """``train_step`` under jit: the batch split on ``data``, the state placed by
+  ``state_sh`` (see `state_shardings`)."""
+  repl = sharding_lib.replicated(mesh)
+  return jax.jit(functools.partial(train_step, recon_weight=recon_weight),
+                 in_shardings=(state_sh, sharding_lib.batch_sharded(mesh), repl),
+                 out_shardings=(state_sh, repl), donate_argnums=(0,) if donate else ())
+
+
 @functools.partial(jax.jit, static_argnums=(0,))
 def _eval_sums(apply_fn, params, batch):
   _, (nll, count) = lm_loss(params, apply_fn, batch, jax.random.PRNGKey(0), deterministic=True)
@@ -114,7 +130,8 @@ def evaluate_bits_per_byte(apply_fn, params, data: dict[str, np.ndarray], num_by
   """Held-out loss per token and bits per byte over every window of ``data``."""
   nll, count = 0.0, 0.0
   for batch in lm_data.eval_batches(data, batch_size):
-    n, c = jax.device_get(_eval_sums(apply_fn, params, sharding_lib.shard_batch(batch, mesh)))
+    n, c = sharding_lib.to_host(_eval_sums(apply_fn, params,
+                                           sharding_lib.shard_batch(batch, mesh)))
     nll, count = nll + float(n), count + float(c)
   return {"loss_per_token": nll / max(count, 1.0), "tokens": count,
           "bits_per_byte": nll / math.log(2) / num_bytes, "bytes_per_token": num_bytes / count}
@@ -155,15 +172,14 @@ def train_lm_phase(phase: str, config, workdir: str, model: lm_lib.TransformerLM
   phase_dir = os.path.join(workdir, phase)
   os.makedirs(phase_dir, exist_ok=True)
   report_path = os.path.join(phase_dir, "report.json")
-  mesh = sharding_lib.data_mesh(t.num_devices)
-  repl = sharding_lib.replicated(mesh)
+  mesh = sharding_lib.mesh_from_config(t)
   sharding_lib.check_batch_size(config.lm.data.batch_size, mesh)
 
+  # One optimizer object: states made by separate calls share their pytree structure.
+  tx = optimizer_lib.make_optimizer(optim, num_steps, jax.eval_shape(init_params), frozen)
+
   def create_state():
-    params = init_params()
-    return train_state.TrainState.create(
-        apply_fn=model.apply, params=params,
-        tx=optimizer_lib.make_optimizer(optim, num_steps, params, frozen))
+    return train_state.TrainState.create(apply_fn=model.apply, params=init_params(), tx=tx)
 
   finished = checkpoint_lib.finished_phase(phase_dir, report_path, PARAMS_FILE, init_params)
   if finished is not None:  # nothing to do
@@ -171,7 +187,9 @@ def train_lm_phase(phase: str, config, workdir: str, model: lm_lib.TransformerLM
   ckpt = checkpoint_lib.Checkpointer(os.path.join(phase_dir, "checkpoints"),
                                      save_every=t.checkpoint_every,
                                      max_to_keep=t.keep_checkpoints)
-  abstract = checkpoint_lib.abstract_like(jax.eval_shape(create_state), repl)
+  abstract_state = jax.eval_shape(create_state)
+  state_sh = state_shardings(abstract_state, mesh, t)
+  abstract = checkpoint_lib.abstract_like(abstract_state, state_sh)
 
   batcher = lm_data.window_batcher(data.train, config.lm.data.batch_size, seed=config.seed)
   pieces = None
@@ -187,12 +205,9 @@ def train_lm_phase(phase: str, config, workdir: str, model: lm_lib.TransformerLM
       pieces.set_state(data_state["pieces"])
     logging.info("Resumed %s from step %d.", phase_dir, start)
   else:
-    state = jax.jit(create_state, out_shardings=repl)()
+    state = jax.jit(create_state, out_shardings=state_sh)()
 
-  data_sh = sharding_lib.batch_sharded(mesh)
-  step_fn = jax.jit(functools.partial(train_step, recon_weight=recon_weight),
-                    in_shardings=(repl, data_sh, repl), out_shardings=(repl, repl),
-                    donate_argnums=(0,))
+  step_fn = compile_train_step(mesh, state_sh, recon_weight)
   metrics_log = workdir_lib.MetricsLog(os.path.join(phase_dir, "metrics.jsonl"),
                                        resume_step=start)
   eval_kw = dict(batch_size=t.eval_batch_size, mesh=mesh)
@@ -211,7 +226,7 @@ def train_lm_phase(phase: str, config, workdir: str, model: lm_lib.TransformerLM
     pending.append(metrics)
     done = step + 1
     if done % t.log_every == 0 or done == num_steps:
-      host = jax.device_get(pending)
+      host = sharding_lib.to_host(pending)
       pending = []
       now = time.perf_counter()
       tokens = float(sum(m["count"] for m in host))

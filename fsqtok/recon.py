@@ -58,18 +58,23 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], rng: 
                      "grad_norm": optax.global_norm(grads)}
 
 
-def create_state(config, model: codec_lib.Codec, rng: jax.Array) -> train_state.TrainState:
+def create_state(config, model: codec_lib.Codec, rng: jax.Array, tx=None
+                 ) -> train_state.TrainState:
+  """A fresh training state (``tx``: the optimizer, made from ``config`` if None; pass
+  the same one to every call whose states must share a pytree structure)."""
   max_len = config.model.max_len
   params = model.init(rng, jnp.zeros((1, max_len), jnp.uint8), jnp.ones((1,), jnp.int32))
-  tx = optimizer_lib.make_optimizer(config.optim, config.train.num_steps)
+  tx = tx or optimizer_lib.make_optimizer(config.optim, config.train.num_steps)
   return train_state.TrainState.create(apply_fn=model.apply, params=params["params"], tx=tx)
 
 
-def compile_train_step(mesh, donate: bool = True):
-  """``train_step`` under jit: the state replicated, the batch split on ``data``."""
+def compile_train_step(mesh, donate: bool = True, state_shardings=None):
+  """``train_step`` under jit: the batch split on ``data``, the state placed by
+  ``state_shardings`` (`fsqtok.sharding.state_shardings`; None: replicated)."""
   repl, data = sharding_lib.replicated(mesh), sharding_lib.batch_sharded(mesh)
-  return jax.jit(train_step, in_shardings=(repl, data, repl), out_shardings=(repl, repl),
-                 donate_argnums=(0,) if donate else ())
+  state_sh = repl if state_shardings is None else state_shardings
+  return jax.jit(train_step, in_shardings=(state_sh, data, repl),
+                 out_shardings=(state_sh, repl), donate_argnums=(0,) if donate else ())
 
 
 class ConfigError(ValueError):
@@ -99,9 +104,11 @@ def _check_config(config) -> None:
     codec_lib.codec_from_config(config.model).fsq  # levels >= 2, an int32 codebook
   except ValueError as e:
     raise ValueError(f"model.levels: {e}") from None
-  sharding_lib.check_batch_size(config.data.batch_size,
-                                sharding_lib.data_mesh(config.train.num_devices),
-                                "data.batch_size")
+  try:
+    mesh = sharding_lib.mesh_from_config(config.train)
+  except ValueError as e:
+    raise ValueError(f"train: {e}") from None
+  sharding_lib.check_batch_size(config.data.batch_size, mesh, "data.batch_size")
 
 
 def restore_latest(config, workdir: str):
@@ -192,7 +199,7 @@ def train_recon(config, workdir: str,
       ckpt.close()
       return report
 
-  mesh = sharding_lib.data_mesh(t.num_devices)
+  mesh = sharding_lib.mesh_from_config(t)
   sharding_lib.check_batch_size(config.data.batch_size, mesh)
   model = codec_lib.codec_from_config(config.model)
   train_pieces, val_pieces = (pieces if pieces is not None
@@ -202,9 +209,12 @@ def train_recon(config, workdir: str,
 
   rng = jax.random.PRNGKey(config.seed)
   init_rng, step_rng = jax.random.split(rng)
-  repl = sharding_lib.replicated(mesh)
-  state = jax.jit(functools.partial(create_state, config, model), out_shardings=repl)(init_rng)
-  restored = ckpt.restore_latest(checkpoint_lib.abstract_like(state, repl))
+  create = functools.partial(create_state, config, model,
+                             tx=optimizer_lib.make_optimizer(config.optim, t.num_steps))
+  state_sh = sharding_lib.state_shardings(jax.eval_shape(create, init_rng), mesh,
+                                          t.get("sharding"))
+  state = jax.jit(create, out_shardings=state_sh)(init_rng)
+  restored = ckpt.restore_latest(checkpoint_lib.abstract_like(state, state_sh))
   start = 0
   if restored:
     start, state, data_state = restored
@@ -213,7 +223,7 @@ def train_recon(config, workdir: str,
 
   metrics_log = workdir_lib.MetricsLog(os.path.join(phase_dir, "metrics.jsonl"),
                                        resume_step=start)
-  step_fn = compile_train_step(mesh)
+  step_fn = compile_train_step(mesh, state_shardings=state_sh)
   eval_kw = dict(batch_size=t.eval_batch_size, mesh=mesh)
   schedule = optimizer_lib.learning_rate_schedule(config.optim, t.num_steps)
   # Throughput is timed from the first synchronisation (after compilation) to the last,
@@ -230,7 +240,7 @@ def train_recon(config, workdir: str,
     pending.append(metrics)
     done = step + 1
     if done % t.log_every == 0 or done == t.num_steps:
-      host = jax.device_get(pending)
+      host = sharding_lib.to_host(pending)
       pending = []
       now = time.perf_counter()
       if clock["t0"] is None:

@@ -1,5 +1,9 @@
 """Files a run leaves in its work directory, always written atomically; one writer at a
-time per work directory (`exclusive`)."""
+time per work directory (`exclusive`).
+
+With several JAX processes (a pod), every process runs the same loop and computes the
+same numbers, and only process 0 writes files (`is_writer`): reports, metrics, plots,
+final parameters and the lock. Orbax coordinates its own checkpoint writes."""
 from __future__ import annotations
 
 import contextlib
@@ -8,10 +12,18 @@ import json
 import logging
 import os
 import socket
+import sys
 import tempfile
 from typing import Any, Iterable
 
 LOCK_FILE = ".fsqtok.lock"
+
+
+def is_writer() -> bool:
+  """Whether this process writes the run's files: process 0 of a multi-process JAX run,
+  or any process where JAX is not in use (a tokenizer alone never imports it)."""
+  jax = sys.modules.get("jax")
+  return jax is None or jax.process_index() == 0
 
 
 class WorkdirInUse(RuntimeError):
@@ -35,8 +47,12 @@ def exclusive(workdir: str):
   A second process is refused with `WorkdirInUse` naming the holder. A lock left by a
   killed process on this host is taken over (with a warning); one from another host
   cannot be checked, so the message says to delete it if that run is gone. Re-entrant:
-  nested blocks of the same process share the lock.
+  nested blocks of the same process share the lock. Processes other than the writer
+  (`is_writer`) of a multi-process run take no lock: process 0 holds it for them.
   """
+  if not is_writer():
+    yield
+    return
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, LOCK_FILE)
   me = {"pid": os.getpid(), "host": socket.gethostname()}
@@ -112,7 +128,10 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
-  """Writes to a temporary file beside ``path``, then renames it over ``path``."""
+  """Writes to a temporary file beside ``path``, then renames it over ``path`` (on the
+  writer process only, `is_writer`)."""
+  if not is_writer():
+    return
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
@@ -130,8 +149,11 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 
 
 def save_figure(fig, path: str, dpi: int = 100) -> None:
-  """Saves a matplotlib figure to ``path`` atomically and closes it."""
+  """Saves a matplotlib figure to ``path`` atomically (writer process only) and closes it."""
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  if not is_writer():
+    plt.close(fig)
+    return
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
                              suffix=os.path.splitext(path)[1])
   os.close(fd)
@@ -156,12 +178,14 @@ def read_json(path: str) -> Any:
 
 def set_aside(path: str, reason: str) -> str:
   """Reports a file or directory a run cannot read and renames it ``PATH.damaged`` (then
-  ``.damaged.1``, ...): kept for inspection, never deleted. Returns the new name."""
+  ``.damaged.1``, ...): kept for inspection, never deleted. Returns the new name (the
+  writer process renames; the others only report)."""
   target, n = path + ".damaged", 0
   while os.path.exists(target):
     n += 1
     target = f"{path}.damaged.{n}"
-  os.replace(path, target)
+  if is_writer():
+    os.replace(path, target)
   logging.warning("%s cannot be read (%s); moved to %s and made again.", path, reason, target)
   return target
 
@@ -206,6 +230,8 @@ class MetricsLog:
     return records
 
   def write(self, records: Iterable[dict[str, Any]]) -> None:
+    if not is_writer():
+      return
     with open(self.path, "a", encoding="utf-8") as f:
       for r in records:
         f.write(json.dumps(r, sort_keys=True) + "\n")

@@ -1,6 +1,7 @@
 """What tests/test_multiprocess.py runs once in one process and once in several: three
-codec steps and three LM steps on fixed batches over every device of every process, and
-an Orbax round trip of the LM state."""
+codec steps and three LM steps on fixed batches over every device of every process, an
+Orbax round trip of the LM state, and the codec and LM training loops end to end with
+their state split FSDP-style (`run_loops`)."""
 import functools
 import os
 
@@ -10,6 +11,7 @@ import numpy as np
 from flax import traverse_util
 from flax.training import train_state
 
+from configs import curriculum as curriculum_config
 from configs import recon as recon_config
 from fsqtok import checkpoint as checkpoint_lib
 from fsqtok import codec as codec_lib
@@ -19,6 +21,7 @@ from fsqtok import optimizer as optimizer_lib
 from fsqtok import recon
 from fsqtok import sharding as sharding_lib
 from fsqtok.data import PieceBatcher, PieceSet
+from fsqtok.tokenizer import Tokenizer
 
 TEXT = ("First Citizen: Before we proceed any further, hear me speak. All: Speak, speak. "
         "You are all resolved rather to die than to famish? Resolved. resolved. First, you "
@@ -93,3 +96,28 @@ def run(out_dir: str, save_as: str, restore_from: str | None = None
     out["restored/position"] = np.asarray(position["position"])
     out.update({f"restored/{k}": v for k, v in _host(restored.params).items()})
   return out
+
+
+def run_loops(workdir: str) -> None:
+  """`recon.train_recon` and `lm_train.train_lm_phase` for a few steps in ``workdir``
+  (codec/ and lm/), the state split along ``data`` (FSDP) over every device of every
+  process; they leave their reports, metrics and parameters there."""
+  fsdp = sharding_lib.sharding_config(fsdp=True, fsdp_min_size=64)
+  config = recon_config.get_config("tiny")
+  config.train.update({"num_steps": 4, "log_every": 2, "eval_every": 2,
+                       "checkpoint_every": 2, "progress_bar": False, "sharding": fsdp})
+  config.model.update({"enc_channels": (), "enc_strides": (), "dec_channels": (),  # an MLP
+                       "dec_strides": (), "enc_mlp_dim": 32, "dec_mlp_dim": 32})   # compiles fast
+  pieces = PieceSet.from_texts([TEXT], config.model.max_len)
+  recon.train_recon(config, os.path.join(workdir, "codec"), (pieces, pieces))
+
+  config = curriculum_config.get_config("tiny")
+  config.lm.train.update({"num_steps": 4, "log_every": 2, "eval_every": 2,
+                          "checkpoint_every": 2, "progress_bar": False, "sharding": fsdp})
+  words = sorted({w for w in TEXT.split(" ") if w} | {" " + w for w in TEXT.split(" ") if w})
+  tok = Tokenizer(words)
+  data = lm_train.LMData(tok, ([TEXT] * 4, [TEXT]), config.lm.data.seq_len)
+  model = lm_lib.TransformerLM(vocab_size=len(tok), d_model=16, num_layers=1, num_heads=2,
+                               mlp_dim=32, head="dense")
+  init = lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  lm_train.train_lm_phase("lm", config, workdir, model, data, init)

@@ -63,6 +63,9 @@ def test_lm_configs_build_their_model(module, arg):
     ("lm.train.num_steps", -1, r"lm.train.num_steps must be >= 0"),
     ("train.num_steps", -5, r"train.num_steps must be >= 1"),
     ("lm.data.batch_size", 6, r"lm.data.batch_size: Batch size 6"),
+    ("lm.train.sharding.model_parallel", 3, r"lm.train: .*model_parallel=3 must be >= 1 "
+                                            r"and divide the 8 devices"),
+    ("train.sharding.model_parallel", 0, r"train: .*model_parallel=0"),
 ])
 def test_a_bad_curriculum_config_stops_before_any_work(field, value, message, tmp_path):
   from configs import curriculum as curriculum_config  # pylint: disable=g-import-not-at-top

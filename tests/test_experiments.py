@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end on tiny settings (numbers are not checked here:
 benchmarks measure, tests only keep the scripts working)."""
+import json
 import os
 import subprocess
 import sys
@@ -24,6 +25,15 @@ def test_bench_codec_prints_a_table():
   out = _run("bench_codec.py", "--configs=tiny,source", "--batch_size=16", "--steps=2",
              "--infer_batch_size=64")
   assert "| tiny |" in out and "| source |" in out and "1.00x" in out
+
+
+def test_compile_full_compiles_sharded_steps_for_a_pod(tmp_path):
+  out = _run("compile_full.py", "--config_arg=tiny", "--devices=4", "--phases=joint",
+             "--shardings=fsdp_tp2", f"--json_out={tmp_path / 'rows.json'}")
+  assert "| joint | fsdp_tp2 | 2 x 2 |" in out
+  rows = json.loads((tmp_path / "rows.json").read_text())
+  assert [r["fits_16gb"] for r in rows] == [True]
+  assert all(r["xla_flops_per_device"] > 0 and r["memory_bytes_per_device"] > 0 for r in rows)
 
 
 def _tiny_codec_args(doc_files, tmp_path):

@@ -1,6 +1,8 @@
 """Several JAX processes on this machine: 2 processes x 4 CPU devices (collectives over
-gloo) give the codec and LM steps of 1 process x 8 devices, and Orbax checkpoints move
-between the two layouts."""
+gloo) give the codec and LM steps of 1 process x 8 devices, Orbax checkpoints move
+between the two layouts, and the codec and LM training loops (FSDP state) run end to end
+with only process 0 writing."""
+import json
 import os
 import socket
 import subprocess
@@ -9,8 +11,10 @@ import sys
 import chex
 import numpy as np
 import pytest
+from flax import serialization
 
 import multiprocess_steps
+from fsqtok import lm_train
 
 pytestmark = pytest.mark.slow
 
@@ -61,3 +65,37 @@ def test_two_processes_of_four_devices_equal_one_of_eight(tmp_path):
   again = multiprocess_steps.run(str(tmp_path), "again", restore_from="multi")
   for key in (k for k in trained if k.startswith("lm/")):
     np.testing.assert_array_equal(again["restored/" + key[3:]], multi[key])
+
+  # The training loops, end to end: the same histories and reports as in one process,
+  # each record written once (only process 0 writes), the same final parameters.
+  multiprocess_steps.run_loops(str(tmp_path / "loops_single"))
+  for phase in ("codec/recon", "lm"):
+    one, two = tmp_path / "loops_single" / phase, tmp_path / "loops_multi" / phase
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    history = [_numbers(r) for r in _records(two / "metrics.jsonl")]
+    assert len(history) == len(_records(one / "metrics.jsonl")) >= 4
+    chex.assert_trees_all_close(history, [_numbers(r) for r in _records(one / "metrics.jsonl")],
+                                rtol=2e-4, atol=1e-5)
+    reports = [_numbers(json.loads((d / "report.json").read_text())) for d in (one, two)]
+    chex.assert_trees_all_close(*reports, rtol=2e-4, atol=1e-5)
+  one, two = (serialization.msgpack_restore(
+      (tmp_path / d / "lm" / lm_train.PARAMS_FILE).read_bytes())
+      for d in ("loops_single", "loops_multi"))
+  chex.assert_trees_all_close(two, one, rtol=2e-4, atol=2e-5)
+
+
+def _records(path):
+  return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _numbers(record, skip=("seconds", "per_second", "sha256", "mfu", "devices", "samples")):
+  """The numbers of a record or report, flattened, without timings and digests."""
+  flat = {}
+  for key, value in record.items():
+    if any(s in key for s in skip):
+      continue
+    if isinstance(value, dict):
+      flat.update({f"{key}/{k}": v for k, v in _numbers(value, skip).items()})
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+      flat[key] = float(value)
+  return flat

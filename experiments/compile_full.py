@@ -1,0 +1,194 @@
+"""The accelerator configs, checked here: compile their train steps for a pod, on CPU.
+
+  python experiments/compile_full.py --json_out=experiments/results/compile_full.json
+
+For the codec of `configs/recon.py:full` and the `lm` and `joint` phases of
+`configs/curriculum.py:full` (12 layers, d=768, 32,768 ids, codec embedding, dense head,
+bfloat16), the train step is lowered and compiled ahead of time for ``--devices``
+simulated CPU devices (nothing is run: the state and batch are abstract), once per state
+sharding of ``--shardings`` (`fsqtok.sharding`):
+
+* ``replicated`` — today's default: every device holds the whole state;
+* ``fsdp`` — the state split along ``data``;
+* ``fsdp_tpN`` — FSDP on ``data`` x tensor parallel over N devices on ``model``.
+
+Per row: the parameters, XLA's per-device memory (arguments + outputs + temporaries −
+donated buffers), whether that fits 16 GB (a TPU v5e chip), XLA's FLOPs per step per
+device and the step time they imply at 40% of the peak of a TPU v5e, a TPU v4 and an
+H100 (bf16 dense). XLA compiles for the CPU here, so its memory and FLOP counts are the
+CPU program's: a guide to the accelerator's, not a measurement on it.
+
+``--config_arg=tiny`` checks the same code on the tiny configs in seconds (the test).
+"""
+import os
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  _N = next((a.split("=")[1] for a in sys.argv if a.startswith("--devices=")), "8")
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + f" --xla_force_host_platform_device_count={_N}")
+
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import curriculum as curriculum_config  # noqa: E402
+from configs import recon as recon_config  # noqa: E402
+from fsqtok import codec as codec_lib  # noqa: E402
+from fsqtok import lm as lm_lib  # noqa: E402
+from fsqtok import lm_train  # noqa: E402
+from fsqtok import optimizer as optimizer_lib  # noqa: E402
+from fsqtok import recon  # noqa: E402
+from fsqtok import sharding as sharding_lib  # noqa: E402
+from fsqtok import tokenizer_build  # noqa: E402
+from fsqtok import workdir as workdir_lib  # noqa: E402
+from flax.training import train_state  # noqa: E402
+
+_ARG = flags.DEFINE_string("config_arg", "full", "configs/{recon,curriculum}.py argument.")
+_DEVICES = flags.DEFINE_integer("devices", 8, "Simulated devices (the pod's chips).")
+_SHARDINGS = flags.DEFINE_list("shardings", ["replicated", "fsdp", "fsdp_tp2"],
+                               "replicated | fsdp | tpN | fsdp_tpN.")
+_PHASES = flags.DEFINE_list("phases", ["codec", "lm", "joint"], "codec | lm | joint.")
+_JSON = flags.DEFINE_string("json_out", "", "Also write the rows here.")
+
+PEAKS = {"TPU v5e": 197e12, "TPU v4": 275e12, "H100": 989e12}  # bf16 dense FLOP/s
+MFU = 0.4
+HBM = 16 * 2 ** 30  # a TPU v5e chip
+
+
+def sharding_of(name: str):
+  """``replicated`` | ``fsdp`` | ``tpN`` | ``fsdp_tpN`` -> a ``train.sharding`` config."""
+  fsdp = name.startswith("fsdp")
+  tp = name.split("tp")[1] if "tp" in name else "1"
+  if name != "replicated" and not (fsdp or name.startswith("tp")) or not tp.isdigit():
+    raise ValueError(f"Unknown sharding {name!r}: replicated, fsdp, tpN or fsdp_tpN.")
+  return sharding_lib.sharding_config(fsdp=fsdp, model_parallel=int(tp))
+
+
+def _abstract(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def _batch(mesh, **shapes):
+  sh = sharding_lib.batch_sharded(mesh)
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
+          for k, (shape, dtype) in shapes.items()}
+
+
+def codec_step(sharding, mesh):
+  config = recon_config.get_config(_ARG.value)
+  config.train.sharding = sharding
+  model = codec_lib.codec_from_config(config.model)
+  tx = optimizer_lib.make_optimizer(config.optim, config.train.num_steps)
+  state = jax.eval_shape(lambda: recon.create_state(config, model, jax.random.PRNGKey(0), tx))
+  state_sh = sharding_lib.state_shardings(state, mesh, sharding)
+  b, length = config.data.batch_size, config.model.max_len
+  batch = _batch(mesh, bytes=((b, length), jnp.uint8), lengths=((b,), jnp.int32))
+  step = recon.compile_train_step(mesh, state_shardings=state_sh)
+  return step, (_abstract(state, state_sh), batch), state, state_sh, None
+
+
+def fake_token_tables(vocab_size: int, levels, seed: int = 0):
+  """Codes and bytes for ``vocab_size`` ids shaped like a built tokenizer's: 4 specials
+  and 256 bytes without codes, the rest distinct codes and 2-8 byte strings."""
+  rng = np.random.RandomState(seed)
+  learned = vocab_size - 260
+  codes = [-1] * 260 + list(rng.choice(int(np.prod(levels)), learned, replace=False))
+  token_bytes = [None] * 4 + [bytes([i]) for i in range(256)] + [
+      bytes(rng.randint(97, 123, rng.randint(2, 9)).astype(np.uint8)) for _ in range(learned)]
+  return codes, token_bytes
+
+
+def lm_step(sharding, mesh, joint: bool):
+  config = curriculum_config.get_config(_ARG.value)
+  config.lm.train.sharding = sharding
+  codec = codec_lib.codec_from_config(tokenizer_build.codec_config(config).model)
+  codes, token_bytes = fake_token_tables(config.vocab.size, config.model.levels)
+  model = lm_lib.lm_from_config(config.lm.model, config.vocab.size, token_codes=codes,
+                                levels=config.model.levels, token_bytes=token_bytes,
+                                codec=codec if config.lm.model.embedding == "codec" else None)
+  t, b = config.lm.data.seq_len, config.lm.data.batch_size
+  init = lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, t), jnp.int32))["params"]
+  frozen = () if joint else ("codec",)
+  optim = config.joint.optim if joint else config.lm.optim
+  tx = optimizer_lib.make_optimizer(optim, config.lm.train.num_steps, jax.eval_shape(init),
+                                    frozen)
+  state = jax.eval_shape(lambda: train_state.TrainState.create(
+      apply_fn=model.apply, params=init(), tx=tx))
+  state_sh = lm_train.state_shardings(state, mesh, config.lm.train)
+  batch = {"lm": _batch(mesh, inputs=((b, t), jnp.int32), targets=((b, t), jnp.int32),
+                        weights=((b, t), jnp.float32), valid=((b, t), jnp.bool_))}
+  if joint:
+    p, length = config.joint.piece_batch_size, config.model.max_len
+    batch["pieces"] = _batch(mesh, bytes=((p, length), jnp.uint8), lengths=((p,), jnp.int32))
+  step = lm_train.compile_train_step(
+      mesh, state_sh, config.joint.recon_weight if joint else 0.0)
+  return step, (_abstract(state, state_sh), batch), state, state_sh, (model, b * t)
+
+
+def check(phase: str, sharding_name: str) -> dict:
+  sharding = sharding_of(sharding_name)
+  mesh = sharding_lib.data_mesh(_DEVICES.value, sharding.model_parallel)
+  make = {"codec": codec_step, "lm": lambda s, m: lm_step(s, m, False),
+          "joint": lambda s, m: lm_step(s, m, True)}[phase]
+  step, (state, batch), abstract, state_sh, lm = make(sharding, mesh)
+  rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding_lib.replicated(mesh))
+  tic = time.perf_counter()
+  compiled = step.lower(state, batch, rng).compile()
+  seconds = time.perf_counter() - tic
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+  per_device = (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+  row = {"phase": phase, "config": f"{'recon' if phase == 'codec' else 'curriculum'}:"
+                                   f"{_ARG.value}",
+         "sharding": sharding_name, "mesh": dict(mesh.shape),
+         "params": optimizer_lib.count_params(abstract.params),
+         "state_bytes_per_device": sharding_lib.bytes_per_device(abstract, state_sh),
+         "memory_bytes_per_device": int(per_device),
+         "temp_bytes_per_device": int(mem.temp_size_in_bytes),
+         "fits_16gb": bool(per_device <= HBM),
+         "xla_flops_per_device": flops, "compile_seconds": seconds}
+  if lm is not None:
+    model, tokens = lm
+    row["analytic_flops_per_device"] = (lm_train.flops_per_token(model, batch["lm"]["inputs"].shape[1])
+                                        * tokens / mesh.size)
+  for name, peak in PEAKS.items():
+    row[f"step_ms_{name}"] = flops / (MFU * peak) * 1e3
+  return row
+
+
+def main(argv):
+  del argv
+  rows = []
+  gb = lambda x: f"{x / 2 ** 30:.3f}"
+  print(f"{_DEVICES.value} simulated devices; step times at {MFU:.0%} of bf16 peak from XLA's "
+        f"FLOPs per device\n")
+  print("| phase | sharding | mesh (data x model) | params | state GB/device | XLA memory "
+        "GB/device | fits 16 GB | GFLOPs/device/step | ms v5e / v4 / H100 | compile s |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
+  for phase in _PHASES.value:
+    for name in _SHARDINGS.value:
+      r = check(phase, name)
+      rows.append(r)
+      print(f"| {phase} | {name} | {r['mesh']['data']} x {r['mesh']['model']} | "
+            f"{r['params'] / 1e6:.2f}M | {gb(r['state_bytes_per_device'])} | "
+            f"{gb(r['memory_bytes_per_device'])} | {'yes' if r['fits_16gb'] else 'NO'} | "
+            f"{r['xla_flops_per_device'] / 1e9:.2f} | "
+            + " / ".join(f"{r[f'step_ms_{p}']:.2f}" for p in PEAKS)
+            + f" | {r['compile_seconds']:.0f} |", flush=True)
+  if _JSON.value:
+    workdir_lib.write_json(_JSON.value, rows)
+
+
+if __name__ == "__main__":
+  app.run(main)
