@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import curriculum as curriculum_config  # noqa: E402
 from configs import recon as recon_config  # noqa: E402
+from fsqtok import checkpoint as checkpoint_lib  # noqa: E402
 from fsqtok import codec as codec_lib  # noqa: E402
 from fsqtok import lm as lm_lib  # noqa: E402
 from fsqtok import lm_train  # noqa: E402
@@ -71,11 +72,6 @@ def sharding_of(name: str):
   return sharding_lib.sharding_config(fsdp=fsdp, model_parallel=int(tp))
 
 
-def _abstract(tree, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
-
-
 def _batch(mesh, **shapes):
   sh = sharding_lib.batch_sharded(mesh)
   return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
@@ -92,7 +88,7 @@ def codec_step(sharding, mesh):
   b, length = config.data.batch_size, config.model.max_len
   batch = _batch(mesh, bytes=((b, length), jnp.uint8), lengths=((b,), jnp.int32))
   step = recon.compile_train_step(mesh, state_shardings=state_sh)
-  return step, (_abstract(state, state_sh), batch), state, state_sh, None
+  return step, (checkpoint_lib.abstract_like(state, state_sh), batch), state, state_sh, None
 
 
 def fake_token_tables(vocab_size: int, levels, seed: int = 0):
@@ -130,7 +126,7 @@ def lm_step(sharding, mesh, joint: bool):
     batch["pieces"] = _batch(mesh, bytes=((p, length), jnp.uint8), lengths=((p,), jnp.int32))
   step = lm_train.compile_train_step(
       mesh, state_sh, config.joint.recon_weight if joint else 0.0)
-  return step, (_abstract(state, state_sh), batch), state, state_sh, (model, b * t)
+  return step, (checkpoint_lib.abstract_like(state, state_sh), batch), state, state_sh, (model, b * t)
 
 
 def check(phase: str, sharding_name: str) -> dict:
