@@ -179,13 +179,9 @@ def make_step(model: fuser_lib.ContextualFuser, c: StepConfig, mesh=None, donate
   along ``data`` and the state placed by ``state_sh`` (`fsqtok.sharding.state_shardings`;
   None: replicated)."""
   step = functools.partial(train_step, c=c, spec=model.spec)
-  donate_argnums = (0,) if donate else ()
   if mesh is None:
-    return jax.jit(step, donate_argnums=donate_argnums)
-  repl = sharding_lib.replicated(mesh)
-  state_sh = repl if state_sh is None else state_sh
-  return jax.jit(step, in_shardings=(state_sh, sharding_lib.batch_sharded(mesh), repl),
-                 out_shardings=(state_sh, repl), donate_argnums=donate_argnums)
+    return jax.jit(step, donate_argnums=(0,) if donate else ())
+  return sharding_lib.jit_train_step(step, mesh, state_sh, donate)
 
 
 # ---- vocabulary helpers -----------------------------------------------------------------

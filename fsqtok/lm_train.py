@@ -113,10 +113,8 @@ def state_shardings(abstract_state, mesh, train_config):
 def compile_train_step(mesh, state_sh, recon_weight: float = 0.0, donate: bool = True):
   """``train_step`` under jit: the batch split on ``data``, the state placed by
   ``state_sh`` (see `state_shardings`)."""
-  repl = sharding_lib.replicated(mesh)
-  return jax.jit(functools.partial(train_step, recon_weight=recon_weight),
-                 in_shardings=(state_sh, sharding_lib.batch_sharded(mesh), repl),
-                 out_shardings=(state_sh, repl), donate_argnums=(0,) if donate else ())
+  return sharding_lib.jit_train_step(functools.partial(train_step, recon_weight=recon_weight),
+                                     mesh, state_sh, donate)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -176,10 +174,12 @@ def train_lm_phase(phase: str, config, workdir: str, model: lm_lib.TransformerLM
   sharding_lib.check_batch_size(config.lm.data.batch_size, mesh)
 
   # One optimizer object: states made by separate calls share their pytree structure.
-  tx = optimizer_lib.make_optimizer(optim, num_steps, jax.eval_shape(init_params), frozen)
+  abstract_params = jax.eval_shape(init_params)
+  tx = optimizer_lib.make_optimizer(optim, num_steps, abstract_params, frozen)
 
-  def create_state():
-    return train_state.TrainState.create(apply_fn=model.apply, params=init_params(), tx=tx)
+  def create_state(params=None):
+    params = init_params() if params is None else params
+    return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
   finished = checkpoint_lib.finished_phase(phase_dir, report_path, PARAMS_FILE, init_params)
   if finished is not None:  # nothing to do
@@ -187,7 +187,7 @@ def train_lm_phase(phase: str, config, workdir: str, model: lm_lib.TransformerLM
   ckpt = checkpoint_lib.Checkpointer(os.path.join(phase_dir, "checkpoints"),
                                      save_every=t.checkpoint_every,
                                      max_to_keep=t.keep_checkpoints)
-  abstract_state = jax.eval_shape(create_state)
+  abstract_state = jax.eval_shape(create_state, abstract_params)  # init_params runs once
   state_sh = state_shardings(abstract_state, mesh, t)
   abstract = checkpoint_lib.abstract_like(abstract_state, state_sh)
 

@@ -71,10 +71,7 @@ def create_state(config, model: codec_lib.Codec, rng: jax.Array, tx=None
 def compile_train_step(mesh, donate: bool = True, state_shardings=None):
   """``train_step`` under jit: the batch split on ``data``, the state placed by
   ``state_shardings`` (`fsqtok.sharding.state_shardings`; None: replicated)."""
-  repl, data = sharding_lib.replicated(mesh), sharding_lib.batch_sharded(mesh)
-  state_sh = repl if state_shardings is None else state_shardings
-  return jax.jit(train_step, in_shardings=(state_sh, data, repl),
-                 out_shardings=(state_sh, repl), donate_argnums=(0,) if donate else ())
+  return sharding_lib.jit_train_step(train_step, mesh, state_shardings, donate)
 
 
 class ConfigError(ValueError):

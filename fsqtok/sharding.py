@@ -160,6 +160,16 @@ def bytes_per_device(tree: Any, shardings: Any) -> int:
   return sum(jax.tree.leaves(jax.tree.map(one, tree, shardings)))
 
 
+def jit_train_step(step, mesh: Mesh, state_sh=None, donate: bool = True):
+  """``step(state, batch, rng) -> (state, metrics)`` under jit on ``mesh``: the batch
+  split along ``data``, the state placed by ``state_sh`` (`state_shardings`; None:
+  replicated), the rng and metrics replicated; the old state donated."""
+  repl = replicated(mesh)
+  state_sh = repl if state_sh is None else state_sh
+  return jax.jit(step, in_shardings=(state_sh, batch_sharded(mesh), repl),
+                 out_shardings=(state_sh, repl), donate_argnums=(0,) if donate else ())
+
+
 def to_host(tree: Any) -> Any:
   """numpy copies of a pytree of arrays, whole: with several processes, the rows (or
   FSDP shards) other processes hold are gathered, so every process gets all of it (a

@@ -223,20 +223,13 @@ def codec_config(config):
   decoder inputs than generalising to held-out pieces, which ``optim`` and ``model`` are
   tuned for (docs/codec.md, "Exactness at large vocabularies"). Whoever loads the
   build's codec from its work directory builds it from this config."""
-  lr = config.tokenizer.get("codec_learning_rate", 0.0)
-  octaves = config.tokenizer.get("codec_fourier_octaves", 0)
-  changes = {}
-  if lr and lr != config.optim.learning_rate:
-    changes["lr"] = lr
-  if octaves and octaves != config.model.get("dec_fourier_octaves", 0):
-    changes["octaves"] = octaves
-  if not changes:
+  lr = config.tokenizer.get("codec_learning_rate", 0.0) or config.optim.learning_rate
+  model_octaves = config.model.get("dec_fourier_octaves", 0)
+  octaves = config.tokenizer.get("codec_fourier_octaves", 0) or model_octaves
+  if lr == config.optim.learning_rate and octaves == model_octaves:
     return config
   config = copy.deepcopy(config)
-  if "lr" in changes:
-    config.optim.learning_rate = lr
-  if "octaves" in changes:
-    config.model.dec_fourier_octaves = octaves
+  config.optim.learning_rate, config.model.dec_fourier_octaves = lr, octaves
   return config
 
 
