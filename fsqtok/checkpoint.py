@@ -4,22 +4,18 @@ Saves are atomic (Orbax writes to a temporary directory and renames it), so a ru
 killed at any moment leaves only complete checkpoints behind. A step damaged later (a
 crash while copying a work directory, a full disk, a bad sector) is reported and skipped
 for the newest step that reads: `Checkpointer.restore_latest`. A finished phase's final
-parameters (``params.msgpack``) carry their SHA-256 in the phase's report, so damage to
-them is found too (`load_final_params`).
+parameters are its last checkpoint's (`restore_params` reads them without the optimizer
+state).
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from flax import serialization
 
-from fsqtok import sharding as sharding_lib
-from fsqtok import workdir as workdir_lib
 
 
 class DamagedFile(ValueError):
@@ -122,46 +118,28 @@ def abstract_like(tree: Any, sharding) -> Any:
                       tree, sharding)
 
 
-def save_final_params(path: str, params: Any) -> str:
-  """Writes a finished phase's parameters to ``path`` (msgpack, atomically); returns
-  their SHA-256, which the phase's report keeps."""
-  data = serialization.to_bytes(sharding_lib.to_host(params))
-  workdir_lib.atomic_write_bytes(path, data)
-  return hashlib.sha256(data).hexdigest()
+def latest_step(directory: str) -> int | None:
+  """The newest step saved under ``directory`` (None if none), without opening it."""
+  if not os.path.isdir(directory):
+    return None
+  steps = [int(n) for n in os.listdir(directory) if n.isdigit()]
+  return max(steps) if steps else None
 
 
-def load_final_params(path: str, like: Any, sha256: str | None = None) -> Any:
-  """The parameters saved by `save_final_params` (``like``: their structure, e.g. from
-  ``jax.eval_shape``). Raises `DamagedFile` (naming the path and the reason) if the file
-  is missing, does not parse, does not fit ``like``, or its bytes are not the ones written
-  (``sha256``, when the report has it)."""
+def restore_params(directory: str, step: int, abstract_params: Any) -> Any:
+  """The parameters alone of checkpoint ``step`` (no optimizer state is read), placed like
+  ``abstract_params`` (ShapeDtypeStructs with shardings, `abstract_like`). Raises
+  `DamagedFile`, naming the step and the reason, if they cannot be read."""
+  _one_writer_per_array_on_cpu()
+  item = {"params": abstract_params}
+  manager = ocp.CheckpointManager(os.path.abspath(directory))
   try:
-    with open(path, "rb") as f:
-      data = f.read()
-    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-      raise ValueError("its SHA-256 is not the one recorded when it was written")
-    return serialization.from_bytes(like, data)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True)))
+    return restored.state["params"]
   except Exception as e:  # pylint: disable=broad-except  (any reading error)
-    raise DamagedFile(f"{path} cannot be read ({type(e).__name__}: {str(e)[:200]})") from None
-
-
-def finished_phase(phase_dir: str, report_path: str, params_file: str,
-                   init_params: Callable[[], Any]) -> tuple[dict[str, Any], Any] | None:
-  """``(report, final parameters)`` of a finished phase, or None if it is not finished.
-
-  A damaged report or parameter file is reported and set aside (``.damaged``), and the
-  phase counts as unfinished: it resumes from its newest intact checkpoint (the final
-  step's, normally, so nothing is trained again) and writes both anew.
-  """
-  report = workdir_lib.read_saved_json(report_path)
-  if report is None:
-    return None
-  path = os.path.join(phase_dir, params_file)
-  try:
-    return report, load_final_params(path, jax.eval_shape(init_params),
-                                     report.get("params_sha256"))
-  except DamagedFile as e:
-    if os.path.exists(path):
-      workdir_lib.set_aside(path, str(e))
-    workdir_lib.set_aside(report_path, "its parameters are damaged")
-    return None
+    raise DamagedFile(f"The parameters of checkpoint {step} in {directory} cannot be read "
+                      f"({type(e).__name__}: {str(e)[:200]})") from None
+  finally:
+    manager.close()

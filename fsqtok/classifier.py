@@ -12,7 +12,7 @@ Two ways to read a class out of `fsqtok.lm.TransformerLM`:
   tuning (`fsqtok.soft_prompt`) steers: the frozen LM already has an output for it.
 
 Training: a `flax.training.train_state.TrainState` whose ``apply_fn(params, batch)``
-returns class logits; `train_step` is the pure step and `fit` the loop.
+returns class logits; `train_step` is the pure step, `fit` runs it in `fsqtok.train_loop`.
 """
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.training import train_state
-from tqdm.auto import tqdm
 
 from fsqtok import lm as lm_lib
+from fsqtok import train_loop
 
 
 def last_index(mask_BxT: jax.Array) -> jax.Array:
@@ -122,18 +122,30 @@ def train_step(state: train_state.TrainState, batch):
 def fit(apply_fn: Callable[[Any, dict], jax.Array], params, tx: optax.GradientTransformation,
         batches: Iterator[dict], num_steps: int, *, desc: str = "fit",
         progress: bool = True) -> tuple[Any, list[float]]:
-  """Trains ``params`` for ``num_steps``; returns them and the per-step losses."""
-  state = train_state.TrainState.create(apply_fn=apply_fn, params=params, tx=tx)
-  step = jax.jit(train_step)
-  losses = []
-  for _ in tqdm(range(num_steps), desc=desc, disable=not progress, dynamic_ncols=True,
-                leave=False):
-    state, metrics = step(state, next(batches))
-    losses.append(metrics["loss"])
-  losses = [float(x) for x in jax.device_get(losses)]
-  if not np.all(np.isfinite(losses)):
-    raise FloatingPointError(f"{desc}: the loss became {losses[-1]}; lower the learning rate.")
-  return state.params, losses
+  """Trains ``params`` for ``num_steps`` in memory (`fsqtok.train_loop`, nothing written);
+  returns them and the per-step losses."""
+  result = train_loop.run(
+      desc, jax.jit(lambda state, batch, _: train_step(state, batch)),
+      lambda: train_state.TrainState.create(apply_fn=apply_fn, params=params, tx=tx),
+      _Unsaved(batches), train_loop.LoopConfig(num_steps, log_every=1, progress_bar=progress),
+      rng=jax.random.PRNGKey(0))
+  return result.state.params, [r["loss"] for r in result.history]
+
+
+class _Unsaved:
+  """An iterator of batches as `train_loop.Batches` (no position: nothing is saved)."""
+
+  def __init__(self, batches: Iterator[dict]):
+    self._batches = batches
+
+  def __next__(self) -> dict:
+    return next(self._batches)
+
+  def get_state(self) -> dict:
+    return {}
+
+  def set_state(self, state: dict) -> None:
+    del state
 
 
 def accuracy(apply_fn, params, data: dict[str, np.ndarray], batch_size: int) -> float:

@@ -5,7 +5,7 @@ Sources are looked up by scheme in `SOURCES`:
 * ``builtin`` -- the English documentation that ships with every Python install (the
   ``pydoc_data`` topics and the docstrings of the standard library, read with `ast`,
   never imported), deduplicated. Needs no network. It varies slightly between Python
-  versions.
+  versions; read once per install and cached (`_builtin_documents`).
 * ``files:GLOB`` -- the user's text files, prepared through `fsqtok.files_dataset`.
 * ``tfds:NAME[:SPLIT]`` -- any TensorFlow Datasets text set (default split ``train``).
 
@@ -24,8 +24,10 @@ import ast
 import codecs
 import functools
 import hashlib
+import json
 import os
 import pathlib
+import sys
 import sysconfig
 import threading
 from typing import Callable, Iterable, Iterator
@@ -64,9 +66,37 @@ _MIN_DOCSTRING_CHARS = 40
 
 @functools.lru_cache(maxsize=1)
 def _builtin_documents() -> tuple[str, ...]:
+  """The ``builtin`` corpus, read once per Python install: parsing the standard library
+  takes ~10 s, so the documents are kept in the user's cache directory
+  (``$XDG_CACHE_HOME/fsqtok``, written atomically) under a key of the Python version and
+  the standard library's path; a cache that does not read is made again."""
+  stdlib = sysconfig.get_paths()["stdlib"]
+  key = hashlib.sha256(json.dumps([sys.version, stdlib, sorted(_STDLIB_SKIP),
+                                   _MIN_DOCSTRING_CHARS, 1]).encode()).hexdigest()[:16]
+  cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                       "fsqtok", f"builtin-{key}.json")
+  try:
+    with open(cache, encoding="utf-8") as f:
+      docs = json.load(f)
+    if isinstance(docs, list) and docs and all(isinstance(d, str) for d in docs):
+      return tuple(docs)
+  except (OSError, ValueError):
+    pass
+  docs = _read_builtin_documents(pathlib.Path(stdlib))
+  try:
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    tmp = f"{cache}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(docs, f)
+    os.replace(tmp, cache)
+  except OSError:  # a read-only home: read the standard library each time
+    pass
+  return tuple(docs)
+
+
+def _read_builtin_documents(stdlib: pathlib.Path) -> list[str]:
   from pydoc_data.topics import topics  # pylint: disable=g-import-not-at-top
   docs = dict.fromkeys(topics[k] for k in sorted(topics))
-  stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
   for path in sorted(stdlib.rglob("*.py")):
     if _STDLIB_SKIP.intersection(path.relative_to(stdlib).parts):
       continue
@@ -79,7 +109,7 @@ def _builtin_documents() -> tuple[str, ...]:
         doc = ast.get_docstring(node)
         if doc and len(doc) >= _MIN_DOCSTRING_CHARS:
           docs.setdefault(doc)
-  return tuple(docs)
+  return list(docs)
 
 
 def _load_builtin(arg: str, *, data_dir: str | None, text_key: str,

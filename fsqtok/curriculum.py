@@ -30,6 +30,7 @@ from fsqtok import lm_data
 from fsqtok import lm_train
 from fsqtok import recon
 from fsqtok import sharding as sharding_lib
+from fsqtok import train_loop
 from fsqtok import workdir as workdir_lib
 from fsqtok.data import PieceSet
 from fsqtok.tokenizer import VOCAB_FILE, Tokenizer
@@ -107,7 +108,7 @@ def load_lm(config, workdir: str):
                              ).token_counts(len(tok))
   model = build_lm(config, tok, codec, counts,
                    fuser_ambiguous_ids(config, workdir, tok, lambda: corpus_lib.load_split(config.data)[0]))
-  phase = "joint" if os.path.exists(os.path.join(workdir, "joint", lm_train.PARAMS_FILE)) else "lm"
+  phase = "joint" if os.path.exists(os.path.join(workdir, "joint", train_loop.REPORT)) else "lm"
   init = lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
   return tok, model, lm_train.load_phase_params(os.path.join(workdir, phase), init)
 

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import collections
 import functools
-import logging
 import os
-import time
 from typing import Any, Sequence
 
 import jax
@@ -34,7 +32,6 @@ import numpy as np
 import optax
 from flax import struct
 from flax.training import train_state
-from tqdm.auto import tqdm
 
 from fsqtok import checkpoint as checkpoint_lib
 from fsqtok import fuser as fuser_lib
@@ -43,12 +40,10 @@ from fsqtok import masking
 from fsqtok import optimizer as optimizer_lib
 from fsqtok import pieces as pieces_lib
 from fsqtok import sharding as sharding_lib
+from fsqtok import train_loop
 from fsqtok import workdir as workdir_lib
 from fsqtok.data import EpochBatcher
 from fsqtok.tokenizer import Tokenizer
-
-PARAMS_FILE = "fuser_params.msgpack"
-
 
 class FuserState(train_state.TrainState):
   reference_VxD: jax.Array
@@ -246,67 +241,35 @@ def train_fuser(config, workdir: str, model: fuser_lib.ContextualFuser, tok,
   f = config.fuser
   t = f.train
   os.makedirs(workdir, exist_ok=True)
-  report_path = os.path.join(workdir, "report.json")
-  init = lambda: fuser_lib.init_params(model, jax.random.PRNGKey(config.seed), f.data.seq_len)
-  finished = checkpoint_lib.finished_phase(workdir, report_path, PARAMS_FILE, init)
-  if finished is not None:  # nothing to do
-    return finished
-  c = step_config(f.loss, tok)
+  mesh = sharding_lib.mesh_from_config(t)
+  sharding_lib.check_batch_size(f.data.batch_size, mesh, "fuser.data.batch_size")
+  tx = optimizer_lib.make_optimizer(f.optim, t.num_steps)
+  init = lambda: create_state(
+      model, fuser_lib.init_params(model, jax.random.PRNGKey(config.seed), f.data.seq_len), tx)
+  state_sh = sharding_lib.state_shardings(jax.eval_shape(init), mesh, t.get("sharding"))
+  done = train_loop.finished(workdir, t.num_steps, checkpoint_lib.abstract_like(
+      jax.eval_shape(init).params, state_sh.params))
+  if done is not None:  # nothing to do
+    return done
   data = lm_data.windows(lm_data.token_stream(tok, train_texts), f.data.seq_len,
                          tok.pad_id, tok.bos_id)
   batcher = EpochBatcher({"ids": data["inputs"], "valid": data["valid"]},
                          np.arange(data["inputs"].shape[0]), f.data.batch_size,
                          seed=config.seed, what="windows of training text (lower "
                                                 "fuser.data.batch_size or seq_len)")
-  mesh = sharding_lib.mesh_from_config(t)
-  sharding_lib.check_batch_size(f.data.batch_size, mesh, "fuser.data.batch_size")
-  tx = optimizer_lib.make_optimizer(f.optim, t.num_steps)
-  create = lambda: create_state(model, init(), tx)
-  state_sh = sharding_lib.state_shardings(jax.eval_shape(create), mesh, t.get("sharding"))
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                     save_every=t.checkpoint_every, max_to_keep=2)
-  restored = ckpt.restore_latest(checkpoint_lib.abstract_like(jax.eval_shape(create),
-                                                              state_sh))
-  start = 0
-  if restored:
-    start, state, data_state = restored
-    batcher.set_state(data_state["fuser"])
-    logging.info("Resumed the fuser from step %d.", start)
-  else:
-    state = jax.jit(create, out_shardings=state_sh)()
-  step_fn = make_step(model, c, mesh, state_sh=state_sh)
-  log = workdir_lib.MetricsLog(os.path.join(workdir, "metrics.jsonl"), resume_step=start)
-  rng = jax.random.PRNGKey(config.seed + 1)
-  pending = []
-  tic = time.perf_counter()
-  bar = tqdm(range(start, t.num_steps), initial=start, total=t.num_steps, desc="fuser",
-             disable=not t.progress_bar, dynamic_ncols=True)
-  for step in bar:
-    state, metrics = step_fn(state, sharding_lib.shard_batch(next(batcher), mesh),
-                             jax.random.fold_in(rng, step))
-    pending.append(metrics)
-    done = step + 1
-    if done % t.log_every == 0 or done == t.num_steps:
-      host = sharding_lib.to_host(pending)
-      pending = []
-      record = {"step": done, "split": "train",
-                **{k: float(np.mean([m[k] for m in host])) for k in host[0]}}
-      if not np.isfinite(record["loss"]):
-        raise FloatingPointError(f"Fuser loss is {record['loss']} at step {done}: lower "
-                                 f"fuser.optim.learning_rate.")
-      log.write([record])
-      bar.set_postfix(loss=f"{record['loss']:.3f}")
-    ckpt.save(done, state, {"fuser": batcher.get_state()}, force=done == t.num_steps)
-  bar.close()
-  ckpt.close()
-  history = [r for r in workdir_lib.MetricsLog.read(log.path) if r["split"] == "train"]
-  report = {"steps": t.num_steps, "train_wall_seconds": time.perf_counter() - tic,
+  result = train_loop.run(
+      "fuser", make_step(model, step_config(f.loss, tok), mesh, state_sh=state_sh), init,
+      batcher,
+      train_loop.LoopConfig.from_config(t),
+      rng=jax.random.PRNGKey(config.seed + 1), directory=workdir, mesh=mesh,
+      state_shardings=state_sh, nan_hint="lower fuser.optim.learning_rate")
+  history = workdir_lib.MetricsLog.read(os.path.join(workdir, train_loop.METRICS))
+  history = [r for r in history if r["split"] == "train"]
+  report = {"steps": t.num_steps, "train_wall_seconds": result.wall_seconds,
             "final": history[-1] if history else {}, "first": history[0] if history else {},
             "ambiguous_set_size": len(model.ambiguous_ids), "vocab_size": len(tok)}
-  report["params_sha256"] = checkpoint_lib.save_final_params(
-      os.path.join(workdir, PARAMS_FILE), state.params)
-  workdir_lib.write_json(report_path, report)
-  return report, state.params
+  train_loop.write_report(workdir, report)
+  return report, result.state.params
 
 
 @functools.partial(jax.jit, static_argnums=(0,))

@@ -3,17 +3,14 @@
 ``lm``: the codec (if the embedding uses it) is frozen by an optax partition, everything
 else trains on the next-token loss. ``joint``: everything trains on
 ``LM loss + recon_weight * reconstruction loss`` (the codec's candidate pieces), starting
-from the ``lm`` phase's parameters. Both use one pure ``train_step`` under ``jit`` over
-the data mesh, Orbax checkpoints with the data position, and report held-out bits per
-byte (summed negative log-likelihood in bits over the held-out UTF-8 bytes).
+from the ``lm`` phase's parameters. Both run one pure ``train_step`` under ``jit`` over
+the mesh in `fsqtok.train_loop`, and report held-out bits per byte (summed negative log-likelihood in bits over the held-out UTF-8 bytes).
 """
 from __future__ import annotations
 
 import functools
-import logging
 import math
 import os
-import time
 import zlib
 from typing import Any, Callable, Sequence
 
@@ -22,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.training import train_state
-from tqdm.auto import tqdm
 
 from fsqtok import checkpoint as checkpoint_lib
 from fsqtok import lm as lm_lib
@@ -30,11 +26,9 @@ from fsqtok import lm_data
 from fsqtok import optimizer as optimizer_lib
 from fsqtok import recon
 from fsqtok import sharding as sharding_lib
-from fsqtok import workdir as workdir_lib
+from fsqtok import train_loop
 from fsqtok.data import PieceBatcher, PieceSet
 
-
-PARAMS_FILE = "params.msgpack"
 
 # Dense bfloat16 peak FLOP/s per device, by `device_kind` prefix: the denominator of model
 # FLOPs utilization (MFU). Override with config.lm.train.peak_flops_per_device.
@@ -169,96 +163,38 @@ def train_lm_phase(phase: str, config, workdir: str, model: lm_lib.TransformerLM
   optim = optim or config.lm.optim
   phase_dir = os.path.join(workdir, phase)
   os.makedirs(phase_dir, exist_ok=True)
-  report_path = os.path.join(phase_dir, "report.json")
   mesh = sharding_lib.mesh_from_config(t)
   sharding_lib.check_batch_size(config.lm.data.batch_size, mesh)
 
   # One optimizer object: states made by separate calls share their pytree structure.
   abstract_params = jax.eval_shape(init_params)
   tx = optimizer_lib.make_optimizer(optim, num_steps, abstract_params, frozen)
-
-  def create_state(params=None):
-    params = init_params() if params is None else params
-    return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
-
-  finished = checkpoint_lib.finished_phase(phase_dir, report_path, PARAMS_FILE, init_params)
-  if finished is not None:  # nothing to do
-    return finished
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(phase_dir, "checkpoints"),
-                                     save_every=t.checkpoint_every,
-                                     max_to_keep=t.keep_checkpoints)
-  abstract_state = jax.eval_shape(create_state, abstract_params)  # init_params runs once
+  abstract_state = jax.eval_shape(
+      lambda: train_state.TrainState.create(apply_fn=model.apply, params=init_params(), tx=tx))
   state_sh = state_shardings(abstract_state, mesh, t)
-  abstract = checkpoint_lib.abstract_like(abstract_state, state_sh)
+  done = train_loop.finished(phase_dir, num_steps,
+                             checkpoint_lib.abstract_like(abstract_params, state_sh.params))
+  if done is not None:  # nothing to do
+    return done
 
-  batcher = lm_data.window_batcher(data.train, config.lm.data.batch_size, seed=config.seed)
-  pieces = None
+  batches = {"lm": lm_data.window_batcher(data.train, config.lm.data.batch_size,
+                                          seed=config.seed)}
   if recon_weight:
-    pieces = PieceBatcher(data.pieces[0], config.joint.piece_batch_size, seed=config.seed,
-                          weighting=config.data.weighting)
-  restored = ckpt.restore_latest(abstract)
-  start = 0
-  if restored:
-    start, state, data_state = restored
-    batcher.set_state(data_state["lm"])
-    if pieces is not None:
-      pieces.set_state(data_state["pieces"])
-    logging.info("Resumed %s from step %d.", phase_dir, start)
-  else:
-    state = jax.jit(create_state, out_shardings=state_sh)()
+    batches["pieces"] = PieceBatcher(data.pieces[0], config.joint.piece_batch_size,
+                                     seed=config.seed, weighting=config.data.weighting)
+  evaluate = lambda state: evaluate_bits_per_byte(
+      state.apply_fn, state.params, data.val, data.val_bytes, batch_size=t.eval_batch_size,
+      mesh=mesh)
+  result = train_loop.run(
+      phase, compile_train_step(mesh, state_sh, recon_weight),
+      lambda: train_state.TrainState.create(apply_fn=model.apply, params=init_params(), tx=tx),
+      train_loop.NamedBatches(**batches), train_loop.LoopConfig.from_config(t, num_steps),
+      rng=jax.random.fold_in(jax.random.PRNGKey(config.seed), zlib.crc32(phase.encode())),
+      directory=phase_dir, mesh=mesh, state_shardings=state_sh, evaluate=evaluate,
+      schedule=optimizer_lib.learning_rate_schedule(optim, num_steps),
+      summed=("nll", "count"), nan_hint=f"{phase}: lower the learning rate")
 
-  step_fn = compile_train_step(mesh, state_sh, recon_weight)
-  metrics_log = workdir_lib.MetricsLog(os.path.join(phase_dir, "metrics.jsonl"),
-                                       resume_step=start)
-  eval_kw = dict(batch_size=t.eval_batch_size, mesh=mesh)
-  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), zlib.crc32(phase.encode()))
-  pending, tic = [], None
-  timed = {"seconds": 0.0, "tokens": 0.0}
-  loop_start = time.perf_counter()
-  bar = tqdm(range(start, num_steps), initial=start, total=num_steps, desc=phase,
-             disable=not t.progress_bar, dynamic_ncols=True)
-  for step in bar:
-    batch = {"lm": next(batcher)}
-    if pieces is not None:
-      batch["pieces"] = next(pieces)
-    state, metrics = step_fn(state, sharding_lib.shard_batch(batch, mesh),
-                             jax.random.fold_in(rng, step))
-    pending.append(metrics)
-    done = step + 1
-    if done % t.log_every == 0 or done == num_steps:
-      host = sharding_lib.to_host(pending)
-      pending = []
-      now = time.perf_counter()
-      tokens = float(sum(m["count"] for m in host))
-      if tic is not None:  # the first interval includes compilation: not timed
-        timed["seconds"] += now - tic
-        timed["tokens"] += tokens
-      tic = now
-      loss = float(np.mean([m["loss"] for m in host]))
-      if not np.isfinite(loss):
-        raise FloatingPointError(f"{phase} loss is {loss} at step {done}: lower the learning "
-                                 f"rate; last good checkpoint is in {ckpt.directory}.")
-      record = {"step": done, "split": "train", "loss": loss,
-                **{k: float(np.mean([m[k] for m in host])) for k in host[0]
-                   if k not in ("nll", "count", "loss")}}
-      metrics_log.write([record])
-      bar.set_postfix(loss=f"{loss:.3f}")
-    if done % t.eval_every == 0 or done == num_steps:
-      tic_eval = time.perf_counter()
-      ev = evaluate_bits_per_byte(state.apply_fn, state.params, data.val, data.val_bytes,
-                                  **eval_kw)
-      metrics_log.write([{"step": done, "split": "validation", **ev}])
-      if tic is not None:
-        tic += time.perf_counter() - tic_eval
-    data_state = {"lm": batcher.get_state()}
-    if pieces is not None:
-      data_state["pieces"] = pieces.get_state()
-    ckpt.save(done, state, data_state, force=done == num_steps)
-  bar.close()
-  ckpt.close()
-
-  tokens_per_second = (timed["tokens"] / timed["seconds"] if timed["seconds"]
-                       else float("nan"))
+  tokens_per_second = result.sum_per_second("count")
   model_flops = flops_per_token(model, config.lm.data.seq_len)
   report = {
       "phase": phase, "steps": num_steps, "devices": f"{mesh.size} x {jax.devices()[0].device_kind}",
@@ -266,29 +202,29 @@ def train_lm_phase(phase: str, config, workdir: str, model: lm_lib.TransformerLM
       # None where the device's peak is unknown (a CPU): shown as "n/a"
       "mfu": _finite_or_none(tokens_per_second * model_flops / peak_flops(
           mesh, t.get("peak_flops_per_device", 0.0))),
-      "validation": evaluate_bits_per_byte(state.apply_fn, state.params, data.val,
-                                           data.val_bytes, **eval_kw),
+      "validation": train_loop.final_eval(result, num_steps, evaluate),
       "train_tokens_per_second": tokens_per_second,
       "train_bytes_per_token": data.train_bytes / float(np.sum(data.train["weights"])),
-      "train_wall_seconds": time.perf_counter() - loop_start,
+      "train_wall_seconds": result.wall_seconds,
       "frozen": list(frozen), "recon_weight": recon_weight,
   }
-  # The final parameters, then the report: a report means the phase is finished.
-  report["params_sha256"] = checkpoint_lib.save_final_params(
-      os.path.join(phase_dir, PARAMS_FILE), state.params)
-  workdir_lib.write_json(report_path, report)
-  return report, state.params
+  train_loop.write_report(phase_dir, report)
+  return report, result.state.params
 
 
-def load_phase_params(phase_dir: str, init_params: Callable[[], Any]):
-  """The final parameters of a finished phase (``init_params`` gives their structure);
+def load_phase_params(phase_dir: str, init_params: Callable[[], Any], mesh=None):
+  """The final parameters of a finished phase (its last checkpoint's; ``init_params``
+  gives their structure), replicated on ``mesh`` (default: this process's devices);
   `checkpoint.DamagedFile` if they cannot be read."""
-  report = workdir_lib.read_json(os.path.join(phase_dir, "report.json"))
+  ckpt_dir = os.path.join(phase_dir, train_loop.CHECKPOINTS)
+  step = checkpoint_lib.latest_step(ckpt_dir)
+  if step is None:
+    raise FileNotFoundError(f"No checkpoint in {ckpt_dir}: run the curriculum first.")
+  mesh = mesh or sharding_lib.data_mesh()
   try:
-    return checkpoint_lib.load_final_params(os.path.join(phase_dir, PARAMS_FILE),
-                                            jax.eval_shape(init_params),
-                                            report.get("params_sha256"))
+    return checkpoint_lib.restore_params(ckpt_dir, step, checkpoint_lib.abstract_like(
+        jax.eval_shape(init_params), sharding_lib.replicated(mesh)))
   except checkpoint_lib.DamagedFile as e:
     raise checkpoint_lib.DamagedFile(
-        f"{e}. Run the curriculum again on its work directory: the phase's parameters are "
-        f"rebuilt from its newest checkpoint.") from None
+        f"{e}. Run the curriculum again on its work directory: the phase resumes from its "
+        f"newest checkpoint that reads.") from None

@@ -1,16 +1,13 @@
 """Phase 1 (``recon``): train the codec to reconstruct pieces.
 
 ``train_step`` is a pure function ``(state, batch, rng) -> (state, metrics)``;
-`train_recon` compiles it with ``jax.jit`` over the data mesh and runs the loop with
-checkpoints, evaluation, a metrics file and a report.
+`train_recon` compiles it with ``jax.jit`` over the mesh and runs it in
+`fsqtok.train_loop` (checkpoints, evaluation, metrics), then writes the report.
 """
 from __future__ import annotations
 
-import functools
 import json
-import logging
 import os
-import time
 from typing import Any
 
 import jax
@@ -18,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.training import train_state
-from tqdm.auto import tqdm
 
 from fsqtok import candidates as candidates_lib
 from fsqtok import checkpoint as checkpoint_lib
@@ -28,6 +24,7 @@ from fsqtok import evaluate as evaluate_lib
 from fsqtok import optimizer as optimizer_lib
 from fsqtok import plots
 from fsqtok import sharding as sharding_lib
+from fsqtok import train_loop
 from fsqtok import workdir as workdir_lib
 from fsqtok.data import PieceBatcher, PieceSet
 
@@ -168,12 +165,6 @@ def _report_markdown(report: dict[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _throughput(clock: dict[str, Any], batch_size: int) -> float:
-  seconds = (clock["t1"] or 0.0) - (clock["t0"] or 0.0) - clock["excluded"]
-  steps = clock["step1"] - clock["step0"]
-  return steps * batch_size / seconds if steps and seconds > 0 else float("nan")
-
-
 @workdir_lib.exclusive_workdir
 def train_recon(config, workdir: str,
                 pieces: tuple[PieceSet, PieceSet] | None = None) -> dict[str, Any]:
@@ -184,17 +175,10 @@ def train_recon(config, workdir: str,
   validate_config(config)
   phase_dir = os.path.join(workdir, PHASE)
   os.makedirs(phase_dir, exist_ok=True)
-  report_path = os.path.join(phase_dir, "report.json")
   t = config.train
-
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(phase_dir, "checkpoints"),
-                                     save_every=t.checkpoint_every, max_to_keep=t.keep_checkpoints)
-  start = ckpt.latest_step() or 0
-  if start >= t.num_steps:  # finished: nothing to do (a damaged report is made again)
-    report = workdir_lib.read_saved_json(report_path)
-    if report is not None:
-      ckpt.close()
-      return report
+  done = train_loop.finished(phase_dir, t.num_steps)
+  if done is not None:  # nothing to do
+    return done[0]
 
   mesh = sharding_lib.mesh_from_config(t)
   sharding_lib.check_batch_size(config.data.batch_size, mesh)
@@ -203,86 +187,38 @@ def train_recon(config, workdir: str,
                               else candidates_lib.load_pieces(config))
   batcher = PieceBatcher(train_pieces, config.data.batch_size, seed=config.seed,
                          weighting=config.data.weighting)
-
-  rng = jax.random.PRNGKey(config.seed)
-  init_rng, step_rng = jax.random.split(rng)
-  create = functools.partial(create_state, config, model,
-                             tx=optimizer_lib.make_optimizer(config.optim, t.num_steps))
-  state_sh = sharding_lib.state_shardings(jax.eval_shape(create, init_rng), mesh,
-                                          t.get("sharding"))
-  state = jax.jit(create, out_shardings=state_sh)(init_rng)
-  restored = ckpt.restore_latest(checkpoint_lib.abstract_like(state, state_sh))
-  start = 0
-  if restored:
-    start, state, data_state = restored
-    batcher.set_state(data_state)
-    logging.info("Resumed %s from step %d.", phase_dir, start)
-
-  metrics_log = workdir_lib.MetricsLog(os.path.join(phase_dir, "metrics.jsonl"),
-                                       resume_step=start)
-  step_fn = compile_train_step(mesh, state_shardings=state_sh)
-  eval_kw = dict(batch_size=t.eval_batch_size, mesh=mesh)
-  schedule = optimizer_lib.learning_rate_schedule(config.optim, t.num_steps)
-  # Throughput is timed from the first synchronisation (after compilation) to the last,
-  # minus the time spent evaluating.
-  clock = {"t0": None, "step0": 0, "excluded": 0.0, "t1": None, "step1": 0}
-  pending: list[dict[str, jax.Array]] = []
-  last_eval: tuple[int, dict[str, Any]] | None = None
-  loop_start = time.perf_counter()
-  bar = tqdm(range(start, t.num_steps), initial=start, total=t.num_steps,
-             desc="recon", disable=not t.progress_bar, dynamic_ncols=True)
-  for step in bar:
-    batch = sharding_lib.shard_batch(next(batcher), mesh)
-    state, metrics = step_fn(state, batch, jax.random.fold_in(step_rng, step))
-    pending.append(metrics)
-    done = step + 1
-    if done % t.log_every == 0 or done == t.num_steps:
-      host = sharding_lib.to_host(pending)
-      pending = []
-      now = time.perf_counter()
-      if clock["t0"] is None:
-        clock["t0"], clock["step0"] = now, done
-      clock["t1"], clock["step1"] = now, done
-      loss = float(np.mean([m["loss"] for m in host]))
-      if not np.isfinite(loss):
-        raise FloatingPointError(f"Loss is {loss} at step {done}: lower optim.learning_rate "
-                                 f"or set optim.grad_clip; last good checkpoint is in {ckpt.directory}.")
-      record = {"step": done, "split": "train", "loss": loss,
-                "byte_accuracy": float(np.mean([m["byte_accuracy"] for m in host])),
-                "grad_norm": float(np.mean([m["grad_norm"] for m in host])),
-                "learning_rate": float(schedule(done))}
-      metrics_log.write([record])
-      bar.set_postfix(loss=f"{loss:.3f}", acc=f"{record['byte_accuracy']:.3f}")
-    if done % t.eval_every == 0 or done == t.num_steps:
-      tic = time.perf_counter()
-      ev = evaluate_lib.evaluate(model, state.params, val_pieces, **eval_kw)
-      metrics_log.write([{"step": done, "split": "validation", **ev}])
-      last_eval = (done, ev)
-      if clock["t0"] is not None:
-        clock["excluded"] += time.perf_counter() - tic
-    ckpt.save(done, state, batcher.get_state(), force=done == t.num_steps)
-  bar.close()
-  ckpt.close()
-
-  final_val = (last_eval[1] if last_eval and last_eval[0] == t.num_steps
-               else evaluate_lib.evaluate(model, state.params, val_pieces, **eval_kw))
-  final_train = evaluate_lib.evaluate(model, state.params, train_pieces, **eval_kw)
+  init_rng, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  tx = optimizer_lib.make_optimizer(config.optim, t.num_steps)
+  init = lambda: create_state(config, model, init_rng, tx)
+  state_sh = sharding_lib.state_shardings(jax.eval_shape(init), mesh, t.get("sharding"))
+  evaluate = lambda state: evaluate_lib.evaluate(model, state.params, val_pieces,
+                                                 batch_size=t.eval_batch_size, mesh=mesh)
+  result = train_loop.run(
+      PHASE, compile_train_step(mesh, state_shardings=state_sh), init, batcher,
+      train_loop.LoopConfig.from_config(t), rng=step_rng, directory=phase_dir, mesh=mesh,
+      state_shardings=state_sh, evaluate=evaluate,
+      schedule=optimizer_lib.learning_rate_schedule(config.optim, t.num_steps),
+      nan_hint="lower optim.learning_rate or set optim.grad_clip")
+  params = result.state.params
   report = {
       "source": config.data.source, "steps": int(t.num_steps),
       "invalid_utf8": corpus_lib.invalid_utf8_counts(
           config.data.source, config.data.get("invalid_utf8", "error")),
       "devices": f"{mesh.size} x {jax.devices()[0].device_kind}",
-      "validation": final_val, "train": final_train,
+      "validation": train_loop.final_eval(result, t.num_steps, evaluate),
+      "train": evaluate_lib.evaluate(model, params, train_pieces,
+                                     batch_size=t.eval_batch_size, mesh=mesh),
       "validation_bytes_in_seen_pieces": evaluate_lib.seen_byte_share(val_pieces, train_pieces),
-      "train_pieces_per_second": _throughput(clock, config.data.batch_size),
-      "timed_steps_this_run": clock["step1"] - clock["step0"],
-      # This run's loop (compilation included) and final evaluation; a resumed run
-      # counts only its own part.
-      "train_wall_seconds": time.perf_counter() - loop_start,
-      "samples": _samples(model, state.params, val_pieces, 12),
+      "train_pieces_per_second": result.per_second(config.data.batch_size),
+      "timed_steps_this_run": result.timed_steps,
+      # This run's loop (compilation and evaluation included); a resumed run counts
+      # only its own part.
+      "train_wall_seconds": result.wall_seconds,
+      "samples": _samples(model, params, val_pieces, 12),
   }
-  workdir_lib.write_json(report_path, report)
   workdir_lib.atomic_write_text(os.path.join(phase_dir, "report.md"), _report_markdown(report))
-  plots.plot_learning_curves(metrics_log.path, os.path.join(phase_dir, "curves.png"),
+  plots.plot_learning_curves(os.path.join(phase_dir, train_loop.METRICS),
+                             os.path.join(phase_dir, "curves.png"),
                              title=f"codec on {config.data.source}")
+  train_loop.write_report(phase_dir, report)
   return report

@@ -114,10 +114,16 @@ def run_loops(workdir: str) -> None:
   config = curriculum_config.get_config("tiny")
   config.lm.train.update({"num_steps": 4, "log_every": 2, "eval_every": 2,
                           "checkpoint_every": 2, "progress_bar": False, "sharding": fsdp})
+  tok, model, init = loop_lm()
+  data = lm_train.LMData(tok, ([TEXT] * 4, [TEXT]), config.lm.data.seq_len)
+  lm_train.train_lm_phase("lm", config, workdir, model, data, init)
+
+
+def loop_lm():
+  """The tokenizer, model and ``init_params`` of `run_loops`'s LM phase."""
   words = sorted({w for w in TEXT.split(" ") if w} | {" " + w for w in TEXT.split(" ") if w})
   tok = Tokenizer(words)
-  data = lm_train.LMData(tok, ([TEXT] * 4, [TEXT]), config.lm.data.seq_len)
   model = lm_lib.TransformerLM(vocab_size=len(tok), d_model=16, num_layers=1, num_heads=2,
                                mlp_dim=32, head="dense")
   init = lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
-  lm_train.train_lm_phase("lm", config, workdir, model, data, init)
+  return tok, model, init

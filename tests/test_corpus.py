@@ -1,4 +1,5 @@
 import dataclasses
+import json
 
 import pytest
 import tensorflow_datasets as tfds
@@ -219,3 +220,23 @@ def test_empty_corpus_is_a_clear_error(tmp_path):
 def test_too_small_to_split_is_a_clear_error():
   with pytest.raises(ValueError, match="too small to split"):
     corpus.split_documents(["tiny"], val_fraction=0.05, seed=0, block_chars=100)
+
+
+def test_the_builtin_corpus_is_read_once_and_a_damaged_cache_is_made_again(tmp_path,
+                                                                          monkeypatch):
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  reads = []
+  monkeypatch.setattr(corpus, "_read_builtin_documents",
+                      lambda stdlib: reads.append(stdlib) or ["doc one", "doc two"])
+  corpus._builtin_documents.cache_clear()
+  try:
+    assert corpus._builtin_documents() == ("doc one", "doc two")
+    (cache,) = (tmp_path / "fsqtok").iterdir()
+    corpus._builtin_documents.cache_clear()
+    assert corpus._builtin_documents() == ("doc one", "doc two") and len(reads) == 1
+    cache.write_text('["doc one", "do')  # cut short
+    corpus._builtin_documents.cache_clear()
+    assert corpus._builtin_documents() == ("doc one", "doc two") and len(reads) == 2
+    assert json.loads(cache.read_text()) == ["doc one", "doc two"]
+  finally:
+    corpus._builtin_documents.cache_clear()

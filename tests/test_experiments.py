@@ -7,14 +7,14 @@ import sys
 
 import pytest
 
-from conftest import REPO, tiny_recon_config
+from conftest import REPO, tiny_recon_config, xla_flags
 from fsqtok import recon
 
 pytestmark = pytest.mark.slow
 
 
 def _run(script, *args):
-  env = {**os.environ, "XLA_FLAGS": ""}
+  env = {**os.environ, "XLA_FLAGS": xla_flags()}
   proc = subprocess.run([sys.executable, os.path.join(REPO, "experiments", script), *args],
                         capture_output=True, text=True, cwd=REPO, env=env, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]

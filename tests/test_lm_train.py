@@ -145,9 +145,8 @@ def _curriculum_config(doc_files, tmp_path):
   return c
 
 
-# Measured on every run, so never equal between two runs; the parameters' digest, because
-# a resumed run's parameters equal the uninterrupted run's only to float rounding.
-_RUN_SPECIFIC = {"train_wall_seconds", "train_tokens_per_second", "mfu", "params_sha256"}
+# Measured on every run, so never equal between two runs.
+_RUN_SPECIFIC = {"train_wall_seconds", "train_tokens_per_second", "mfu"}
 
 
 def _assert_same_report(got, want, where="report"):
@@ -235,31 +234,41 @@ def test_curriculum_killed_at_seeded_moments_ends_with_the_same_report(finished_
 @pytest.mark.xdist_group("curriculum")
 def test_curriculum_sets_damaged_files_aside_and_makes_them_again(finished_curriculum,
                                                                   tmp_path, caplog):
-  """Files of a finished run damaged afterwards (the final parameters' bytes changed, a
-  report cut short, the tokenizer and the vocabulary cache overwritten): each is
-  reported, kept as ``.damaged`` and made again, to the same report."""
+  """Files of a finished run damaged afterwards (the lm phase's final checkpoint
+  overwritten, a report cut short, the tokenizer and the vocabulary cache overwritten):
+  each is reported, kept as ``.damaged`` and made again, to the same report (the lm
+  phase trains again from its newest checkpoint that reads)."""
   from fsqtok import curriculum  # pylint: disable=g-import-not-at-top
   config, root, whole, _ = finished_curriculum
   work = tmp_path / "work"
   shutil.copytree(root / "whole", work)
-  params = work / "lm" / lm_train.PARAMS_FILE
-  data = bytearray(params.read_bytes())
-  data[len(data) // 2] ^= 0xFF  # one flipped byte: still parses, only the digest sees it
-  params.write_bytes(bytes(data))
+  final = _damage_final_checkpoint(work / "lm")
   report = work / "joint" / "report.json"
   report.write_bytes(report.read_bytes()[:40])
   (work / "vocab" / "tokenizer.json").write_bytes(b"\x00garbage")
   (work / tokenizer_build.VOCABULARY_FILE).write_text("{\"strings\": [")
   again = curriculum.run_curriculum(config, str(work))
   _assert_same_report(again, whole)
-  for damaged in (params, report, work / "vocab", work / tokenizer_build.VOCABULARY_FILE):
+  for damaged in (final, report, work / "vocab", work / tokenizer_build.VOCABULARY_FILE):
     assert os.path.exists(f"{damaged}.damaged"), damaged
+  for damaged in (work / "lm" / "report.json", report, work / "vocab",
+                  work / tokenizer_build.VOCABULARY_FILE):
     assert f"{damaged} cannot be read" in caplog.text
-  assert again["lm"]["params_sha256"] == whole["lm"]["params_sha256"]
+  assert f"checkpoint {final.name} in" in caplog.text
   curriculum.load_lm(config, str(work))  # the repaired run loads
-  (work / "joint" / lm_train.PARAMS_FILE).write_bytes(b"")
+  _damage_final_checkpoint(work / "joint")
   with pytest.raises(checkpoint_lib.DamagedFile, match="Run the curriculum again"):
     curriculum.load_lm(config, str(work))
+
+
+def _damage_final_checkpoint(phase_dir):
+  """Overwrites every file of the phase's newest checkpoint; returns its directory."""
+  steps = [p for p in (phase_dir / "checkpoints").iterdir() if p.name.isdigit()]
+  final = max(steps, key=lambda p: int(p.name))
+  for f in final.rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"\x00garbage")
+  return final
 
 
 @pytest.mark.slow

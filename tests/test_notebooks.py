@@ -6,7 +6,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from conftest import REPO
+from conftest import REPO, xla_flags
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +17,7 @@ NOTEBOOKS = sorted(glob.glob(os.path.join(REPO, "colab", "*.ipynb")))
 def test_notebook_runs(path, tmp_path):
   nb = nbformat.read(path, as_version=4)
   env_backup = os.environ.get("XLA_FLAGS")
-  os.environ["XLA_FLAGS"] = ""  # the notebook runs as a user would: one CPU device
+  os.environ["XLA_FLAGS"] = xla_flags()  # the notebook runs as a user would: one CPU device
   os.environ["FSQTOK_NOTEBOOK_STEPS"] = "200"  # fewer codec steps where a notebook asks
   try:
     NotebookClient(nb, timeout=900, kernel_name="python3",
