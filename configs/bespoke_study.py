@@ -30,7 +30,7 @@ Any field can be overridden, e.g. ``--config.train.num_steps=4000``.
 """
 import ml_collections
 
-from fsqtok.optimizer import adamw_config
+from fsqtok.train.optimizer import adamw_config
 
 
 def _synthetic(vocab_size, d_model, sizes):

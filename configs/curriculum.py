@@ -20,8 +20,8 @@ import ml_collections
 
 from configs import fuser as fuser_config
 from configs import recon as recon_config
-from fsqtok.optimizer import adamw_config
-from fsqtok.sharding import sharding_config
+from fsqtok.train.optimizer import adamw_config
+from fsqtok.train.sharding import sharding_config
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -46,13 +46,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   m.positions = "rope"           # rope | learned
   m.dropout = 0.0
   m.dtype = "float32"            # float32 | bfloat16 (accelerators)
-  m.embedding = "codec"          # table | bespoke | code_factorized | table_code | codec | fuser (fsqtok/embeddings.py)
-  # The fuser embedding's hyperparameters (`fsqtok.fuser.FuserSpec`; made causal), used
+  m.embedding = "codec"          # table | bespoke | code_factorized | table_code | codec | fuser (fsqtok/models/embeddings.py)
+  # The fuser embedding's hyperparameters (`fsqtok.models.fuser.FuserSpec`; made causal), used
   # only with embedding="fuser"; its pretraining is ``c.fuser`` below.
   m.fuser = fuser_config.model_config(tiny=arg == "tiny")
   m.fuser.window_right = 0
   m.head = "dense"               # tied (table only) | dense | factorized | factorized_vocab
-  # Token-level options (fsqtok/lm.py; the study: configs/token_techniques.py), all off:
+  # Token-level options (fsqtok/models/lm.py; the study: configs/token_techniques.py), all off:
   m.num_registers = 0            # learned register vectors before every sequence
   m.num_segments = 0             # segment embeddings for [SEP]-joined pairs
   m.prune_layer = 0              # prune the context after this layer (0: never)
@@ -66,7 +66,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       "num_steps": 1000, "log_every": 50, "eval_every": 250, "eval_batch_size": 64,
       "checkpoint_every": 250, "keep_checkpoints": 2, "num_devices": 0,
       "progress_bar": True,
-      # replicated state by default; fsdp / model_parallel split it (fsqtok/sharding.py)
+      # replicated state by default; fsdp / model_parallel split it (fsqtok/train/sharding.py)
       "sharding": sharding_config(),
       # MFU denominator; 0: looked up by device kind (fsqtok/lm_train.PEAK_FLOPS)
       "peak_flops_per_device": 0.0})

@@ -15,20 +15,20 @@ Arguments (``get_config(arg)``):
 
 Sub-configs: ``data`` (the corpus, fields of configs/recon.py), ``tokenizer`` (a saved
 fsqtok tokenizer directory, or "" for one counted from the corpus's pieces), ``fuser``
-(``model``: `fsqtok.fuser.FuserSpec` fields; ``ambiguity``: the precomputed ambiguous set;
-``loss``: `fsqtok.fuser_train.StepConfig` fields; ``optim``, ``train``, ``data``),
+(``model``: `fsqtok.models.fuser.FuserSpec` fields; ``ambiguity``: the precomputed ambiguous set;
+``loss``: `fsqtok.train.fuser_train.StepConfig` fields; ``optim``, ``train``, ``data``),
 ``lm`` (the LM of the hidden-state baseline and of the cost measurement, fields of
 configs/curriculum.py's ``lm``), ``eval`` (the word-sense probe and the cost timing).
 """
 import ml_collections
 
 from configs import recon as recon_config
-from fsqtok.optimizer import adamw_config
-from fsqtok.sharding import sharding_config
+from fsqtok.train.optimizer import adamw_config
+from fsqtok.train.sharding import sharding_config
 
 
 def model_config(tiny: bool = False) -> ml_collections.ConfigDict:
-  """The fuser's hyperparameters: `fsqtok.fuser.FuserSpec` fields."""
+  """The fuser's hyperparameters: `fsqtok.models.fuser.FuserSpec` fields."""
   m = ml_collections.ConfigDict(dict(
       window_left=4, window_right=4,   # context, in tokens each side
       context_bytes=24,                # ... cut to this many bytes each side (0: no cut)
@@ -49,8 +49,8 @@ def model_config(tiny: bool = False) -> ml_collections.ConfigDict:
 
 
 def training_config(tiny: bool = False) -> ml_collections.ConfigDict:
-  """How the fuser is trained (`fsqtok.fuser_train.train_fuser`): ``ambiguity`` (the
-  precomputed ambiguous set), ``loss`` (`fsqtok.fuser_train.StepConfig` fields),
+  """How the fuser is trained (`fsqtok.train.fuser_train.train_fuser`): ``ambiguity`` (the
+  precomputed ambiguous set), ``loss`` (`fsqtok.train.fuser_train.StepConfig` fields),
   ``optim``, ``data`` (token windows), ``train``."""
   f = ml_collections.ConfigDict()
   f.ambiguity = ml_collections.ConfigDict({
@@ -68,7 +68,7 @@ def training_config(tiny: bool = False) -> ml_collections.ConfigDict:
   f.train = ml_collections.ConfigDict({
       "num_steps": 1000, "log_every": 100, "checkpoint_every": 500, "progress_bar": True,
       "num_devices": 0,  # the data mesh: 0 = every device (data.batch_size divides by it)
-      "sharding": sharding_config()})  # replicated state (fsqtok/sharding.py)
+      "sharding": sharding_config()})  # replicated state (fsqtok/train/sharding.py)
   if tiny:
     f.ambiguity.corpus_top_k, f.ambiguity.min_count = 8, 2
     f.loss.nce_samples = 16

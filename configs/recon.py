@@ -25,8 +25,8 @@ Any field can be overridden, e.g. ``--config.data.source=tfds:tiny_shakespeare``
 """
 import ml_collections
 
-from fsqtok.optimizer import adamw_config
-from fsqtok.sharding import sharding_config
+from fsqtok.train.optimizer import adamw_config
+from fsqtok.train.sharding import sharding_config
 
 
 def _char_cnn(model, enc_channels, dec_channels):
@@ -52,7 +52,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.block_chars = 2048      # documents are split into blocks before train/validation
   c.data.weighting = "sqrt"      # occurrence | sqrt | distinct
   # What the codec learns: "pieces" of the pre-tokenizer, or "adaptive" candidates (pieces,
-  # spans of up to max_span_pieces pieces, sub-pieces; fsqtok/candidates.py).
+  # spans of up to max_span_pieces pieces, sub-pieces; fsqtok/tokenizer/candidates.py).
   c.data.candidates = "adaptive"
   c.data.max_span_pieces = 4
   c.data.min_count = 3           # spans and sub-pieces seen fewer times are not candidates
@@ -74,8 +74,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.model.position_embedding = True
   c.model.dec_fourier_octaves = 0  # periodic code features for the decoder (codec.py)
 
-  # How a tokenizer is built on this codec (fsqtok/tokenizer_build.py): "unigram" =
-  # vocabulary first (fsqtok/unigram.py), then the codec learns exactly its strings;
+  # How a tokenizer is built on this codec (fsqtok/tokenizer/build.py): "unigram" =
+  # vocabulary first (fsqtok/tokenizer/unigram.py), then the codec learns exactly its strings;
   # "codec_exact" = the first design (codec on the candidates above, vocabulary among the
   # strings it reconstructs exactly, fewest-token segmentation).
   c.tokenizer = ml_collections.ConfigDict()
@@ -98,7 +98,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.tokenizer.max_phrase_words = 4
   c.tokenizer.num_workers = 0        # processes counting the corpus (0: every core); the
                                      # vocabulary is the same whatever their number
-  # Bounds for large corpora (fsqtok/unigram.py, fsqtok/corpus.py): the vocabulary is
+  # Bounds for large corpora (fsqtok/tokenizer/unigram.py, fsqtok/data/corpus.py): the vocabulary is
   # trained on a seeded sample of about sample_chars characters of the training blocks
   # (0: all of them), and counting keeps at most max_distinct_runs distinct runs (the
   # rarest go when there are more; 0: no bound). Both are reported in vocab_report.json.
@@ -116,7 +116,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 2500
   c.train.keep_checkpoints = 3
   c.train.num_devices = 0        # 0: every visible device
-  c.train.sharding = sharding_config()  # replicated; fsdp splits the state (fsqtok/sharding.py)
+  c.train.sharding = sharding_config()  # replicated; fsdp splits the state (fsqtok/train/sharding.py)
   c.train.progress_bar = True
 
   if arg == "tiny":

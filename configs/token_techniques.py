@@ -17,12 +17,12 @@ the training splits of the corpora together; then:
 Arguments (``get_config(arg)``): "" (the CPU default; measured once: 1446 s wall on a
 2-core CPU shared, at nice 10, with other jobs -- the two LMs 221 s and 267 s, the
 18 classifier trainings most of the rest) | tiny (about a minute of CPU; tests and the
-notebook). ``corpora`` is ``name=spec,name=spec`` (specs of `fsqtok.corpus`); each corpus
+notebook). ``corpora`` is ``name=spec,name=spec`` (specs of `fsqtok.data.corpus`); each corpus
 is one class.
 """
 import ml_collections
 
-from fsqtok.optimizer import adamw_config
+from fsqtok.train.optimizer import adamw_config
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -38,7 +38,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       "text_key": "text", "max_train_chars": 1_500_000})  # per corpus, for the LM and BPE
   c.tokenizer = ml_collections.ConfigDict({"vocab_size": 1024})
 
-  # The base LM: configs/curriculum.py's lm fields (read by fsqtok.lm_train).
+  # The base LM: configs/curriculum.py's lm fields (read by fsqtok.train.lm_train).
   c.lm = ml_collections.ConfigDict()
   m = c.lm.model = ml_collections.ConfigDict()
   m.d_model, m.num_layers, m.num_heads, m.mlp_dim = 64, 4, 4, 256

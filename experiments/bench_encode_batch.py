@@ -1,4 +1,4 @@
-"""Encoding speed, one core and several: fsqtok's compiled search (`fsqtok.native_encode`)
+"""Encoding speed, one core and several: fsqtok's compiled search (`fsqtok.tokenizer.native_encode`)
 and its pure-Python reference, beside SentencePiece unigram and Hugging Face BPE (their own
 batch encoders), in one run.
 
@@ -26,10 +26,10 @@ from absl import app, flags  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import recon as recon_config  # noqa: E402
-from fsqtok import baselines  # noqa: E402
-from fsqtok import corpus as corpus_lib  # noqa: E402
-from fsqtok import tokenizer_build  # noqa: E402
-from fsqtok.tokenizer import Tokenizer  # noqa: E402
+from fsqtok.tokenizer import baselines  # noqa: E402
+from fsqtok.data import corpus as corpus_lib  # noqa: E402
+from fsqtok.tokenizer import build as tokenizer_build  # noqa: E402
+from fsqtok.tokenizer.tokenizer import Tokenizer  # noqa: E402
 
 _CORPUS = flags.DEFINE_string("corpus", "builtin", "Corpus spec.")
 _VOCAB = flags.DEFINE_integer("vocab_size", 32768, "Vocabulary size of every tokenizer.")

@@ -33,8 +33,8 @@ from absl import app, flags, logging  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import recon as recon_config  # noqa: E402
-from fsqtok import corpus as corpus_lib  # noqa: E402
-from fsqtok import workdir as workdir_lib  # noqa: E402
+from fsqtok.data import corpus as corpus_lib  # noqa: E402
+from fsqtok.train import workdir as workdir_lib  # noqa: E402
 
 _CORPORA = flags.DEFINE_list("corpora", ["builtin"], "Corpus specs.")
 _WORKDIRS = flags.DEFINE_list("fsqtok_workdirs", [], "Trained codec run per corpus.")
@@ -51,7 +51,7 @@ _PHRASES = flags.DEFINE_float("phrase_fraction", 0.01, "tokenizer.phrase_fractio
 # ---- the tokenizers: train(ctx, out_dir) -> (encode, decode, ids in the vocabulary) ------
 
 def train_fsqtok(ctx, out_dir):
-  from fsqtok import tokenizer_build  # pylint: disable=g-import-not-at-top
+  from fsqtok.tokenizer import build as tokenizer_build  # pylint: disable=g-import-not-at-top
   if ctx["workdir"]:  # the whole build: vocabulary, then the codec (resumed or finished)
     tok, _ = tokenizer_build.train_tokenizer(ctx["config"], ctx["workdir"], ctx["vocab"],
                                              out_dir)
@@ -64,7 +64,7 @@ def train_fsqtok(ctx, out_dir):
 def _fsqtok_vocabulary(phrase_fraction):
   """fsqtok's vocabulary with ``tokenizer.phrase_fraction`` set (None: --phrase_fraction)."""
   def train(ctx, out_dir):
-    from fsqtok import tokenizer_build  # pylint: disable=g-import-not-at-top
+    from fsqtok.tokenizer import build as tokenizer_build  # pylint: disable=g-import-not-at-top
     config = ctx["config"].copy_and_resolve_references()
     config.tokenizer.phrase_fraction = (_PHRASES.value if phrase_fraction is None
                                         else phrase_fraction)
@@ -136,7 +136,7 @@ TOKENIZERS = {
 # How a fresh process loads each saved artifact (for the memory column).
 _LOADERS = {
     **dict.fromkeys(("fsqtok", "fsqtok-subword", "fsqtok-phrases"),
-                    "from fsqtok.tokenizer import Tokenizer; t = Tokenizer.load(D); enc = t.encode"),
+                    "from fsqtok.tokenizer.tokenizer import Tokenizer; t = Tokenizer.load(D); enc = t.encode"),
     "hf-bpe-bytelevel": "from tokenizers import Tokenizer; t = Tokenizer.from_file(D + '/tokenizer.json'); enc = lambda s: t.encode(s).ids",
     "word-level": "from tokenizers import Tokenizer; t = Tokenizer.from_file(D + '/tokenizer.json'); enc = lambda s: t.encode(s).ids",
     "sentencepiece-unigram": "import sentencepiece as s; t = s.SentencePieceProcessor(model_file=D + '/sp.model'); enc = t.encode",

@@ -14,9 +14,9 @@ tokenizer trains in a fresh child process; its peak memory is the largest reside
 that process and its worker processes together (sampled from /proc every 50 ms), and
 ``loaded`` is what the child held after reading the text, before training. fsqtok's rows
 read the training set as ``fsqtok train-tokenizer`` reads a ``files:`` corpus: written to
-a file first (outside the clock), then streamed from disk (`fsqtok.corpus.stream_split`;
+a file first (outside the clock), then streamed from disk (`fsqtok.data.corpus.stream_split`;
 ``loaded`` is then the child without the text). They are its vocabulary (what encoding
-needs: `fsqtok.tokenizer_build.unigram_vocabulary`; the codec adds a fixed number of steps
+needs: `fsqtok.tokenizer.build.unigram_vocabulary`; the codec adds a fixed number of steps
 whatever the corpus size); ``fsqtok-sampled`` trains it on a ``--sample_mb`` sample
 (`tokenizer.sample_chars`). SentencePiece loads every sentence and builds a suffix array
 over them; above ``--sp_max_mb`` it trains on its own seeded sample of that many MB of
@@ -53,7 +53,7 @@ _CHILD = flags.DEFINE_string("child", "", "Internal: tokenizer,size_mb,result_pa
 def _texts(size_mb: float):
   """(training blocks of ``size_mb`` MB, held-out blocks, repeats)."""
   from configs import recon as recon_config  # pylint: disable=g-import-not-at-top
-  from fsqtok import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
+  from fsqtok.data import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
   d = recon_config.get_config("").data
   docs = []
   for path in _SOURCES.value:
@@ -109,7 +109,7 @@ def _tree(pid: int) -> list[int]:
 
 def _child(spec: str) -> None:
   name, size_mb, result_path = spec.split(",")
-  from fsqtok import baselines  # pylint: disable=g-import-not-at-top
+  from fsqtok.tokenizer import baselines  # pylint: disable=g-import-not-at-top
   train, held_out, repeats = _texts(float(size_mb))
   train_mb = sum(len(b.encode("utf-8")) for b in train) / 1e6
   vocab = _VOCAB.value
@@ -124,8 +124,8 @@ def _child(spec: str) -> None:
     tic = time.perf_counter()
     if name.startswith("fsqtok"):
       from configs import recon as recon_config  # pylint: disable=g-import-not-at-top
-      from fsqtok import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
-      from fsqtok import tokenizer_build  # pylint: disable=g-import-not-at-top
+      from fsqtok.data import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
+      from fsqtok.tokenizer import build as tokenizer_build  # pylint: disable=g-import-not-at-top
       config = recon_config.get_config("")
       config.train.progress_bar = False
       config.data.source = f"bench:{size_mb}MB"
@@ -135,7 +135,7 @@ def _child(spec: str) -> None:
                                           block_chars=config.data.block_chars)
       vocab_, counting = tokenizer_build.unigram_vocabulary(
           config, tmp, blocks, tokenizer_build.learned_size(vocab))
-      from fsqtok.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+      from fsqtok.tokenizer.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
       tok = Tokenizer(vocab_.strings, scores=vocab_.scores, phrases=vocab_.phrases,
                       max_piece_bytes=config.model.max_len)
       encode, decode = tok.encode, tok.decode

@@ -6,7 +6,7 @@
       --publish_dir=experiments/results
 
 For every setting (a synthetic Zipfian Markov chain, or a real corpus with an fsqtok
-tokenizer), corpus size and embedding (`fsqtok.bespoke.EMBEDDINGS`), it trains
+tokenizer), corpus size and embedding (`fsqtok.models.bespoke.EMBEDDINGS`), it trains
 ``config.num_seeds`` next-token predictors at once (``jax.vmap`` over seeds) and writes
 to ``--workdir``: ``bespoke_study.json`` (every seed's numbers, summaries with 95%
 t-intervals), ``bespoke_study.md`` (the tables) and ``bespoke_loss_vs_corpus.png``.
@@ -31,9 +31,9 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fsqtok import bespoke  # noqa: E402  pylint: disable=g-import-not-at-top
-from fsqtok import optimizer as optimizer_lib  # noqa: E402
-from fsqtok import workdir as workdir_lib  # noqa: E402
+from fsqtok.models import bespoke  # noqa: E402  pylint: disable=g-import-not-at-top
+from fsqtok.train import optimizer as optimizer_lib  # noqa: E402
+from fsqtok.train import workdir as workdir_lib  # noqa: E402
 
 # Two-sided 95% critical values of Student's t for 1..30 degrees of freedom.
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201,
@@ -125,7 +125,7 @@ def synthetic_splits(s) -> dict[str, Any]:
 
 def text_splits(documents: list[str], tokenizer, t) -> dict[str, Any]:
   """Blocks of the corpus, held out by content hash (then halved), tokenized per block."""
-  from fsqtok import corpus  # pylint: disable=g-import-not-at-top
+  from fsqtok.data import corpus  # pylint: disable=g-import-not-at-top
   train_docs, held = corpus.split_documents(documents, val_fraction=t.val_fraction,
                                             seed=t.split_seed, block_chars=t.block_chars)
   val_docs, test_docs = corpus.split_documents(held, val_fraction=0.5, seed=t.split_seed + 1,
@@ -427,8 +427,8 @@ def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   del argv
   f = flags.FLAGS
-  from fsqtok import corpus  # pylint: disable=g-import-not-at-top
-  from fsqtok.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+  from fsqtok.data import corpus  # pylint: disable=g-import-not-at-top
+  from fsqtok.tokenizer.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
   sources = {}
   if f.tinyshakespeare and f.tokenizer_tinyshakespeare:
     with open(f.tinyshakespeare, encoding="utf-8") as fh:

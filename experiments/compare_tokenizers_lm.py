@@ -49,20 +49,20 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fsqtok import baselines  # noqa: E402
-from fsqtok import candidates as candidates_lib  # noqa: E402
-from fsqtok import corpus as corpus_lib  # noqa: E402
-from fsqtok import curriculum  # noqa: E402
-from fsqtok import generate as generate_lib  # noqa: E402
-from fsqtok import lm_data  # noqa: E402
-from fsqtok import lm_train  # noqa: E402
-from fsqtok import pieces as pieces_lib  # noqa: E402
-from fsqtok import recon  # noqa: E402
-from fsqtok import workdir as workdir_lib  # noqa: E402
-from fsqtok.tokenizer import VOCAB_FILE, Tokenizer  # noqa: E402
-from fsqtok import tokenizer_build  # noqa: E402
-from fsqtok import unigram as unigram_lib  # noqa: E402
-from fsqtok.tokenizer_build import train_tokenizer  # noqa: E402
+from fsqtok.tokenizer import baselines  # noqa: E402
+from fsqtok.tokenizer import candidates as candidates_lib  # noqa: E402
+from fsqtok.data import corpus as corpus_lib  # noqa: E402
+from fsqtok.train import curriculum  # noqa: E402
+from fsqtok.models import generate as generate_lib  # noqa: E402
+from fsqtok.data import lm_data  # noqa: E402
+from fsqtok.train import lm_train  # noqa: E402
+from fsqtok.tokenizer import pieces as pieces_lib  # noqa: E402
+from fsqtok.train import recon  # noqa: E402
+from fsqtok.train import workdir as workdir_lib  # noqa: E402
+from fsqtok.tokenizer.tokenizer import VOCAB_FILE, Tokenizer  # noqa: E402
+from fsqtok.tokenizer import build as tokenizer_build  # noqa: E402
+from fsqtok.tokenizer import unigram as unigram_lib  # noqa: E402
+from fsqtok.tokenizer.build import train_tokenizer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/compare_lm.py",
                                           lock_config=False)
@@ -167,7 +167,7 @@ def _token_lengths(tok) -> np.ndarray:
 
 def segmentation_consistency(tok, texts) -> dict[str, float]:
   """How regular a tokenizer's segmentation is on ``texts``: over the word types (runs of
-  `fsqtok.pieces.split_runs`) seen at least twice, the share whose occurrences are not all
+  `fsqtok.tokenizer.pieces.split_runs`) seen at least twice, the share whose occurrences are not all
   cut the same way (token boundaries inside the run, and whether a token crosses its
   edges), and the share of run occurrences that a token crosses."""
   lengths = _token_lengths(tok)
@@ -272,7 +272,7 @@ def run_one(config, workdir, name, tok, texts, seed, *, budget, target_flops, co
 
 
 def _plain_lm(config, tok):
-  from fsqtok import lm as lm_lib  # pylint: disable=g-import-not-at-top
+  from fsqtok.models import lm as lm_lib  # pylint: disable=g-import-not-at-top
   return lm_lib.lm_from_config(config.lm.model, tok.vocab_size)
 
 

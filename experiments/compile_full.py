@@ -6,7 +6,7 @@ For the codec of `configs/recon.py:full` and the `lm` and `joint` phases of
 `configs/curriculum.py:full` (12 layers, d=768, 32,768 ids, codec embedding, dense head,
 bfloat16), the train step is lowered and compiled ahead of time for ``--devices``
 simulated CPU devices (nothing is run: the state and batch are abstract), once per state
-sharding of ``--shardings`` (`fsqtok.sharding`):
+sharding of ``--shardings`` (`fsqtok.train.sharding`):
 
 * ``replicated`` — today's default: every device holds the whole state;
 * ``fsdp`` — the state split along ``data``;
@@ -40,15 +40,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import curriculum as curriculum_config  # noqa: E402
 from configs import recon as recon_config  # noqa: E402
-from fsqtok import checkpoint as checkpoint_lib  # noqa: E402
-from fsqtok import codec as codec_lib  # noqa: E402
-from fsqtok import lm as lm_lib  # noqa: E402
-from fsqtok import lm_train  # noqa: E402
-from fsqtok import optimizer as optimizer_lib  # noqa: E402
-from fsqtok import recon  # noqa: E402
-from fsqtok import sharding as sharding_lib  # noqa: E402
-from fsqtok import tokenizer_build  # noqa: E402
-from fsqtok import workdir as workdir_lib  # noqa: E402
+from fsqtok.train import checkpoint as checkpoint_lib  # noqa: E402
+from fsqtok.codec import model as codec_lib  # noqa: E402
+from fsqtok.models import lm as lm_lib  # noqa: E402
+from fsqtok.train import lm_train  # noqa: E402
+from fsqtok.train import optimizer as optimizer_lib  # noqa: E402
+from fsqtok.train import recon  # noqa: E402
+from fsqtok.train import sharding as sharding_lib  # noqa: E402
+from fsqtok.tokenizer import build as tokenizer_build  # noqa: E402
+from fsqtok.train import workdir as workdir_lib  # noqa: E402
 from flax.training import train_state  # noqa: E402
 
 _ARG = flags.DEFINE_string("config_arg", "full", "configs/{recon,curriculum}.py argument.")

@@ -6,7 +6,7 @@
 
 Each corpus of ``--config.corpora`` is one class of the passage-classification task and
 part of the LM's training text (see configs/token_techniques.py and
-`fsqtok.token_techniques`). Printed: three markdown tables (registers; classification
+`fsqtok.studies.token_techniques`). Printed: three markdown tables (registers; classification
 accuracy and trainable parameters; pruning speed and quality). Written:
 WORKDIR/results.json, WORKDIR/token_techniques.png, the soft prompts under
 WORKDIR/prompts/, and the LMs under WORKDIR/lm_reg<N>/ (a finished LM is reused).
@@ -21,7 +21,7 @@ from ml_collections import config_flags  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fsqtok import token_techniques  # noqa: E402
+from fsqtok.studies import token_techniques  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/token_techniques.py",
                                           lock_config=False)

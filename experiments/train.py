@@ -14,8 +14,9 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fsqtok import curriculum, recon  # noqa: E402  pylint: disable=g-import-not-at-top
-from fsqtok import workdir as workdir_lib  # noqa: E402  pylint: disable=g-import-not-at-top
+from fsqtok.train import curriculum  # noqa: E402  pylint: disable=g-import-not-at-top
+from fsqtok.train import recon  # noqa: E402  pylint: disable=g-import-not-at-top
+from fsqtok.train import workdir as workdir_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)

@@ -17,8 +17,8 @@ import json
 import os
 import sys
 
-from fsqtok import workdir as workdir_lib
-from fsqtok.tokenizer import Tokenizer
+from fsqtok.train import workdir as workdir_lib
+from fsqtok.tokenizer.tokenizer import Tokenizer
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "configs", "recon.py")
@@ -37,7 +37,7 @@ def load_config(spec: str):
 
 
 def _train_tokenizer(args) -> None:
-  from fsqtok.tokenizer_build import train_tokenizer  # pylint: disable=g-import-not-at-top
+  from fsqtok.tokenizer.build import train_tokenizer  # pylint: disable=g-import-not-at-top
   config = load_config(args.config)
   config.data.source = args.corpus
   if args.steps:

@@ -1,7 +1,7 @@
 """Learning-curve plots from a run's ``metrics.jsonl`` (PNG, written atomically)."""
 from __future__ import annotations
 
-from fsqtok.workdir import MetricsLog, save_figure
+from fsqtok.train.workdir import MetricsLog, save_figure
 
 
 def plot_learning_curves(metrics_path: str, png_path: str, title: str = "") -> None:

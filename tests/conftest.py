@@ -73,7 +73,7 @@ def text_files(tmp_path):
 @pytest.fixture(scope="session")
 def doc_files(tmp_path_factory):
   """200 documents of the built-in corpus written as files: real, varied English text."""
-  from fsqtok import corpus  # pylint: disable=g-import-not-at-top
+  from fsqtok.data import corpus  # pylint: disable=g-import-not-at-top
   d = tmp_path_factory.mktemp("docs")
   for i, doc in enumerate(corpus.load_documents("builtin")[:200]):
     (d / f"doc{i:03d}.txt").write_text(doc, encoding="utf-8")
@@ -89,3 +89,18 @@ def tiny_recon_config(source: str, data_dir: str):
   c.data.block_chars = 512
   c.train.progress_bar = False
   return c
+
+
+@pytest.fixture
+def object_store():
+  """An in-memory object store behind ``s3://`` URIs (fsspec's memory filesystem, which
+  `etils.epath` reaches through its fsspec backend): remote work directories, tested
+  without a network. Yields a fresh bucket URI."""
+  import uuid  # pylint: disable=g-import-not-at-top
+  import fsspec  # pylint: disable=g-import-not-at-top
+  from fsspec.implementations.memory import MemoryFileSystem  # pylint: disable=g-import-not-at-top
+  fsspec.register_implementation("s3", MemoryFileSystem, clobber=True)
+  bucket = f"s3://fsqtok-test-{uuid.uuid4().hex[:8]}"
+  yield bucket
+  MemoryFileSystem.store.clear()
+  MemoryFileSystem.pseudo_dirs[:] = [""]

@@ -20,9 +20,9 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fsqtok import checkpoint as checkpoint_lib  # noqa: E402
-from fsqtok import workdir as workdir_lib  # noqa: E402
-from fsqtok.tokenizer import Tokenizer  # noqa: E402
+from fsqtok.train import checkpoint as checkpoint_lib  # noqa: E402
+from fsqtok.train import workdir as workdir_lib  # noqa: E402
+from fsqtok.tokenizer.tokenizer import Tokenizer  # noqa: E402
 
 MODES = ("before", "after", "during")
 
@@ -97,7 +97,7 @@ def _half_done(name: str, path: str, args) -> None:
 
 
 def main(config_path: str, workdir: str, part: str, ordinal: str, mode: str) -> None:
-  from fsqtok import curriculum  # pylint: disable=g-import-not-at-top
+  from fsqtok.train import curriculum  # pylint: disable=g-import-not-at-top
   with open(config_path, "rb") as f:
     config = pickle.load(f)
   seen = {"n": 0}

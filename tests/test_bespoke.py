@@ -1,4 +1,4 @@
-"""fsqtok.bespoke: bucket assignment, exact parameter counts, gradients, tied output
+"""fsqtok.models.bespoke: bucket assignment, exact parameter counts, gradients, tied output
 layers; and a tiny run of experiments/bespoke_study.py."""
 import json
 import os
@@ -14,8 +14,8 @@ import pytest
 
 from configs import bespoke_study as study_config
 from experiments import bespoke_study
-from fsqtok import bespoke
-from fsqtok import optimizer as optimizer_lib
+from fsqtok.models import bespoke
+from fsqtok.train import optimizer as optimizer_lib
 
 D = 8
 

@@ -1,8 +1,8 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from fsqtok import candidates
-from fsqtok import pieces as pieces_lib
+from fsqtok.tokenizer import candidates
+from fsqtok.tokenizer import pieces as pieces_lib
 
 TEXT = "the cat sat on the mat. the cat sat on the mat.\n\nthe end"
 

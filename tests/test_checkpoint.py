@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_recon_config
-from fsqtok import recon
+from fsqtok.train import recon
 
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("checkpoint")]

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import REPO, SHAKESPEARE_SNIPPET
 from fsqtok import cli
-from fsqtok.tokenizer import Tokenizer
+from fsqtok.tokenizer.tokenizer import Tokenizer
 
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("cli")]

@@ -6,9 +6,9 @@ import optax
 import pytest
 
 from configs import recon as recon_config
-from fsqtok import codec as codec_lib
-from fsqtok import recon
-from fsqtok.pieces import pieces_to_array, split_pieces
+from fsqtok.codec import model as codec_lib
+from fsqtok.train import recon
+from fsqtok.tokenizer.pieces import pieces_to_array, split_pieces
 
 ARCHES = {
     "conv_flatten": {},

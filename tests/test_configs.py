@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from configs import recon as recon_config
-from fsqtok import codec as codec_lib
-from fsqtok import recon
-from fsqtok.pieces import pieces_to_array, split_pieces
+from fsqtok.codec import model as codec_lib
+from fsqtok.train import recon
+from fsqtok.tokenizer.pieces import pieces_to_array, split_pieces
 
 
 @pytest.mark.parametrize("arg", ["", "tiny", "long", "full", "source"])
@@ -38,7 +38,7 @@ def test_unknown_argument():
 def test_lm_configs_build_their_model(module, arg):
   import importlib  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from fsqtok import lm as lm_lib  # pylint: disable=g-import-not-at-top
+  from fsqtok.models import lm as lm_lib  # pylint: disable=g-import-not-at-top
   config = importlib.import_module(f"configs.{module}").get_config(arg)
   v = 300
   codec = codec_lib.codec_from_config(config.model)
@@ -69,7 +69,7 @@ def test_lm_configs_build_their_model(module, arg):
 ])
 def test_a_bad_curriculum_config_stops_before_any_work(field, value, message, tmp_path):
   from configs import curriculum as curriculum_config  # pylint: disable=g-import-not-at-top
-  from fsqtok import curriculum  # pylint: disable=g-import-not-at-top
+  from fsqtok.train import curriculum  # pylint: disable=g-import-not-at-top
   config = curriculum_config.get_config("tiny")
   config.data.source = f"files:{tmp_path}/does-not-exist/*.txt"  # never read
   node, *path = config, *field.split(".")

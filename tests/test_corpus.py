@@ -5,7 +5,7 @@ import pytest
 import tensorflow_datasets as tfds
 from hypothesis import given, settings, strategies as st
 
-from fsqtok import corpus
+from fsqtok.data import corpus
 
 
 def test_builtin_corpus_is_english_docs_deduplicated_and_stable():
@@ -124,8 +124,8 @@ def test_nul_bytes_long_lines_empty_files_and_directories_as_documented(tmp_path
   of any length is read (streamed in blocks of at most block_chars); empty files are left
   out; directories a glob matches are passed over, and a glob of directories only is the
   "matches no file" error."""
-  from fsqtok import unigram  # pylint: disable=g-import-not-at-top
-  from fsqtok.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+  from fsqtok.tokenizer import unigram  # pylint: disable=g-import-not-at-top
+  from fsqtok.tokenizer.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
   d = tmp_path / "corpus"
   (d / "chapter.txt").mkdir(parents=True)  # a directory the glob matches
   (d / "chapter.txt" / "inner.txt").write_text("not read: *.txt is not recursive")

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import REPO, tiny_recon_config, xla_flags
-from fsqtok import recon
+from fsqtok.train import recon
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fsqtok.fsq import FSQ, round_ste
+from fsqtok.codec.fsq import FSQ, round_ste
 
 LEVEL_SETS = [(3,), (4,), (8, 5), (2, 3, 4), (5, 5, 5, 4), (8, 8, 8, 8, 8, 5, 5, 5)]
 

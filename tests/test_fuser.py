@@ -11,8 +11,8 @@ import pytest
 from flax import traverse_util
 
 from configs import fuser as fuser_config
-from fsqtok import fuser as F
-from fsqtok import fuser_train as FT
+from fsqtok.models import fuser as F
+from fsqtok.train import fuser_train as FT
 
 TEXT = ("the bank of the river was steep. the bank lent money to the river town. "
         "we sat on the bank and counted the money of the bank. ") * 3
@@ -145,7 +145,7 @@ def test_ema_and_drift():
 def test_a_step_on_8_devices_equals_1(setup):
   """The fuser phase trains on the data mesh like every phase: the state replicated, the
   batch split; the masks, negatives and token means are those of the global batch."""
-  from fsqtok import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from fsqtok.train import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   s = setup
   config = fuser_config.get_config("tiny")
   c = FT.step_config(config.fuser.loss, s.tok)
@@ -240,7 +240,7 @@ def test_padding_is_never_context(setup):
 
 
 def _fuser_lm():
-  from fsqtok import lm as lm_lib  # pylint: disable=g-import-not-at-top
+  from fsqtok.models import lm as lm_lib  # pylint: disable=g-import-not-at-top
   token_bytes = tuple([None] * 3 + [bytes([i]) for i in range(97, 123)] + [b"the", b"an"])
   c = fuser_config.get_config("tiny").lm.model
   c.embedding, c.fuser = "fuser", fuser_config.model_config(tiny=True)
@@ -273,8 +273,8 @@ def test_the_lm_fuser_embedding_follows_its_config_and_is_causal():
 
 @pytest.mark.slow
 def test_the_lm_fuser_embedding_generates_with_the_cache_exactly():
-  from fsqtok import generate as generate_lib  # pylint: disable=g-import-not-at-top
-  from fsqtok import lm as lm_lib  # pylint: disable=g-import-not-at-top
+  from fsqtok.models import generate as generate_lib  # pylint: disable=g-import-not-at-top
+  from fsqtok.models import lm as lm_lib  # pylint: disable=g-import-not-at-top
   model, params, ids = _fuser_lm()
   whole = jax.jit(lambda p, i, v: model.apply({"params": p}, i, v)[0])
   full = whole(params, ids, jnp.ones_like(ids, bool))

@@ -5,10 +5,10 @@ import tokenizers
 from hypothesis import given, strategies as st
 
 from conftest import SHAKESPEARE_SNIPPET
-from fsqtok import pieces as pieces_lib
-from fsqtok.data import PieceSet
-from fsqtok.hf_export import export_hf, to_hf_tokenizer
-from fsqtok.tokenizer import Tokenizer
+from fsqtok.tokenizer import pieces as pieces_lib
+from fsqtok.data.batches import PieceSet
+from fsqtok.tokenizer.hf_export import export_hf, to_hf_tokenizer
+from fsqtok.tokenizer.tokenizer import Tokenizer
 
 TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=300)
 
@@ -70,7 +70,7 @@ TRICKY = st.lists(st.sampled_from(list("ab 1_\n\t\r.,'") + ["re", "ll", "s", "'d
 @pytest.fixture(scope="module", params=["subwords", "phrases"])
 def unigram_pair(doc_files, tmp_path_factory, request):
   """A unigram tokenizer (with 120 phrases, or none) and its export."""
-  from fsqtok import unigram  # pylint: disable=g-import-not-at-top
+  from fsqtok.tokenizer import unigram  # pylint: disable=g-import-not-at-top
   texts = [p.read_text(encoding="utf-8") for p in sorted(doc_files.glob("*.txt"))]
   n_phrases = 120 if request.param == "phrases" else 0
   vocab = unigram.train_unigram(unigram.count_pieces(texts[:150]), 1200 - n_phrases,

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fsqtok import generate as generate_lib
-from fsqtok import lm as lm_lib
+from fsqtok.models import generate as generate_lib
+from fsqtok.models import lm as lm_lib
 
 V = 40
 CODES = tuple([-1] * 8 + list(range(100, 100 + V - 8)))

@@ -17,15 +17,15 @@ import pytest
 from flax import traverse_util
 
 from conftest import tiny_recon_config
-from fsqtok import baselines
-from fsqtok import checkpoint as checkpoint_lib
-from fsqtok import lm as lm_lib
-from fsqtok import lm_data
-from fsqtok import lm_train
-from fsqtok import optimizer as optimizer_lib
-from fsqtok import sharding as sharding_lib
-from fsqtok import tokenizer_build
-from fsqtok import workdir as workdir_lib
+from fsqtok.tokenizer import baselines
+from fsqtok.train import checkpoint as checkpoint_lib
+from fsqtok.models import lm as lm_lib
+from fsqtok.data import lm_data
+from fsqtok.train import lm_train
+from fsqtok.train import optimizer as optimizer_lib
+from fsqtok.train import sharding as sharding_lib
+from fsqtok.tokenizer import build as tokenizer_build
+from fsqtok.train import workdir as workdir_lib
 
 
 class _ByteTok:
@@ -73,7 +73,7 @@ def test_a_uniform_model_has_log2_v_bits_per_token():
 
 
 def _codec_lm():
-  from fsqtok import codec as codec_lib  # pylint: disable=g-import-not-at-top
+  from fsqtok.codec import model as codec_lib  # pylint: disable=g-import-not-at-top
   config = tiny_recon_config("builtin", "")
   codec = codec_lib.codec_from_config(config.model)
   tb = [None] * 3 + [bytes([b]) for b in range(97, 123)] + [b"th", b"he", b" the"]
@@ -165,7 +165,7 @@ def _assert_same_report(got, want, where="report"):
 def finished_curriculum(doc_files, tmp_path_factory):
   """A tiny curriculum run to the end in ``ROOT/whole`` (factorized head: the sample comes
   from the open code space), with the part of the work directory each write went to."""
-  from fsqtok import curriculum  # pylint: disable=g-import-not-at-top
+  from fsqtok.train import curriculum  # pylint: disable=g-import-not-at-top
   import kill_at  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp("curriculum")
   config = _curriculum_config(doc_files, root)
@@ -179,7 +179,7 @@ def finished_curriculum(doc_files, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.xdist_group("curriculum")
 def test_curriculum_end_to_end_and_then_does_nothing(finished_curriculum):
-  from fsqtok import curriculum  # pylint: disable=g-import-not-at-top
+  from fsqtok.train import curriculum  # pylint: disable=g-import-not-at-top
   config, root, whole, writes = finished_curriculum
   assert set(whole) >= {"recon", "lm", "joint", "sample", "bits_per_byte"}
   assert 0 < whole["bits_per_byte"] < 8 and whole["sample"]["text"].startswith("The ")
@@ -205,7 +205,7 @@ def test_curriculum_killed_at_seeded_moments_ends_with_the_same_report(finished_
                                                                        tmp_path):
   """SIGKILL in every phase (a seeded write of each, before, during or after it), each
   time resumed on the same work directory: the final report is the uninterrupted one's."""
-  from fsqtok import curriculum  # pylint: disable=g-import-not-at-top
+  from fsqtok.train import curriculum  # pylint: disable=g-import-not-at-top
   import kill_at  # pylint: disable=g-import-not-at-top
   config, root, whole, writes = finished_curriculum
   config_path = tmp_path / "config.pickle"
@@ -238,7 +238,7 @@ def test_curriculum_sets_damaged_files_aside_and_makes_them_again(finished_curri
   overwritten, a report cut short, the tokenizer and the vocabulary cache overwritten):
   each is reported, kept as ``.damaged`` and made again, to the same report (the lm
   phase trains again from its newest checkpoint that reads)."""
-  from fsqtok import curriculum  # pylint: disable=g-import-not-at-top
+  from fsqtok.train import curriculum  # pylint: disable=g-import-not-at-top
   config, root, whole, _ = finished_curriculum
   work = tmp_path / "work"
   shutil.copytree(root / "whole", work)
@@ -276,7 +276,7 @@ def _damage_final_checkpoint(phase_dir):
 def test_curriculum_with_the_fuser_embedding(finished_curriculum, tmp_path):
   """The fuser phase trains the fuser, the LM starts from it, the sample is generated
   through the key/value cache, and a finished run loads with the same ambiguous set."""
-  from fsqtok import curriculum  # pylint: disable=g-import-not-at-top
+  from fsqtok.train import curriculum  # pylint: disable=g-import-not-at-top
   config, root, _, _ = finished_curriculum
   config = copy.deepcopy(config)
   # (the finished codec and vocabulary are copied: the run starts at the fuser phase)

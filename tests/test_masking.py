@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fsqtok.masking import mask_tokens
+from fsqtok.models.masking import mask_tokens
 
 
 def test_rates_and_kinds_match_the_recipe():

@@ -14,7 +14,7 @@ import pytest
 
 import multiprocess_steps
 from conftest import xla_flags
-from fsqtok import lm_train
+from fsqtok.train import lm_train
 
 pytestmark = pytest.mark.slow
 

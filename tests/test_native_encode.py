@@ -1,4 +1,4 @@
-"""The compiled search (`fsqtok.native_encode`) against the pure-Python reference: the
+"""The compiled search (`fsqtok.tokenizer.native_encode`) against the pure-Python reference: the
 same runs, ids and offsets on any text, with or without phrases, whatever the cache."""
 import pickle
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from fsqtok import native_encode
-from fsqtok import pieces as pieces_lib
-from fsqtok.tokenizer import Tokenizer
+from fsqtok.tokenizer import native_encode
+from fsqtok.tokenizer import pieces as pieces_lib
+from fsqtok.tokenizer.tokenizer import Tokenizer
 
 ANY_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=200)
 # Where the pre-tokenizer's alternatives meet: contractions, the space before a word, odd
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(not native_encode.available(), reason="numba mis
 @pytest.fixture(scope="module", params=["subwords", "phrases"])
 def pair(doc_files, request):
   """A unigram tokenizer (with 40 phrases, or none), compiled and pure Python."""
-  from fsqtok import unigram  # pylint: disable=g-import-not-at-top
+  from fsqtok.tokenizer import unigram  # pylint: disable=g-import-not-at-top
   texts = [p.read_text(encoding="utf-8") for p in sorted(doc_files.glob("*.txt"))][:80]
   vocab = unigram.train_unigram(unigram.count_pieces(texts), 600, seed_size=8_000)
   if request.param == "phrases":

@@ -5,11 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fsqtok import codec as codec_lib
-from fsqtok import embeddings
-from fsqtok import generate as generate_lib
-from fsqtok import lm as lm_lib
-from fsqtok.tokenizer import Tokenizer
+from fsqtok.codec import model as codec_lib
+from fsqtok.models import embeddings
+from fsqtok.models import generate as generate_lib
+from fsqtok.models import lm as lm_lib
+from fsqtok.tokenizer.tokenizer import Tokenizer
 
 LEVELS = (3, 2, 2)          # 12 codes: small enough to enumerate the whole code space
 NUM_PLAIN = 4

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fsqtok import optimizer as optimizer_lib
+from fsqtok.train import optimizer as optimizer_lib
 
 
 def _params():

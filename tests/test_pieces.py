@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from fsqtok import pieces as pieces_lib
-from fsqtok.pieces import array_to_pieces, pieces_to_array, split_pieces
+from fsqtok.tokenizer import pieces as pieces_lib
+from fsqtok.tokenizer.pieces import array_to_pieces, pieces_to_array, split_pieces
 
 # Any Python string that can be UTF-8 (no lone surrogates): every plane, controls, NUL.
 TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=300)

@@ -1,10 +1,10 @@
-"""Worker processes (fsqtok/processes.py): results in order, errors raised in the caller."""
+"""Worker processes (fsqtok/data/processes.py): results in order, errors raised in the caller."""
 import operator
 import pickle
 
 import pytest
 
-from fsqtok import processes
+from fsqtok.data import processes
 
 
 def _not_importable_by_a_worker(shared):

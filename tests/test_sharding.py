@@ -8,12 +8,12 @@ from flax.training import train_state
 from jax.sharding import PartitionSpec as P
 
 from conftest import tiny_recon_config
-from fsqtok import codec as codec_lib
-from fsqtok import lm as lm_lib
-from fsqtok import lm_train
-from fsqtok import optimizer as optimizer_lib
-from fsqtok import recon
-from fsqtok import sharding as sharding_lib
+from fsqtok.codec import model as codec_lib
+from fsqtok.models import lm as lm_lib
+from fsqtok.train import lm_train
+from fsqtok.train import optimizer as optimizer_lib
+from fsqtok.train import recon
+from fsqtok.train import sharding as sharding_lib
 
 VOCAB = 64
 

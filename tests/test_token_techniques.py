@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 
 from configs import token_techniques as tt_config
-from fsqtok import baselines
-from fsqtok import classifier as clf
-from fsqtok import generate as generate_lib
-from fsqtok import lm as lm_lib
-from fsqtok import optimizer as optimizer_lib
-from fsqtok import soft_prompt
-from fsqtok import token_importance
-from fsqtok import token_roles
-from fsqtok.optimizer import adamw_config
+from fsqtok.tokenizer import baselines
+from fsqtok.models import classifier as clf
+from fsqtok.models import generate as generate_lib
+from fsqtok.models import lm as lm_lib
+from fsqtok.train import optimizer as optimizer_lib
+from fsqtok.models import soft_prompt
+from fsqtok.studies import token_importance
+from fsqtok.studies import token_roles
+from fsqtok.train.optimizer import adamw_config
 
 V = 40
 

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from conftest import SHAKESPEARE_SNIPPET
-from fsqtok.data import PieceSet
-from fsqtok.tokenizer import DEFAULT_SPECIALS, Tokenizer
+from fsqtok.data.batches import PieceSet
+from fsqtok.tokenizer.tokenizer import DEFAULT_SPECIALS, Tokenizer
 
 TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=400)
 
@@ -56,7 +56,7 @@ def test_spans_are_one_token_only_at_piece_boundaries(tok):
 
 def _reference_count(tok, text):
   """Fewest tokens with piece boundaries kept except inside spans: a plain O(n^2) DP."""
-  from fsqtok import pieces as pieces_lib  # pylint: disable=g-import-not-at-top
+  from fsqtok.tokenizer import pieces as pieces_lib  # pylint: disable=g-import-not-at-top
   ps = pieces_lib.split_pieces(text)
   best = [0] * (len(ps) + 1)
   for i in range(len(ps) - 1, -1, -1):
@@ -220,7 +220,7 @@ def test_saved_files_get_the_usual_permissions(tok, tmp_path):
 
 @pytest.fixture(scope="module")
 def unigram_tok(doc_files):
-  from fsqtok import unigram  # pylint: disable=g-import-not-at-top
+  from fsqtok.tokenizer import unigram  # pylint: disable=g-import-not-at-top
   texts = [p.read_text(encoding="utf-8") for p in sorted(doc_files.glob("*.txt"))][:100]
   vocab = unigram.train_unigram(unigram.count_pieces(texts), 700, seed_size=10_000)
   vocab = unigram.add_phrases(vocab, texts, unigram.count_phrases(texts, 16), 30)
@@ -256,3 +256,14 @@ def test_batch_workers_on_documents_and_their_errors(unigram_tok, tok):
     utok.encode_batch(["fine", "bad \ud800"], num_workers=2)
   with pytest.raises(ValueError, match="num_workers"):
     utok.encode_batch(["a"], num_workers=0)
+
+
+def test_save_load_on_an_object_store(tok, object_store):
+  """A tokenizer saved to an ``s3://`` directory (in-memory store) loads back whole."""
+  where = f"{object_store}/tokenizers/one"
+  tok.save(where, extra_files={"notes.txt": b"extra"})
+  again = Tokenizer.load(where)
+  text = "First Citizen: Before we proceed any further, hear me speak. \u00e9\U0001F600"
+  assert again.encode(text) == tok.encode(text) and again.decode(again.encode(text)) == text
+  with pytest.raises(FileNotFoundError, match="is not an fsqtok tokenizer"):
+    Tokenizer.load(f"{object_store}/tokenizers/none")

@@ -1,4 +1,4 @@
-"""The unigram-LM vocabulary (fsqtok/unigram.py) and the tokenizer's Viterbi search."""
+"""The unigram-LM vocabulary (fsqtok/tokenizer/unigram.py) and the tokenizer's Viterbi search."""
 import collections
 import itertools
 import math
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from fsqtok import corpus
-from fsqtok import pieces as pieces_lib
-from fsqtok import unigram
-from fsqtok.tokenizer import UNK_PENALTY, Tokenizer
+from fsqtok.data import corpus
+from fsqtok.tokenizer import pieces as pieces_lib
+from fsqtok.tokenizer import unigram
+from fsqtok.tokenizer.tokenizer import UNK_PENALTY, Tokenizer
 
 
 def _segmentations(s, vocab):
@@ -211,7 +211,7 @@ def test_unigram_save_load_and_errors(tmp_path):
 
 
 def test_seeds_given_are_scored_not_replaced(trained):
-  from fsqtok import baselines  # pylint: disable=g-import-not-at-top
+  from fsqtok.tokenizer import baselines  # pylint: disable=g-import-not-at-top
   texts, counts, _ = trained
   bpe = baselines.HFBPETokenizer.train(texts[:150], 800)
   strings = bpe.strings()

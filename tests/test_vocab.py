@@ -4,12 +4,12 @@ import optax
 import pytest
 
 from configs import recon as recon_config
-from fsqtok import codec as codec_lib
-from fsqtok import recon
-from fsqtok import sharding as sharding_lib
-from fsqtok import vocab as vocab_lib
-from fsqtok.data import PieceSet
-from fsqtok.tokenizer import Tokenizer
+from fsqtok.codec import model as codec_lib
+from fsqtok.train import recon
+from fsqtok.train import sharding as sharding_lib
+from fsqtok.tokenizer import vocab as vocab_lib
+from fsqtok.data.batches import PieceSet
+from fsqtok.tokenizer.tokenizer import Tokenizer
 
 
 TEXT = "the cat sat on the mat and the cat ran to the mat"
@@ -61,7 +61,8 @@ def test_selection_keeps_what_saves_the_most_tokens():
 
 
 def test_pruning_history_and_compression_against_frequency_selection():
-  from fsqtok import candidates, corpus  # pylint: disable=g-import-not-at-top
+  from fsqtok.tokenizer import candidates  # pylint: disable=g-import-not-at-top
+  from fsqtok.data import corpus  # pylint: disable=g-import-not-at-top
   doc_texts = corpus.load_documents("builtin")[:60]
   counts = candidates.count_candidates(doc_texts)
   chosen = candidates.select_candidates(counts, min_count=2, max_candidates=20_000)
@@ -105,8 +106,8 @@ def test_vocabulary_from_a_trained_codec_is_exact(pieces):
 def test_codec_exact_build_end_to_end(doc_files, tmp_path):
   """The first design, kept for comparison: codec first, vocabulary among its exact strings."""
   from conftest import tiny_recon_config  # pylint: disable=g-import-not-at-top
-  from fsqtok.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
-  from fsqtok.tokenizer_build import train_tokenizer  # pylint: disable=g-import-not-at-top
+  from fsqtok.tokenizer.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+  from fsqtok.tokenizer.build import train_tokenizer  # pylint: disable=g-import-not-at-top
   config = tiny_recon_config(f"files:{doc_files}/*.txt", str(tmp_path / "tfds"))
   config.train.num_steps = 100
   config.tokenizer.vocabulary = "codec_exact"

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from fsqtok import wordnet
+from fsqtok.studies import wordnet
 
 ENTRIES = {
     "bank": {"sloping land beside a body of water": ["they pulled the canoe up on the bank",

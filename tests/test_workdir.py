@@ -7,10 +7,10 @@ import sys
 import pytest
 
 from conftest import REPO, tiny_recon_config
-from fsqtok import recon
-from fsqtok import workdir as workdir_lib
+from fsqtok.train import recon
+from fsqtok.train import workdir as workdir_lib
 
-HOLD = ("import sys, time; from fsqtok import workdir as w\n"
+HOLD = ("import sys, time; from fsqtok.train import workdir as w\n"
         "with w.exclusive(sys.argv[1]):\n"
         "  print('held', flush=True); time.sleep(600)\n")
 
@@ -53,3 +53,32 @@ def test_training_on_a_work_directory_in_use_stops_before_any_work(doc_files, tm
   finally:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+def test_work_files_on_an_object_store(object_store, caplog):
+  """Reports, metrics, figures and damaged files in a ``s3://`` work directory (an
+  in-memory store): written whole, read back, set aside, no lock needed."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  run = f"{object_store}/run"
+  workdir_lib.check_writable(run, "--workdir")
+  with workdir_lib.exclusive(run):  # no lock on an object store, and it says so
+    workdir_lib.write_json(f"{run}/report.json", {"steps": 3})
+  assert "no one-writer lock" in caplog.text
+  assert workdir_lib.read_saved_json(f"{run}/report.json") == {"steps": 3}
+  assert workdir_lib.read_saved_json(f"{run}/missing.json") is None
+  epath.Path(f"{run}/cut.json").write_text('{"ste')
+  assert workdir_lib.read_saved_json(f"{run}/cut.json") is None
+  assert epath.Path(f"{run}/cut.json.damaged").read_text() == '{"ste'
+  log = workdir_lib.MetricsLog(f"{run}/metrics.jsonl", resume_step=0)
+  log.write([{"step": 1, "split": "train"}])
+  log.write([{"step": 2, "split": "train"}, {"step": 3, "split": "train"}])
+  resumed = workdir_lib.MetricsLog(f"{run}/metrics.jsonl", resume_step=2)
+  assert [r["step"] for r in resumed.read(resumed.path)] == [1, 2]
+  fig = plt.figure()
+  workdir_lib.save_figure(fig, f"{run}/curves.png")
+  assert epath.Path(f"{run}/curves.png").read_bytes()[:4] == b"\x89PNG"
+  assert not any(workdir_lib.is_local(p) for p in (run, f"{run}/x"))
+  assert workdir_lib.is_local("/tmp/run") and workdir_lib.is_local("runs/a")

@@ -1,0 +1,9 @@
+"""Where the text comes from and how it is batched.
+
+* `corpus` -- named sources (``builtin``, ``files:GLOB``, ``tfds:NAME``) and the
+  deterministic train/validation split.
+* `files_dataset` -- the TFDS builder over the user's own text files.
+* `batches` -- `PieceSet` and the deterministic, checkpointable batch iterators.
+* `lm_data` -- token streams, LM windows and their batches.
+* `processes` -- worker processes for CPU-bound pure-Python work.
+"""

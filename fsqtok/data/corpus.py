@@ -1,0 +1,397 @@
+"""Corpora: named sources of documents, and the deterministic train/validation split.
+
+Sources are looked up by scheme in `SOURCES`:
+
+* ``builtin`` -- the English documentation that ships with every Python install (the
+  ``pydoc_data`` topics and the docstrings of the standard library, read with `ast`,
+  never imported), deduplicated. Needs no network. It varies slightly between Python
+  versions; read once per install and cached (`_builtin_documents`).
+* ``files:GLOB`` -- the user's text files, prepared through `fsqtok.data.files_dataset`.
+* ``tfds:NAME[:SPLIT]`` -- any TensorFlow Datasets text set (default split ``train``).
+
+`split_documents` loads a corpus whole; `stream_split` gives the same blocks as
+re-iterable `BlockStream`s that read ``files:`` corpora from disk a few MB at a time, so
+the tokenizer build's memory does not grow with the corpus.
+
+Bytes of a ``files:`` corpus that are not UTF-8 follow ``invalid_utf8`` (`INVALID_UTF8`):
+``"error"`` (the default: stop, naming the file and byte), ``"replace"`` (each bad
+sequence becomes U+FFFD) or ``"skip_document"`` (the whole file is left out);
+`invalid_utf8_counts` says how many bytes that changed, for the run's report.
+"""
+from __future__ import annotations
+
+import ast
+import codecs
+import functools
+import hashlib
+import json
+import os
+import pathlib
+import sys
+import sysconfig
+import threading
+from typing import Callable, Iterable, Iterator
+
+INVALID_UTF8 = ("error", "replace", "skip_document")
+_BAD_BYTES = threading.local()
+
+
+def _count_and_replace(e: UnicodeDecodeError):
+  _BAD_BYTES.n = getattr(_BAD_BYTES, "n", 0) + (e.end - e.start)
+  return "\ufffd", e.end
+
+
+codecs.register_error("fsqtok.count_replace", _count_and_replace)
+
+
+def check_invalid_utf8(policy: str) -> None:
+  if policy not in INVALID_UTF8:
+    raise ValueError(f"data.invalid_utf8={policy!r} is unknown: use one of {INVALID_UTF8}.")
+
+
+def decode_document(raw: bytes, path: str, policy: str = "error") -> str | None:
+  """A file's text under ``policy`` (None: the file is skipped)."""
+  check_invalid_utf8(policy)
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    if policy == "error":
+      raise not_utf8_error(path, e.start, e.reason) from None
+    return None if policy == "skip_document" else raw.decode("utf-8", "replace")
+
+_STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3",
+                "turtledemo", "__pycache__"}
+_MIN_DOCSTRING_CHARS = 40
+
+
+@functools.lru_cache(maxsize=1)
+def _builtin_documents() -> tuple[str, ...]:
+  """The ``builtin`` corpus, read once per Python install: parsing the standard library
+  takes ~10 s, so the documents are kept in the user's cache directory
+  (``$XDG_CACHE_HOME/fsqtok``, written atomically) under a key of the Python version and
+  the standard library's path; a cache that does not read is made again."""
+  stdlib = sysconfig.get_paths()["stdlib"]
+  key = hashlib.sha256(json.dumps([sys.version, stdlib, sorted(_STDLIB_SKIP),
+                                   _MIN_DOCSTRING_CHARS, 1]).encode()).hexdigest()[:16]
+  cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                       "fsqtok", f"builtin-{key}.json")
+  try:
+    with open(cache, encoding="utf-8") as f:
+      docs = json.load(f)
+    if isinstance(docs, list) and docs and all(isinstance(d, str) for d in docs):
+      return tuple(docs)
+  except (OSError, ValueError):
+    pass
+  docs = _read_builtin_documents(pathlib.Path(stdlib))
+  try:
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    tmp = f"{cache}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(docs, f)
+    os.replace(tmp, cache)
+  except OSError:  # a read-only home: read the standard library each time
+    pass
+  return tuple(docs)
+
+
+def _read_builtin_documents(stdlib: pathlib.Path) -> list[str]:
+  from pydoc_data.topics import topics  # pylint: disable=g-import-not-at-top
+  docs = dict.fromkeys(topics[k] for k in sorted(topics))
+  for path in sorted(stdlib.rglob("*.py")):
+    if _STDLIB_SKIP.intersection(path.relative_to(stdlib).parts):
+      continue
+    try:
+      tree = ast.parse(path.read_bytes())
+    except (SyntaxError, ValueError):
+      continue
+    for node in ast.walk(tree):
+      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+        doc = ast.get_docstring(node)
+        if doc and len(doc) >= _MIN_DOCSTRING_CHARS:
+          docs.setdefault(doc)
+  return list(docs)
+
+
+def _load_builtin(arg: str, *, data_dir: str | None, text_key: str,
+                  invalid_utf8: str) -> list[str]:
+  del data_dir, text_key, invalid_utf8
+  if arg:
+    raise ValueError(f"'builtin' takes no argument, got 'builtin:{arg}'.")
+  return list(_builtin_documents())
+
+
+def _load_files(pattern: str, *, data_dir: str | None, text_key: str,
+                invalid_utf8: str) -> list[str]:
+  del text_key
+  if not pattern:
+    raise ValueError("'files:' needs a glob, e.g. files:data/*.txt")
+  from fsqtok.data import files_dataset  # pylint: disable=g-import-not-at-top
+  source = files_dataset.files_builder(pattern, data_dir, invalid_utf8).as_data_source(
+      split="train")
+  records = sorted((_as_text(r["path"]), _as_text(r["text"])) for r in source)
+  return [text for _, text in records]  # in path order, not the storage's order
+
+
+def _load_tfds(arg: str, *, data_dir: str | None, text_key: str,
+               invalid_utf8: str) -> list[str]:
+  del invalid_utf8  # TFDS text features are decoded by TFDS
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  name, _, split = arg.partition(":")
+  if not name:
+    raise ValueError("'tfds:' needs a dataset name, e.g. tfds:tiny_shakespeare")
+  try:
+    source = tfds.data_source(name, split=split or "train", data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(
+        f"TFDS does not know the dataset {name!r}. Check the name in the TFDS catalog "
+        f"(https://www.tensorflow.org/datasets/catalog), e.g. tfds:tiny_shakespeare.") from e
+  if len(source) == 0:
+    return []
+  first = source[0]
+  if text_key not in first:
+    raise ValueError(f"tfds:{name} has no feature {text_key!r} (it has {sorted(first)}); "
+                     f"set config.data.text_key to the text feature.")
+  return [_as_text(source[i][text_key]) for i in range(len(source))]
+
+
+def _as_text(value) -> str:
+  return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+SOURCES: dict[str, Callable[..., list[str]]] = {
+    "builtin": _load_builtin,
+    "files": _load_files,
+    "tfds": _load_tfds,
+}
+
+
+def load_documents(spec: str, *, data_dir: str | None = None, text_key: str = "text",
+                   invalid_utf8: str = "error") -> list[str]:
+  """Documents of the corpus ``spec`` (``builtin``, ``files:GLOB`` or ``tfds:NAME``)."""
+  scheme, _, arg = spec.partition(":")
+  if scheme not in SOURCES:
+    raise ValueError(f"Unknown corpus {spec!r}: use one of 'builtin', 'files:GLOB', "
+                     f"'tfds:NAME'.")
+  check_invalid_utf8(invalid_utf8)
+  docs = [d for d in SOURCES[scheme](arg, data_dir=data_dir, text_key=text_key,
+                                     invalid_utf8=invalid_utf8) if d]
+  if not docs:
+    raise ValueError(f"Corpus {spec!r} is empty: it has no non-empty document. "
+                     f"Point it at text files with content.")
+  return docs
+
+
+def load_split(data_config) -> tuple[list[str], list[str]]:
+  """Train and validation texts of a ``config.data`` (its source, split fraction, seed,
+  block size and text policy): `load_documents` then `split_documents`."""
+  d = data_config
+  docs = load_documents(d.source, data_dir=d.tfds_data_dir or None, text_key=d.text_key,
+                        invalid_utf8=d.get("invalid_utf8", "error"))
+  return split_documents(docs, val_fraction=d.val_fraction, seed=d.split_seed,
+                         block_chars=d.block_chars)
+
+
+def parse_named(spec: str, what: str = "corpora") -> dict[str, str]:
+  """``"a=builtin,b=files:x.txt"`` -> ``{"a": "builtin", "b": "files:x.txt"}``."""
+  out = {}
+  for item in filter(None, spec.split(",")):
+    name, _, value = item.partition("=")
+    if not name or not value:
+      raise ValueError(f"Expected name=value pairs in {what} {spec!r}, e.g. "
+                       f"builtin=builtin,ts=files:../shared/data/tinyshakespeare.txt.")
+    out[name] = value
+  return out
+
+
+def split_blocks(text: str, block_chars: int) -> list[str]:
+  """Cuts a document into blocks of about ``block_chars`` characters at line ends."""
+  blocks, start = [], 0
+  while start < len(text):
+    end = _block_end(text, start, block_chars)
+    blocks.append(text[start:end])
+    start = end
+  return blocks
+
+
+def _block_end(text: str, start: int, block_chars: int) -> int:
+  """Where the block from ``start`` ends: after its last line end within ``block_chars``
+  characters (or there, when it has none), or at the end of ``text``."""
+  end = min(start + block_chars, len(text))
+  if end < len(text):
+    newline = text.rfind("\n", start, end)
+    end = newline + 1 if newline > start else end
+  return end
+
+
+def _unit_hash(block: str, key: str) -> float:
+  """A number in [0, 1) fixed by ``block``'s content and ``key``."""
+  h = hashlib.blake2b(block.encode("utf-8", "surrogatepass"), digest_size=8,
+                      key=key.encode()).digest()
+  return int.from_bytes(h, "little") / 2.0**64
+
+
+def split_documents(docs: list[str], *, val_fraction: float, seed: int, block_chars: int
+                    ) -> tuple[list[str], list[str]]:
+  """Deterministic train/validation split by a seeded hash of each block's content.
+
+  Documents are cut into blocks first, so a corpus that is one long file still gets a
+  validation set; identical blocks always land on the same side (no leakage).
+  """
+  if not 0.0 <= val_fraction < 1.0:
+    raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+  train, val = [], []
+  for doc in docs:
+    for block in split_blocks(doc, block_chars):
+      (val if _unit_hash(block, str(seed)) < val_fraction else train).append(block)
+  if not train or (val_fraction > 0 and not val):
+    raise ValueError(f"Corpus too small to split: {len(train)} train and {len(val)} "
+                     f"validation blocks of {block_chars} characters. Lower "
+                     f"data.block_chars or add text.")
+  return train, val
+
+
+def sample_blocks(blocks: Iterable[str], max_chars: int, seed: int) -> list[str] | BlockStream:
+  """About ``max_chars`` characters of ``blocks``, in order: each block is kept with the
+  same probability, decided by a seeded hash of its content (independent of the split's),
+  so the sample depends neither on the blocks' order nor on how the corpus is read. All of
+  them when they hold no more than ``max_chars`` (or ``max_chars`` <= 0). A `BlockStream`
+  gives a `BlockStream` (read as it is iterated), anything else a list."""
+  total = total_chars(blocks)
+  if max_chars <= 0 or total <= max_chars:
+    return blocks if isinstance(blocks, BlockStream) else list(blocks)
+  keep, key = max_chars / total, f"sample:{seed}"
+  if isinstance(blocks, BlockStream):
+    return BlockStream(lambda: (b for b in blocks if _unit_hash(b, key) < keep))
+  return [b for b in blocks if _unit_hash(b, key) < keep]
+
+
+class BlockStream:
+  """Blocks of text made anew by ``make`` on every iteration, so they need not all be in
+  memory at once; ``chars`` (their characters) is counted by one pass, once."""
+
+  def __init__(self, make: Callable[[], Iterator[str]]):
+    self._make = make
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._make())
+
+  @functools.cached_property
+  def chars(self) -> int:
+    return sum(map(len, self))
+
+
+def total_chars(blocks: Iterable[str]) -> int:
+  """Characters of ``blocks`` (a `BlockStream`'s counted once)."""
+  return blocks.chars if isinstance(blocks, BlockStream) else sum(map(len, blocks))
+
+
+def chunk_blocks(blocks: Iterable[str], chunk_chars: int) -> Iterator[list[str]]:
+  """Consecutive blocks, about ``chunk_chars`` characters a chunk (read as they are used)."""
+  current, size = [], 0
+  for b in blocks:
+    current.append(b)
+    size += len(b)
+    if size >= chunk_chars:
+      yield current
+      current, size = [], 0
+  if current:
+    yield current
+
+
+READ_BYTES = 1 << 22  # a streamed file is read this many bytes at a time
+
+
+def not_utf8_error(path: str, byte: int, reason: str) -> ValueError:
+  """The error for a corpus file that is not UTF-8 (nothing is decoded by guessing)."""
+  return ValueError(f"{path} is not UTF-8 text (byte {byte}: {reason}). Convert it first, "
+                    f"e.g. iconv -f latin1 -t utf-8 {path} > {path}.utf8, or set "
+                    f"data.invalid_utf8 (--invalid-utf8) to 'replace' or 'skip_document'.")
+
+
+def _bad_bytes(path: str) -> int:
+  """How many bytes of a file are not UTF-8 (one pass, ``READ_BYTES`` at a time)."""
+  decoder = codecs.getincrementaldecoder("utf-8")("fsqtok.count_replace")
+  _BAD_BYTES.n = 0
+  with open(path, "rb") as f:
+    while raw := f.read(READ_BYTES):
+      decoder.decode(raw)
+  decoder.decode(b"", final=True)
+  return _BAD_BYTES.n
+
+
+def read_blocks(path: str, block_chars: int, invalid_utf8: str = "error") -> Iterator[str]:
+  """The blocks of a UTF-8 text file, exactly those of ``split_blocks(whole text)``, read
+  ``READ_BYTES`` at a time. Bytes that are not UTF-8 follow ``invalid_utf8``: an error
+  naming the file and byte, U+FFFD, or no blocks from this file."""
+  check_invalid_utf8(invalid_utf8)
+  if invalid_utf8 == "skip_document" and _bad_bytes(path):
+    return
+  decoder = codecs.getincrementaldecoder("utf-8")(
+      "replace" if invalid_utf8 == "replace" else "strict")
+  text, start, offset = "", 0, 0
+  with open(path, "rb") as f:
+    while True:
+      raw = f.read(READ_BYTES)
+      pending = len(decoder.getstate()[0])  # bytes of a character cut by the last read
+      try:
+        text = text[start:] + decoder.decode(raw, final=not raw)
+      except UnicodeDecodeError as e:
+        raise not_utf8_error(path, offset - pending + e.start, e.reason) from None
+      offset += len(raw)
+      start = 0
+      # A block is final once more than block_chars characters follow its start.
+      while len(text) - start > block_chars or (not raw and start < len(text)):
+        end = _block_end(text, start, block_chars)
+        yield text[start:end]
+        start = end
+      if not raw:
+        return
+
+
+def stream_split(spec: str, *, data_dir: str | None = None, text_key: str = "text",
+                 val_fraction: float, seed: int, block_chars: int,
+                 invalid_utf8: str = "error") -> tuple[BlockStream, BlockStream]:
+  """The train and validation blocks of `split_documents` for the corpus ``spec``, as
+  `BlockStream`s: ``files:`` corpora are read block by block from disk on each pass
+  (bounded memory at any size), other sources are loaded once and held."""
+  scheme, _, arg = spec.partition(":")
+  if scheme != "files":
+    train, val = split_documents(load_documents(spec, data_dir=data_dir, text_key=text_key,
+                                                invalid_utf8=invalid_utf8),
+                                 val_fraction=val_fraction, seed=seed, block_chars=block_chars)
+    return BlockStream(lambda: train), BlockStream(lambda: val)
+  if not arg:
+    raise ValueError("'files:' needs a glob, e.g. files:data/*.txt")
+  if not 0.0 <= val_fraction < 1.0:
+    raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+  from fsqtok.data import files_dataset  # pylint: disable=g-import-not-at-top
+  paths = files_dataset.resolve_glob(arg)
+
+  def side(is_val: bool) -> Iterator[str]:
+    for path in paths:
+      for block in read_blocks(path, block_chars, invalid_utf8):
+        if (_unit_hash(block, str(seed)) < val_fraction) == is_val:
+          yield block
+
+  return BlockStream(lambda: side(False)), BlockStream(lambda: side(True))
+
+
+def invalid_utf8_counts(spec: str, invalid_utf8: str) -> dict[str, int | str]:
+  """What ``invalid_utf8`` changed in a ``files:`` corpus (for reports): bytes replaced,
+  files skipped and their bytes. One reading pass, made only when the policy is not
+  ``"error"`` (under ``"error"`` nothing can have changed)."""
+  check_invalid_utf8(invalid_utf8)
+  counts: dict[str, int | str] = {"policy": invalid_utf8, "replaced_bytes": 0,
+                                  "skipped_documents": 0, "skipped_bytes": 0}
+  scheme, _, arg = spec.partition(":")
+  if scheme != "files" or invalid_utf8 == "error":
+    return counts
+  from fsqtok.data import files_dataset  # pylint: disable=g-import-not-at-top
+  for path in files_dataset.resolve_glob(arg):
+    bad = _bad_bytes(path)
+    if invalid_utf8 == "replace":
+      counts["replaced_bytes"] += bad
+    elif bad:
+      counts["skipped_documents"] += 1
+      counts["skipped_bytes"] += os.path.getsize(path)
+  return counts

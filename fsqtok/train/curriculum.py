@@ -1,0 +1,254 @@
+"""The whole curriculum: ``recon -> vocab -> [fuser] -> lm -> joint``, then a sample.
+
+With ``lm.model.embedding = "fuser"`` the ``fuser`` phase first trains the contextual
+fuser (`fsqtok.train.fuser_train`: masked LM + InfoNCE + drift, causal windows, the spec
+``lm.model.fuser``) on the curriculum's tokens, and the LM starts from it as its embedding
+(``fuser.train.num_steps = 0``: from a fresh one).
+
+Each phase lives in ``WORKDIR/<phase>/``, starts from the previous phase's final state and
+resumes from its own newest checkpoint; a finished phase is skipped, so running a finished
+curriculum again only re-reads its reports.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fsqtok.tokenizer import candidates as candidates_lib
+from fsqtok.data import corpus as corpus_lib
+from fsqtok.models import embeddings as embeddings_lib
+from fsqtok.codec import evaluate as evaluate_lib
+from fsqtok.models import fuser as fuser_lib
+from fsqtok.train import fuser_train
+from fsqtok.models import generate as generate_lib
+from fsqtok.models import lm as lm_lib
+from fsqtok.data import lm_data
+from fsqtok.train import lm_train
+from fsqtok.train import recon
+from fsqtok.train import sharding as sharding_lib
+from fsqtok.train import loop as train_loop
+from fsqtok.train import workdir as workdir_lib
+from fsqtok.data.batches import PieceSet
+from fsqtok.tokenizer.tokenizer import VOCAB_FILE, Tokenizer
+from fsqtok.tokenizer import build as tokenizer_build
+from fsqtok.tokenizer.build import train_tokenizer
+
+AMBIGUOUS_FILE = "ambiguous_ids.json"
+
+
+def build_lm(config, tok: Tokenizer, codec=None, token_counts=None,
+             ambiguous_ids=()) -> lm_lib.TransformerLM:
+  """The LM of ``config.lm.model`` over ``tok``'s ids (codes and bytes per id;
+  ``token_counts``: training counts per id, for the bespoke embedding;
+  ``ambiguous_ids``: the fuser embedding's precomputed ambiguous set)."""
+  ids = range(len(tok))
+  return lm_lib.lm_from_config(
+      config.lm.model, len(tok), token_codes=[tok.id_to_code(i) for i in ids],
+      levels=config.model.levels, token_bytes=[tok.token_bytes(i) for i in ids],
+      codec=codec if config.lm.model.embedding == "codec" else None,
+      token_counts=token_counts if config.lm.model.embedding == "bespoke" else None,
+      ambiguous_ids=ambiguous_ids)
+
+
+def fuser_ambiguous_ids(config, workdir: str, tok: Tokenizer,
+                        train_texts: Callable[[], Sequence[str]]) -> tuple[int, ...]:
+  """The fuser embedding's ambiguous set from the statistics of the training tokens
+  (``config.fuser.ambiguity``), computed once and kept in ``WORKDIR/fuser``; () for other
+  embeddings."""
+  if config.lm.model.embedding != "fuser":
+    return ()
+  path = os.path.join(workdir, "fuser", AMBIGUOUS_FILE)
+  saved = workdir_lib.read_saved_json(path)
+  if saved is not None:
+    return tuple(saved)
+  a = config.fuser.ambiguity
+  stream = lm_data.token_stream(tok, train_texts())
+  ids = fuser_train.ambiguous_ids(tok, [stream], corpus_top_k=a.corpus_top_k,
+                                  min_count=a.min_count)
+  workdir_lib.makedirs(os.path.dirname(path))
+  workdir_lib.write_json(path, list(ids))
+  return ids
+
+
+def with_fuser(params, fuser_params):
+  """The LM's parameters with its fuser embedding replaced by a trained fuser's (the
+  masked-LM head, which the LM does not use, left out)."""
+  trained = {k: v for k, v in fuser_params.items() if k != "mlm_head"}
+  current = params["embed"]["fuser"]
+  if jax.tree.structure(current) != jax.tree.structure(trained) or any(
+      a.shape != b.shape for a, b in zip(jax.tree.leaves(current), jax.tree.leaves(trained))):
+    raise ValueError("The trained fuser does not fit the LM's fuser embedding: train it "
+                     "with the LM's spec (lm.model.fuser) and d_model.")
+  return {**params, "embed": {**params["embed"], "fuser": trained}}
+
+
+def train_fuser_phase(config, workdir: str, model: lm_lib.TransformerLM, tok: Tokenizer,
+                      texts) -> tuple[dict[str, Any], Any]:
+  """Trains the LM's fuser embedding on its own (``WORKDIR/fuser``), with the LM's causal
+  spec, vocabulary, width and ambiguous set."""
+  fuser_model = fuser_lib.ContextualFuser(model.vocab_size, model.d_model,
+                                          model.token_bytes, fuser_lib.lm_spec(model),
+                                          model.ambiguous_ids)
+  return fuser_train.train_fuser(config, os.path.join(workdir, "fuser"), fuser_model, tok,
+                                 texts)
+
+
+def load_lm(config, workdir: str):
+  """``(tokenizer, model, params)`` of a finished curriculum (the joint phase's parameters
+  if it ran, else the lm phase's)."""
+  tok = Tokenizer.load(os.path.join(workdir, "vocab"))
+  codec, _ = recon.load_trained_codec(tokenizer_build.codec_config(config), workdir)
+  counts = None
+  if config.lm.model.embedding == "bespoke":
+    counts = lm_train.LMData(tok, corpus_lib.load_split(config.data), config.lm.data.seq_len
+                             ).token_counts(len(tok))
+  model = build_lm(config, tok, codec, counts,
+                   fuser_ambiguous_ids(config, workdir, tok, lambda: corpus_lib.load_split(config.data)[0]))
+  phase = "joint" if workdir_lib.exists(os.path.join(workdir, "joint", train_loop.REPORT)) else "lm"
+  init = lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
+  return tok, model, lm_train.load_phase_params(os.path.join(workdir, phase), init)
+
+
+def vocabulary_drift(model: lm_lib.TransformerLM, params, tok: Tokenizer, *, mesh,
+                     batch_size: int) -> dict[str, float]:
+  """After joint training: the share of learned tokens whose string the codec still
+  reconstructs exactly, and the share whose code changed."""
+  strings = {tok.token_bytes(i).decode("utf-8"): 1 for i in tok.learned_ids}
+  if not strings:
+    return {"still_exact": float("nan"), "same_code": float("nan"), "learned_tokens": 0}
+  pieces = PieceSet.from_counts(strings, model.codec.max_len)
+  stats = evaluate_lib.compute_piece_stats(model.codec, params["codec"], pieces,
+                                           batch_size=batch_size, mesh=mesh)
+  code_of = {tok.token_bytes(i): tok.id_to_code(i) for i in tok.learned_ids}
+  same = [code_of[pieces.piece_bytes(k)] == c for k, c in enumerate(stats["code"])]
+  return {"still_exact": float(np.mean(stats["exact"])), "same_code": float(np.mean(same)),
+          "learned_tokens": len(strings)}
+
+
+def codec_pieces(config, workdir: str, texts) -> tuple[PieceSet, PieceSet]:
+  """What the codec learns (and the joint phase keeps reconstructing): the unigram
+  vocabulary's strings (trained once, kept in ``workdir``), or the codec-exact build's
+  candidates."""
+  if config.tokenizer.vocabulary == "codec_exact":
+    return candidates_lib.load_pieces(config, texts)
+  vocab, _ = tokenizer_build.unigram_vocabulary(config, workdir, texts[0],
+                                                tokenizer_build.learned_size(config.vocab.size))
+  strings = tokenizer_build.vocabulary_pieces(vocab, config.model.max_len)
+  return strings, strings
+
+
+def _saved_tokenizer(vocab_dir: str) -> Tokenizer | None:
+  """The vocabulary phase's saved tokenizer, or None. A damaged one is set aside
+  (``vocab.damaged``) to be built again: the build is deterministic, so the later phases,
+  built on the old one, still fit."""
+  if not workdir_lib.exists(os.path.join(vocab_dir, VOCAB_FILE)):
+    return None
+  try:
+    return Tokenizer.load(vocab_dir)
+  except ValueError as e:
+    workdir_lib.set_aside(vocab_dir, str(e))
+    return None
+
+
+def validate_config(config) -> None:
+  """Every mistake a config can hold that would otherwise stop a run part-way: one
+  `recon.ConfigError` naming the field, before any corpus is read or step is taken."""
+  recon.validate_config(config)
+  try:
+    _check_config(config)
+  except ValueError as e:
+    raise recon.ConfigError(str(e)) from None
+
+
+def _check_config(config) -> None:
+  corpus_lib.check_invalid_utf8(config.data.get("invalid_utf8", "error"))
+  tokenizer_build.learned_size(config.vocab.size)
+  m, t = config.lm.model, config.lm.train
+  for field, names in (("embedding", embeddings_lib.EMBEDDINGS),
+                       ("head", embeddings_lib.HEADS)):
+    if m[field] not in names:
+      raise ValueError(f"lm.model.{field}={m[field]!r} is unknown: use one of {sorted(names)}.")
+  if m.d_model % m.num_heads:
+    raise ValueError(f"lm.model.d_model={m.d_model} is not divisible by "
+                     f"lm.model.num_heads={m.num_heads}.")
+  for name, steps in (("lm.train.num_steps", t.num_steps),
+                      ("joint.num_steps", config.joint.num_steps)):
+    if steps < 0:
+      raise ValueError(f"{name} must be >= 0, got {steps}.")
+  try:
+    mesh = sharding_lib.mesh_from_config(t)
+  except ValueError as e:
+    raise ValueError(f"lm.train: {e}") from None
+  sharding_lib.check_batch_size(config.lm.data.batch_size, mesh, "lm.data.batch_size")
+
+
+@workdir_lib.exclusive_workdir
+def run_curriculum(config, workdir: str) -> dict[str, Any]:
+  validate_config(config)
+  texts = corpus_lib.load_split(config.data)
+  report: dict[str, Any] = {"source": config.data.source, "invalid_utf8":
+                            corpus_lib.invalid_utf8_counts(
+                                config.data.source, config.data.get("invalid_utf8", "error"))}
+  vocab_dir = os.path.join(workdir, "vocab")
+  pieces = codec_pieces(config, workdir, texts)
+  tok = _saved_tokenizer(vocab_dir)
+  if tok is None:
+    tok, _ = train_tokenizer(config, workdir, config.vocab.size, vocab_dir, texts=texts, pieces=pieces)
+  report["recon"] = {k: v for k, v in recon.train_recon(config, workdir, pieces).items()
+                     if k in ("validation", "train_wall_seconds", "steps")}
+  codec, codec_params = recon.load_trained_codec(tokenizer_build.codec_config(config), workdir)
+  data = lm_train.LMData(tok, texts, config.lm.data.seq_len, pieces)
+  model = build_lm(config, tok, codec, data.token_counts(len(tok)),
+                   fuser_ambiguous_ids(config, workdir, tok, lambda: texts[0]))
+  fuser_params = None
+  if model.embedding == "fuser" and config.fuser.train.num_steps:
+    report["fuser"], fuser_params = train_fuser_phase(config, workdir, model, tok, texts[0])
+
+  def fresh_params():
+    params = model.init(jax.random.PRNGKey(config.seed),
+                        jnp.zeros((1, config.lm.data.seq_len), jnp.int32))["params"]
+    if model.codec is not None:
+      params = {**params, "codec": codec_params}
+    if fuser_params is not None:
+      params = with_fuser(params, fuser_params)
+    return params
+
+  report["lm"], params = lm_train.train_lm_phase("lm", config, workdir, model, data,
+                                                 fresh_params, frozen=("codec",))
+  j = config.joint
+  if j.num_steps and model.codec is not None:
+    report["joint"], params = lm_train.train_lm_phase(
+        "joint", config, workdir, model, data, lambda: params, recon_weight=j.recon_weight,
+        optim=j.optim, num_steps=j.num_steps)
+    mesh = sharding_lib.data_mesh(config.lm.train.num_devices)
+    report["joint"]["vocabulary"] = vocabulary_drift(
+        model, params, tok, mesh=mesh, batch_size=config.train.eval_batch_size)
+  elif j.num_steps:
+    report["joint"] = {"skipped": f"embedding {config.lm.model.embedding!r} does not use the "
+                                  f"codec, so the joint loss would not couple them; use "
+                                  f"lm.model.embedding='codec'."}
+
+  s = config.sample
+  prompt = [tok.bos_id, *tok.encode(s.prompt)]
+  kw = dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
+            top_p=s.top_p)
+  if model.head.startswith("factorized"):  # sample its code space; the codec decodes codes
+    out = generate_lib.generate_open(
+        model, params, tok, codec, params["codec"] if model.codec is not None else codec_params,
+        [prompt], jax.random.PRNGKey(s.seed), **kw)[0]
+    text = tok.decode(out["ids"], skip_special_tokens=True)
+    report["sample"] = {"open_codes": out["open_codes"], "codes": out["codes"]}
+  else:
+    new = generate_lib.generate(model, params, [prompt], jax.random.PRNGKey(s.seed),
+                                eos_id=tok.eos_id, pad_id=tok.pad_id, **kw)[0]
+    text = tok.decode(new, skip_special_tokens=True)
+    report["sample"] = {}
+  report["sample"] |= {"prompt": s.prompt, "text": s.prompt + text}
+  final = report.get("joint", {}).get("validation") or report["lm"]["validation"]
+  report["bits_per_byte"] = final["bits_per_byte"]
+  workdir_lib.write_json(os.path.join(workdir, "curriculum_report.json"), report)
+  return report

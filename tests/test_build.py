@@ -1,0 +1,110 @@
+"""The tokenizer build (fsqtok/tokenizer/build.py): vocabulary first, then the codec."""
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from conftest import tiny_recon_config
+from fsqtok.data import corpus as corpus_lib
+from fsqtok.tokenizer import build as tokenizer_build
+from fsqtok.tokenizer.tokenizer import Tokenizer
+
+LEVELS = (3, 4, 2)
+
+
+def _digits(code):
+  out = []
+  for n in LEVELS:
+    out.append(code % n)
+    code //= n
+  return np.array(out)
+
+
+@given(st.lists(st.integers(0, 23), min_size=1, max_size=24))
+def test_distinct_codes_are_distinct_and_nearest(codes):
+  order = list(range(len(codes)))
+  out = tokenizer_build.distinct_codes(np.array(codes), order, LEVELS)
+  assert len(set(out.tolist())) == len(codes)
+  taken = set()
+  for k in order:
+    if codes[k] not in taken:
+      assert out[k] == codes[k]  # a free code is kept
+    else:  # a taken one moves to a free code at the fewest digit steps
+      free = [c for c in range(24) if c not in taken]
+      best = min(np.abs(_digits(c) - _digits(codes[k])).sum() for c in free)
+      assert np.abs(_digits(out[k]) - _digits(codes[k])).sum() == best
+    taken.add(int(out[k]))
+
+
+def test_distinct_codes_refuse_more_strings_than_codes():
+  with pytest.raises(ValueError, match="do not fit"):
+    tokenizer_build.distinct_codes(np.zeros(25, np.int64), range(25), LEVELS)
+
+
+def test_unigram_build_end_to_end_and_resume(doc_files, tmp_path):
+  config = tiny_recon_config(f"files:{doc_files}/*.txt", str(tmp_path / "tfds"))
+  config.train.num_steps = 60
+  config.tokenizer.phrase_fraction = 0.1
+  work, out = tmp_path / "work", tmp_path / "tok"
+  tok, report = tokenizer_build.train_tokenizer(config, str(work), 600, str(out))
+  assert tok.model == "unigram" and len(tok) == report["vocab_size"] == 600  # filled
+  assert len(tok.phrases) == report["phrases"] == round(0.1 * (600 - 13 - 256))
+  assert report["invalid_utf8"] == {"policy": "error", "replaced_bytes": 0,
+                                    "skipped_documents": 0, "skipped_bytes": 0}
+  assert sorted(p.name for p in out.iterdir()) == [
+      "codec.msgpack", "codec_config.json", "tokenizer.json", "vocab_report.json"]
+  codes = [tok.id_to_code(i) for i in tok.learned_ids]
+  assert min(codes) >= 0 and len(set(codes)) == len(codes)  # every string its own code
+  assert 0.0 <= report["codec_exact_strings"] <= 1.0 and report["train_bytes_per_token"] > 1.5
+  text = (doc_files / "doc199.txt").read_text()
+  loaded = Tokenizer.load(str(out))
+  assert loaded.encode(text) == tok.encode(text) and loaded.decode(tok.encode(text)) == text
+  assert loaded.phrases == tok.phrases
+  # The vocabulary is kept beside the codec run and reused by a resumed build.
+  saved = json.loads((work / tokenizer_build.VOCABULARY_FILE).read_text())
+  assert saved["strings"] == [tok.id_to_token(i) for i in tok.learned_ids]
+  again, _ = tokenizer_build.train_tokenizer(config, str(work), 600, str(tmp_path / "tok2"))
+  assert all(again.id_to_code(i) == tok.id_to_code(i) for i in tok.learned_ids)
+  # The files were streamed from disk: the same text and vocabulary as the corpus loaded.
+  train, _ = corpus_lib.load_split(config.data)
+  assert report["counting"]["train_chars"] == sum(map(len, train))
+  assert report["counting"]["sampled_blocks"] == len(train)
+  in_memory = tokenizer_build.unigram_tokenizer(config, train, 600)
+  assert [in_memory.id_to_token(i) for i in in_memory.learned_ids] == saved["strings"]
+
+
+def test_unknown_vocabulary_kind_is_a_clear_error(doc_files, tmp_path):
+  config = tiny_recon_config(f"files:{doc_files}/*.txt", str(tmp_path / "tfds"))
+  config.tokenizer.vocabulary = "bpe"
+  with pytest.raises(ValueError, match="Unknown tokenizer.vocabulary 'bpe'"):
+    tokenizer_build.train_tokenizer(config, str(tmp_path / "w"), 600, str(tmp_path / "t"))
+
+
+def test_the_tokenizer_is_the_same_whatever_the_number_of_workers(doc_files, tmp_path,
+                                                                   monkeypatch):
+  config = tiny_recon_config(f"files:{doc_files}/*.txt", str(tmp_path / "tfds"))
+  config.tokenizer.phrase_fraction = 0.05
+  texts = [p.read_text(encoding="utf-8") for p in sorted(doc_files.glob("*.txt"))]
+  monkeypatch.setattr(tokenizer_build.unigram_lib, "PARALLEL_MIN_CHARS", 0)  # a small corpus
+  saved = []
+  for workers in (1, 2):
+    config.tokenizer.num_workers = workers
+    tokenizer_build.unigram_tokenizer(config, texts, 800).save(str(tmp_path / f"w{workers}"))
+    saved.append((tmp_path / f"w{workers}" / "tokenizer.json").read_bytes())
+  assert saved[0] == saved[1] and b'" of the"' in saved[0]  # byte for byte, phrases and all
+
+
+def test_the_build_trains_its_codec_at_the_tokenizer_learning_rate():
+  from configs import recon as recon_config  # pylint: disable=g-import-not-at-top
+  config = recon_config.get_config("")
+  assert config.tokenizer.codec_learning_rate == 1e-2 and config.optim.learning_rate == 3e-3
+  assert config.tokenizer.codec_fourier_octaves == 1 and config.model.dec_fourier_octaves == 0
+  built = tokenizer_build.codec_config(config)
+  assert built.optim.learning_rate == 1e-2 and config.optim.learning_rate == 3e-3
+  assert built.model.dec_fourier_octaves == 1 and config.model.dec_fourier_octaves == 0
+  built.model.dec_fourier_octaves = 0
+  assert built.model == config.model and built.train == config.train
+  config.tokenizer.codec_learning_rate = 0.0  # 0: optim's own
+  config.tokenizer.codec_fourier_octaves = 0  # 0: model's own
+  assert tokenizer_build.codec_config(config) is config
