@@ -59,7 +59,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   m.prune_keep = 1.0             # fraction of positions kept
   m.prune_score = "attention"    # attention (received) | norm
   m.prune_keep_last = 1          # last positions always kept (their targets are scored)
-  c.lm.data = ml_collections.ConfigDict({"seq_len": 128, "batch_size": 16})
+  # loader: "epochs" (every host makes the global batch) | "grain" (each host its own
+  # rows, fsqtok/data/grain_loader.py; a different data order, so different numbers)
+  c.lm.data = ml_collections.ConfigDict({"seq_len": 128, "batch_size": 16, "loader": "epochs"})
   c.lm.optim = adamw_config(learning_rate=2e-3, warmup_steps=100, end_lr_ratio=0.05,
                             weight_decay=0.05, b2=0.98)
   c.lm.train = ml_collections.ConfigDict({

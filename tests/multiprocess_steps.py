@@ -20,6 +20,7 @@ from fsqtok.train import lm_train
 from fsqtok.train import optimizer as optimizer_lib
 from fsqtok.train import recon
 from fsqtok.train import sharding as sharding_lib
+from fsqtok.data import grain_loader
 from fsqtok.data.batches import PieceBatcher, PieceSet
 from fsqtok.tokenizer.tokenizer import Tokenizer
 
@@ -72,6 +73,11 @@ def run(out_dir: str, save_as: str, restore_from: str | None = None
                           jax.random.fold_in(jax.random.PRNGKey(1), i))
     out[f"codec_loss/{i}"] = np.asarray(metrics["loss"].addressable_data(0))
   out.update({f"codec/{k}": v for k, v in _host(state.params).items()})
+
+  # Grain: each process draws its own rows of a global batch of 8 (ids of 32 rows)
+  loader = grain_loader.GrainBatches({"row": np.arange(32)}, 8, seed=0, name="rows")
+  for i in range(2):
+    out[f"grain/{i}"] = sharding_lib.to_host(loader.place(next(loader), mesh))["row"]
 
   lm_state = jax.jit(_lm_state, out_shardings=repl)()
   lm_step = jax.jit(lm_train.train_step, in_shardings=(repl, data, repl),

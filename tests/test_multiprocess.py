@@ -1,7 +1,7 @@
 """Several JAX processes on this machine: 2 processes x 4 CPU devices (collectives over
 gloo) give the codec and LM steps of 1 process x 8 devices, Orbax checkpoints move
-between the two layouts, and the codec and LM training loops (FSDP state) run end to end
-with only process 0 writing."""
+between the two layouts, each process draws its own rows through Grain, and the codec
+and LM training loops (FSDP state) run end to end with only process 0 writing."""
 import json
 import os
 import socket
@@ -14,6 +14,7 @@ import pytest
 
 import multiprocess_steps
 from conftest import xla_flags
+from fsqtok.data import grain_loader
 from fsqtok.train import lm_train
 
 pytestmark = pytest.mark.slow
@@ -57,6 +58,11 @@ def test_two_processes_of_four_devices_equal_one_of_eight(tmp_path):
   assert sum(k.startswith("codec/") for k in trained) > 4 and len(trained) > 12
   for key, value in trained.items():  # the same steps
     chex.assert_trees_all_close(multi[key], value, rtol=2e-4, atol=2e-5)
+  # Grain: each of the 2 processes drew its own half of every global batch (its shard).
+  for i in range(2):
+    shards = [_grain_batches(index, 2)[i] for index in range(2)]
+    np.testing.assert_array_equal(multi[f"grain/{i}"], np.concatenate(shards))
+    np.testing.assert_array_equal(single[f"grain/{i}"], _grain_batches(0, 1)[i])
   # The 2 processes restored the checkpoint written here, and this process theirs.
   assert multi["restored/step"] == multiprocess_steps.STEPS
   assert multi["restored/position"] == multiprocess_steps.STEPS
@@ -82,6 +88,12 @@ def test_two_processes_of_four_devices_equal_one_of_eight(tmp_path):
   one, two = (lm_train.load_phase_params(str(tmp_path / d / "lm"), init)
               for d in ("loops_single", "loops_multi"))
   chex.assert_trees_all_close(two, one, rtol=2e-4, atol=2e-5)
+
+
+def _grain_batches(index, count):
+  loader = grain_loader.GrainBatches({"row": np.arange(32)}, 8, seed=0, name="rows",
+                                     shard_index=index, shard_count=count)
+  return [next(loader)["row"] for _ in range(2)]
 
 
 def _records(path):

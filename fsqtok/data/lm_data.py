@@ -14,6 +14,8 @@ import numpy as np
 
 from fsqtok.data.batches import EpochBatcher
 
+LOADERS = ("epochs", "grain")
+
 
 class TokenizerLike(Protocol):
   """What the LM needs of a tokenizer (fsqtok's, or an adapter around another one)."""
@@ -53,8 +55,16 @@ def windows(stream: np.ndarray, seq_len: int, pad_id: int, bos_id: int) -> dict[
           "valid": real[:, :-1]}
 
 
-def window_batcher(data: dict[str, np.ndarray], batch_size: int, *, seed: int) -> EpochBatcher:
-  """Every window once an epoch, in a seeded order (position saved and restored exactly)."""
+def window_batcher(data: dict[str, np.ndarray], batch_size: int, *, seed: int,
+                   loader: str = "epochs"):
+  """Every window once an epoch, in a seeded order (position saved and restored exactly).
+  ``loader`` (`LOADERS`): ``"epochs"`` (every process makes the whole global batch) or
+  ``"grain"`` (`fsqtok.data.grain_loader`: each process draws its own rows)."""
+  if loader == "grain":
+    from fsqtok.data import grain_loader  # pylint: disable=g-import-not-at-top
+    return grain_loader.GrainBatches(data, batch_size, seed=seed, name="LM windows")
+  if loader != "epochs":
+    raise ValueError(f"lm.data.loader={loader!r} is unknown: use one of {LOADERS}.")
   return EpochBatcher(data, np.arange(data["inputs"].shape[0]), batch_size, seed=seed,
                       what="windows of training text (lower lm.data.batch_size or seq_len)")
 

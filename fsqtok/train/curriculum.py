@@ -168,6 +168,9 @@ def _check_config(config) -> None:
   corpus_lib.check_invalid_utf8(config.data.get("invalid_utf8", "error"))
   tokenizer_build.learned_size(config.vocab.size)
   m, t = config.lm.model, config.lm.train
+  if config.lm.data.get("loader", "epochs") not in lm_data.LOADERS:
+    raise ValueError(f"lm.data.loader={config.lm.data.loader!r} is unknown: use one of "
+                     f"{lm_data.LOADERS}.")
   for field, names in (("embedding", embeddings_lib.EMBEDDINGS),
                        ("head", embeddings_lib.HEADS)):
     if m[field] not in names:

@@ -179,7 +179,8 @@ def train_lm_phase(phase: str, config, workdir: str, model: lm_lib.TransformerLM
     return done
 
   batches = {"lm": lm_data.window_batcher(data.train, config.lm.data.batch_size,
-                                          seed=config.seed)}
+                                          seed=config.seed,
+                                          loader=config.lm.data.get("loader", "epochs"))}
   if recon_weight:
     batches["pieces"] = PieceBatcher(data.pieces[0], config.joint.piece_batch_size,
                                      seed=config.seed, weighting=config.data.weighting)

@@ -46,6 +46,14 @@ class Batches(Protocol):
   def __next__(self) -> dict[str, Any]: ...
   def get_state(self) -> dict[str, Any]: ...
   def set_state(self, state: dict[str, Any]) -> None: ...
+  # Optional: ``place(batch, mesh)`` puts a batch on the mesh (default: `place`).
+
+
+def place(batches, batch, mesh):
+  """``batch`` on ``mesh`` as ``batches`` says (its ``place``), else as a global batch
+  every process holds whole (`fsqtok.train.sharding.shard_batch`)."""
+  placer = getattr(batches, "place", None)
+  return placer(batch, mesh) if placer else sharding_lib.shard_batch(batch, mesh)
 
 
 class NamedBatches:
@@ -66,6 +74,9 @@ class NamedBatches:
   def set_state(self, state: dict[str, Any]) -> None:
     for k, b in self.named.items():
       b.set_state(state[k])
+
+  def place(self, batch: dict[str, Any], mesh) -> dict[str, Any]:
+    return {k: place(b, batch[k], mesh) for k, b in self.named.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,7 +181,7 @@ def run(name: str, step_fn: Callable, init_state: Callable[[], Any], batches: Ba
   for step in bar:
     batch = next(batches)
     if mesh is not None:
-      batch = sharding_lib.shard_batch(batch, mesh)
+      batch = place(batches, batch, mesh)
     state, metrics = step_fn(state, batch, jax.random.fold_in(rng, step))
     pending.append(metrics)
     done = step + 1

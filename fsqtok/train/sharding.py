@@ -180,15 +180,17 @@ def to_host(tree: Any) -> Any:
   return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def shard_batch(batch, mesh: Mesh):
+def shard_batch(batch, mesh: Mesh, per_process: bool = False):
   """Places a global batch (a pytree of arrays, the same on every host) on the mesh,
-  split along axis 0; with several processes each contributes its own slice of rows."""
+  split along axis 0; with several processes each contributes its own slice of rows.
+  ``per_process``: ``batch`` is already this process's rows (a per-host loader,
+  `fsqtok.data.grain_loader`)."""
   sharding = batch_sharded(mesh)
   count, index = jax.process_count(), jax.process_index()
 
   def place(v):
     v = np.asarray(v)
-    if count > 1:
+    if count > 1 and not per_process:
       rows = v.shape[0] // count
       v = v[index * rows:(index + 1) * rows]
     return jax.make_array_from_process_local_data(sharding, v)
