@@ -18,10 +18,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import recon as recon_config  # noqa: E402
 from fsqtok.codec import model as codec_lib  # noqa: E402
+from fsqtok.data.batches import PieceBatcher  # noqa: E402
 from fsqtok.tokenizer import candidates as candidates_lib  # noqa: E402
 from fsqtok.train import recon  # noqa: E402
 from fsqtok.train import sharding as sharding_lib  # noqa: E402
-from fsqtok.data.batches import PieceBatcher  # noqa: E402
 
 _CONFIGS = flags.DEFINE_list("configs", ["", "source", "full"],
                              "configs/recon.py arguments to compare ('' = CPU default).")

@@ -26,8 +26,8 @@ from absl import app, flags  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import recon as recon_config  # noqa: E402
-from fsqtok.tokenizer import baselines  # noqa: E402
 from fsqtok.data import corpus as corpus_lib  # noqa: E402
+from fsqtok.tokenizer import baselines  # noqa: E402
 from fsqtok.tokenizer import build as tokenizer_build  # noqa: E402
 from fsqtok.tokenizer.tokenizer import Tokenizer  # noqa: E402
 

@@ -27,11 +27,11 @@ from absl import app, flags, logging
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import recon as recon_config  # noqa: E402
-from fsqtok.data import corpus as corpus_lib  # noqa: E402
 from fsqtok.codec import evaluate as evaluate_lib  # noqa: E402
+from fsqtok.data import corpus as corpus_lib  # noqa: E402
+from fsqtok.tokenizer import build as tokenizer_build  # noqa: E402
 from fsqtok.train import recon  # noqa: E402
 from fsqtok.train import sharding as sharding_lib  # noqa: E402
-from fsqtok.tokenizer import build as tokenizer_build  # noqa: E402
 from fsqtok.train import workdir as workdir_lib  # noqa: E402
 
 _CORPUS = flags.DEFINE_string("corpus", "builtin", "Corpus spec.")

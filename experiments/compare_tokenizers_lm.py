@@ -49,20 +49,20 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fsqtok.tokenizer import baselines  # noqa: E402
-from fsqtok.tokenizer import candidates as candidates_lib  # noqa: E402
 from fsqtok.data import corpus as corpus_lib  # noqa: E402
-from fsqtok.train import curriculum  # noqa: E402
-from fsqtok.models import generate as generate_lib  # noqa: E402
 from fsqtok.data import lm_data  # noqa: E402
-from fsqtok.train import lm_train  # noqa: E402
-from fsqtok.tokenizer import pieces as pieces_lib  # noqa: E402
-from fsqtok.train import recon  # noqa: E402
-from fsqtok.train import workdir as workdir_lib  # noqa: E402
-from fsqtok.tokenizer.tokenizer import VOCAB_FILE, Tokenizer  # noqa: E402
+from fsqtok.models import generate as generate_lib  # noqa: E402
+from fsqtok.tokenizer import baselines  # noqa: E402
 from fsqtok.tokenizer import build as tokenizer_build  # noqa: E402
+from fsqtok.tokenizer import candidates as candidates_lib  # noqa: E402
+from fsqtok.tokenizer import pieces as pieces_lib  # noqa: E402
 from fsqtok.tokenizer import unigram as unigram_lib  # noqa: E402
 from fsqtok.tokenizer.build import train_tokenizer  # noqa: E402
+from fsqtok.tokenizer.tokenizer import VOCAB_FILE, Tokenizer  # noqa: E402
+from fsqtok.train import curriculum  # noqa: E402
+from fsqtok.train import lm_train  # noqa: E402
+from fsqtok.train import recon  # noqa: E402
+from fsqtok.train import workdir as workdir_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/compare_lm.py",
                                           lock_config=False)

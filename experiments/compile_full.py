@@ -40,14 +40,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import curriculum as curriculum_config  # noqa: E402
 from configs import recon as recon_config  # noqa: E402
-from fsqtok.train import checkpoint as checkpoint_lib  # noqa: E402
 from fsqtok.codec import model as codec_lib  # noqa: E402
 from fsqtok.models import lm as lm_lib  # noqa: E402
+from fsqtok.tokenizer import build as tokenizer_build  # noqa: E402
+from fsqtok.train import checkpoint as checkpoint_lib  # noqa: E402
 from fsqtok.train import lm_train  # noqa: E402
 from fsqtok.train import optimizer as optimizer_lib  # noqa: E402
 from fsqtok.train import recon  # noqa: E402
 from fsqtok.train import sharding as sharding_lib  # noqa: E402
-from fsqtok.tokenizer import build as tokenizer_build  # noqa: E402
 from fsqtok.train import workdir as workdir_lib  # noqa: E402
 from flax.training import train_state  # noqa: E402
 

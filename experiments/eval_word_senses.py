@@ -31,15 +31,15 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fsqtok.models import fuser as fuser_lib  # noqa: E402  pylint: disable=g-import-not-at-top
-from fsqtok.train import fuser_train  # noqa: E402
-from fsqtok.models import lm as lm_lib  # noqa: E402
-from fsqtok.data import lm_data  # noqa: E402
-from fsqtok.train import lm_train  # noqa: E402
 from fsqtok.data import corpus as corpus_lib  # noqa: E402
+from fsqtok.data import lm_data  # noqa: E402
+from fsqtok.models import fuser as fuser_lib  # noqa: E402  pylint: disable=g-import-not-at-top
+from fsqtok.models import lm as lm_lib  # noqa: E402
 from fsqtok.studies import wordnet  # noqa: E402
-from fsqtok.train import workdir as workdir_lib  # noqa: E402
 from fsqtok.tokenizer.tokenizer import VOCAB_FILE, Tokenizer  # noqa: E402
+from fsqtok.train import fuser_train  # noqa: E402
+from fsqtok.train import lm_train  # noqa: E402
+from fsqtok.train import workdir as workdir_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/fuser.py", "Experiment config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)

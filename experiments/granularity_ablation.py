@@ -16,13 +16,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import recon as recon_config  # noqa: E402
 from fsqtok.codec import evaluate as evaluate_lib  # noqa: E402
-from fsqtok.tokenizer import pieces as pieces_lib  # noqa: E402
-from fsqtok.tokenizer import candidates as candidates_lib  # noqa: E402
 from fsqtok.data import corpus as corpus_lib  # noqa: E402
-from fsqtok.train import recon  # noqa: E402
-from fsqtok.train import sharding as sharding_lib  # noqa: E402
+from fsqtok.tokenizer import candidates as candidates_lib  # noqa: E402
+from fsqtok.tokenizer import pieces as pieces_lib  # noqa: E402
 from fsqtok.tokenizer import vocab as vocab_lib  # noqa: E402
 from fsqtok.tokenizer.tokenizer import DEFAULT_SPECIALS, Tokenizer  # noqa: E402
+from fsqtok.train import recon  # noqa: E402
+from fsqtok.train import sharding as sharding_lib  # noqa: E402
 
 _CORPORA = flags.DEFINE_list("corpora", ["builtin"], "Corpus specs.")
 _WORKDIRS = flags.DEFINE_list("fsqtok_workdirs", [], "Trained codec run per corpus.")

@@ -17,8 +17,8 @@ import json
 import os
 import sys
 
-from fsqtok.train import workdir as workdir_lib
 from fsqtok.tokenizer.tokenizer import Tokenizer
+from fsqtok.train import workdir as workdir_lib
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "configs", "recon.py")

@@ -20,9 +20,9 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from fsqtok.tokenizer.tokenizer import Tokenizer  # noqa: E402
 from fsqtok.train import checkpoint as checkpoint_lib  # noqa: E402
 from fsqtok.train import workdir as workdir_lib  # noqa: E402
-from fsqtok.tokenizer.tokenizer import Tokenizer  # noqa: E402
 
 MODES = ("before", "after", "during")
 

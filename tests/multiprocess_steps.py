@@ -13,16 +13,16 @@ from flax.training import train_state
 
 from configs import curriculum as curriculum_config
 from configs import recon as recon_config
-from fsqtok.train import checkpoint as checkpoint_lib
 from fsqtok.codec import model as codec_lib
+from fsqtok.data import grain_loader
+from fsqtok.data.batches import PieceBatcher, PieceSet
 from fsqtok.models import lm as lm_lib
+from fsqtok.tokenizer.tokenizer import Tokenizer
+from fsqtok.train import checkpoint as checkpoint_lib
 from fsqtok.train import lm_train
 from fsqtok.train import optimizer as optimizer_lib
 from fsqtok.train import recon
 from fsqtok.train import sharding as sharding_lib
-from fsqtok.data import grain_loader
-from fsqtok.data.batches import PieceBatcher, PieceSet
-from fsqtok.tokenizer.tokenizer import Tokenizer
 
 TEXT = ("First Citizen: Before we proceed any further, hear me speak. All: Speak, speak. "
         "You are all resolved rather to die than to famish? Resolved. resolved. First, you "

@@ -7,8 +7,8 @@ import pytest
 
 from configs import recon as recon_config
 from fsqtok.codec import model as codec_lib
-from fsqtok.train import recon
 from fsqtok.tokenizer.pieces import pieces_to_array, split_pieces
+from fsqtok.train import recon
 
 ARCHES = {
     "conv_flatten": {},

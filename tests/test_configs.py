@@ -6,8 +6,8 @@ import pytest
 
 from configs import recon as recon_config
 from fsqtok.codec import model as codec_lib
-from fsqtok.train import recon
 from fsqtok.tokenizer.pieces import pieces_to_array, split_pieces
+from fsqtok.train import recon
 
 
 @pytest.mark.parametrize("arg", ["", "tiny", "long", "full", "source"])
@@ -63,6 +63,7 @@ def test_lm_configs_build_their_model(module, arg):
     ("lm.train.num_steps", -1, r"lm.train.num_steps must be >= 0"),
     ("train.num_steps", -5, r"train.num_steps must be >= 1"),
     ("lm.data.batch_size", 6, r"lm.data.batch_size: Batch size 6"),
+    ("lm.data.loader", "tfrecord", r"lm.data.loader='tfrecord' is unknown"),
     ("lm.train.sharding.model_parallel", 3, r"lm.train: .*model_parallel=3 must be >= 1 "
                                             r"and divide the 8 devices"),
     ("train.sharding.model_parallel", 0, r"train: .*model_parallel=0"),

@@ -5,8 +5,8 @@ import tokenizers
 from hypothesis import given, strategies as st
 
 from conftest import SHAKESPEARE_SNIPPET
-from fsqtok.tokenizer import pieces as pieces_lib
 from fsqtok.data.batches import PieceSet
+from fsqtok.tokenizer import pieces as pieces_lib
 from fsqtok.tokenizer.hf_export import export_hf, to_hf_tokenizer
 from fsqtok.tokenizer.tokenizer import Tokenizer
 

@@ -17,14 +17,14 @@ import pytest
 from flax import traverse_util
 
 from conftest import tiny_recon_config
-from fsqtok.tokenizer import baselines
-from fsqtok.train import checkpoint as checkpoint_lib
-from fsqtok.models import lm as lm_lib
 from fsqtok.data import lm_data
+from fsqtok.models import lm as lm_lib
+from fsqtok.tokenizer import baselines
+from fsqtok.tokenizer import build as tokenizer_build
+from fsqtok.train import checkpoint as checkpoint_lib
 from fsqtok.train import lm_train
 from fsqtok.train import optimizer as optimizer_lib
 from fsqtok.train import sharding as sharding_lib
-from fsqtok.tokenizer import build as tokenizer_build
 from fsqtok.train import workdir as workdir_lib
 
 

@@ -13,9 +13,9 @@ import optax
 import pytest
 from flax.training import train_state
 
-from fsqtok.train import sharding as sharding_lib
-from fsqtok.train import loop as train_loop
 from fsqtok.data.batches import EpochBatcher
+from fsqtok.train import loop as train_loop
+from fsqtok.train import sharding as sharding_lib
 
 X = np.random.RandomState(0).randn(64, 3).astype(np.float32)
 Y = X @ np.array([1.0, -2.0, 0.5], np.float32)

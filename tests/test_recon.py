@@ -8,10 +8,10 @@ import pytest
 
 from conftest import tiny_recon_config
 from fsqtok.codec import model as codec_lib
+from fsqtok.data.batches import PieceBatcher
 from fsqtok.tokenizer import candidates as candidates_lib
 from fsqtok.train import recon
 from fsqtok.train import sharding as sharding_lib
-from fsqtok.data.batches import PieceBatcher
 
 
 @pytest.fixture

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 from configs import token_techniques as tt_config
-from fsqtok.tokenizer import baselines
 from fsqtok.models import classifier as clf
 from fsqtok.models import generate as generate_lib
 from fsqtok.models import lm as lm_lib
-from fsqtok.train import optimizer as optimizer_lib
 from fsqtok.models import soft_prompt
 from fsqtok.studies import token_importance
 from fsqtok.studies import token_roles
+from fsqtok.tokenizer import baselines
+from fsqtok.train import optimizer as optimizer_lib
 from fsqtok.train.optimizer import adamw_config
 
 V = 40

@@ -5,11 +5,11 @@ import pytest
 
 from configs import recon as recon_config
 from fsqtok.codec import model as codec_lib
+from fsqtok.data.batches import PieceSet
+from fsqtok.tokenizer import vocab as vocab_lib
+from fsqtok.tokenizer.tokenizer import Tokenizer
 from fsqtok.train import recon
 from fsqtok.train import sharding as sharding_lib
-from fsqtok.tokenizer import vocab as vocab_lib
-from fsqtok.data.batches import PieceSet
-from fsqtok.tokenizer.tokenizer import Tokenizer
 
 
 TEXT = "the cat sat on the mat and the cat ran to the mat"

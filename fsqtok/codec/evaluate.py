@@ -13,8 +13,8 @@ import numpy as np
 import optax
 
 from fsqtok.codec import model as codec_lib
-from fsqtok.train import sharding as sharding_lib
 from fsqtok.data.batches import PieceSet
+from fsqtok.train import sharding as sharding_lib
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -30,15 +30,15 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from fsqtok.tokenizer import baselines
-from fsqtok.models import classifier as clf
 from fsqtok.data import corpus as corpus_lib
+from fsqtok.models import classifier as clf
 from fsqtok.models import lm as lm_lib
-from fsqtok.train import lm_train
-from fsqtok.train import optimizer as optimizer_lib
 from fsqtok.models import soft_prompt
 from fsqtok.studies import token_importance
 from fsqtok.studies import token_roles
+from fsqtok.tokenizer import baselines
+from fsqtok.train import lm_train
+from fsqtok.train import optimizer as optimizer_lib
 from fsqtok.train import workdir as workdir_lib
 
 

@@ -29,16 +29,16 @@ import numpy as np
 from flax import serialization
 from tqdm.auto import tqdm
 
-from fsqtok.tokenizer import candidates as candidates_lib
-from fsqtok.data import corpus as corpus_lib
 from fsqtok.codec import evaluate as evaluate_lib
-from fsqtok.train import recon
-from fsqtok.train import sharding as sharding_lib
+from fsqtok.data import corpus as corpus_lib
+from fsqtok.data.batches import PieceSet
+from fsqtok.tokenizer import candidates as candidates_lib
 from fsqtok.tokenizer import unigram as unigram_lib
 from fsqtok.tokenizer import vocab as vocab_lib
-from fsqtok.train import workdir as workdir_lib
-from fsqtok.data.batches import PieceSet
 from fsqtok.tokenizer.tokenizer import DEFAULT_SPECIALS, Tokenizer
+from fsqtok.train import recon
+from fsqtok.train import sharding as sharding_lib
+from fsqtok.train import workdir as workdir_lib
 
 VOCABULARY_FILE = "vocabulary.json"  # the unigram vocabulary, kept in the build's workdir
 VOCABULARIES = ("unigram", "codec_exact")

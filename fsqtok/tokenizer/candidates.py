@@ -21,8 +21,8 @@ import collections
 from typing import Iterable, Sequence
 
 from fsqtok.data import corpus as corpus_lib
-from fsqtok.tokenizer import pieces as pieces_lib
 from fsqtok.data.batches import PieceSet
+from fsqtok.tokenizer import pieces as pieces_lib
 
 KINDS = ("piece", "span", "sub")
 

@@ -32,8 +32,8 @@ import re
 import sys
 
 from fsqtok.tokenizer import pieces as pieces_lib
-from fsqtok.train import workdir as workdir_lib
 from fsqtok.tokenizer.tokenizer import Tokenizer
+from fsqtok.train import workdir as workdir_lib
 
 
 def _ranges(member) -> str:

@@ -43,9 +43,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from fsqtok.data import processes
 from fsqtok.tokenizer import native_encode
 from fsqtok.tokenizer import pieces as pieces_lib
-from fsqtok.data import processes
 from fsqtok.train import workdir as workdir_lib
 
 FORMAT = "fsqtok-tokenizer"

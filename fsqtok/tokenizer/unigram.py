@@ -39,8 +39,8 @@ from scipy import special
 from tqdm.auto import tqdm
 
 from fsqtok.data import corpus as corpus_lib
-from fsqtok.tokenizer import pieces as pieces_lib
 from fsqtok.data import processes
+from fsqtok.tokenizer import pieces as pieces_lib
 
 SCORE_DECIMALS = 6  # scores are rounded so JSON readers (Python's, serde's) agree bit for bit
 PARALLEL_MIN_CHARS = 1 << 22  # smaller corpora are counted in this process (workers cost ~1 s)

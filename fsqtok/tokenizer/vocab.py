@@ -18,8 +18,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fsqtok.codec import evaluate as evaluate_lib
-from fsqtok.tokenizer import pieces as pieces_lib
 from fsqtok.data.batches import PieceSet
+from fsqtok.tokenizer import pieces as pieces_lib
 from fsqtok.tokenizer.tokenizer import Tokenizer
 
 

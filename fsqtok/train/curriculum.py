@@ -18,24 +18,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fsqtok.tokenizer import candidates as candidates_lib
-from fsqtok.data import corpus as corpus_lib
-from fsqtok.models import embeddings as embeddings_lib
 from fsqtok.codec import evaluate as evaluate_lib
+from fsqtok.data import corpus as corpus_lib
+from fsqtok.data import lm_data
+from fsqtok.data.batches import PieceSet
+from fsqtok.models import embeddings as embeddings_lib
 from fsqtok.models import fuser as fuser_lib
-from fsqtok.train import fuser_train
 from fsqtok.models import generate as generate_lib
 from fsqtok.models import lm as lm_lib
-from fsqtok.data import lm_data
+from fsqtok.tokenizer import build as tokenizer_build
+from fsqtok.tokenizer import candidates as candidates_lib
+from fsqtok.tokenizer.build import train_tokenizer
+from fsqtok.tokenizer.tokenizer import VOCAB_FILE, Tokenizer
+from fsqtok.train import fuser_train
 from fsqtok.train import lm_train
+from fsqtok.train import loop as train_loop
 from fsqtok.train import recon
 from fsqtok.train import sharding as sharding_lib
-from fsqtok.train import loop as train_loop
 from fsqtok.train import workdir as workdir_lib
-from fsqtok.data.batches import PieceSet
-from fsqtok.tokenizer.tokenizer import VOCAB_FILE, Tokenizer
-from fsqtok.tokenizer import build as tokenizer_build
-from fsqtok.tokenizer.build import train_tokenizer
 
 AMBIGUOUS_FILE = "ambiguous_ids.json"
 

@@ -33,17 +33,18 @@ import optax
 from flax import struct
 from flax.training import train_state
 
-from fsqtok.train import checkpoint as checkpoint_lib
-from fsqtok.models import fuser as fuser_lib
 from fsqtok.data import lm_data
-from fsqtok.models import masking
-from fsqtok.train import optimizer as optimizer_lib
-from fsqtok.tokenizer import pieces as pieces_lib
-from fsqtok.train import sharding as sharding_lib
-from fsqtok.train import loop as train_loop
-from fsqtok.train import workdir as workdir_lib
 from fsqtok.data.batches import EpochBatcher
+from fsqtok.models import fuser as fuser_lib
+from fsqtok.models import masking
+from fsqtok.tokenizer import pieces as pieces_lib
 from fsqtok.tokenizer.tokenizer import Tokenizer
+from fsqtok.train import checkpoint as checkpoint_lib
+from fsqtok.train import loop as train_loop
+from fsqtok.train import optimizer as optimizer_lib
+from fsqtok.train import sharding as sharding_lib
+from fsqtok.train import workdir as workdir_lib
+
 
 class FuserState(train_state.TrainState):
   reference_VxD: jax.Array

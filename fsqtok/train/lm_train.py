@@ -20,15 +20,15 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from fsqtok.train import checkpoint as checkpoint_lib
-from fsqtok.models import lm as lm_lib
 from fsqtok.data import lm_data
+from fsqtok.data.batches import PieceBatcher, PieceSet
+from fsqtok.models import lm as lm_lib
+from fsqtok.train import checkpoint as checkpoint_lib
+from fsqtok.train import loop as train_loop
 from fsqtok.train import optimizer as optimizer_lib
 from fsqtok.train import recon
 from fsqtok.train import sharding as sharding_lib
-from fsqtok.train import loop as train_loop
 from fsqtok.train import workdir as workdir_lib
-from fsqtok.data.batches import PieceBatcher, PieceSet
 
 
 # Dense bfloat16 peak FLOP/s per device, by `device_kind` prefix: the denominator of model

@@ -16,17 +16,17 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from fsqtok.tokenizer import candidates as candidates_lib
-from fsqtok.train import checkpoint as checkpoint_lib
+from fsqtok import plots
+from fsqtok.codec import evaluate as evaluate_lib
 from fsqtok.codec import model as codec_lib
 from fsqtok.data import corpus as corpus_lib
-from fsqtok.codec import evaluate as evaluate_lib
-from fsqtok.train import optimizer as optimizer_lib
-from fsqtok import plots
-from fsqtok.train import sharding as sharding_lib
-from fsqtok.train import loop as train_loop
-from fsqtok.train import workdir as workdir_lib
 from fsqtok.data.batches import PieceBatcher, PieceSet
+from fsqtok.tokenizer import candidates as candidates_lib
+from fsqtok.train import checkpoint as checkpoint_lib
+from fsqtok.train import loop as train_loop
+from fsqtok.train import optimizer as optimizer_lib
+from fsqtok.train import sharding as sharding_lib
+from fsqtok.train import workdir as workdir_lib
 
 PHASE = "recon"
 
