@@ -247,9 +247,10 @@ def train_fuser(config, workdir: str, model: fuser_lib.ContextualFuser, tok,
   tx = optimizer_lib.make_optimizer(f.optim, t.num_steps)
   init = lambda: create_state(
       model, fuser_lib.init_params(model, jax.random.PRNGKey(config.seed), f.data.seq_len), tx)
-  state_sh = sharding_lib.state_shardings(jax.eval_shape(init), mesh, t.get("sharding"))
+  abstract = jax.eval_shape(init)
+  state_sh = sharding_lib.state_shardings(abstract, mesh, t.get("sharding"))
   done = train_loop.finished(workdir, t.num_steps, checkpoint_lib.abstract_like(
-      jax.eval_shape(init).params, state_sh.params))
+      abstract.params, state_sh.params))
   if done is not None:  # nothing to do
     return done
   data = lm_data.windows(lm_data.token_stream(tok, train_texts), f.data.seq_len,

@@ -170,8 +170,9 @@ def train_lm_phase(phase: str, config, workdir: str, model: lm_lib.TransformerLM
   # One optimizer object: states made by separate calls share their pytree structure.
   abstract_params = jax.eval_shape(init_params)
   tx = optimizer_lib.make_optimizer(optim, num_steps, abstract_params, frozen)
-  abstract_state = jax.eval_shape(
-      lambda: train_state.TrainState.create(apply_fn=model.apply, params=init_params(), tx=tx))
+  init = lambda: train_state.TrainState.create(apply_fn=model.apply, params=init_params(),
+                                               tx=tx)
+  abstract_state = jax.eval_shape(init)
   state_sh = state_shardings(abstract_state, mesh, t)
   done = train_loop.finished(phase_dir, num_steps,
                              checkpoint_lib.abstract_like(abstract_params, state_sh.params))
@@ -188,8 +189,7 @@ def train_lm_phase(phase: str, config, workdir: str, model: lm_lib.TransformerLM
       state.apply_fn, state.params, data.val, data.val_bytes, batch_size=t.eval_batch_size,
       mesh=mesh)
   result = train_loop.run(
-      phase, compile_train_step(mesh, state_sh, recon_weight),
-      lambda: train_state.TrainState.create(apply_fn=model.apply, params=init_params(), tx=tx),
+      phase, compile_train_step(mesh, state_sh, recon_weight), init,
       train_loop.NamedBatches(**batches), train_loop.LoopConfig.from_config(t, num_steps),
       rng=jax.random.fold_in(jax.random.PRNGKey(config.seed), zlib.crc32(phase.encode())),
       directory=phase_dir, mesh=mesh, state_shardings=state_sh, evaluate=evaluate,
