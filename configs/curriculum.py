@@ -59,9 +59,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   m.prune_keep = 1.0             # fraction of positions kept
   m.prune_score = "attention"    # attention (received) | norm
   m.prune_keep_last = 1          # last positions always kept (their targets are scored)
-  # loader: "epochs" (every host makes the global batch) | "grain" (each host its own
-  # rows, fsqtok/data/grain_loader.py; a different data order, so different numbers)
-  c.lm.data = ml_collections.ConfigDict({"seq_len": 128, "batch_size": 16, "loader": "epochs"})
+  # loader: "epochs" (windows in memory; every host makes the global batch) | "grain"
+  # (windows prepared once as `shards` array_record files in store_dir, "" for
+  # WORKDIR/lm_data, a filesystem every host mounts; each host tokenizes its own shards and
+  # reads its own rows: fsqtok/data/token_store.py; a different data order, so different
+  # numbers). shards >= the number of hosts.
+  c.lm.data = ml_collections.ConfigDict({"seq_len": 128, "batch_size": 16, "loader": "epochs",
+                                         "shards": 8, "store_dir": ""})
   c.lm.optim = adamw_config(learning_rate=2e-3, warmup_steps=100, end_lr_ratio=0.05,
                             weight_decay=0.05, b2=0.98)
   c.lm.train = ml_collections.ConfigDict({

@@ -238,7 +238,7 @@ def run_one(config, workdir, name, tok, texts, seed, *, budget, target_flops, co
   c = config.copy_and_resolve_references()
   c.seed = seed
   c.lm.model.embedding, c.lm.model.head = embedding, head
-  data = lm_train.LMData(tok, texts, c.lm.data.seq_len)
+  data = lm_data.LMData(tok, texts, c.lm.data.seq_len)
   bytes_per_token = data.train_bytes / float(np.sum(data.train["weights"]))
   tokens_per_step = c.lm.data.batch_size * c.lm.data.seq_len
   model = curriculum.build_lm(c, tok) if kind == "fsqtok" else _plain_lm(c, tok)
@@ -306,7 +306,7 @@ def _plot(results, path):
 
 def _reference_flops(config, tok_bpe, texts) -> float:
   """Training FLOPs of the BPE model on ``train_bytes``: the ``flops`` budget."""
-  data = lm_train.LMData(tok_bpe, texts, config.lm.data.seq_len)
+  data = lm_data.LMData(tok_bpe, texts, config.lm.data.seq_len)
   tokens = config.train_bytes * float(np.sum(data.train["weights"])) / data.train_bytes
   return tokens * lm_train.flops_per_token(_plain_lm(config, tok_bpe), config.lm.data.seq_len)
 
@@ -401,7 +401,7 @@ def _print_data_stats(c, corpus, spec, vocab, texts, pieces, codec_dirs, toks, o
     if kind not in toks:
       toks[kind] = _tokenizer(kind, c, corpus, spec, vocab, texts, pieces,
                               codec_dirs.get(corpus), out)
-    data = lm_train.LMData(toks[kind], texts, c.lm.data.seq_len)
+    data = lm_data.LMData(toks[kind], texts, c.lm.data.seq_len)
     st = _data_stats(toks[kind], data)
     seg = segmentation_consistency(toks[kind], texts[1])
     print(f"| {corpus} | {vocab} | {kind} | {len(toks[kind])} ({st['ids_used']}) "

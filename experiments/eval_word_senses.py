@@ -264,7 +264,7 @@ def run(config, workdir: str, wordnet_dir: str) -> dict:
       fuser_model, fuser_params, tok, texts[1], seq_len=config.fuser.data.seq_len,
       batch_size=config.fuser.data.batch_size, max_batches=config.eval.activation_batches)
 
-  data = lm_train.LMData(tok, texts, config.lm.data.seq_len)
+  data = lm_data.LMData(tok, texts, config.lm.data.seq_len)
   lm_model = lm_lib.lm_from_config(config.lm.model, len(tok))
   init = lambda: lm_model.init(jax.random.PRNGKey(config.seed),
                                jnp.zeros((1, config.lm.data.seq_len), jnp.int32))["params"]

@@ -15,6 +15,7 @@ from configs import curriculum as curriculum_config
 from configs import recon as recon_config
 from fsqtok.codec import model as codec_lib
 from fsqtok.data import grain_loader
+from fsqtok.data import lm_data
 from fsqtok.data.batches import PieceBatcher, PieceSet
 from fsqtok.models import lm as lm_lib
 from fsqtok.tokenizer.tokenizer import Tokenizer
@@ -28,6 +29,14 @@ TEXT = ("First Citizen: Before we proceed any further, hear me speak. All: Speak
         "You are all resolved rather to die than to famish? Resolved. resolved. First, you "
         "know Caius Marcius is chief enemy to the people. ") * 4
 STEPS = 3
+
+
+def _mlp_codec(config):
+  """An MLP codec: compiles in a fraction of the time of the convolutional one (the child
+  processes do not import tests/conftest.py, whose `mlp_codec` this is)."""
+  config.model.update({"enc_channels": (), "enc_strides": (), "dec_channels": (),
+                       "dec_strides": (), "enc_mlp_dim": 32, "dec_mlp_dim": 32})
+  return config
 
 
 def _host(tree) -> dict[str, np.ndarray]:
@@ -62,7 +71,7 @@ def run(out_dir: str, save_as: str, restore_from: str | None = None
                                                     jax.local_device_count(),
                                                     jax.device_count()])}
 
-  config = recon_config.get_config("tiny")
+  config = _mlp_codec(recon_config.get_config("tiny"))
   model = codec_lib.codec_from_config(config.model)
   state = jax.jit(functools.partial(recon.create_state, config, model),
                   out_shardings=repl)(jax.random.PRNGKey(0))
@@ -78,6 +87,8 @@ def run(out_dir: str, save_as: str, restore_from: str | None = None
   loader = grain_loader.GrainBatches({"row": np.arange(32)}, 8, seed=0, name="rows")
   for i in range(2):
     out[f"grain/{i}"] = sharding_lib.to_host(loader.place(next(loader), mesh))["row"]
+
+  out.update(_token_store(out_dir, save_as, mesh))
 
   lm_state = jax.jit(_lm_state, out_shardings=repl)()
   lm_step = jax.jit(lm_train.train_step, in_shardings=(repl, data, repl),
@@ -104,16 +115,40 @@ def run(out_dir: str, save_as: str, restore_from: str | None = None
   return out
 
 
+STORE_TEXTS = ([TEXT[k:] for k in range(0, 60, 10)], [TEXT[k:] for k in (5, 15, 25)])
+STORE_SHARDS = 3
+
+
+def _token_store(out_dir: str, save_as: str, mesh) -> dict[str, np.ndarray]:
+  """Windows prepared in ``out_dir/store_SAVE_AS``, each process tokenizing its own
+  shards; two global batches drawn through Grain (each process its rows) and the held-out
+  loss of a fresh LM (each process its own validation shards)."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  tok, model, init = loop_lm()
+  data = lm_data.StoredLMData(os.path.join(out_dir, f"store_{save_as}"), tok, STORE_TEXTS,
+                              16, num_shards=STORE_SHARDS, progress=False)
+  written = np.zeros((2, STORE_SHARDS), bool)
+  for split, shard in data.written:
+    written[("train", "val").index(split), shard] = True
+  out = {"store/written": multihost_utils.process_allgather(written)}
+  loader = data.train_batches(8, seed=0)
+  for i in range(2):
+    out[f"store/rows/{i}"] = sharding_lib.to_host(loader.place(next(loader), mesh))["inputs"]
+  params = jax.jit(init, out_shardings=sharding_lib.replicated(mesh))()
+  ev = lm_train.evaluate_bits_per_byte(model.apply, params, data.val_batches(8),
+                                       data.val_bytes, mesh=mesh, per_process=True)
+  out["store/eval"] = np.array([ev["loss_per_token"], ev["tokens"]])
+  return out
+
+
 def run_loops(workdir: str) -> None:
   """`recon.train_recon` and `lm_train.train_lm_phase` for a few steps in ``workdir``
   (codec/ and lm/), the state split along ``data`` (FSDP) over every device of every
   process; they leave their reports, metrics and parameters there."""
   fsdp = sharding_lib.sharding_config(fsdp=True, fsdp_min_size=64)
-  config = recon_config.get_config("tiny")
+  config = _mlp_codec(recon_config.get_config("tiny"))
   config.train.update({"num_steps": 4, "log_every": 2, "eval_every": 2,
                        "checkpoint_every": 2, "progress_bar": False, "sharding": fsdp})
-  config.model.update({"enc_channels": (), "enc_strides": (), "dec_channels": (),  # an MLP
-                       "dec_strides": (), "enc_mlp_dim": 32, "dec_mlp_dim": 32})   # compiles fast
   pieces = PieceSet.from_texts([TEXT], config.model.max_len)
   recon.train_recon(config, os.path.join(workdir, "codec"), (pieces, pieces))
 
@@ -121,7 +156,7 @@ def run_loops(workdir: str) -> None:
   config.lm.train.update({"num_steps": 4, "log_every": 2, "eval_every": 2,
                           "checkpoint_every": 2, "progress_bar": False, "sharding": fsdp})
   tok, model, init = loop_lm()
-  data = lm_train.LMData(tok, ([TEXT] * 4, [TEXT]), config.lm.data.seq_len)
+  data = lm_data.LMData(tok, ([TEXT] * 4, [TEXT]), config.lm.data.seq_len)
   lm_train.train_lm_phase("lm", config, workdir, model, data, init)
 
 

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_recon_config
+from conftest import mlp_codec, tiny_recon_config
 from fsqtok.train import recon
 
 
@@ -41,7 +41,7 @@ def _damage(step_dir, how):
 def finished(doc_files, tmp_path_factory):
   """A tiny codec trained 40 steps, checkpoints at 20, 30 and 40."""
   root = tmp_path_factory.mktemp("ckpt")
-  config = tiny_recon_config(f"files:{doc_files}/*.txt", str(root / "tfds"))
+  config = mlp_codec(tiny_recon_config(f"files:{doc_files}/*.txt", str(root / "tfds")))
   config.train.update(num_steps=40, log_every=10, eval_every=40, checkpoint_every=10,
                       keep_checkpoints=3)
   recon.train_recon(config, str(root / "straight"))

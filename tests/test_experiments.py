@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, tiny_recon_config, xla_flags
+from conftest import REPO, mlp_codec, tiny_recon_config, xla_flags
 from fsqtok.train import recon
 
 pytestmark = pytest.mark.slow
@@ -56,14 +56,20 @@ def test_bench_tokenizer_prints_a_table(doc_files, tmp_path):
   assert "| raw-bytes | 256 | 1.000 | 100.0% |" in out
 
 
+# `conftest.mlp_codec` on an experiment's command line
+_MLP_CODEC_ARGS = ("--config.model.enc_channels=()", "--config.model.enc_strides=()",
+                   "--config.model.dec_channels=()", "--config.model.dec_strides=()",
+                   "--config.model.enc_mlp_dim=32", "--config.model.dec_mlp_dim=32")
+
+
 def test_compare_tokenizers_lm_prints_a_table(doc_files, tmp_path):
   from configs import compare_lm  # pylint: disable=g-import-not-at-top
-  config = compare_lm.get_config("tiny")
+  config = mlp_codec(compare_lm.get_config("tiny"))
   config.data.source = f"files:{doc_files}/*.txt"
   config.data.tfds_data_dir = str(tmp_path / "tfds")
   recon.train_recon(config, str(tmp_path / "codec"))
   out = _run("compare_tokenizers_lm.py", "--config=configs/compare_lm.py:tiny",
-             f"--config.corpora=docs=files:{doc_files}/*.txt",
+             *_MLP_CODEC_ARGS, f"--config.corpora=docs=files:{doc_files}/*.txt",
              f"--config.codec_workdirs=docs={tmp_path / 'codec'}",
              f"--config.data.tfds_data_dir={tmp_path / 'tfds'}",
              "--config.variants=('fsqtok-table-code','raw-bytes')",

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from conftest import tiny_recon_config
+from conftest import mlp_codec, tiny_recon_config
 from fsqtok.data import lm_data
 from fsqtok.models import lm as lm_lib
 from fsqtok.tokenizer import baselines
@@ -66,15 +66,15 @@ def test_a_uniform_model_has_log2_v_bits_per_token():
                                mlp_dim=16, head="dense")
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
   params = jax.tree.map(jnp.zeros_like, params)  # zero logits: uniform over 259 tokens
-  ev = lm_train.evaluate_bits_per_byte(model.apply, params, data, num_bytes=33, batch_size=2,
-                                       mesh=sharding_lib.data_mesh(1))
+  ev = lm_train.evaluate_bits_per_byte(model.apply, params, lm_data.eval_batches(data, 2),
+                                       num_bytes=33, mesh=sharding_lib.data_mesh(1))
   assert ev["tokens"] == 36  # 11 bytes + EOS per text
   assert ev["bits_per_byte"] == pytest.approx(36 * math.log2(259) / 33, rel=1e-5)
 
 
 def _codec_lm():
   from fsqtok.codec import model as codec_lib  # pylint: disable=g-import-not-at-top
-  config = tiny_recon_config("builtin", "")
+  config = mlp_codec(tiny_recon_config("builtin", ""))
   codec = codec_lib.codec_from_config(config.model)
   tb = [None] * 3 + [bytes([b]) for b in range(97, 123)] + [b"th", b"he", b" the"]
   model = lm_lib.TransformerLM(vocab_size=len(tb), d_model=32, num_layers=1, num_heads=2,
@@ -137,7 +137,7 @@ def test_lm_step_on_8_devices_equals_1():
 
 def _curriculum_config(doc_files, tmp_path):
   from configs import curriculum  # pylint: disable=g-import-not-at-top
-  c = curriculum.get_config("tiny")
+  c = mlp_codec(curriculum.get_config("tiny"))  # what is tested surrounds the codec
   c.data.source = f"files:{doc_files}/*.txt"
   c.data.tfds_data_dir = str(tmp_path / "tfds")
   c.train.progress_bar = c.lm.train.progress_bar = False
@@ -296,6 +296,37 @@ def test_curriculum_with_the_fuser_embedding(finished_curriculum, tmp_path):
     assert model.embedding == "fuser" and model.ambiguous_ids == tuple(json.load(f))
   with pytest.raises(ValueError, match="does not fit"):
     curriculum.with_fuser(params, {"static": params["embed"]["fuser"]["static"]})
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("curriculum")
+def test_curriculum_on_the_token_store(finished_curriculum, tmp_path):
+  """``lm.data.loader="grain"``: the windows are prepared once as shards in
+  WORKDIR/lm_data, the lm and joint phases draw and evaluate them there, with the same
+  tokens and bytes as the windows in memory; a second run prepares nothing."""
+  from fsqtok.train import curriculum  # pylint: disable=g-import-not-at-top
+  config, root, whole, _ = finished_curriculum
+  config = copy.deepcopy(config)
+  work = tmp_path / "store"
+  for name in ("recon", "vocab"):  # the finished codec and vocabulary
+    shutil.copytree(root / "whole" / name, work / name)
+  shutil.copy(root / "whole" / tokenizer_build.VOCABULARY_FILE, work)
+  config.lm.data.update(loader="grain", shards=3)
+  config.lm.train.update(num_steps=4, eval_every=4, checkpoint_every=4)
+  config.joint.num_steps, config.sample.max_new_tokens = 2, 4
+  report = curriculum.run_curriculum(config, str(work))
+  (store,) = (work / "lm_data").iterdir()
+  assert sorted(p.name for p in store.iterdir()) == sorted(
+      f"{split}-0000{k}-of-00003.{ext}" for split in ("train", "val") for k in range(3)
+      for ext in ("array_record", "json"))
+  for phase in ("lm", "joint"):  # every held-out token once, as from the windows in memory
+    assert report[phase]["validation"]["tokens"] == whole[phase]["validation"]["tokens"]
+    assert np.isfinite(report[phase]["validation"]["bits_per_byte"])
+  assert report["lm"]["train_bytes_per_token"] == pytest.approx(
+      whole["lm"]["train_bytes_per_token"], rel=1e-9)
+  stamps = {p.name: p.stat().st_mtime_ns for p in store.iterdir()}
+  _assert_same_report(curriculum.run_curriculum(config, str(work)), report)
+  assert {p.name: p.stat().st_mtime_ns for p in store.iterdir()} == stamps
 
 
 def test_baseline_token_lengths():

@@ -1,7 +1,8 @@
 """Several JAX processes on this machine: 2 processes x 4 CPU devices (collectives over
 gloo) give the codec and LM steps of 1 process x 8 devices, Orbax checkpoints move
 between the two layouts, each process draws its own rows through Grain, and the codec
-and LM training loops (FSDP state) run end to end with only process 0 writing."""
+and LM training loops (FSDP state) run end to end with only process 0 writing; the
+token store's shards are each tokenized by one process and evaluated there."""
 import json
 import os
 import socket
@@ -15,6 +16,7 @@ import pytest
 import multiprocess_steps
 from conftest import xla_flags
 from fsqtok.data import grain_loader
+from fsqtok.data import token_store
 from fsqtok.train import lm_train
 
 pytestmark = pytest.mark.slow
@@ -63,6 +65,24 @@ def test_two_processes_of_four_devices_equal_one_of_eight(tmp_path):
     shards = [_grain_batches(index, 2)[i] for index in range(2)]
     np.testing.assert_array_equal(multi[f"grain/{i}"], np.concatenate(shards))
     np.testing.assert_array_equal(single[f"grain/{i}"], _grain_batches(0, 1)[i])
+  # The token store: the same shards whoever prepares them, each process tokenizing its
+  # own (0 and 2, or 1) and drawing its own rows; the held-out loss of all windows.
+  assert single["store/written"].tolist() == [[[True] * 3] * 2]
+  assert multi["store/written"].tolist() == [[[True, False, True]] * 2,
+                                             [[False, True, False]] * 2]
+  names = sorted(os.listdir(tmp_path / "store_single"))
+  assert names == sorted(os.listdir(tmp_path / "store_multi")) and len(names) == 12
+  for name in names:
+    assert ((tmp_path / "store_single" / name).read_bytes()
+            == (tmp_path / "store_multi" / name).read_bytes()), name
+  tok, _, _ = multiprocess_steps.loop_lm()
+  split = token_store.open_split(str(tmp_path / "store_single"), "train", 3,
+                                 pad_id=tok.pad_id, bos_id=tok.bos_id)
+  for i in range(2):
+    shards = [_store_batches(split, index, 2)[i] for index in range(2)]
+    np.testing.assert_array_equal(multi[f"store/rows/{i}"], np.concatenate(shards))
+  assert multi["store/eval"][1] == single["store/eval"][1] > 0  # every held-out token
+  np.testing.assert_allclose(multi["store/eval"][0], single["store/eval"][0], rtol=1e-5)
   # The 2 processes restored the checkpoint written here, and this process theirs.
   assert multi["restored/step"] == multiprocess_steps.STEPS
   assert multi["restored/position"] == multiprocess_steps.STEPS
@@ -94,6 +114,13 @@ def _grain_batches(index, count):
   loader = grain_loader.GrainBatches({"row": np.arange(32)}, 8, seed=0, name="rows",
                                      shard_index=index, shard_count=count)
   return [next(loader)["row"] for _ in range(2)]
+
+
+def _store_batches(split, index, count):
+  loader = grain_loader.GrainBatches(split.source(), 8, seed=0, name="LM windows",
+                                     operations=[split.decode()], shard_index=index,
+                                     shard_count=count)
+  return [next(loader)["inputs"] for _ in range(2)]
 
 
 def _records(path):

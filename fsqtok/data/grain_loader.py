@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import Any, Sequence
 
 import grain.python as grain
 import jax
@@ -54,14 +54,18 @@ class GrainBatches:
   """Endless batches of this process's rows (`fsqtok.train.loop.Batches`), placed on the
   mesh as this process's slice of the global batch."""
 
-  def __init__(self, arrays: dict[str, np.ndarray], batch_size: int, *, seed: int,
-               name: str, shard_index: int | None = None, shard_count: int | None = None):
+  def __init__(self, source, batch_size: int, *, seed: int, name: str,
+               operations: Sequence[grain.MapTransform] = (), shard_index: int | None = None,
+               shard_count: int | None = None):
+    """``source``: named arrays (rows along axis 0) or a Grain random-access source (with
+    ``operations`` that make its records rows, e.g. `fsqtok.data.token_store`'s)."""
     count = jax.process_count() if shard_count is None else shard_count
     index = jax.process_index() if shard_index is None else shard_index
     if batch_size % count:
       raise ValueError(f"{name}: the batch size {batch_size} does not divide among "
                        f"{count} processes: use a multiple of {count}.")
-    source = ArraySource(arrays, name)
+    if isinstance(source, dict):
+      source = ArraySource(source, name)
     per_process = batch_size // count
     if len(source) // count < per_process:
       raise ValueError(f"{name}: {len(source)} rows make no batch of {batch_size} over "
@@ -72,7 +76,7 @@ class GrainBatches:
                                          drop_remainder=True))
     self._loader = grain.DataLoader(
         data_source=source, sampler=sampler, worker_count=0,
-        operations=[grain.Batch(per_process, drop_remainder=True)])
+        operations=[*operations, grain.Batch(per_process, drop_remainder=True)])
     self._iterator = iter(self._loader)
 
   def __iter__(self):

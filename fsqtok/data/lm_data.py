@@ -8,11 +8,11 @@ different vocabularies are compared on the same text.
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from fsqtok.data.batches import EpochBatcher
+from fsqtok.data.batches import EpochBatcher, PieceSet
 
 LOADERS = ("epochs", "grain")
 
@@ -79,3 +79,76 @@ def eval_batches(data: dict[str, np.ndarray], batch_size: int):
       batch = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)])
                for k, v in batch.items()}
     yield batch
+
+
+class LMData:
+  """A tokenizer's train and validation windows, in memory, the same on every process
+  (and, for the ``joint`` phase, the codec's pieces)."""
+
+  per_process = False  # evaluation batches are global
+
+  def __init__(self, tok: TokenizerLike, texts: tuple[Sequence[str], Sequence[str]],
+               seq_len: int, pieces: tuple[PieceSet, PieceSet] | None = None):
+    train_texts, val_texts = texts
+    self.train = windows(token_stream(tok, train_texts), seq_len, tok.pad_id, tok.bos_id)
+    self.val = windows(token_stream(tok, val_texts), seq_len, tok.pad_id, tok.bos_id)
+    self.train_bytes = sum(len(t.encode("utf-8")) for t in train_texts)
+    self.val_bytes = sum(len(t.encode("utf-8")) for t in val_texts)
+    self.pieces = pieces
+
+  def train_batches(self, batch_size: int, *, seed: int, loader: str = "epochs"):
+    return window_batcher(self.train, batch_size, seed=seed, loader=loader)
+
+  def val_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    return eval_batches(self.val, batch_size)
+
+  def train_bytes_per_token(self) -> float:
+    return self.train_bytes / float(np.sum(self.train["weights"]))
+
+  def token_counts(self, vocab_size: int) -> np.ndarray:
+    """How often each id is a scored training target."""
+    targets = self.train["targets"][self.train["weights"] > 0]
+    return np.bincount(targets, minlength=vocab_size)
+
+
+class StoredLMData:
+  """The windows prepared in a `fsqtok.data.token_store` under ``directory``: each
+  process tokenizes its own shards (a barrier waits for all), draws its own training rows
+  through Grain and evaluates its own validation shards (``lm.data.loader="grain"``)."""
+
+  per_process = True  # evaluation batches are each process's rows
+
+  def __init__(self, directory: str, tok: TokenizerLike,
+               texts: tuple[Iterable[str], Iterable[str]], seq_len: int, *, num_shards: int,
+               pieces: tuple[PieceSet, PieceSet] | None = None, progress: bool = True):
+    import jax  # pylint: disable=g-import-not-at-top
+    from fsqtok.data import token_store  # pylint: disable=g-import-not-at-top
+    index, count = jax.process_index(), jax.process_count()
+    self.written = token_store.prepare(  # the shards this process tokenized now
+        directory, tok, dict(zip(token_store.SPLITS, texts)), seq_len=seq_len,
+        num_shards=num_shards, process_index=index, process_count=count, progress=progress)
+    from fsqtok.train import sharding  # pylint: disable=g-import-not-at-top
+    sharding.sync_processes(f"fsqtok token store {directory}")  # every shard written
+    self.train, self.val = (token_store.open_split(directory, split, num_shards,
+                                                   pad_id=tok.pad_id, bos_id=tok.bos_id)
+                            for split in token_store.SPLITS)
+    self.train_bytes, self.val_bytes = self.train.num_bytes, self.val.num_bytes
+    self.pieces = pieces
+    self._process = (index, count)
+
+  def train_batches(self, batch_size: int, *, seed: int, loader: str = "grain"):
+    if loader != "grain":
+      raise ValueError(f"Windows in a token store are read with loader='grain', not "
+                       f"{loader!r}.")
+    from fsqtok.data import grain_loader  # pylint: disable=g-import-not-at-top
+    return grain_loader.GrainBatches(self.train.source(), batch_size, seed=seed,
+                                     name="LM windows", operations=[self.train.decode()])
+
+  def val_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    return self.val.local_batches(batch_size, *self._process)
+
+  def train_bytes_per_token(self) -> float:
+    return self.train_bytes / float(self.train.scored_tokens)
+
+  def token_counts(self, vocab_size: int) -> np.ndarray:
+    return self.train.token_counts(vocab_size)

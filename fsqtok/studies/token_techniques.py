@@ -31,6 +31,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fsqtok.data import corpus as corpus_lib
+from fsqtok.data import lm_data
 from fsqtok.models import classifier as clf
 from fsqtok.models import lm as lm_lib
 from fsqtok.models import soft_prompt
@@ -109,7 +110,7 @@ def train_lm(config, workdir: str, tok, texts, num_registers: int):
   c = copy.deepcopy(config)
   c.lm.model.num_registers = num_registers
   model = lm_lib.lm_from_config(c.lm.model, tok.vocab_size)
-  data = lm_train.LMData(tok, texts, c.lm.data.seq_len)
+  data = lm_data.LMData(tok, texts, c.lm.data.seq_len)
   init = lambda: model.init(jax.random.PRNGKey(c.seed),
                             jnp.zeros((1, c.lm.data.seq_len), jnp.int32))["params"]
   report, params = lm_train.train_lm_phase(f"lm_reg{num_registers}", c, workdir, model, data,

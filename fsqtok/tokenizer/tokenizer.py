@@ -32,6 +32,7 @@ from __future__ import annotations
 import bisect
 import concurrent.futures
 import gc
+import hashlib
 import itertools
 import json
 import math
@@ -633,13 +634,9 @@ class Tokenizer:
 
   # ---- persistence -------------------------------------------------------------------
 
-  def save(self, directory: str, extra_files: dict[str, bytes] | None = None) -> None:
-    """Writes the tokenizer (and ``extra_files``: name -> content) to ``directory``
-    atomically: everything goes to a new directory, which is then renamed. On an object
-    store (``gs://...``: no rename of directories) each file is an object written whole,
-    the extra files first and the vocabulary last, so a directory with a vocabulary
-    is complete."""
-    payload = {
+  def _payload(self) -> dict:
+    """What `save` writes to ``tokenizer.json`` (and `load` reads back)."""
+    return {
         "format": FORMAT, "version": FORMAT_VERSION, "model": self.model,
         "max_piece_bytes": self.max_piece_bytes,
         "specials": self._specials, "added_specials": self._added,
@@ -647,6 +644,21 @@ class Tokenizer:
         "scores": self._scores if self.model == "unigram" else None,
         "phrases": list(self.phrases),
     }
+
+  def fingerprint(self) -> str:
+    """sha256 of what `save` writes: equal exactly when two tokenizers are the same."""
+    text = json.dumps(self._payload(), ensure_ascii=False, sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+  def save(self, directory: str, extra_files: dict[str, bytes] | None = None) -> None:
+    """Writes the tokenizer (and ``extra_files``: name -> content) to ``directory``
+    atomically: everything goes to a new directory, which is then renamed. On an object
+    store (``gs://...``: no rename of directories) each file is an object written whole,
+    the extra files first and the vocabulary last, so a directory with a vocabulary
+    is complete."""
+    if not workdir_lib.is_writer():  # one process of a multi-process JAX run writes
+      return
+    payload = self._payload()
     if not workdir_lib.is_local(directory):
       for name, content in (extra_files or {}).items():
         workdir_lib.atomic_write_bytes(os.path.join(directory, name), content)

@@ -97,6 +97,22 @@ def train_fuser_phase(config, workdir: str, model: lm_lib.TransformerLM, tok: To
                                  texts)
 
 
+def lm_windows(config, workdir: str, tok: Tokenizer, texts, pieces=None):
+  """The LM's train and validation windows: in memory (``lm.data.loader="epochs"``), or
+  prepared in ``lm.data.store_dir`` (default ``WORKDIR/lm_data``) by every process for
+  its own shards (``"grain"``, `fsqtok.data.token_store`; a new store whenever the
+  tokenizer, corpus, window length or shard count changes)."""
+  d = config.lm.data
+  if d.get("loader", "epochs") != "grain":
+    return lm_data.LMData(tok, texts, d.seq_len, pieces)
+  from fsqtok.data import token_store  # pylint: disable=g-import-not-at-top
+  directory = token_store.store_dir(
+      d.get("store_dir") or os.path.join(workdir, "lm_data"), data=config.data.to_dict(),
+      seq_len=d.seq_len, shards=d.shards, tokenizer=tok.fingerprint())
+  return lm_data.StoredLMData(directory, tok, texts, d.seq_len, num_shards=d.shards,
+                              pieces=pieces, progress=config.lm.train.progress_bar)
+
+
 def load_lm(config, workdir: str):
   """``(tokenizer, model, params)`` of a finished curriculum (the joint phase's parameters
   if it ran, else the lm phase's)."""
@@ -104,8 +120,8 @@ def load_lm(config, workdir: str):
   codec, _ = recon.load_trained_codec(tokenizer_build.codec_config(config), workdir)
   counts = None
   if config.lm.model.embedding == "bespoke":
-    counts = lm_train.LMData(tok, corpus_lib.load_split(config.data), config.lm.data.seq_len
-                             ).token_counts(len(tok))
+    counts = lm_windows(config, workdir, tok, corpus_lib.load_split(config.data)
+                        ).token_counts(len(tok))
   model = build_lm(config, tok, codec, counts,
                    fuser_ambiguous_ids(config, workdir, tok, lambda: corpus_lib.load_split(config.data)[0]))
   phase = "joint" if workdir_lib.exists(os.path.join(workdir, "joint", train_loop.REPORT)) else "lm"
@@ -171,6 +187,10 @@ def _check_config(config) -> None:
   if config.lm.data.get("loader", "epochs") not in lm_data.LOADERS:
     raise ValueError(f"lm.data.loader={config.lm.data.loader!r} is unknown: use one of "
                      f"{lm_data.LOADERS}.")
+  if config.lm.data.get("loader") == "grain" and config.lm.data.shards < jax.process_count():
+    raise ValueError(f"lm.data.shards={config.lm.data.shards} gives some of the "
+                     f"{jax.process_count()} processes no data: use at least "
+                     f"{jax.process_count()}.")
   for field, names in (("embedding", embeddings_lib.EMBEDDINGS),
                        ("head", embeddings_lib.HEADS)):
     if m[field] not in names:
@@ -201,10 +221,11 @@ def run_curriculum(config, workdir: str) -> dict[str, Any]:
   tok = _saved_tokenizer(vocab_dir)
   if tok is None:
     tok, _ = train_tokenizer(config, workdir, config.vocab.size, vocab_dir, texts=texts, pieces=pieces)
+  sharding_lib.sync_processes("fsqtok tokenizer saved")  # process 0 wrote vocab_dir
   report["recon"] = {k: v for k, v in recon.train_recon(config, workdir, pieces).items()
                      if k in ("validation", "train_wall_seconds", "steps")}
   codec, codec_params = recon.load_trained_codec(tokenizer_build.codec_config(config), workdir)
-  data = lm_train.LMData(tok, texts, config.lm.data.seq_len, pieces)
+  data = lm_windows(config, workdir, tok, texts, pieces)
   model = build_lm(config, tok, codec, data.token_counts(len(tok)),
                    fuser_ambiguous_ids(config, workdir, tok, lambda: texts[0]))
   fuser_params = None

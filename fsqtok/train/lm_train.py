@@ -12,7 +12,7 @@ import functools
 import math
 import os
 import zlib
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,7 @@ import optax
 from flax.training import train_state
 
 from fsqtok.data import lm_data
-from fsqtok.data.batches import PieceBatcher, PieceSet
+from fsqtok.data.batches import PieceBatcher
 from fsqtok.models import lm as lm_lib
 from fsqtok.train import checkpoint as checkpoint_lib
 from fsqtok.train import loop as train_loop
@@ -118,40 +118,22 @@ def _eval_sums(apply_fn, params, batch):
   return nll, count
 
 
-def evaluate_bits_per_byte(apply_fn, params, data: dict[str, np.ndarray], num_bytes: int, *,
-                           batch_size: int, mesh) -> dict[str, float]:
-  """Held-out loss per token and bits per byte over every window of ``data``."""
+def evaluate_bits_per_byte(apply_fn, params, batches: Iterable[dict[str, np.ndarray]],
+                           num_bytes: int, *, mesh, per_process: bool = False
+                           ) -> dict[str, float]:
+  """Held-out loss per token and bits per byte over ``batches`` (every held-out window
+  once: `lm_data.LMData.val_batches`; ``per_process``: each process gives its own rows)."""
   nll, count = 0.0, 0.0
-  for batch in lm_data.eval_batches(data, batch_size):
-    n, c = sharding_lib.to_host(_eval_sums(apply_fn, params,
-                                           sharding_lib.shard_batch(batch, mesh)))
+  for batch in batches:
+    n, c = sharding_lib.to_host(_eval_sums(
+        apply_fn, params, sharding_lib.shard_batch(batch, mesh, per_process=per_process)))
     nll, count = nll + float(n), count + float(c)
   return {"loss_per_token": nll / max(count, 1.0), "tokens": count,
           "bits_per_byte": nll / math.log(2) / num_bytes, "bytes_per_token": num_bytes / count}
 
 
-class LMData:
-  """A tokenizer's train/validation windows (and, for ``joint``, the codec's pieces)."""
-
-  def __init__(self, tok, texts: tuple[list[str], list[str]], seq_len: int,
-               pieces: tuple[PieceSet, PieceSet] | None = None):
-    train_texts, val_texts = texts
-    self.train = lm_data.windows(lm_data.token_stream(tok, train_texts), seq_len,
-                                 tok.pad_id, tok.bos_id)
-    self.val = lm_data.windows(lm_data.token_stream(tok, val_texts), seq_len,
-                               tok.pad_id, tok.bos_id)
-    self.train_bytes = sum(len(t.encode("utf-8")) for t in train_texts)
-    self.val_bytes = sum(len(t.encode("utf-8")) for t in val_texts)
-    self.pieces = pieces
-
-  def token_counts(self, vocab_size: int) -> np.ndarray:
-    """How often each id is a scored training target."""
-    targets = self.train["targets"][self.train["weights"] > 0]
-    return np.bincount(targets, minlength=vocab_size)
-
-
 def train_lm_phase(phase: str, config, workdir: str, model: lm_lib.TransformerLM,
-                   data: LMData, init_params: Callable[[], Any], *,
+                   data: lm_data.LMData | lm_data.StoredLMData, init_params: Callable[[], Any], *,
                    frozen: Sequence[str] = (), recon_weight: float = 0.0,
                    optim=None, num_steps: int | None = None) -> tuple[dict[str, Any], Any]:
   """Trains (or resumes, or finds finished) one LM phase under ``workdir/phase``.
@@ -179,15 +161,14 @@ def train_lm_phase(phase: str, config, workdir: str, model: lm_lib.TransformerLM
   if done is not None:  # nothing to do
     return done
 
-  batches = {"lm": lm_data.window_batcher(data.train, config.lm.data.batch_size,
-                                          seed=config.seed,
-                                          loader=config.lm.data.get("loader", "epochs"))}
+  batches = {"lm": data.train_batches(config.lm.data.batch_size, seed=config.seed,
+                                      loader=config.lm.data.get("loader", "epochs"))}
   if recon_weight:
     batches["pieces"] = PieceBatcher(data.pieces[0], config.joint.piece_batch_size,
                                      seed=config.seed, weighting=config.data.weighting)
   evaluate = lambda state: evaluate_bits_per_byte(
-      state.apply_fn, state.params, data.val, data.val_bytes, batch_size=t.eval_batch_size,
-      mesh=mesh)
+      state.apply_fn, state.params, data.val_batches(t.eval_batch_size), data.val_bytes,
+      mesh=mesh, per_process=data.per_process)
   result = train_loop.run(
       phase, compile_train_step(mesh, state_sh, recon_weight), init,
       train_loop.NamedBatches(**batches), train_loop.LoopConfig.from_config(t, num_steps),
@@ -206,7 +187,7 @@ def train_lm_phase(phase: str, config, workdir: str, model: lm_lib.TransformerLM
           mesh, t.get("peak_flops_per_device", 0.0))),
       "validation": train_loop.final_eval(result, num_steps, evaluate),
       "train_tokens_per_second": tokens_per_second,
-      "train_bytes_per_token": data.train_bytes / float(np.sum(data.train["weights"])),
+      "train_bytes_per_token": data.train_bytes_per_token(),
       "train_wall_seconds": result.wall_seconds,
       "frozen": list(frozen), "recon_weight": recon_weight,
   }

@@ -180,6 +180,14 @@ def to_host(tree: Any) -> Any:
   return multihost_utils.process_allgather(tree, tiled=True)
 
 
+def sync_processes(name: str) -> None:
+  """Waits until every process of a multi-process run gets here (nothing with one): after
+  files that one process writes and the others then read."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
 def shard_batch(batch, mesh: Mesh, per_process: bool = False):
   """Places a global batch (a pytree of arrays, the same on every host) on the mesh,
   split along axis 0; with several processes each contributes its own slice of rows.

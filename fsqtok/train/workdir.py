@@ -159,15 +159,16 @@ def make_shareable(path: str) -> None:
   os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_umask())
 
 
-def atomic_write_text(path: str, text: str) -> None:
+def atomic_write_text(path: str, text: str, all_processes: bool = False) -> None:
   """Writes to a temporary file beside ``path``, then renames it over ``path``."""
-  atomic_write_bytes(path, text.encode("utf-8"))
+  atomic_write_bytes(path, text.encode("utf-8"), all_processes)
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
+def atomic_write_bytes(path: str, data: bytes, all_processes: bool = False) -> None:
   """Writes to a temporary file beside ``path``, then renames it over ``path`` (on the
-  writer process only, `is_writer`)."""
-  if not is_writer():
+  writer process only, `is_writer`, unless ``all_processes``: a file that each process
+  writes for its own part of the data)."""
+  if not (all_processes or is_writer()):
     return
   if not is_local(path):  # an object is written whole when it is closed
     makedirs(epath.Path(path).parent)
@@ -216,8 +217,8 @@ def save_figure(fig, path: str, dpi: int = 100) -> None:
       os.unlink(tmp)
 
 
-def write_json(path: str, obj: Any) -> None:
-  atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+def write_json(path: str, obj: Any, all_processes: bool = False) -> None:
+  atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n", all_processes)
 
 
 def read_json(path: str) -> Any:

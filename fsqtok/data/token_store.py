@@ -1,0 +1,258 @@
+"""The LM's token windows prepared once on disk, each process tokenizing only its own
+shards and reading only its own rows (``lm.data.loader = "grain"``).
+
+A split's blocks go to ``num_shards`` shards by position (block k to shard
+k mod num_shards), so the shards, and every window in them, are the same whatever the
+number of processes; process p tokenizes and writes the shards s with s mod P = p. A
+shard is its blocks' `lm_data.token_stream` cut into `lm_data.windows`; one array_record
+record per window holds its ``seq_len + 1`` tokens (int32, padded after the stream's
+end: a pad id is never a real token). Beside each shard a JSON file holds its rows, the
+UTF-8 bytes of its text and how often each id is a scored target; it is written after the
+records, so a shard without it (a run stopped while preparing) is made again.
+
+    DIR/train-00003-of-00008.array_record    DIR/train-00003-of-00008.json
+    DIR/val-00000-of-00008.array_record      ...
+
+``DIR`` is named by a digest of what the windows are made from (`store_dir`), so a
+changed tokenizer, corpus or window length prepares a fresh store. Training draws
+windows through Grain (`fsqtok.data.grain_loader.GrainBatches` over `Split.source`), each
+process its own rows, the position saved in the checkpoint; evaluation reads each
+process's own shards (`Split.local_batches`). The store lives on a filesystem every
+process sees (a local disk for one host; NFS, Lustre or a gcsfuse mount on a pod).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any, Iterable, Iterator
+
+import grain.python as grain
+import numpy as np
+from array_record.python import array_record_module
+
+from fsqtok.data import lm_data
+from fsqtok.train import workdir as workdir_lib
+
+SPLITS = ("train", "val")
+
+
+def store_dir(root: str, **made_from: Any) -> str:
+  """``root/<digest>``: the store for windows made from ``made_from`` (JSON values: the
+  tokenizer's `fingerprint`, the corpus config, the window length, the shard count)."""
+  key = json.dumps(made_from, sort_keys=True, default=str)
+  return os.path.join(root, hashlib.sha256(key.encode()).hexdigest()[:16])
+
+
+def _shard_name(split: str, shard: int, num_shards: int) -> str:
+  return f"{split}-{shard:05d}-of-{num_shards:05d}"
+
+
+def _check_local(directory: str) -> None:
+  if not workdir_lib.is_local(directory):
+    raise ValueError(
+        f"lm.data.loader='grain' prepares its windows under {directory}, which must be a "
+        f"filesystem every process mounts (a local disk, NFS, or gs:// through gcsfuse); "
+        f"array_record files are not written to an object store directly.")
+
+
+def _write_shard(path: str, stream: np.ndarray, seq_len: int, pad_id: int, bos_id: int,
+                 vocab_size: int, num_bytes: int) -> None:
+  """One shard's records, then its JSON (both through a temporary name)."""
+  if stream.size and np.any(stream == pad_id):
+    raise ValueError(f"The token stream contains the pad id {pad_id}: the tokenizer must "
+                     f"never emit it for text.")
+  rows, counts = np.zeros((0, seq_len + 1), np.int32), np.zeros(vocab_size, np.int64)
+  if stream.size >= 2:
+    w = lm_data.windows(stream, seq_len, pad_id, bos_id)
+    rows = np.concatenate([w["inputs"], w["targets"][:, -1:]], axis=1)
+    counts = np.bincount(w["targets"][w["weights"] > 0], minlength=vocab_size)
+  tmp = f"{path}.array_record.tmp{os.getpid()}"
+  writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
+  try:
+    for row in rows:
+      writer.write(row.astype("<i4").tobytes())
+  finally:
+    writer.close()
+  os.replace(tmp, path + ".array_record")
+  workdir_lib.write_json(path + ".json", {
+      "rows": int(rows.shape[0]), "bytes": int(num_bytes), "seq_len": seq_len,
+      "scored_tokens": int(counts.sum()),
+      "target_counts": {str(i): int(counts[i]) for i in np.flatnonzero(counts)}},
+      all_processes=True)
+
+
+def prepare(directory: str, tok: lm_data.TokenizerLike, splits: dict[str, Iterable[str]],
+            *, seq_len: int, num_shards: int, process_index: int = 0, process_count: int = 1,
+            progress: bool = True) -> list[tuple[str, int]]:
+  """Writes this process's shards of every split (``{"train": blocks, "val": blocks}``)
+  that are not there yet, and returns them (``(split, shard)``). Each process passes over
+  all blocks but keeps and tokenizes only its own (those of the shards s with
+  s mod ``process_count`` = ``process_index``): its memory holds 1 / ``process_count`` of
+  the text at most."""
+  _check_local(directory)
+  if num_shards < process_count:
+    raise ValueError(f"lm.data.shards={num_shards} gives some of the {process_count} "
+                     f"processes no data: use at least {process_count} shards.")
+  os.makedirs(directory, exist_ok=True)
+  mine = [s for s in range(num_shards) if s % process_count == process_index]
+  written = []
+  for split, blocks in splits.items():
+    todo = [s for s in mine if not os.path.exists(
+        os.path.join(directory, _shard_name(split, s, num_shards) + ".json"))]
+    if not todo:
+      continue
+    parts = {s: [] for s in todo}
+    nbytes = dict.fromkeys(todo, 0)
+    for k, block in enumerate(blocks):
+      if k % num_shards in parts:
+        parts[k % num_shards].append(block)
+        nbytes[k % num_shards] += len(block.encode("utf-8"))
+    bar = _progress(len(todo), f"tokenizing {split} shards", progress)
+    for s in todo:
+      _write_shard(os.path.join(directory, _shard_name(split, s, num_shards)),
+                   lm_data.token_stream(tok, parts[s]), seq_len, tok.pad_id, tok.bos_id,
+                   tok.vocab_size, nbytes[s])
+      written.append((split, s))
+      bar.update(1)
+    bar.close()
+  return written
+
+
+def _progress(total: int, what: str, enabled: bool):
+  import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm.tqdm(total=total, desc=what, disable=not enabled or total < 2, leave=False)
+
+
+def _decode(record: bytes, pad_id: int, bos_id: int) -> dict[str, np.ndarray]:
+  row = np.frombuffer(record, "<i4").astype(np.int32)
+  targets = row[1:]
+  return {"inputs": row[:-1], "targets": targets,
+          "weights": ((targets != pad_id) & (targets != bos_id)).astype(np.float32),
+          "valid": row[:-1] != pad_id}
+
+
+class _DecodeWindow(grain.MapTransform):
+
+  def __init__(self, pad_id: int, bos_id: int):
+    self.pad_id, self.bos_id = pad_id, bos_id
+
+  def map(self, element: bytes) -> dict[str, np.ndarray]:
+    return _decode(element, self.pad_id, self.bos_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """One prepared split: its shards' paths and statistics (the same on every process)."""
+
+  paths: tuple[str, ...]
+  rows: tuple[int, ...]
+  num_bytes: int
+  scored_tokens: int
+  target_counts: dict[int, int]  # id -> how often it is a scored target
+  pad_id: int
+  bos_id: int
+
+  @property
+  def num_rows(self) -> int:
+    return sum(self.rows)
+
+  def token_counts(self, vocab_size: int) -> np.ndarray:
+    """How often each id is a scored target."""
+    out = np.zeros(vocab_size, np.int64)
+    for i, c in self.target_counts.items():
+      out[i] = c
+    return out
+
+  def source(self) -> grain.ArrayRecordDataSource:
+    """Every window of the split as one random-access Grain source (records: bytes;
+    `decode` makes them windows)."""
+    return grain.ArrayRecordDataSource(list(self.paths))
+
+  def decode(self) -> grain.MapTransform:
+    return _DecodeWindow(self.pad_id, self.bos_id)
+
+  def local_batches(self, batch_size: int, process_index: int = 0, process_count: int = 1
+                    ) -> Iterator[dict[str, np.ndarray]]:
+    """This process's shards' windows, in order, in batches of ``batch_size /
+    process_count`` rows; every process yields the same number of batches (the last ones
+    padded with zero-weight rows), so together they are global batches for evaluation."""
+    per_process = batch_size // process_count
+    if per_process * process_count != batch_size or per_process < 1:
+      raise ValueError(f"The evaluation batch size {batch_size} does not divide among "
+                       f"{process_count} processes: use a multiple of {process_count}.")
+    mine = [s for s in range(len(self.paths)) if s % process_count == process_index]
+    most = max(sum(self.rows[s] for s in range(len(self.paths)) if s % process_count == p)
+               for p in range(process_count))
+    num_batches = -(-most // per_process)
+    seq_len = None
+    pending: list[dict[str, np.ndarray]] = []
+    made = 0
+
+    def rows_of(shard: int) -> Iterator[dict[str, np.ndarray]]:
+      if not self.rows[shard]:
+        return
+      reader = array_record_module.ArrayRecordReader(self.paths[shard])
+      try:
+        for record in reader.read_all():
+          yield _decode(record, self.pad_id, self.bos_id)
+      finally:
+        reader.close()
+
+    for s in mine:
+      for row in rows_of(s):
+        seq_len = row["inputs"].shape[0]
+        pending.append(row)
+        if len(pending) == per_process:
+          yield _stack(pending)
+          pending, made = [], made + 1
+    while made < num_batches:
+      if seq_len is None:  # this process has no window: any shape of the right length
+        seq_len = self._seq_len()
+      pending += [_padding_row(seq_len)] * (per_process - len(pending))
+      yield _stack(pending)
+      pending, made = [], made + 1
+
+  def _seq_len(self) -> int:
+    for path, rows in zip(self.paths, self.rows):
+      if rows:
+        reader = array_record_module.ArrayRecordReader(path)
+        try:
+          return len(reader.read([0])[0]) // 4 - 1
+        finally:
+          reader.close()
+    raise ValueError("The split has no window.")
+
+
+def _padding_row(seq_len: int) -> dict[str, np.ndarray]:
+  return {"inputs": np.zeros(seq_len, np.int32), "targets": np.zeros(seq_len, np.int32),
+          "weights": np.zeros(seq_len, np.float32), "valid": np.zeros(seq_len, bool)}
+
+
+def _stack(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def open_split(directory: str, split: str, num_shards: int, *, pad_id: int, bos_id: int
+               ) -> Split:
+  """A prepared split (every shard's JSON must be there: after `prepare` on every
+  process, and a barrier)."""
+  paths, rows, nbytes, scored = [], [], 0, 0
+  counts: dict[int, int] = {}
+  for s in range(num_shards):
+    base = os.path.join(directory, _shard_name(split, s, num_shards))
+    if not os.path.exists(base + ".json"):
+      raise FileNotFoundError(f"{base}.json is missing: shard {s} of the {split} windows "
+                              f"was not prepared (did every process run `prepare`?).")
+    meta = workdir_lib.read_json(base + ".json")
+    paths.append(base + ".array_record")
+    rows.append(meta["rows"])
+    nbytes += meta["bytes"]
+    scored += meta["scored_tokens"]
+    for i, c in meta["target_counts"].items():
+      counts[int(i)] = counts.get(int(i), 0) + c
+  if not sum(rows):
+    raise ValueError(f"The {split} windows are empty: add text to the corpus (for the "
+                     f"validation side, or raise data.val_fraction).")
+  return Split(tuple(paths), tuple(rows), nbytes, scored, counts, pad_id, bos_id)
