@@ -127,6 +127,10 @@ def test_save_load_round_trip_and_overwrite(tok, tmp_path):
   assert loaded.encode(text) == tok.encode(text)
   assert len(loaded) == len(tok)
   assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
+  assert loaded.fingerprint() == tok.fingerprint()  # names what is saved, exactly
+  other = Tokenizer.load(str(d))
+  other.add_special_tokens(["[NEW]"])
+  assert other.fingerprint() != tok.fingerprint()
 
 
 def test_loading_damaged_or_foreign_directories(tmp_path):
