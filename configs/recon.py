@@ -9,7 +9,7 @@ Arguments (``get_config(arg)``):
   ""      CPU default: 16k steps, 6-7 minutes on 2 CPU cores, so that `fsqtok
           train-tokenizer` on 100 MB fits in 10 minutes (docs/tokenizer.md, "Large corpora").
           30k steps (10-11 minutes) gave held-out byte accuracy 97.4% on pieces.
-  tiny    seconds; for tests and the notebook.
+  tiny    seconds; a small MLP codec for tests and the notebook (the char-CNN: ``source``).
   long    the same codec trained 90k steps: 29-37 minutes on 2 CPU cores (97.7-98.1%).
   full    for a GPU/TPU: a wider codec, a larger batch, 100k steps.
   source  the source document's char-CNN (channels 128/256/256, strides 1,2,2, average
@@ -122,7 +122,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   if arg == "tiny":
     c.data.batch_size = 32
     c.model.embed_dim = 16
-    _char_cnn(c.model, (16, 32, 32), (32, 16, 16))
+    c.model.enc_mlp_dim = c.model.dec_mlp_dim = 64  # a small MLP codec: compiles fast
     c.model.levels = (5, 5, 5, 4)
     c.optim.warmup_steps = 5
     c.train.num_steps = 40
@@ -131,7 +131,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.train.eval_batch_size = 256
     c.train.checkpoint_every = 10
     c.tokenizer.seed_size = 20_000
-    c.tokenizer.codec_learning_rate = 0.0  # 1e-2 was measured for the MLP codec only
+    c.tokenizer.codec_learning_rate = 0.0  # optim's (1e-2 was measured at 4k-32k ids)
     c.tokenizer.codec_fourier_octaves = 0
   elif arg == "long":
     c.train.num_steps = 90_000

@@ -10,11 +10,13 @@ from fsqtok.codec import model as codec_lib
 from fsqtok.tokenizer.pieces import pieces_to_array, split_pieces
 from fsqtok.train import recon
 
+_CONV = {"enc_channels": (16, 32, 32), "enc_strides": (1, 2, 2),
+         "dec_channels": (32, 16, 16), "dec_strides": (2, 2, 1),
+         "enc_mlp_dim": 0, "dec_mlp_dim": 0}
 ARCHES = {
-    "conv_flatten": {},
-    "conv_mean": {"pooling": "mean"},
-    "mlp": {"enc_channels": (), "enc_strides": (), "dec_channels": (), "dec_strides": (),
-            "enc_mlp_dim": 32, "dec_mlp_dim": 32},
+    "conv_flatten": _CONV,
+    "conv_mean": {**_CONV, "pooling": "mean"},
+    "mlp": {},  # the tiny config's own
 }
 
 
@@ -140,7 +142,7 @@ def test_loss_falls_and_memorises_a_few_pieces():
 
 
 def test_strides_must_divide_max_len():
-  model, _ = tiny_model(max_len=10)
+  model, _ = tiny_model(**_CONV, max_len=10)
   b, l = sample_batch()
   with pytest.raises(ValueError, match="divisible"):
     model.init(jax.random.PRNGKey(0), b[:, :10], np.minimum(l, 10))
