@@ -15,6 +15,10 @@ plain decoder; the tokenizer build's codec is the variant
 variant: the share of the strings its encoder's code decodes back exactly, the same
 weighted by the strings' expected uses, the distinct codes among them, and the training
 wall time (run one variant at a time on an otherwise idle machine to compare times).
+With ``--decoder_steps``: the codes assigned as the build assigns them
+(`tokenizer_build.distinct_codes`), how many decode exactly, and the same after the
+decoder alone has learned them (`fsqtok.codec.memorize`, the build's
+``tokenizer.decoder_steps``).
 """
 import ast
 import os
@@ -28,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import recon as recon_config  # noqa: E402
 from fsqtok.codec import evaluate as evaluate_lib  # noqa: E402
+from fsqtok.codec import memorize  # noqa: E402
 from fsqtok.data import corpus as corpus_lib  # noqa: E402
 from fsqtok.tokenizer import build as tokenizer_build  # noqa: E402
 from fsqtok.train import recon  # noqa: E402
@@ -42,6 +47,10 @@ _CONFIG = flags.DEFINE_string("config", "", "configs/recon.py argument.")
 _TFDS_DIR = flags.DEFINE_string("tfds_data_dir", "", "TFDS data dir for files: corpora.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/codec_exactness", "Where runs go.")
 _JSON = flags.DEFINE_string("json_out", "", "Also write the rows here.")
+_DECODER_STEPS = flags.DEFINE_integer(
+    "decoder_steps", 0, "Then train the decoder alone this many steps on the strings' "
+    "assigned codes (fsqtok/codec/memorize.py); 0: not.")
+_DECODER_LR = flags.DEFINE_float("decoder_lr", 3e-3, "Its peak learning rate.")
 
 
 def apply_overrides(config, variant: str):
@@ -95,7 +104,26 @@ def main(argv):
            "exact_strings": float(exact.mean()),
            "exact_uses": float(np.dot(exact, counts) / counts.sum()),
            "distinct_codes": int(np.unique(stats["code"]).size), "train_seconds": seconds}
+    # As the build does: one distinct code per string (exact strings first, then the most
+    # used), then how many of those assigned codes decode to their string.
+    order = np.lexsort((np.arange(exact.size), -counts, ~exact))
+    codes = tokenizer_build.distinct_codes(np.asarray(stats["code"]), order,
+                                           config.model.levels)
+    row["assigned_exact_strings"] = float(memorize.decodes_exactly(model, params, codes,
+                                                                   strings).mean())
+    if _DECODER_STEPS.value:
+      optim = config.optim.copy_and_resolve_references()
+      optim.learning_rate, optim.warmup_steps = _DECODER_LR.value, 100
+      tic = time.perf_counter()
+      params = memorize.train_decoder(model, params, codes, strings, optim=optim,
+                                      num_steps=_DECODER_STEPS.value,
+                                      batch_size=config.data.batch_size, seed=config.seed)
+      row.update(decoder_steps=_DECODER_STEPS.value, decoder_lr=_DECODER_LR.value,
+                 decoder_seconds=time.perf_counter() - tic,
+                 decoder_exact_strings=float(memorize.decodes_exactly(
+                     model, params, codes, strings).mean()))
     rows.append(row)
+    print(row, flush=True)
     print(f"| {variant} | {row['strings']} | {row['steps']} | {row['exact_strings']:.1%} | "
           f"{row['exact_uses']:.1%} | {row['distinct_codes']} | {seconds:.0f} |", flush=True)
   if _JSON.value:

@@ -9,6 +9,7 @@ from conftest import tiny_recon_config
 from fsqtok.data import corpus as corpus_lib
 from fsqtok.tokenizer import build as tokenizer_build
 from fsqtok.tokenizer.tokenizer import Tokenizer
+from fsqtok.train import recon
 
 LEVELS = (3, 4, 2)
 
@@ -72,6 +73,36 @@ def test_unigram_build_end_to_end_and_resume(doc_files, tmp_path):
   assert report["counting"]["sampled_blocks"] == len(train)
   in_memory = tokenizer_build.unigram_tokenizer(config, train, 600)
   assert [in_memory.id_to_token(i) for i in in_memory.learned_ids] == saved["strings"]
+
+
+@pytest.mark.slow
+def test_the_decoder_learns_the_assigned_codes_and_the_tokenizer_keeps_it(doc_files, tmp_path):
+  """``tokenizer.decoder_steps``: after the codes are assigned, the decoder alone learns
+  them; the report says how many decode exactly before and after, and the saved codec is
+  the one that does."""
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  from fsqtok.codec import memorize  # pylint: disable=g-import-not-at-top
+  from fsqtok.data.batches import PieceSet  # pylint: disable=g-import-not-at-top
+  config = tiny_recon_config(f"files:{doc_files}/*.txt", str(tmp_path / "tfds"))
+  config.train.num_steps = 60
+  config.tokenizer.decoder_steps = 800
+  config.model.dec_mlp_dim = 256  # room for the strings (the tiny codec has 64)
+  config.tokenizer.codec_fourier_octaves = 2  # sharp inputs: 4 code dimensions, 331 strings
+  tok, report = tokenizer_build.train_tokenizer(config, str(tmp_path / "work"), 600,
+                                                str(tmp_path / "tok"))
+  assert report["decoder_steps"] == 800
+  assert report["assigned_codes_exact"] > max(0.9, report["assigned_codes_exact_before"])
+  model, template = recon.load_trained_codec(tokenizer_build.codec_config(config),
+                                            str(tmp_path / "work"))
+  saved = serialization.from_bytes(template, (tmp_path / "tok" / "codec.msgpack").read_bytes())
+  strings = PieceSet.from_counts({tok.id_to_token(i): 1 for i in tok.learned_ids},
+                                 config.model.max_len)
+  row = {strings.piece_bytes(k).decode("utf-8"): k for k in range(strings.num_distinct)}
+  codes = np.zeros(strings.num_distinct, np.int64)
+  for i in tok.learned_ids:
+    codes[row[tok.id_to_token(i)]] = tok.id_to_code(i)
+  assert memorize.decodes_exactly(model, saved, codes, strings).mean() == pytest.approx(
+      report["assigned_codes_exact"])
 
 
 def test_unknown_vocabulary_kind_is_a_clear_error(doc_files, tmp_path):
