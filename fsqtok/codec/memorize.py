@@ -9,6 +9,8 @@ that no longer move as the encoder learns.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,18 +28,22 @@ def code_vectors(model: codec_lib.Codec, codes_K: np.ndarray) -> np.ndarray:
   return np.asarray(model.fsq.indices_to_codes(jnp.asarray(codes_K, jnp.int32)), np.float32)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _greedy_decode(model: codec_lib.Codec, params, codes_BxD):
+  return codec_lib.greedy_decode(model.apply({"params": params}, codes_BxD,
+                                             method=codec_lib.Codec.decode))
+
+
 def decodes_exactly(model: codec_lib.Codec, params, codes_K: np.ndarray, pieces: PieceSet,
                     batch_size: int = 1024) -> np.ndarray:
   """``[K]`` bool: whether code k decodes to string k (row k of ``pieces``)."""
-  decode = jax.jit(lambda p, c: codec_lib.greedy_decode(
-      model.apply({"params": p}, c, method=codec_lib.Codec.decode)))
   vectors = code_vectors(model, codes_K)
   out = []
   for start in range(0, len(vectors), batch_size):
     chunk = vectors[start:start + batch_size]
     pad = batch_size - len(chunk)
-    got_bytes, got_lengths = (np.asarray(a)[:len(chunk)] for a in decode(
-        params, np.concatenate([chunk, np.zeros((pad, chunk.shape[1]), chunk.dtype)])))
+    got_bytes, got_lengths = (np.asarray(a)[:len(chunk)] for a in _greedy_decode(
+        model, params, np.concatenate([chunk, np.zeros((pad, chunk.shape[1]), chunk.dtype)])))
     want_bytes = pieces.bytes_NxL[start:start + len(chunk)]
     want_lengths = pieces.lengths_N[start:start + len(chunk)]
     inside = np.arange(want_bytes.shape[1])[None] < want_lengths[:, None]

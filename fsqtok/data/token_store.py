@@ -151,12 +151,9 @@ class Split:
   num_bytes: int
   scored_tokens: int
   target_counts: dict[int, int]  # id -> how often it is a scored target
+  seq_len: int
   pad_id: int
   bos_id: int
-
-  @property
-  def num_rows(self) -> int:
-    return sum(self.rows)
 
   def token_counts(self, vocab_size: int) -> np.ndarray:
     """How often each id is a scored target."""
@@ -186,7 +183,6 @@ class Split:
     most = max(sum(self.rows[s] for s in range(len(self.paths)) if s % process_count == p)
                for p in range(process_count))
     num_batches = -(-most // per_process)
-    seq_len = None
     pending: list[dict[str, np.ndarray]] = []
     made = 0
 
@@ -202,27 +198,14 @@ class Split:
 
     for s in mine:
       for row in rows_of(s):
-        seq_len = row["inputs"].shape[0]
         pending.append(row)
         if len(pending) == per_process:
           yield _stack(pending)
           pending, made = [], made + 1
     while made < num_batches:
-      if seq_len is None:  # this process has no window: any shape of the right length
-        seq_len = self._seq_len()
-      pending += [_padding_row(seq_len)] * (per_process - len(pending))
+      pending += [_padding_row(self.seq_len)] * (per_process - len(pending))
       yield _stack(pending)
       pending, made = [], made + 1
-
-  def _seq_len(self) -> int:
-    for path, rows in zip(self.paths, self.rows):
-      if rows:
-        reader = array_record_module.ArrayRecordReader(path)
-        try:
-          return len(reader.read([0])[0]) // 4 - 1
-        finally:
-          reader.close()
-    raise ValueError("The split has no window.")
 
 
 def _padding_row(seq_len: int) -> dict[str, np.ndarray]:
@@ -238,7 +221,7 @@ def open_split(directory: str, split: str, num_shards: int, *, pad_id: int, bos_
                ) -> Split:
   """A prepared split (every shard's JSON must be there: after `prepare` on every
   process, and a barrier)."""
-  paths, rows, nbytes, scored = [], [], 0, 0
+  paths, rows, nbytes, scored, seq_len = [], [], 0, 0, 0
   counts: dict[int, int] = {}
   for s in range(num_shards):
     base = os.path.join(directory, _shard_name(split, s, num_shards))
@@ -250,9 +233,10 @@ def open_split(directory: str, split: str, num_shards: int, *, pad_id: int, bos_
     rows.append(meta["rows"])
     nbytes += meta["bytes"]
     scored += meta["scored_tokens"]
+    seq_len = meta["seq_len"]
     for i, c in meta["target_counts"].items():
       counts[int(i)] = counts.get(int(i), 0) + c
   if not sum(rows):
     raise ValueError(f"The {split} windows are empty: add text to the corpus (for the "
                      f"validation side, or raise data.val_fraction).")
-  return Split(tuple(paths), tuple(rows), nbytes, scored, counts, pad_id, bos_id)
+  return Split(tuple(paths), tuple(rows), nbytes, scored, counts, seq_len, pad_id, bos_id)
