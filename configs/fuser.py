@@ -13,6 +13,11 @@ Arguments (``get_config(arg)``):
          2048-token vocabulary counted from the corpus's pieces.
   tiny   seconds; for tests and the notebook.
 
+The measured run above used the first fuser design (``--config.fuser.model.design=
+per_position``); the default is now ``per_id`` (issue 17; its cost:
+experiments/bench_fuser_cost.py, docs/fuser.md), whose word-sense accuracy is not yet
+measured.
+
 Sub-configs: ``data`` (the corpus, fields of configs/recon.py), ``tokenizer`` (a saved
 fsqtok tokenizer directory, or "" for one counted from the corpus's pieces), ``fuser``
 (``model``: `fsqtok.models.fuser.FuserSpec` fields; ``ambiguity``: the precomputed ambiguous set;
@@ -40,11 +45,20 @@ def model_config(tiny: bool = False) -> ml_collections.ConfigDict:
       gate_mode="both",                # both | set | learned | always
       gate_hidden=64, threshold=0.5,
       capacity=0.0,                    # share of tokens computed dynamically; 0 = all
+      # per_id (default): the fragment encoder over each id's own bytes (a V x F table at
+      # inference), context from a cheap mixer over the window's rows; capacity is causal
+      # (at most floor(capacity * (window_left + 1)) computed per window_left + 1 tokens).
+      # per_position: the first design, the encoder over every position's whole window.
+      design="per_id",                 # per_id | per_position (fsqtok/models/fuser.py)
+      mixer="attention",               # per_id: attention | conv (depthwise) over the window
+      mixer_dim=32, mixer_heads=2,     # per_id attention: query/key width, heads
+      fragment_ids="batch",            # per_id training: encode the batch's unique ids | all
   ))
   if tiny:
     m.update(dict(window_left=2, window_right=2, context_bytes=8, char_dim=16,
                   hidden_dim=32, transformer_heads=2, fragment_dim=32, fusion_heads=2,
-                  fused_dim=32, doc_dim=16, image_dim=8, audio_dim=8, gate_hidden=16))
+                  fused_dim=32, doc_dim=16, image_dim=8, audio_dim=8, gate_hidden=16,
+                  mixer_dim=16))
   return m
 
 

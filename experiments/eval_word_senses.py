@@ -11,14 +11,15 @@ r"""Word-sense accuracy and cost of the contextual fuser (DESIGN.md part 7).
    split per sense; a nearest-sense-centroid probe (cosine, within each lemma) on the
    word's vector from: the static table, the fuser without context, the fuser with
    context (dynamic path), the fuser as gated, and the LM's final hidden states.
-4. Cost: per-token forward time and compiled memory of the LM with the fuser embedding
-   vs the static table, in this one run; and the fuser alone, all tokens vs capacity.
+4. Cost (`bench_fuser_cost.cost_table`): per-token forward time and compiled memory of
+   the LM with the fuser embedding vs the static table, in this one run; and the fuser
+   alone, all tokens vs capacity. experiments/bench_fuser_cost.py compares both designs
+   at two LM sizes.
 
 Everything lands in ``--workdir`` (``report.json``, the fuser and LM checkpoints).
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import time
@@ -31,6 +32,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from experiments import bench_fuser_cost  # noqa: E402
 from fsqtok.data import corpus as corpus_lib  # noqa: E402
 from fsqtok.data import lm_data  # noqa: E402
 from fsqtok.models import fuser as fuser_lib  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -160,72 +162,8 @@ def word_sense_table(config, tok, fuser_model, fuser_params, lm_model, lm_params
                        for k, v in results.items()}}
 
 
-# ---- cost -------------------------------------------------------------------------------
-
-def _memory(compiled) -> int:
-  m = compiled.memory_analysis()
-  if m is None:
-    return -1
-  return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes)
-
-
-def _time(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
-
-
-def cost_table(config, tok, fuser_spec, ambiguous):
-  """Per-token time and compiled memory, fuser vs static table, in one run: the LM's whole
-  forward, one cached decode step, and the fuser alone (all tokens vs a 25% capacity)."""
-  e = config.eval
-  token_bytes = [tok.token_bytes(i) for i in range(len(tok))]
-  rng = np.random.default_rng(0)
-  ids = jnp.asarray(rng.integers(len(tok.special_tokens), len(tok),
-                                 (e.cost_batch_size, e.cost_seq_len)), jnp.int32)
-  tokens = ids.size
-  rows = {}
-  for kind, emb in (("static table", "table"), ("fuser embedding", "fuser")):
-    m = config.lm.model.copy_and_resolve_references()
-    with m.unlocked():
-      m.embedding = emb
-      m.fuser = dataclasses.asdict(fuser_spec)  # made causal by the LM
-    model = lm_lib.lm_from_config(m, len(tok), token_bytes=token_bytes,
-                                  ambiguous_ids=ambiguous)
-    params = jax.jit(model.init)(jax.random.PRNGKey(0), ids[:1])["params"]
-    n_params = int(sum(x.size for x in jax.tree.leaves(params)))
-    # the whole sequence at once (training, scoring)
-    fn = jax.jit(lambda p, i, model=model: model.apply({"params": p}, i)[0])
-    compiled = fn.lower(params, ids).compile()
-    rows[f"LM forward, {kind}"] = {
-        "seconds_per_token": _time(fn, params, ids, repeats=e.cost_repeats) / tokens,
-        "memory_bytes": _memory(compiled), "params": n_params}
-    # one generation step through the key/value cache, after a prompt of T - 1 tokens
-    step = jax.jit(lambda p, i, c, model=model: model.apply({"params": p}, i, cache=c))
-    cache = lm_lib.init_cache(model, ids.shape[0], ids.shape[1])
-    _, cache = step(params, ids[:, :-1], cache)
-    compiled = step.lower(params, ids[:, -1:], cache).compile()
-    rows[f"LM decode step (KV cache), {kind}"] = {
-        "seconds_per_token": _time(step, params, ids[:, -1:], cache,
-                                   repeats=e.cost_repeats) / ids.shape[0],
-        "memory_bytes": _memory(compiled), "params": n_params}
-  for name, cap in (("fuser alone, all tokens", 0.0), ("fuser alone, capacity 25%", 0.25)):
-    spec = dataclasses.replace(fuser_spec, capacity=cap)
-    model = fuser_lib.ContextualFuser(len(tok), config.fuser.d_model, tuple(token_bytes),
-                                      spec, tuple(ambiguous))
-    params = jax.jit(lambda r, model=model: fuser_lib.init_params(model, r, 8))(
-        jax.random.PRNGKey(0))
-    fn = jax.jit(lambda p, i, model=model: model.apply({"params": p}, i)[0])
-    compiled = fn.lower(params, ids).compile()
-    rows[name] = {"seconds_per_token": _time(fn, params, ids, repeats=e.cost_repeats) / tokens,
-                  "memory_bytes": _memory(compiled),
-                  "params": int(sum(x.size for x in jax.tree.leaves(params)))}
-  return {"batch": [e.cost_batch_size, e.cost_seq_len], "device": jax.devices()[0].device_kind,
-          "rows": rows}
+# ---- cost ------------------------------------------------------------------------------
+# experiments/bench_fuser_cost.py measures it (one home): `bench_fuser_cost.cost_table`.
 
 
 # ---- main -------------------------------------------------------------------------------
@@ -272,7 +210,7 @@ def run(config, workdir: str, wordnet_dir: str) -> dict:
 
   senses = word_sense_table(config, tok, fuser_model, fuser_params, lm_model, lm_params,
                             wordnet_dir)
-  cost = cost_table(config, tok, fuser_model.spec, ambiguous)
+  cost = bench_fuser_cost.cost_table(config, tok, fuser_model.spec, ambiguous)
   report = {"tokenizer": tok_kind, "vocab_size": len(tok), "ambiguous_set": len(ambiguous),
             "fuser": fuser_report, "activation": rate,
             "lm_validation": lm_report["validation"], "word_senses": senses, "cost": cost,

@@ -1,4 +1,5 @@
-"""The contextual fuser: shapes, gate capacity, causality, losses, training, the cache."""
+"""The contextual fuser: shapes, gate capacity, causality, losses, training, the cache;
+both designs (``per_id``, the default, and ``per_position``)."""
 import dataclasses
 import math
 import types
@@ -18,18 +19,31 @@ TEXT = ("the bank of the river was steep. the bank lent money to the river town.
         "we sat on the bank and counted the money of the bank. ") * 3
 SPEC = F.FuserSpec(window_left=2, window_right=2, context_bytes=8, char_dim=16, hidden_dim=16,
                    transformer_layers=1, transformer_heads=2, fragment_dim=16, fusion_heads=2,
-                   fused_dim=16, doc_dim=8, image_dim=4, audio_dim=4, gate_hidden=8)
+                   fused_dim=16, doc_dim=8, image_dim=4, audio_dim=4, gate_hidden=8,
+                   mixer_dim=8)
+OLD = dataclasses.replace(SPEC, design="per_position")
+
+
+def _setup(spec):
+  tok = FT.counted_tokenizer([TEXT], 300)
+  bank = tok.token_to_id(" bank")
+  model = F.ContextualFuser(len(tok), 16, tuple(tok.token_bytes(i) for i in range(len(tok))),
+                            spec, (bank, tok.token_to_id("[MASK]")))
+  ids = jnp.asarray(np.asarray(tok.encode(TEXT)[:32], np.int32).reshape(2, 16))
+  params = jax.jit(lambda r: F.init_params(model, r, 16))(jax.random.PRNGKey(0))
+  return types.SimpleNamespace(tok=tok, model=model, ids=ids, params=params, bank=bank)
 
 
 @pytest.fixture(scope="module")
 def setup():
-  tok = FT.counted_tokenizer([TEXT], 300)
-  bank = tok.token_to_id(" bank")
-  model = F.ContextualFuser(len(tok), 16, tuple(tok.token_bytes(i) for i in range(len(tok))),
-                            SPEC, (bank, tok.token_to_id("[MASK]")))
-  ids = jnp.asarray(np.asarray(tok.encode(TEXT)[:32], np.int32).reshape(2, 16))
-  params = jax.jit(lambda r: F.init_params(model, r, 16))(jax.random.PRNGKey(0))
-  return types.SimpleNamespace(tok=tok, model=model, ids=ids, params=params, bank=bank)
+  """The default design, per_id."""
+  return _setup(SPEC)
+
+
+@pytest.fixture(scope="module")
+def old():
+  """The first design, per_position (chosen by config)."""
+  return _setup(OLD)
 
 
 def test_shapes_and_gate(setup):
@@ -74,27 +88,27 @@ def test_info_nce_matches_hand_computation():
   np.testing.assert_allclose(float(got), expected / 2, rtol=1e-6)
 
 
-def test_capacity_has_static_shapes_and_agrees_with_compute_all(setup):
-  s = setup
+def test_capacity_has_static_shapes_and_agrees_with_compute_all(old):
+  s = old
   run = lambda spec: jax.jit(lambda p, i: s.model.clone(spec=spec).apply({"params": p}, i))(
       s.params, s.ids)
-  x_all, aux_all = run(dataclasses.replace(SPEC, capacity=0.0))
+  x_all, aux_all = run(dataclasses.replace(OLD, capacity=0.0))
   gated = int(np.sum(aux_all["gate"]))
   n = s.ids.size
   assert 0 < gated < n
   # capacity >= number gated: identical outputs
-  x_cap, aux_cap = run(dataclasses.replace(SPEC, capacity=math.ceil(gated * 1.0) / n))
+  x_cap, aux_cap = run(dataclasses.replace(OLD, capacity=math.ceil(gated * 1.0) / n))
   chex.assert_trees_all_close(x_cap, x_all, atol=1e-5)
   np.testing.assert_array_equal(aux_cap["computed"], aux_all["computed"])
   # a smaller capacity: the same shapes, exactly ceil(capacity * n) computed
-  small = dataclasses.replace(SPEC, capacity=2 / n)
+  small = dataclasses.replace(OLD, capacity=2 / n)
   x_small, aux_small = run(small)
   chex.assert_equal_shape([x_small, x_all])
   assert int(np.sum(aux_small["computed"])) == 2
 
 
-def test_context_bytes_cut_the_window(setup):
-  s = setup
+def test_context_bytes_cut_the_window(old):
+  s = old
   windows = F.context_windows(s.ids, 2, 2).reshape(-1, 5)
   chars, seg, mask = s.model.apply({"params": s.params}, windows, method=F.ContextualFuser.pack)
   chars, seg, mask = map(np.asarray, (chars, seg, mask))
@@ -105,17 +119,30 @@ def test_context_bytes_cut_the_window(setup):
     assert own == (s.tok.token_bytes(tid) or own)
 
 
-def test_lm_embedding_is_causal(setup):
-  s = setup
+def _lm_embedding(s, **spec_changes):
+  """The LM embedding of ``s``'s fuser (its weights) and its variables."""
   lm = types.SimpleNamespace(vocab_size=s.model.vocab_size, d_model=16,
-                             token_bytes=s.model.token_bytes, fuser=SPEC)
+                             token_bytes=s.model.token_bytes,
+                             fuser=dataclasses.replace(s.model.spec, **spec_changes),
+                             ambiguous_ids=s.model.ambiguous_ids)
   emb = F.lm_embedding(lm)
-  assert emb.spec.window_right == 0
-  # the same weights; the causal window packs fewer bytes, so fewer byte positions
   fuser = {k: v for k, v in s.params.items() if k != "mlm_head"}
-  frag = dict(fuser["fragment"])
-  frag["positions"] = frag["positions"][:emb.spec.packed_len]
-  params = {"params": {"fuser": {**fuser, "fragment": frag}}}
+  if emb.spec.design == "per_position":  # the causal window packs fewer byte positions
+    frag = dict(fuser["fragment"])
+    frag["positions"] = frag["positions"][:emb.spec.packed_len]
+    fuser = {**fuser, "fragment": frag}
+  else:  # per-slot parameters: the left slots and the token's
+    w = emb.spec.window
+    fuser = {**fuser, "slot_bias": fuser["slot_bias"][:, :w],
+             "slot_value": fuser["slot_value"][:w]}
+  return lm, emb, {"params": {"fuser": fuser}}
+
+
+@pytest.mark.parametrize("design", ["per_position", "per_id"])
+def test_lm_embedding_is_causal(setup, old, design):
+  s = old if design == "per_position" else setup
+  _, emb, params = _lm_embedding(s)
+  assert emb.spec.window_right == 0
   f = jax.jit(lambda p, i: emb.apply(p, i))
   x = f(params, s.ids)
   changed = s.ids.at[:, 9].set(s.bank)
@@ -193,8 +220,9 @@ def test_loss_falls_and_reference_updates(setup):
   assert 0.0 < float(m["activation_rate"]) <= 1.0
 
 
-def test_encoder_cache_gives_the_same_vectors(setup):
-  s = setup
+@pytest.mark.parametrize("design", ["per_position", "per_id"])
+def test_encoder_cache_gives_the_same_vectors(setup, old, design):
+  s = old if design == "per_position" else setup
   texts = ["the bank of the river", "money in the bank", "the bank of the river"]
   cached = F.FuserEncoder(s.model, s.params, s.tok, cache_size=1000, chunk=16)
   plain = F.FuserEncoder(s.model, s.params, s.tok, cache_size=0, chunk=16)
@@ -223,6 +251,16 @@ def test_bad_config_is_explained(setup):
   lm = types.SimpleNamespace(vocab_size=3, d_model=8, token_bytes=None)
   with pytest.raises(ValueError, match="token_bytes"):
     F.lm_embedding(lm)
+  with pytest.raises(ValueError, match="design must be one of"):
+    F.FuserSpec(design="per_token").validate()
+  with pytest.raises(ValueError, match="mixer must be one of"):
+    F.FuserSpec(mixer="mlp").validate()
+  with pytest.raises(ValueError, match="mixer_heads"):
+    F.FuserSpec(mixer_dim=30, mixer_heads=4).validate()
+  with pytest.raises(ValueError, match="allows no computed token"):
+    F.FuserSpec(window_left=4, capacity=0.1).validate()   # floor(0.1 * 5) = 0
+  with pytest.raises(ValueError, match="Only the per_id design"):
+    F.precompute_table(setup.model.clone(spec=OLD), setup.params)
 
 
 def test_padding_is_never_context(setup):
@@ -239,12 +277,105 @@ def test_padding_is_never_context(setup):
                          atol=1e-6)
 
 
-def _fuser_lm():
+# ---- the per-id design ------------------------------------------------------------------
+
+def test_per_id_table_is_the_encoder_output(setup):
+  """The precomputed table is the per-id encoder's output (exactly, computed with one
+  shape; to rounding in chunks), and the fuser gives the same vectors with it as when it
+  encodes the batch's ids itself, or every id."""
+  s = setup
+  v = s.model.vocab_size
+  rows = jax.jit(lambda p: s.model.apply({"params": p}, jnp.arange(v),
+                                         method=F.ContextualFuser.id_rows))(s.params)
+  chex.assert_shape(rows, (v, SPEC.table_width))
+  np.testing.assert_array_equal(F.precompute_table(s.model, s.params, chunk=v), rows)
+  np.testing.assert_allclose(F.precompute_table(s.model, s.params, chunk=64), rows,
+                             rtol=1e-6, atol=1e-6)
+  fwd = jax.jit(lambda var, i: s.model.apply(var, i, force_dynamic=True)[0])
+  from_batch = fwd({"params": s.params}, s.ids)
+  chex.assert_trees_all_close(fwd(F.table_variables(s.model, s.params), s.ids), from_batch,
+                              atol=1e-6)
+  every = s.model.clone(spec=dataclasses.replace(SPEC, fragment_ids="all"))
+  chex.assert_trees_all_close(
+      jax.jit(lambda p, i: every.apply({"params": p}, i, force_dynamic=True)[0])(
+          s.params, s.ids), from_batch, atol=1e-6)
+
+
+def test_per_id_gradients_reach_the_fragment_encoder(setup):
+  s = setup
+  def loss(p):
+    x, _ = s.model.apply({"params": p}, s.ids, force_dynamic=True)
+    return jnp.sum(x ** 2)
+  grads = jax.jit(jax.grad(loss))(s.params)
+  for name in ("fragment", "mix_out", "mix_key", "slot_value"):
+    norm = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads[name]))
+    assert norm > 0, name
+
+
+@pytest.mark.parametrize("mixer", ["attention", "conv"])
+def test_per_id_capacity_is_causal_and_within_its_budget(setup, mixer):
+  """The causal capacity: at most m = floor(capacity * (window_left + 1)) computed tokens
+  in any window_left + 1; only the budget's windows go through the dynamic path; a later
+  token changes no earlier vector; token by token with the previous ids as the prefix
+  (what the LM's key/value cache keeps) equals the whole sequence; the computed vectors
+  are those of the compute-all path."""
+  s = setup
+  ids = jnp.tile(s.ids, (1, 2))  # 2 x 32
+  _, emb, params = _lm_embedding(s, capacity=0.67, mixer=mixer)
+  spec = emb.spec
+  m, w = spec.per_window, spec.window_left + 1
+  assert (m, w) == (2, 3)
+  if mixer == "conv":  # the conv mixer's weights instead of the attention's
+    p = {k: v for k, v in params["params"]["fuser"].items()
+         if k not in ("slot_bias", "slot_value", "mix_query", "mix_key")}
+    p["slot_weight"] = 0.5 * jax.random.normal(jax.random.PRNGKey(1), (w, SPEC.fragment_dim))
+    params = {"params": {"fuser": p}}
+  run = jax.jit(lambda p, i: emb.apply(p, i, mutable=["intermediates"]))
+  x, state = run(params, ids)
+  budget = spec.budget(32)
+  assert budget == m * math.ceil(32 / w) < 32
+  assert int(state["intermediates"]["fuser"]["dynamic_rows"][0]) == 2 * budget
+  fuser = F.ContextualFuser(emb.vocab_size, 16, emb.token_bytes, spec, emb.ambiguous_ids)
+  inner = {"params": params["params"]["fuser"]}
+  aux, x_all = jax.jit(lambda p, i: (fuser.apply(p, i)[1],
+                                     fuser.apply(p, i, compute_all=True)[0]))(inner, ids)
+  computed = np.asarray(aux["computed"])
+  for start in range(32 - w + 1):
+    assert computed[:, start:start + w].sum(1).max() <= m
+  assert computed.sum(1).min() > 0 and (np.asarray(aux["gate"]) & ~computed).any()
+  # computed: the compute-all vectors; elsewhere the static rows
+  np.testing.assert_allclose(np.asarray(x)[computed], np.asarray(x_all)[computed], atol=1e-6)
+  table = np.asarray(inner["params"]["static"]["embedding"])
+  np.testing.assert_array_equal(np.asarray(x)[~computed], table[np.asarray(ids)[~computed]])
+  # causal
+  changed = ids.at[:, 20].set(s.bank)
+  y, _ = run(params, changed)
+  chex.assert_trees_all_close(x[:, :20], y[:, :20])
+  assert not np.allclose(x[:, 20:], y[:, 20:])
+  # one token at a time, the previous window_left ids as the prefix
+  step = jax.jit(lambda p, i, pre: emb.apply(p, i, prefix_BxP=pre))
+  prefix = jnp.full((2, spec.window_left), F.OUTSIDE, jnp.int32)
+  outs = []
+  for t in range(32):
+    outs.append(step(params, ids[:, t:t + 1], prefix))
+    prefix = jnp.concatenate([prefix, ids[:, t:t + 1]], 1)[:, 1:]
+  chex.assert_trees_all_close(jnp.concatenate(outs, 1), x, atol=1e-6)
+
+
+def test_per_id_signals_none_equals_absent_signals(setup):
+  s = setup
+  apply = jax.jit(lambda p, i, sig: s.model.apply({"params": p}, i, sig, force_dynamic=True)[0])
+  fast = jax.jit(lambda p, i: s.model.apply({"params": p}, i, force_dynamic=True)[0])
+  chex.assert_trees_all_close(fast(s.params, s.ids),
+                              apply(s.params, s.ids, F.empty_signals(2, SPEC)), atol=1e-6)
+
+
+def _fuser_lm(design: str = "per_id"):
   from fsqtok.models import lm as lm_lib  # pylint: disable=g-import-not-at-top
   token_bytes = tuple([None] * 3 + [bytes([i]) for i in range(97, 123)] + [b"the", b"an"])
   c = fuser_config.get_config("tiny").lm.model
   c.embedding, c.fuser = "fuser", fuser_config.model_config(tiny=True)
-  c.fuser.update(window_left=3, gate_mode="learned", threshold=0.3)
+  c.fuser.update(window_left=3, gate_mode="learned", threshold=0.3, design=design)
   c.d_model = 16
   model = lm_lib.lm_from_config(c, len(token_bytes), token_bytes=token_bytes,
                                 ambiguous_ids=(29,))
@@ -254,9 +385,11 @@ def _fuser_lm():
 
 
 @pytest.mark.slow
-def test_the_lm_fuser_embedding_follows_its_config_and_is_causal():
-  model, params, ids = _fuser_lm()
+@pytest.mark.parametrize("design", ["per_id", "per_position"])
+def test_the_lm_fuser_embedding_follows_its_config_and_is_causal(design):
+  model, params, ids = _fuser_lm(design)
   assert model.fuser.window_left == 3 and model.ambiguous_ids == (29,)
+  assert model.fuser.design == design
   emb = F.lm_embedding(model)
   assert emb.spec.window_right == 0 and emb.spec.window_left == 3   # made causal
   apply = jax.jit(lambda p, i, v: model.apply({"params": p}, i, v)[0])
@@ -297,3 +430,34 @@ def test_the_lm_fuser_embedding_generates_with_the_cache_exactly():
       logits = whole(params, padded, jnp.arange(10)[None] < len(seq))
       seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
     assert new == seq[len(prompt):]
+
+
+@pytest.mark.slow
+def test_the_lm_trains_with_the_per_id_fuser_embedding():
+  """A few Adam steps on one batch: the loss falls, and the precomputed table gives the
+  trained LM's outputs."""
+  import optax  # pylint: disable=g-import-not-at-top
+  model, params, ids = _fuser_lm()
+  assert F.lm_spec(model).design == "per_id"
+  valid = jnp.ones_like(ids, bool)
+  targets = jnp.roll(ids, -1, 1)
+  def loss(p):
+    return -jnp.mean(model.apply({"params": p}, ids, valid, targets,
+                                 method=model.target_log_probs))
+  tx = optax.adam(1e-2)
+  @jax.jit
+  def step(p, o):
+    value, g = jax.value_and_grad(loss)(p)
+    updates, o = tx.update(g, o, p)
+    return optax.apply_updates(p, updates), o, value, g
+  opt = tx.init(params)
+  losses = []
+  for _ in range(6):
+    params, opt, value, g = step(params, opt)
+    losses.append(float(value))
+  assert losses[-1] < losses[0] - 0.1, losses
+  frag = sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(g["embed"]["fuser"]["fragment"]))
+  assert frag > 0
+  with_table = jax.jit(lambda v, i: model.apply(v, i, valid)[0])
+  chex.assert_trees_all_close(with_table(F.lm_table_variables(model, params), ids),
+                              with_table({"params": params}, ids), atol=1e-5)

@@ -19,6 +19,33 @@ before, ``window_right`` after; the LM uses ``window_right = 0`` so it stays cau
   gather/scatter); ``capacity = 0`` computes all. The learned score gets gradients by a
   straight-through estimator (forward: the hard gate).
 
+Two designs (``design``), the same gate, signals, head, losses and entry points:
+
+* ``per_position`` (the first design): the fragment encoder runs for every position, over
+  the packed bytes of its whole window, as above. Its fixed capacity is not causal (later
+  tokens compete with earlier ones for the top-c slots), so the LM embedding computes
+  every gated token.
+* ``per_id`` (the default): the fragment encoder runs over each token's **own** bytes, so
+  its output is a function of the id: a per-id row (fragment vector, the mixer's query
+  and key, the learned ambiguity score). While training it is computed for the ids a
+  batch needs (``fragment_ids``: the batch's unique ids, static size, or all ``V``),
+  gradients flowing; at inference `precompute_table` gives the exact ``V x P`` table,
+  passed as the ``fuser_table`` variable collection (`table_variables`,
+  `lm_table_variables`). Context enters through a cheap **mixer** over the window's rows:
+  one local attention (query of the token, keys of the window, values = the fragments
+  plus a per-slot vector, a per-slot bias) or a depthwise convolution (``mixer``), then
+  the information fuser and head as above. The learned score is per id (from the static
+  row and the fragment), so a token's gate depends only on its id.
+  **Causal capacity** (``capacity > 0``): a gated token is computed when fewer than
+  ``m = floor(capacity * (window_left + 1))`` of the ``window_left`` tokens before it are
+  gated (a sliding-window limit on requests). It reads only the ids of the token's own
+  left window, so it is causal, and generation through a key/value cache (which keeps
+  those ids) equals recomputing the sequence; and any ``window_left + 1`` consecutive
+  tokens hold at most ``m`` computed ones, so a row of ``T`` tokens needs at most
+  ``m * ceil(T / (window_left + 1))`` dynamic slots: a static budget, gathered and
+  scattered like the first design's top-c. Its price: where gated tokens cluster more
+  densely than ``m`` per window, the later ones of the cluster keep their static rows.
+
 Everything is vectorized over positions and jit-compiled; the only host-side part is the
 LRU cache of `FuserEncoder`.
 """
@@ -39,6 +66,10 @@ OUTSIDE = -1  # a window slot beyond the sequence
 MAX_SPECIALS = 64  # tokens without bytes, each one pseudo-char after the 256 bytes
 SIGNALS = ("document", "author", "domain", "timestamp", "image", "audio")
 GATE_MODES = ("both", "set", "learned", "always")
+DESIGNS = ("per_id", "per_position")
+MIXERS = ("attention", "conv")
+FRAGMENT_IDS = ("batch", "all")
+TABLE = "fuser_table"  # the variable collection of the per-id table at inference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +98,11 @@ class FuserSpec:
   gate_hidden: int = 64
   threshold: float = 0.5
   capacity: float = 0.0           # share of tokens computed dynamically; 0: all
+  design: str = "per_id"          # per_id | per_position (see the module docstring)
+  mixer: str = "attention"        # per_id: attention | conv over the window's rows
+  mixer_dim: int = 32             # per_id attention: query/key width
+  mixer_heads: int = 2            # per_id attention: heads
+  fragment_ids: str = "batch"     # per_id training: encode the batch's unique ids | all
 
   @classmethod
   def from_config(cls, c) -> "FuserSpec":
@@ -92,6 +128,38 @@ class FuserSpec:
     if self.char_dim % self.transformer_heads or self.fragment_dim % self.fusion_heads:
       raise ValueError("char_dim must be divisible by transformer_heads and fragment_dim "
                        "by fusion_heads.")
+    for name, value, allowed in (("design", self.design, DESIGNS),
+                                 ("mixer", self.mixer, MIXERS),
+                                 ("fragment_ids", self.fragment_ids, FRAGMENT_IDS)):
+      if value not in allowed:
+        raise ValueError(f"fuser.model.{name} must be one of {allowed}, got {value!r}.")
+    if self.design == "per_id":
+      if (self.mixer_heads < 1 or self.mixer_dim % self.mixer_heads
+          or self.fragment_dim % self.mixer_heads):
+        raise ValueError(f"fuser.model.mixer_heads ({self.mixer_heads}) must divide "
+                         f"mixer_dim ({self.mixer_dim}) and fragment_dim "
+                         f"({self.fragment_dim}).")
+      if self.capacity and not self.per_window:
+        raise ValueError(f"fuser.model.capacity={self.capacity} allows no computed token "
+                         f"per window of window_left + 1 = {self.window_left + 1} tokens "
+                         f"(per_id: floor(capacity * (window_left + 1)) must be >= 1): "
+                         f"raise it, or 0 to compute every gated token.")
+
+  @property
+  def per_window(self) -> int:
+    """per_id capacity: computed tokens allowed in any ``window_left + 1`` in a row."""
+    return int(math.floor(self.capacity * (self.window_left + 1) + 1e-9))
+
+  def budget(self, seq_len: int) -> int:
+    """per_id capacity: the dynamic slots a row of ``seq_len`` tokens needs at most."""
+    if not self.capacity:
+      return seq_len
+    return min(seq_len, self.per_window * -(-seq_len // (self.window_left + 1)))
+
+  @property
+  def table_width(self) -> int:
+    """per_id: the width of a per-id row (fragment [, query, key], score)."""
+    return self.fragment_dim + (2 * self.mixer_dim if self.mixer == "attention" else 0) + 1
 
   @property
   def window(self) -> int:
@@ -215,8 +283,29 @@ class FragmentEncoder(nn.Module):
     return nn.Dense(s.fragment_dim, name="combine")(jnp.concatenate(parts, axis=-1))
 
 
+class _LeadingDense(nn.Module):
+  """`nn.Dense` (the same parameters) that may be given only the leading ``x`` columns of
+  its ``in_features`` inputs, the rest being zeros (their kernel rows are skipped)."""
+
+  features: int
+  in_features: int
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (self.in_features, self.features))
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    if x.shape[-1] < self.in_features:
+      kernel = kernel[:x.shape[-1]]
+    return x @ kernel + bias
+
+
 class InformationFuser(nn.Module):
-  """``fragment_NxF`` + the present signals of each token's row -> ``fused_NxH``."""
+  """``fragment_NxF`` + the present signals of each token's row -> ``fused_NxH``.
+
+  ``signals=None``: none present (the LM embedding). That skips the signal projections
+  and the cross-attention, which would add nothing (same parameters, same result up to
+  rounding)."""
 
   spec: FuserSpec
 
@@ -224,6 +313,11 @@ class InformationFuser(nn.Module):
   def __call__(self, fragment_NxF, signals, rows_N):
     s = self.spec
     f = s.fragment_dim
+    fuse1 = _LeadingDense(s.hidden_dim, f * (1 + len(SIGNALS)), name="fuse1")
+    if signals is None and self.is_initializing():  # create every parameter
+      signals, rows_N = empty_signals(1, s), jnp.zeros_like(rows_N)
+    if signals is None:
+      return self.mlp(fuse1(fragment_NxF))
     g = {k: v[rows_N] for k, v in signals.items()}
     projected = [
         nn.Dense(f, name="document")(g["document"]),
@@ -240,9 +334,13 @@ class InformationFuser(nn.Module):
     any_present = jnp.any(present_NxK, axis=-1, keepdims=True)
     fragment_NxF = fragment_NxF + jnp.where(any_present, attended, 0.0)
     h = jnp.concatenate([fragment_NxF, signals_NxKxF.reshape(fragment_NxF.shape[0], -1)], -1)
-    h = nn.relu(nn.LayerNorm(name="ln1")(nn.Dense(s.hidden_dim, name="fuse1")(h)))
-    h = nn.relu(nn.LayerNorm(name="ln2")(nn.Dense(s.hidden_dim, name="fuse2")(h)))
-    return nn.Dense(s.fused_dim, name="fuse_out")(h)
+    return self.mlp(fuse1(h))
+
+  @nn.nowrap
+  def mlp(self, h):
+    h = nn.relu(nn.LayerNorm(name="ln1")(h))
+    h = nn.relu(nn.LayerNorm(name="ln2")(nn.Dense(self.spec.hidden_dim, name="fuse2")(h)))
+    return nn.Dense(self.spec.fused_dim, name="fuse_out")(h)
 
 
 class ContextualFuser(nn.Module):
@@ -250,6 +348,8 @@ class ContextualFuser(nn.Module):
 
   ``aux``: ``gate`` (bool, where the dynamic vector was wanted), ``computed`` (where it
   was used: ``gate`` minus capacity overflow), ``score`` (the learned ambiguity score).
+  The ``per_id`` design sows ``intermediates/dynamic_rows``: how many windows went
+  through the dynamic path (its static budget).
   """
 
   vocab_size: int
@@ -284,6 +384,155 @@ class ContextualFuser(nn.Module):
     self.gate_hidden = nn.Dense(self.spec.gate_hidden)
     self.gate_out = nn.Dense(1)
     self.mlm_head = nn.Dense(self.vocab_size)
+    if self.spec.design == "per_id":
+      s, init = self.spec, nn.initializers.normal(0.02)
+      if s.mixer == "attention":
+        self.mix_query = nn.Dense(s.mixer_dim)
+        # no key bias: it adds the same logit to every slot (softmax ignores it)
+        self.mix_key = nn.Dense(s.mixer_dim, use_bias=False)
+        self.slot_bias = self.param("slot_bias", nn.initializers.zeros_init(),
+                                    (s.mixer_heads, s.window))
+        self.slot_value = self.param("slot_value", init, (s.window, s.fragment_dim))
+      else:
+        self.slot_weight = self.param("slot_weight", init, (s.window, s.fragment_dim))
+      self.mix_out = nn.Dense(s.fragment_dim)
+
+  # -- the per-id design --
+
+  def id_rows(self, ids_U):
+    """``rows_UxP`` (P = `FuserSpec.table_width`): each id's fragment vector over its own
+    bytes [, the mixer's query and key], and its learned ambiguity score (last column)."""
+    s = self.spec
+    ids_U = jnp.maximum(ids_U, 0)
+    chars = self._chars[ids_U]
+    mask = jnp.arange(s.max_token_bytes)[None, :] < self._lengths[ids_U][:, None]
+    fragment = self.fragment(chars, jnp.ones_like(chars), mask)
+    h = nn.relu(self.gate_hidden(jnp.concatenate([self.static(ids_U), fragment], -1)))
+    score = jax.nn.sigmoid(self.gate_out(h))
+    parts = [fragment]
+    if s.mixer == "attention":
+      parts += [self.mix_query(fragment), self.mix_key(fragment)]
+    return jnp.concatenate(parts + [score], -1)
+
+  def table(self):
+    """The per-id rows of every id (`precompute_table` runs this in chunks)."""
+    return self.id_rows(jnp.arange(self.vocab_size))
+
+  def _rows_for(self, ids_M, pool_P=None):
+    """``(table_UxP, index_M)``: per-id rows and where each of ``ids_M`` finds its own:
+    the precomputed table if one is given (``fuser_table`` collection), else computed
+    for the unique ids of ``pool_P`` (which holds every id of ``ids_M``; default
+    ``ids_M``) with ``fragment_ids="batch"`` (``min(V, P)`` rows: a static size), or for
+    every id."""
+    ids_M = jnp.maximum(ids_M, 0)
+    if self.has_variable(TABLE, "table"):
+      table = self.get_variable(TABLE, "table")
+      if table.shape != (self.vocab_size, self.spec.table_width):
+        raise ValueError(f"The fuser_table has shape {table.shape}; this fuser needs "
+                         f"{(self.vocab_size, self.spec.table_width)}: precompute it with "
+                         f"the same spec.")
+      return table, ids_M
+    pool_P = ids_M if pool_P is None else jnp.maximum(pool_P, 0)
+    n = pool_P.shape[0]
+    if self.spec.fragment_ids == "all" or n >= self.vocab_size:
+      return self.id_rows(jnp.arange(self.vocab_size)), ids_M
+    # sorted unique ids, padded with the largest id (so still sorted): searchsorted
+    # finds each id's row
+    uniq_U = jnp.unique(pool_P, size=n, fill_value=self.vocab_size - 1)
+    return self.id_rows(uniq_U), jnp.searchsorted(uniq_U, ids_M).astype(jnp.int32)
+
+  def _gate_from_rows(self, ids_N, score_N):
+    in_set = self._in_set[jnp.maximum(ids_N, 0)]
+    mode = self.spec.gate_mode
+    if mode == "always":
+      on = jnp.ones_like(in_set)
+    elif mode == "set":
+      on = in_set
+    elif mode == "learned":
+      on = score_N > self.spec.threshold
+    else:
+      on = in_set | (score_N > self.spec.threshold)
+    return on, in_set
+
+  def mix(self, rows_KxWxP, windows_KxW, rows_K, signals):
+    """The dynamic vectors of ``K`` windows from their per-id rows: the mixer over the
+    window, the information fuser, the head."""
+    s = self.spec
+    k, w = windows_KxW.shape
+    f = s.fragment_dim
+    centre = s.window_left
+    present = (windows_KxW >= 0) | (jnp.arange(w) == centre)[None]  # K x W
+    fragment_KxWxF = rows_KxWxP[..., :f]
+    own_KxF = fragment_KxWxF[:, centre]
+    if s.mixer == "attention":
+      h, dq = s.mixer_heads, s.mixer_dim // s.mixer_heads
+      q = rows_KxWxP[:, centre, f:f + s.mixer_dim].reshape(k, h, dq)
+      key = rows_KxWxP[..., f + s.mixer_dim:f + 2 * s.mixer_dim].reshape(k, w, h, dq)
+      logits_KxHxW = (jnp.einsum("khd,kwhd->khw", q, key) / math.sqrt(dq)
+                      + self.slot_bias[None])
+      logits_KxHxW = jnp.where(present[:, None, :], logits_KxHxW, -1e9)
+      weights = jax.nn.softmax(logits_KxHxW, axis=-1)
+      value = (fragment_KxWxF + self.slot_value[None]).reshape(k, w, h, f // h)
+      context_KxF = jnp.einsum("khw,kwhe->khe", weights, value).reshape(k, f)
+    else:
+      context_KxF = jnp.sum(jnp.where(present[..., None], fragment_KxWxF, 0.0)
+                            * self.slot_weight[None], axis=1)
+    mixed = own_KxF + self.mix_out(context_KxF)
+    fused = self.fuser(mixed, signals, rows_K)
+    return jnp.tanh(self.project_norm(self.project(fused)))
+
+  def _embed_windows_per_id(self, windows_NxW, rows_N, signals, compute_all, force_dynamic,
+                            extra_ExW, extra_rows_E, budget, pool_ids):
+    s = self.spec
+    n, w = windows_NxW.shape
+    centre = s.window_left
+    all_windows = windows_NxW if extra_ExW is None else jnp.concatenate([windows_NxW,
+                                                                         extra_ExW])
+    if pool_ids is not None and extra_ExW is not None:
+      pool_ids = jnp.concatenate([pool_ids, extra_ExW.reshape(-1)])
+    table, index = self._rows_for(all_windows.reshape(-1), pool_ids)
+    index_MxW = index.reshape(all_windows.shape)
+    ids = jnp.maximum(windows_NxW[:, centre], 0)
+    static = self.static(ids)
+    score_NxW = table[index_MxW[:n], -1]
+    on_NxW, in_set_NxW = self._gate_from_rows(windows_NxW, score_NxW)
+    on, in_set, score = on_NxW[:, centre], in_set_NxW[:, centre], score_NxW[:, centre]
+    if force_dynamic:
+      on = jnp.ones_like(on)
+    learned = on & ~in_set if s.gate_mode in ("both", "learned") else jnp.zeros_like(on)
+    weight = on.astype(static.dtype) + jnp.where(
+        learned, score - jax.lax.stop_gradient(score), 0.0)
+    computed = on
+    use_capacity = s.capacity > 0 and not force_dynamic and compute_all is not True
+    if use_capacity:  # causal: fewer than m gated tokens among the window_left before it
+      before = jnp.sum(on_NxW[:, :centre] & (windows_NxW[:, :centre] >= 0), axis=1)
+      computed = on & (before < s.per_window) & (windows_NxW[:, centre] >= 0)
+    gather = use_capacity and budget is not None and budget < n
+    if gather:  # the first `budget` computed windows (all of them: see FuserSpec.budget)
+      rank = jnp.cumsum(computed) - 1
+      slot = jnp.where(computed & (rank < budget), rank, budget)
+      idx_C = jnp.zeros((budget + 1,), jnp.int32).at[slot].set(
+          jnp.arange(n, dtype=jnp.int32))[:budget]
+      used_C = jnp.zeros((budget + 1,), bool).at[slot].set(True)[:budget]
+      computed = computed & (rank < budget)
+      sel_windows, sel_rows, sel_index = windows_NxW[idx_C], rows_N[idx_C], index_MxW[idx_C]
+    else:
+      sel_windows, sel_rows, sel_index = windows_NxW, rows_N, index_MxW[:n]
+    k = sel_windows.shape[0]
+    if extra_ExW is not None:
+      sel_windows = jnp.concatenate([sel_windows, extra_ExW])
+      sel_rows = jnp.concatenate([sel_rows, extra_rows_E])
+      sel_index = jnp.concatenate([sel_index, index_MxW[n:]])
+    self.sow("intermediates", "dynamic_rows", jnp.int32(k))
+    both = self.mix(table[sel_index], sel_windows, sel_rows, signals)
+    dyn, extra = both[:k], (both[k:] if extra_ExW is not None else None)
+    if gather:  # unused slots (gathered position 0) are dropped, not written
+      dyn = static.at[jnp.where(used_C, idx_C, n)].set(dyn, mode="drop")
+    x = static + jnp.where(computed, weight, 0.0)[:, None] * (dyn - static)
+    aux = {"gate": on, "computed": computed, "score": score, "in_set": in_set}
+    if extra is not None:
+      aux["extra"] = extra
+    return x, aux
 
   # -- pieces --
 
@@ -353,12 +602,26 @@ class ContextualFuser(nn.Module):
     return on, in_set, score
 
   def embed_windows(self, windows_NxW, rows_N, signals, compute_all: bool | None = None,
-                    force_dynamic: bool = False, extra_ExW=None, extra_rows_E=None):
+                    force_dynamic: bool = False, extra_ExW=None, extra_rows_E=None,
+                    budget: int | None = None, pool_ids=None):
     """Gated vectors of ``N`` windows and ``aux`` (see the class docstring).
 
     ``extra_ExW``: more windows whose dynamic vectors are wanted (the InfoNCE views),
-    computed in the same pass; returned as ``aux["extra"]``.
+    computed in the same pass; returned as ``aux["extra"]``. ``compute_all``: ignore the
+    capacity (None: ``capacity == 0``). per_id: ``budget`` (the dynamic slots, e.g.
+    `FuserSpec.budget` per row of consecutive windows; None: compute every window and
+    keep the computed ones), ``pool_ids`` (every id the windows hold, fewer than their
+    slots: the ids whose per-id rows are computed), ``signals=None``: none present.
     """
+    if self.spec.design == "per_id":
+      return self._embed_windows_per_id(windows_NxW, rows_N, signals, compute_all,
+                                        force_dynamic, extra_ExW, extra_rows_E, budget,
+                                        pool_ids)
+    if signals is None:
+      signals = empty_signals(1, self.spec)
+      rows_N = jnp.zeros_like(rows_N)
+      if extra_rows_E is not None:
+        extra_rows_E = jnp.zeros_like(extra_rows_E)
     s = self.spec
     n = windows_NxW.shape[0]
     ids = jnp.maximum(windows_NxW[:, s.window_left], 0)
@@ -402,12 +665,20 @@ class ContextualFuser(nn.Module):
                force_dynamic: bool = False, extra_ExW=None, extra_rows_E=None,
                valid_BxT=None):
     b, t = ids_BxT.shape
-    signals = empty_signals(b, self.spec) if signals is None else signals
+    if signals is None and self.spec.design == "per_position":
+      signals = empty_signals(b, self.spec)
     windows = context_windows(ids_BxT, self.spec.window_left, self.spec.window_right,
                               prefix_BxP, valid_BxT).reshape(b * t, -1)
     rows = jnp.repeat(jnp.arange(b), t)
+    pool = None
+    if self.spec.design == "per_id":  # the ids the windows can hold
+      pool = [ids_BxT.reshape(-1)]
+      if prefix_BxP is not None and self.spec.window_left:
+        pool.append(prefix_BxP[:, -self.spec.window_left:].reshape(-1).astype(ids_BxT.dtype))
+      pool = jnp.concatenate(pool)
     x, aux = self.embed_windows(windows, rows, signals, compute_all, force_dynamic,
-                                extra_ExW, extra_rows_E)
+                                extra_ExW, extra_rows_E, budget=b * self.spec.budget(t),
+                                pool_ids=pool)
     return x.reshape(b, t, -1), {k: v if k == "extra" else v.reshape(b, t)
                                  for k, v in aux.items()}
 
@@ -469,13 +740,17 @@ def ema_update(reference_VxD, seen_V, means_VxD, counts_V, momentum: float):
 # ---- the LM embedding -------------------------------------------------------------------
 
 class FuserEmbedding(nn.Module):
-  """The fuser as the LM's embedding: causal (no right context), every gated token
-  computed (a fixed capacity would let later tokens compete with earlier ones for slots,
-  which is not causal). Its parameters are a `ContextualFuser`'s, under ``fuser``, so a
-  fuser trained by `fsqtok.train.fuser_train` (with the same spec) can be loaded into it.
+  """The fuser as the LM's embedding: causal (no right context). ``per_position``: every
+  gated token computed (its fixed capacity would let later tokens compete with earlier
+  ones for slots, which is not causal); ``per_id``: its causal capacity applies. Its
+  parameters are a `ContextualFuser`'s, under ``fuser``, so a fuser trained by
+  `fsqtok.train.fuser_train` (with the same spec) can be loaded into it.
 
   ``valid_BxT``: padding is never context. ``prefix_BxP``: the ``window_left`` ids before
   ``ids_BxT`` (`OUTSIDE` where there are none); the LM keeps them in its key/value cache.
+  per_id at inference: give the LM `lm_table_variables` (the precomputed per-id table)
+  with its parameters; without it the per-id rows are computed from the batch's ids
+  (training: gradients reach the fragment encoder).
   """
 
   vocab_size: int
@@ -491,7 +766,9 @@ class FuserEmbedding(nn.Module):
                                  self.ambiguous_ids)
 
   def __call__(self, ids_BxT, valid_BxT=None, prefix_BxP=None):
-    x, _ = self.fuser(ids_BxT, prefix_BxP=prefix_BxP, compute_all=True, valid_BxT=valid_BxT)
+    compute_all = True if self.spec.design == "per_position" else None
+    x, _ = self.fuser(ids_BxT, prefix_BxP=prefix_BxP, compute_all=compute_all,
+                      valid_BxT=valid_BxT)
     return x
 
   def attend(self, x_BxTxD):
@@ -500,12 +777,13 @@ class FuserEmbedding(nn.Module):
 
 def lm_spec(lm) -> FuserSpec:
   """The causal spec of ``lm``'s fuser embedding: its ``fuser`` field (a `FuserSpec` or a
-  config of its fields; default `FuserSpec`) with ``window_right = 0`` and every token
-  computed."""
+  config of its fields; default `FuserSpec`) with ``window_right = 0`` (and, for the
+  ``per_position`` design, whose capacity is not causal, every token computed)."""
   spec = getattr(lm, "fuser", None) or FuserSpec()
   if not isinstance(spec, FuserSpec):
     spec = FuserSpec.from_config(spec)
-  return dataclasses.replace(spec, window_right=0, capacity=0.0)
+  spec = dataclasses.replace(spec, window_right=0)
+  return dataclasses.replace(spec, capacity=0.0) if spec.design == "per_position" else spec
 
 
 def lm_embedding(lm) -> nn.Module:
@@ -518,14 +796,63 @@ def lm_embedding(lm) -> nn.Module:
                         tuple(getattr(lm, "ambiguous_ids", ()) or ()))
 
 
+# ---- the per-id table at inference ------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _id_rows(model: ContextualFuser, params, ids_U):
+  return model.apply({"params": params}, ids_U, method=ContextualFuser.id_rows)
+
+
+def precompute_table(model: ContextualFuser, params, chunk: int = 4096) -> jax.Array:
+  """The per-id rows of every id, ``V x P`` (`ContextualFuser.id_rows`, in chunks of
+  ``chunk`` ids: one compiled shape), for a ``per_id`` fuser at inference."""
+  if model.spec.design != "per_id":
+    raise ValueError(f"Only the per_id design has a per-id table (this fuser is "
+                     f"{model.spec.design!r}).")
+  if chunk < 1:
+    raise ValueError(f"chunk must be >= 1, got {chunk}.")
+  v = model.vocab_size
+  chunk = min(chunk, v)
+  parts = []
+  for start in range(0, v, chunk):
+    ids = np.minimum(np.arange(start, start + chunk), v - 1).astype(np.int32)
+    parts.append(_id_rows(model, params, jnp.asarray(ids))[:min(chunk, v - start)])
+  return jnp.concatenate(parts)
+
+
+def table_variables(model: ContextualFuser, params, chunk: int = 4096) -> dict:
+  """``{"params": params, "fuser_table": ...}`` for a standalone ``per_id`` fuser's
+  ``apply`` at inference."""
+  return {"params": params, TABLE: {"table": precompute_table(model, params, chunk)}}
+
+
+def lm_fuser(lm) -> ContextualFuser:
+  """The `ContextualFuser` inside ``lm``'s fuser embedding (its parameters:
+  ``params["embed"]["fuser"]``)."""
+  emb = lm_embedding(lm)
+  return ContextualFuser(emb.vocab_size, emb.d_model, emb.token_bytes, emb.spec,
+                         emb.ambiguous_ids)
+
+
+def lm_table_variables(lm, params, chunk: int = 4096) -> dict:
+  """The variables of an LM with a ``per_id`` fuser embedding at inference: its
+  parameters and the precomputed per-id table (``lm.apply(lm_table_variables(lm, p),
+  ...)``; the same outputs as ``{"params": p}``, without running the fragment encoder)."""
+  table = precompute_table(lm_fuser(lm), params["embed"]["fuser"], chunk)
+  return {"params": params, TABLE: {"embed": {"fuser": {"table": table}}}}
+
+
 # ---- inference with a host-side cache ---------------------------------------------------
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
-def _embed_windows(model: ContextualFuser, params, windows_NxW, force_dynamic: bool):
-  """Gated (or forced dynamic) vectors of windows, every one computed, no signals."""
+def _embed_windows(model: ContextualFuser, variables, windows_NxW, force_dynamic: bool):
+  """Gated (or forced dynamic) vectors of windows, no signals: every gated one computed
+  (``per_position``) or as the causal capacity decides from the window (``per_id``)."""
   n = windows_NxW.shape[0]
-  return model.apply({"params": params}, windows_NxW, jnp.zeros((n,), jnp.int32),
-                     empty_signals(1, model.spec), True, force_dynamic,
+  per_id = model.spec.design == "per_id"
+  return model.apply(variables, windows_NxW, jnp.zeros((n,), jnp.int32),
+                     None if per_id else empty_signals(1, model.spec),
+                     None if per_id else True, force_dynamic,
                      method=ContextualFuser.embed_windows)[0]
 
 
@@ -534,7 +861,8 @@ class FuserEncoder:
 
   Only misses are computed, in chunks of ``chunk`` windows (the last chunk padded, so one
   compiled shape). ``context=False`` gives each token without neighbours;
-  ``force_dynamic`` returns the dynamic vector even where the gate is off.
+  ``force_dynamic`` returns the dynamic vector even where the gate is off. A ``per_id``
+  fuser's per-id table is precomputed once, here.
   """
 
   def __init__(self, model: ContextualFuser, params, tokenizer, *, cache_size: int = 100_000,
@@ -542,6 +870,8 @@ class FuserEncoder:
     if cache_size < 0 or chunk < 1:
       raise ValueError(f"cache_size must be >= 0 and chunk >= 1 (got {cache_size}, {chunk}).")
     self.model, self.params, self.tok = model, params, tokenizer
+    self.variables = (table_variables(model, params) if model.spec.design == "per_id"
+                      else {"params": params})
     self.cache_size, self.chunk = cache_size, chunk
     self._cache: collections.OrderedDict = collections.OrderedDict()
     self.hits = self.misses = self.evictions = 0
@@ -595,8 +925,8 @@ class FuserEncoder:
     for start in range(0, len(rows), self.chunk):
       part = rows[start:start + self.chunk]
       batch = np.stack([r for _, r in part] + [part[0][1]] * (self.chunk - len(part)))
-      vec = np.asarray(_embed_windows(self.model, self.params, jnp.asarray(batch, jnp.int32),
-                                      bool(force_dynamic)))
+      vec = np.asarray(_embed_windows(self.model, self.variables,
+                                      jnp.asarray(batch, jnp.int32), bool(force_dynamic)))
       for i, (k, _) in enumerate(part):
         out[k] = vec[i]
         if self.cache_size:
