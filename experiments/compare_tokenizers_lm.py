@@ -51,6 +51,7 @@ import numpy as np  # noqa: E402
 
 from fsqtok.data import corpus as corpus_lib  # noqa: E402
 from fsqtok.data import lm_data  # noqa: E402
+from fsqtok.models import embeddings as embeddings_lib  # noqa: E402
 from fsqtok.models import generate as generate_lib  # noqa: E402
 from fsqtok.tokenizer import baselines  # noqa: E402
 from fsqtok.tokenizer import build as tokenizer_build  # noqa: E402
@@ -96,6 +97,27 @@ VARIANTS = {  # name -> (tokenizer kind, embedding, head)
     "sp-unigram": ("sp-unigram", "table", "tied"),
     "raw-bytes": ("raw-bytes", "table", "tied"),
 }
+FLAT_SUFFIX = "-flat"  # "<a factorized variant>-flatK": its head keeps K tokens flat
+
+
+def variant(name: str) -> tuple[str, str, str, int | None]:
+  """``(tokenizer kind, embedding, head, head_flat_tokens)`` of a variant name: one of
+  `VARIANTS` (``head_flat_tokens`` None: the config's ``lm.model.head_flat_tokens``), or a
+  factorized one with ``-flatK`` (the K most frequent coded tokens get their own row in
+  the head's first softmax)."""
+  base, flat = name, None
+  if FLAT_SUFFIX in name:
+    base, _, k = name.rpartition(FLAT_SUFFIX)
+    if not k.isdigit() or base not in VARIANTS or not VARIANTS[base][2].startswith("factorized"):
+      raise ValueError(f"Variant {name!r}: '-flatK' (K a number) follows a factorized "
+                       f"variant, e.g. fsqtok-factorized-vocab-flat1024.")
+    flat = int(k)
+  if base not in VARIANTS:
+    raise ValueError(f"Unknown variant {name!r}: choose from {sorted(VARIANTS)} (factorized "
+                     f"ones optionally with '-flatK').")
+  return (*VARIANTS[base], flat)
+
+
 # Heads and embeddings over FSQ codes need the codec.
 NEEDS_CODES = ("factorized", "factorized_vocab", "table_code", "code_factorized")
 
@@ -234,14 +256,17 @@ def loss_by_frequency(model, params, data, vocab_size: int, batch_size: int = 64
 
 
 def run_one(config, workdir, name, tok, texts, seed, *, budget, target_flops, codec_and_params):
-  kind, embedding, head = VARIANTS[name]
+  kind, embedding, head, flat = variant(name)
   c = config.copy_and_resolve_references()
   c.seed = seed
   c.lm.model.embedding, c.lm.model.head = embedding, head
+  if flat is not None:
+    c.lm.model.head_flat_tokens = flat
   data = lm_data.LMData(tok, texts, c.lm.data.seq_len)
   bytes_per_token = data.train_bytes / float(np.sum(data.train["weights"]))
   tokens_per_step = c.lm.data.batch_size * c.lm.data.seq_len
-  model = curriculum.build_lm(c, tok) if kind == "fsqtok" else _plain_lm(c, tok)
+  model = (curriculum.build_lm(c, tok, token_counts=data.token_counts(len(tok)))
+           if kind == "fsqtok" else _plain_lm(c, tok))
   flops_per_token = lm_train.flops_per_token(model, c.lm.data.seq_len)
   if budget == "bytes":
     steps = round(c.train_bytes / (tokens_per_step * bytes_per_token))
@@ -260,6 +285,8 @@ def run_one(config, workdir, name, tok, texts, seed, *, budget, target_flops, co
            if r["split"] == "validation"]
   return {"variant": name, "budget": budget, "seed": seed, "vocab": len(tok), "steps": steps,
           "phrases": len(getattr(tok, "phrases", ())),
+          "head_flat_tokens": len(embeddings_lib.flat_ids(model)) if head.startswith(
+              "factorized") else 0,
           "bits_per_byte": report["validation"]["bits_per_byte"],
           "bytes_per_token": report["validation"]["bytes_per_token"],
           "train_bytes_seen": steps * tokens_per_step * bytes_per_token,
@@ -289,6 +316,10 @@ def _plot(results, path):
     x_index, x_label = (0, "training MB") if budget == "bytes" else (1, "training TFLOPs")
     scale = 1e6 if budget == "bytes" else 1e12
     for ax, (corpus, vocab) in zip(axes[row], groups):
+      if not any((r["corpus"], r["requested_vocab"], r["budget"]) == (corpus, vocab, budget)
+                 for r in results):
+        ax.set_visible(False)  # this budget was not run for this corpus
+        continue
       for color, name in enumerate(labels):  # one colour per variant in every panel
         runs = [r for r in results if (r["corpus"], r["requested_vocab"], r["budget"])
                 == (corpus, vocab, budget) and _label(_row_key(r)) == name]
@@ -335,6 +366,11 @@ def main(argv):
     codec_dirs = corpus_lib.parse_named(config.codec_workdirs, "codec_workdirs")
   except ValueError as e:
     raise app.UsageError(str(e)) from None
+  try:
+    for name in config.variants:
+      variant(name)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   unknown = set(config.budgets) - {"bytes", "flops"}
   if unknown:
     raise app.UsageError(f"Unknown budgets {sorted(unknown)}: use 'bytes' and/or 'flops'.")
@@ -362,7 +398,7 @@ def main(argv):
       target_flops = _reference_flops(c, toks["hf-bpe"], texts)
       for budget in config.budgets:
         for name in config.variants:
-          kind, embedding, head = VARIANTS[name]
+          kind, embedding, head, _ = variant(name)
           if {embedding, head} & set(NEEDS_CODES) and corpus not in codec_dirs:
             logging.warning("No codec run for %s: skipping %s.", corpus, name)
             continue

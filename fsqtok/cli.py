@@ -42,6 +42,9 @@ def _train_tokenizer(args) -> None:
   config.data.source = args.corpus
   if args.steps:
     config.train.num_steps = args.steps
+    config.tokenizer.codec_steps = args.steps
+  if args.decoder_steps is not None:
+    config.tokenizer.decoder_steps = args.decoder_steps
   if args.vocabulary:
     config.tokenizer.vocabulary = args.vocabulary
   if args.sample_mb:
@@ -55,6 +58,9 @@ def _train_tokenizer(args) -> None:
   if "codec_exact_strings" in analysis:
     codec = (f"the codec reconstructs {analysis['codec_exact_strings']:.1%} of the learned "
              f"strings exactly ({analysis['codes_moved']} given a nearby free code)")
+    if "assigned_codes_exact" in analysis:
+      codec += (f"; after {analysis['decoder_steps']} decoder steps "
+                f"{analysis['assigned_codes_exact']:.1%} decode exactly from their codes")
   else:
     codec = (f"fewer than {args.vocab_size} tokens means the codec reconstructs fewer "
              f"useful candidates exactly")
@@ -195,7 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
   t.add_argument("--out", required=True, help="directory to save the tokenizer in")
   t.add_argument("--config", default=_DEFAULT_CONFIG, help="codec config, path[:arg]")
   t.add_argument("--workdir", help="codec run directory (default: OUT.work)")
-  t.add_argument("--steps", type=int, default=0, help="override train.num_steps")
+  t.add_argument("--steps", type=int, default=0,
+                 help="the codec's steps (train.num_steps and tokenizer.codec_steps)")
+  t.add_argument("--decoder-steps", type=int, default=None,
+                 help="then the decoder's steps on the assigned codes "
+                      "(tokenizer.decoder_steps; 0: none)")
   t.add_argument("--sample-mb", type=float, default=0,
                  help="train the vocabulary on a seeded sample of about this many MB of "
                       "the training text (tokenizer.sample_chars; 0: all of it)")

@@ -131,11 +131,16 @@ def test_the_build_trains_its_codec_at_the_tokenizer_learning_rate():
   config = recon_config.get_config("")
   assert config.tokenizer.codec_learning_rate == 1e-2 and config.optim.learning_rate == 3e-3
   assert config.tokenizer.codec_fourier_octaves == 1 and config.model.dec_fourier_octaves == 0
+  # Fewer codec steps, then the decoder learns the assigned codes.
+  assert config.tokenizer.codec_steps == 4000 and config.train.num_steps == 16_000
+  assert config.tokenizer.decoder_steps == 12_000
   built = tokenizer_build.codec_config(config)
   assert built.optim.learning_rate == 1e-2 and config.optim.learning_rate == 3e-3
   assert built.model.dec_fourier_octaves == 1 and config.model.dec_fourier_octaves == 0
+  assert built.train.num_steps == 4000 and built.train.eval_every <= 4000
   built.model.dec_fourier_octaves = 0
-  assert built.model == config.model and built.train == config.train
+  assert built.model == config.model
   config.tokenizer.codec_learning_rate = 0.0  # 0: optim's own
   config.tokenizer.codec_fourier_octaves = 0  # 0: model's own
+  config.tokenizer.codec_steps = 0            # 0: train.num_steps
   assert tokenizer_build.codec_config(config) is config

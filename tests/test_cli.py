@@ -21,7 +21,7 @@ def trained(doc_files, tmp_path_factory):
     cli.main(["train-tokenizer", "--corpus", f"files:{doc_files}/*.txt", "--vocab-size",
               "400", "--out", str(out), "--config",
               os.path.join(REPO, "configs", "recon.py") + ":tiny", "--steps", "60",
-              "--sample-mb", "0.15"])
+              "--decoder-steps", "20", "--sample-mb", "0.15"])
   finally:
     if old is None:
       os.environ.pop("TFDS_DATA_DIR")
@@ -43,6 +43,9 @@ def test_the_vocabulary_was_trained_on_the_sample_asked_for(trained):
   assert counting["train_chars"] > 0.2e6
   assert 0.1e6 < counting["sampled_chars"] < 0.2e6
   assert counting["distinct_runs"] > 1000 and counting["pruned_runs"] == 0
+  report = json.loads((trained / "vocab_report.json").read_text())
+  assert report["decoder_steps"] == 20  # --decoder-steps: the decoder learned the codes
+  assert 0.0 <= report["assigned_codes_exact"] <= 1.0
 
 
 def test_encode_decode_streams_restore_the_input(trained, tmp_path):

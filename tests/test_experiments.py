@@ -72,13 +72,21 @@ def test_compare_tokenizers_lm_prints_a_table(doc_files, tmp_path):
              *_MLP_CODEC_ARGS, f"--config.corpora=docs=files:{doc_files}/*.txt",
              f"--config.codec_workdirs=docs={tmp_path / 'codec'}",
              f"--config.data.tfds_data_dir={tmp_path / 'tfds'}",
-             "--config.variants=('fsqtok-table-code','raw-bytes')",
+             "--config.variants=('fsqtok-factorized-vocab-flat50','raw-bytes')",
              "--config.budgets=('flops',)", f"--workdir={tmp_path / 'out'}")
-  assert "| docs | 400 | flops | fsqtok-table-code | 400 (" in out
+  assert "| docs | 400 | flops | fsqtok-factorized-vocab-flat50 | 400 (" in out
   assert "| docs | 400 | flops | raw-bytes | 259 (" in out
+  rows = json.loads((tmp_path / "out" / "results.json").read_text())
+  assert [r["head_flat_tokens"] for r in rows] == [50, 0]
   assert (tmp_path / "out" / "bpb_vs_bytes.png").exists()
   by_frequency = out[out.index("Held-out bits per token by how often"):].splitlines()
   assert sum(l.startswith("| docs | 400 | flops |") for l in by_frequency) == 2
+  bad = subprocess.run([sys.executable, os.path.join(REPO, "experiments",
+                                                     "compare_tokenizers_lm.py"),
+                        "--config=configs/compare_lm.py:tiny", "--config.variants=('hf-bpe-flat9',)",
+                        f"--workdir={tmp_path / 'bad'}"], capture_output=True, text=True,
+                       cwd=REPO, check=False)
+  assert bad.returncode != 0 and "follows a factorized variant" in bad.stderr
   merged = _run("compare_tokenizers_lm.py", "--config=configs/compare_lm.py:tiny",
                 f"--merge={tmp_path / 'out'}", f"--workdir={tmp_path / 'merged'}")
   assert merged.strip().splitlines()[-4:] == out.strip().splitlines()[-4:]

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from fsqtok.models import generate as generate_lib
+from fsqtok.models import embeddings as embeddings_lib
 from fsqtok.models import lm as lm_lib
 
 V = 40
@@ -42,6 +43,36 @@ def test_shapes_and_log_probs_agree(embedding, head):
   # A table head is a distribution over the vocabulary; the factorized head's mass is
   # spread over the whole code space, so the vocabulary gets at most all of it.
   assert jnp.all(total <= 1 + 1e-4) and (head == "factorized" or jnp.allclose(total, 1, atol=1e-4))
+
+
+def test_flat_tokens_of_the_factorized_head_are_the_most_frequent_coded_ones():
+  counts = tuple(np.random.RandomState(3).randint(0, 50, V))
+  model = _model("table", "factorized_vocab", head_flat_tokens=6, token_counts=counts)
+  ids = _ids()
+  params = model.init(jax.random.PRNGKey(0), ids)["params"]
+  coded = np.flatnonzero(np.asarray(CODES) >= 0)
+  want = sorted(coded[np.lexsort((coded, -np.asarray(counts)[coded]))][:6])
+  flat = embeddings_lib.flat_ids(model)
+  assert list(flat) == want
+  # 8 plain + 6 flat rows + "a code"; the head is still a distribution over the vocabulary.
+  chex.assert_shape(params["output_head"]["top"]["kernel"], (32, 8 + 6 + 1))
+  out, _ = model.apply({"params": params}, ids)
+  vocab = model.apply({"params": params}, out,
+                      method=lambda m, o: m.output_head.vocab_log_probs(o))
+  chex.assert_trees_all_close(jnp.exp(vocab).sum(-1), jnp.ones(ids.shape), atol=1e-4)
+  # A flat token's probability is its top row alone: the digit layers do not touch it.
+  moved = jax.tree.map(lambda x: x, params)
+  moved["output_head"]["mix"]["kernel"] = params["output_head"]["mix"]["kernel"] + 1.0
+  vocab_moved = model.apply({"params": moved}, out,
+                            method=lambda m, o: m.output_head.vocab_log_probs(o))
+  chex.assert_trees_all_close(vocab_moved[..., list(flat)], vocab[..., list(flat)], atol=1e-5)
+  rest = [i for i in coded if i not in flat]
+  assert not np.allclose(vocab_moved[..., rest], vocab[..., rest], atol=1e-3)
+  with pytest.raises(ValueError, match="token_counts"):
+    _model("table", "factorized_vocab", head_flat_tokens=6).init(jax.random.PRNGKey(0), ids)
+  with pytest.raises(ValueError, match="no token for the digits"):
+    _model("table", "factorized_vocab", head_flat_tokens=len(coded),
+           token_counts=counts).init(jax.random.PRNGKey(0), ids)
 
 
 @pytest.mark.parametrize("positions", ["rope", "learned"])

@@ -24,6 +24,7 @@ from fsqtok.tokenizer import build as tokenizer_build
 from fsqtok.train import checkpoint as checkpoint_lib
 from fsqtok.train import lm_train
 from fsqtok.train import optimizer as optimizer_lib
+from fsqtok.train import recon
 from fsqtok.train import sharding as sharding_lib
 from fsqtok.train import workdir as workdir_lib
 
@@ -170,6 +171,7 @@ def finished_curriculum(doc_files, tmp_path_factory):
   root = tmp_path_factory.mktemp("curriculum")
   config = _curriculum_config(doc_files, root)
   config.lm.model.head = "factorized"
+  config.tokenizer.decoder_steps = 30  # the lm phase starts from the tokenizer's codec
   writes = []
   with kill_at.recording(str(root / "whole"), writes):
     report = curriculum.run_curriculum(config, str(root / "whole"))
@@ -190,6 +192,18 @@ def test_curriculum_end_to_end_and_then_does_nothing(finished_curriculum):
   assert train_loss[-1] < train_loss[0]
   v = whole["joint"]["vocabulary"]
   assert v["learned_tokens"] > 0 and 0 <= v["still_exact"] <= 1
+  # The lm phase's frozen codec is the one saved with the tokenizer (its decoder trained
+  # on the assigned codes), not the codec run's last checkpoint.
+  tok, model, _ = curriculum.load_lm(config, str(root / "whole"))
+  init = lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
+  lm_codec = lm_train.load_phase_params(str(root / "whole" / "lm"), init)["codec"]
+  _, run_codec = recon.load_trained_codec(tokenizer_build.codec_config(config),
+                                          str(root / "whole"))
+  saved = tokenizer_build.load_codec_params(str(root / "whole" / "vocab"), run_codec)
+  chex.assert_trees_all_close(lm_codec, saved)
+  chex.assert_trees_all_close(lm_codec["encoder"], run_codec["encoder"])
+  assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(lm_codec["decoder"]),
+                                                    jax.tree.leaves(run_codec["decoder"])))
   # The phases write in order: vocabulary, codec, tokenizer, lm, joint, report.
   order = [p for k, p in enumerate(writes) if k == 0 or writes[k - 1] != p]
   assert order == [tokenizer_build.VOCABULARY_FILE, "recon", "vocab", "lm", "joint",
@@ -350,6 +364,9 @@ def test_flops_per_token_counts_the_head_that_is_used():
   blocks = 6 * 2 * (4 * 16 * 16 + 2 * 16 * 32) + 6 * 2 * 8 * 16
   assert lm_train.flops_per_token(table, 8) == blocks + 6 * 16 * 100
   assert lm_train.flops_per_token(factorized, 8) == blocks + 6 * (16 * 11 + 3 * 16 * 16 + 16 * 14)
+  flat = lm_lib.TransformerLM(**kw, head="factorized", head_flat_tokens=30,
+                              token_counts=tuple(range(100)))
+  assert lm_train.flops_per_token(flat, 8) == blocks + 6 * (16 * 41 + 3 * 16 * 16 + 16 * 14)
   mesh = sharding_lib.data_mesh(1)
   assert lm_train.peak_flops(mesh, 1e12) == 1e12
   assert math.isnan(lm_train.peak_flops(mesh)) == (jax.devices()[0].platform == "cpu")

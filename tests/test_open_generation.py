@@ -122,10 +122,11 @@ def test_open_generation_stops_at_eos_and_needs_a_factorized_head():
                                jax.random.PRNGKey(0), max_new_tokens=2)
 
 
-def _partial_vocab_head():
-  """4 plain tokens + 5 of the 12 codes, with vocab_only digit masks."""
+def _partial_vocab_head(flat_ids=()):
+  """4 plain tokens + 5 of the 12 codes, with vocab_only digit masks (``flat_ids``: coded
+  tokens with their own top row)."""
   codes = tuple([-1] * NUM_PLAIN + [0, 5, 7, 8, 11])
-  head = embeddings.FactorizedHead(codes, LEVELS, width=8, vocab_only=True)
+  head = embeddings.FactorizedHead(codes, LEVELS, width=8, vocab_only=True, flat_ids=flat_ids)
   h = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 8))
   return head, head.init(jax.random.PRNGKey(1), h), h, codes
 
@@ -143,8 +144,9 @@ def test_vocab_digit_tables_match_brute_force():
         assert next_token[t, d, x] == (match[0] if match else -1)
 
 
-def test_vocab_only_head_is_a_distribution_over_the_vocabulary_and_samples_from_it():
-  head, variables, h, codes = _partial_vocab_head()
+@pytest.mark.parametrize("flat_ids", [(), (NUM_PLAIN + 1, NUM_PLAIN + 4)])
+def test_vocab_only_head_is_a_distribution_over_the_vocabulary_and_samples_from_it(flat_ids):
+  head, variables, h, codes = _partial_vocab_head(flat_ids)
   out = head.apply(variables, h)
   total = jnp.exp(head.apply(variables, out, method=head.vocab_log_probs)).sum(-1)
   chex.assert_trees_all_close(total, jnp.ones_like(total), atol=1e-5)
@@ -153,7 +155,9 @@ def test_vocab_only_head_is_a_distribution_over_the_vocabulary_and_samples_from_
   pick = lambda logits, r: generate_lib.sample_next(logits, r, 1.0, 0, 1.0)
   token, code = map(np.asarray, head.apply(variables, out_n, jax.random.PRNGKey(2), pick,
                                            method=head.sample))
-  assert set(code[code >= 0]) <= set(codes[NUM_PLAIN:])   # never a code outside it
+  spelled = {c for i, c in enumerate(codes) if c >= 0 and i not in flat_ids}
+  assert set(code[code >= 0]) <= spelled   # never a code outside it, nor a flat token's
+  assert set(token[token >= 0]) <= set(range(NUM_PLAIN)) | set(flat_ids)
   id_of = {c: i for i, c in enumerate(codes) if c >= 0}
   drawn = np.array([t if t >= 0 else id_of[c] for t, c in zip(token, code)])
   freq = np.bincount(drawn, minlength=len(codes)) / n

@@ -11,9 +11,11 @@ Embeddings map ``ids_BxT -> x_BxTxD``:
 * ``table_code``: a table row plus the ``code_factorized`` vector of the token's code: its
   own vector, and what its code shares with similar strings (a rare token starts from its
   code's); ``attend`` (the tied head) goes through the table.
-* ``fuser``: the contextual fuser (`fsqtok.models.fuser`): each token's bytes with the bytes of
-  the tokens before it (causal window) where the ambiguity gate is on, the static table
-  row where it is off; its hyperparameters are the LM's ``fuser`` field (default
+* ``fuser``: the contextual fuser (`fsqtok.models.fuser`) where the ambiguity gate is on,
+  the static table row where it is off. ``per_id`` (default): a per-id row of each
+  token's own bytes (a precomputed table at inference, `fuser.lm_table_variables`) mixed
+  over the window of tokens before it; ``per_position`` (the first design): the
+  window's bytes encoded at every position. Its hyperparameters are the LM's ``fuser`` field (default
   `fsqtok.models.fuser.FuserSpec`). It reads the ``window_left`` ids before each token: the LM
   passes them (`context_len`), and its key/value cache keeps the last ones for generation.
 * ``codec``: a token's bytes go through the codec's encoder and FSQ (straight-through),
@@ -33,6 +35,11 @@ Heads map hidden states to a distribution over the next token and give ``log p(t
   in that open code space and decodes codes through the codec decoder.
 * ``factorized_vocab``: the same, each digit restricted to those that still lead to a
   vocabulary code: a distribution over the vocabulary only.
+
+Both factorized heads take ``head_flat_tokens`` (K): the K most frequent tokens with a code
+(by their training counts) get their own row in the first softmax, like the tokens
+without one, and the digits spell only the rarer rest (the code-space form of an adaptive
+softmax: frequent tokens flat, the tail by its code).
 """
 from __future__ import annotations
 
@@ -211,9 +218,17 @@ class FactorizedHead(nn.Module):
   levels: tuple[int, ...]
   width: int
   vocab_only: bool = False
+  flat_ids: tuple[int, ...] = ()  # tokens with a code that get their own top row anyway
+
+  @property
+  def spelled_codes(self) -> np.ndarray:
+    """The codes the digits spell: ``token_codes`` with the flat ids' set to -1."""
+    codes = np.array(self.token_codes, np.int64)
+    codes[list(self.flat_ids)] = -1
+    return codes
 
   def setup(self):
-    plain, digits = code_layout(self.token_codes, self.levels)
+    plain, digits = code_layout(self.spelled_codes, self.levels)
     self._plain, self._digits = jnp.asarray(plain), jnp.asarray(digits)
     self._num_plain = int((plain >= 0).sum())
     self._plain_ids = jnp.asarray(np.flatnonzero(plain >= 0), jnp.int32)
@@ -290,7 +305,7 @@ class FactorizedHead(nn.Module):
     digits = []
     # vocab_only: a token whose code starts with the digits drawn so far (its allowed
     # digits are those of every such token).
-    first_code_token = int(np.flatnonzero(np.asarray(self.token_codes) >= 0)[0])
+    first_code_token = int(np.flatnonzero(self.spelled_codes >= 0)[0])
     witness = jnp.full(h.shape[:1], first_code_token, jnp.int32)
     for d in range(len(self.levels)):
       z = nn.gelu(self.mix(h + prefix + self.dim_embed[d]))
@@ -335,12 +350,39 @@ def context_len(lm) -> int:
   return CONTEXT[lm.embedding](lm) if lm.embedding in CONTEXT else 0
 
 
+def flat_ids(lm) -> tuple[int, ...]:
+  """The ``lm.head_flat_tokens`` most frequent token ids with a code (by
+  ``lm.token_counts``; ties to the lower id): the factorized head's flat rows."""
+  k = getattr(lm, "head_flat_tokens", 0)
+  if not k:
+    return ()
+  if k < 0:
+    raise ValueError(f"lm.model.head_flat_tokens must be >= 0, got {k}.")
+  if lm.token_counts is None or lm.token_codes is None:
+    raise ValueError("head_flat_tokens needs each token's training count (token_counts) and "
+                     "code: fsqtok.train.curriculum.build_lm passes them.")
+  coded = np.flatnonzero(np.asarray(lm.token_codes) >= 0)
+  if k >= len(coded):
+    raise ValueError(f"lm.model.head_flat_tokens={k} leaves no token for the digits to "
+                     f"spell: the vocabulary has {len(coded)} tokens with a code; use fewer.")
+  counts = np.asarray(lm.token_counts)[coded]
+  order = np.lexsort((coded, -counts))  # most frequent first, then the lower id
+  return tuple(int(i) for i in np.sort(coded[order[:k]]))
+
+
+def head_plain_count(lm) -> int:
+  """Rows of a factorized head's first softmax besides "a code": the tokens without a
+  code plus the flat ones."""
+  return int((np.asarray(lm.token_codes) < 0).sum()) + len(flat_ids(lm))
+
+
 HEADS = {
     "tied": lambda lm, embed: TiedHead(embed),
     "dense": lambda lm, embed: DenseHead(embed, lm.vocab_size),
-    "factorized": lambda lm, embed: FactorizedHead(lm.token_codes, lm.levels, lm.d_model),
-    "factorized_vocab": lambda lm, embed: FactorizedHead(lm.token_codes, lm.levels,
-                                                         lm.d_model, vocab_only=True),
+    "factorized": lambda lm, embed: FactorizedHead(lm.token_codes, lm.levels, lm.d_model,
+                                                   flat_ids=flat_ids(lm)),
+    "factorized_vocab": lambda lm, embed: FactorizedHead(
+        lm.token_codes, lm.levels, lm.d_model, vocab_only=True, flat_ids=flat_ids(lm)),
 }
 
 

@@ -146,11 +146,12 @@ class TransformerLM(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32
   embedding: str = "table"       # a name in embeddings.EMBEDDINGS
-  head: str = "tied"             # tied | dense | factorized
+  head: str = "tied"             # tied | dense | factorized | factorized_vocab
+  head_flat_tokens: int = 0      # factorized heads: the most frequent coded tokens kept flat
   token_codes: tuple[int, ...] | None = None   # FSQ index per token id (-1: none)
   levels: tuple[int, ...] | None = None         # FSQ levels of those codes
   token_bytes: tuple[bytes | None, ...] | None = None  # per token id (None: a special)
-  token_counts: tuple[int, ...] | None = None   # training count per token id (bespoke)
+  token_counts: tuple[int, ...] | None = None   # training count per id (bespoke, flat head rows)
   codec: Any = None                             # a fsqtok.codec.model.Codec (codec embedding)
   fuser: Any = None                  # a fsqtok.models.fuser.FuserSpec (fuser embedding; None: default)
   ambiguous_ids: tuple[int, ...] = ()  # the fuser's precomputed ambiguous token ids
@@ -354,6 +355,7 @@ def lm_from_config(c, vocab_size: int, token_codes=None, levels=None, token_byte
       vocab_size=vocab_size, d_model=c.d_model, num_layers=c.num_layers, num_heads=c.num_heads,
       mlp_dim=c.mlp_dim, max_len=c.max_len, positions=c.positions, dropout=c.dropout,
       dtype=dtypes[c.dtype], embedding=c.embedding, head=c.head,
+      head_flat_tokens=c.get("head_flat_tokens", 0),
       token_codes=None if token_codes is None else tuple(int(x) for x in token_codes),
       levels=None if levels is None else tuple(int(x) for x in levels),
       token_bytes=None if token_bytes is None else tuple(token_bytes), codec=codec,

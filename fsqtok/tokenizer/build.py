@@ -26,6 +26,7 @@ import tempfile
 from typing import Any, Sequence
 
 import numpy as np
+from etils import epath
 from flax import serialization
 from tqdm.auto import tqdm
 
@@ -196,11 +197,29 @@ def train_tokenizer(config, workdir: str, vocab_size: int, out_dir: str, *,
               "invalid_utf8": corpus_lib.invalid_utf8_counts(
                   config.data.source, config.data.get("invalid_utf8", "error"))}
   tok.save(out_dir, extra_files={
-      "codec.msgpack": serialization.to_bytes(params),
+      CODEC_FILE: serialization.to_bytes(params),
       "codec_config.json": json.dumps(config.model.to_dict(), indent=2).encode(),
       "vocab_report.json": json.dumps(analysis).encode(),
   })
   return tok, analysis
+
+
+CODEC_FILE = "codec.msgpack"
+
+
+def load_codec_params(tok_dir: str, template):
+  """The codec parameters saved with the tokenizer in ``tok_dir`` (its decoder trained on
+  the assigned codes when ``tokenizer.decoder_steps`` > 0), in the structure of
+  ``template``; None if the tokenizer was saved without its codec."""
+  path = epath.Path(tok_dir) / CODEC_FILE
+  if not path.exists():
+    return None
+  try:
+    return serialization.from_bytes(template, path.read_bytes())
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"{path} does not fit the codec of this config ({e}): build the "
+                     f"tokenizer again with this config, or use the config it was built "
+                     f"with.") from None
 
 
 def _codec_exact(config, workdir, size, texts, pieces, mesh):
@@ -240,19 +259,28 @@ def _learn_assigned_codes(config, model, params, strings: PieceSet, rows, codes)
 
 def codec_config(config):
   """The config the unigram build trains and loads its codec with: ``config`` with the
-  peak learning rate ``tokenizer.codec_learning_rate`` (0: ``optim.learning_rate``) and
-  the decoder's periodic code features ``tokenizer.codec_fourier_octaves`` (0: those of
-  ``model``). Learning a fixed set of strings by heart takes a higher rate and sharper
-  decoder inputs than generalising to held-out pieces, which ``optim`` and ``model`` are
-  tuned for (docs/codec.md, "Exactness at large vocabularies"). Whoever loads the
-  build's codec from its work directory builds it from this config."""
-  lr = config.tokenizer.get("codec_learning_rate", 0.0) or config.optim.learning_rate
+  peak learning rate ``tokenizer.codec_learning_rate`` (0: ``optim.learning_rate``), the
+  decoder's periodic code features ``tokenizer.codec_fourier_octaves`` (0: those of
+  ``model``) and ``tokenizer.codec_steps`` steps (0: ``train.num_steps``). Learning a
+  fixed set of strings by heart takes a higher rate and sharper decoder inputs than
+  generalising to held-out pieces, which ``optim`` and ``model`` are tuned for, and fewer
+  codec steps when the decoder then learns the assigned codes (``decoder_steps``;
+  docs/codec.md, "Exactness at large vocabularies"). Whoever loads the build's codec from
+  its work directory builds it from this config."""
+  t = config.tokenizer
+  lr = t.get("codec_learning_rate", 0.0) or config.optim.learning_rate
   model_octaves = config.model.get("dec_fourier_octaves", 0)
-  octaves = config.tokenizer.get("codec_fourier_octaves", 0) or model_octaves
-  if lr == config.optim.learning_rate and octaves == model_octaves:
+  octaves = t.get("codec_fourier_octaves", 0) or model_octaves
+  steps = t.get("codec_steps", 0) or config.train.num_steps
+  if (lr, octaves, steps) == (config.optim.learning_rate, model_octaves,
+                              config.train.num_steps):
     return config
   config = copy.deepcopy(config)
   config.optim.learning_rate, config.model.dec_fourier_octaves = lr, octaves
+  if steps != config.train.num_steps:
+    config.train.num_steps = steps
+    config.train.eval_every = min(config.train.eval_every, steps)
+    config.train.checkpoint_every = min(config.train.checkpoint_every, steps)
   return config
 
 

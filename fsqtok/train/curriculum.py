@@ -50,8 +50,15 @@ def build_lm(config, tok: Tokenizer, codec=None, token_counts=None,
       config.lm.model, len(tok), token_codes=[tok.id_to_code(i) for i in ids],
       levels=config.model.levels, token_bytes=[tok.token_bytes(i) for i in ids],
       codec=codec if config.lm.model.embedding == "codec" else None,
-      token_counts=token_counts if config.lm.model.embedding == "bespoke" else None,
+      token_counts=token_counts if _needs_counts(config.lm.model) else None,
       ambiguous_ids=ambiguous_ids)
+
+
+def _needs_counts(model_config) -> bool:
+  """Whether the LM needs its tokens' training counts: the bespoke embedding's buckets,
+  a factorized head's flat rows."""
+  return model_config.embedding == "bespoke" or (
+      model_config.head.startswith("factorized") and model_config.get("head_flat_tokens", 0))
 
 
 def fuser_ambiguous_ids(config, workdir: str, tok: Tokenizer,
@@ -119,7 +126,7 @@ def load_lm(config, workdir: str):
   tok = Tokenizer.load(os.path.join(workdir, "vocab"))
   codec, _ = recon.load_trained_codec(tokenizer_build.codec_config(config), workdir)
   counts = None
-  if config.lm.model.embedding == "bespoke":
+  if _needs_counts(config.lm.model):
     counts = lm_windows(config, workdir, tok, corpus_lib.load_split(config.data)
                         ).token_counts(len(tok))
   model = build_lm(config, tok, codec, counts,
@@ -225,6 +232,9 @@ def run_curriculum(config, workdir: str) -> dict[str, Any]:
   report["recon"] = {k: v for k, v in recon.train_recon(config, workdir, pieces).items()
                      if k in ("validation", "train_wall_seconds", "steps")}
   codec, codec_params = recon.load_trained_codec(tokenizer_build.codec_config(config), workdir)
+  saved = tokenizer_build.load_codec_params(vocab_dir, codec_params)
+  if saved is not None:  # the build's codec, its decoder trained on the assigned codes
+    codec_params = saved
   data = lm_windows(config, workdir, tok, texts, pieces)
   model = build_lm(config, tok, codec, data.token_counts(len(tok)),
                    fuser_ambiguous_ids(config, workdir, tok, lambda: texts[0]))

@@ -22,6 +22,7 @@ from flax.training import train_state
 
 from fsqtok.data import lm_data
 from fsqtok.data.batches import PieceBatcher
+from fsqtok.models import embeddings as embeddings_lib
 from fsqtok.models import lm as lm_lib
 from fsqtok.train import checkpoint as checkpoint_lib
 from fsqtok.train import loop as train_loop
@@ -43,13 +44,13 @@ def flops_per_token(model: lm_lib.TransformerLM, seq_len: int) -> float:
 
   Counted: the transformer blocks and the output head (V-wide for table heads; for the
   factorized head a (plain tokens + 1)-wide softmax plus, per FSQ dimension, a d x d
-  mixing layer and its digit softmax). Not counted: embedding lookups and the codec
-  encoder of the ``codec`` embedding."""
+  mixing layer and its digit softmax; its flat tokens count as plain ones). Not counted:
+  embedding lookups and the codec encoder of the ``codec`` embedding."""
   d, l = model.d_model, model.num_layers
   per_layer = 4 * d * d + 2 * d * model.mlp_dim
   if model.head.startswith("factorized"):
-    plain = np.asarray(model.token_codes) < 0
-    head = d * (int(plain.sum()) + 1) + len(model.levels) * d * d + d * sum(model.levels)
+    head = (d * (embeddings_lib.head_plain_count(model) + 1) + len(model.levels) * d * d
+            + d * sum(model.levels))
   else:
     head = d * model.vocab_size
   return 6 * (l * per_layer + head) + 6 * l * seq_len * d
