@@ -442,6 +442,8 @@ class ContextualFuser(nn.Module):
     return self.id_rows(uniq_U), jnp.searchsorted(uniq_U, ids_M).astype(jnp.int32)
 
   def _gate_from_rows(self, ids_N, score_N):
+    """``(on_N, in_set_N)``: the gate of ``gate_mode`` for tokens ``ids_N`` with learned
+    scores ``score_N``."""
     in_set = self._in_set[jnp.maximum(ids_N, 0)]
     mode = self.spec.gate_mode
     if mode == "always":
@@ -587,18 +589,8 @@ class ContextualFuser(nn.Module):
 
   def gate(self, windows_NxW):
     """``(on_N, in_set_N, score_N)``: where the gate chooses the dynamic vector."""
-    ids = jnp.maximum(windows_NxW[:, self.spec.window_left], 0)
-    in_set = self._in_set[ids]
     score = self.gate_score(windows_NxW)
-    mode = self.spec.gate_mode
-    if mode == "always":
-      on = jnp.ones_like(in_set)
-    elif mode == "set":
-      on = in_set
-    elif mode == "learned":
-      on = score > self.spec.threshold
-    else:
-      on = in_set | (score > self.spec.threshold)
+    on, in_set = self._gate_from_rows(windows_NxW[:, self.spec.window_left], score)
     return on, in_set, score
 
   def embed_windows(self, windows_NxW, rows_N, signals, compute_all: bool | None = None,
