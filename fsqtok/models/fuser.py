@@ -414,10 +414,6 @@ class ContextualFuser(nn.Module):
       parts += [self.mix_query(fragment), self.mix_key(fragment)]
     return jnp.concatenate(parts + [score], -1)
 
-  def table(self):
-    """The per-id rows of every id (`precompute_table` runs this in chunks)."""
-    return self.id_rows(jnp.arange(self.vocab_size))
-
   def _rows_for(self, ids_M, pool_P=None):
     """``(table_UxP, index_M)``: per-id rows and where each of ``ids_M`` finds its own:
     the precomputed table if one is given (``fuser_table`` collection), else computed
