@@ -419,7 +419,9 @@ def test_the_lm_fuser_embedding_generates_with_the_cache_exactly():
     out, cache = step(params, ids[:, t:t + 1], cache)
     outs.append(out)
   chex.assert_trees_all_close(jnp.concatenate(outs, 1), full, atol=1e-5)
-  # greedy generation (left-padded batch) == argmax by recomputing the whole sequence
+  # greedy generation (left-padded batch, with the precomputed per-id table) == argmax by
+  # recomputing the whole sequence
+  assert "fuser_table" in generate_lib.inference_variables(model, params)
   prompts = [[1, 5, 29, 7], [1]]
   got = generate_lib.generate(model, params, prompts, jax.random.PRNGKey(0), max_new_tokens=5,
                               eos_id=-1, pad_id=0, top_k=1)

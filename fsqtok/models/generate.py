@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fsqtok.codec import model as codec_lib
+from fsqtok.models import fuser as fuser_lib
 from fsqtok.models import lm as lm_lib
 
 
@@ -42,13 +43,21 @@ def sample_next(log_probs_BxV, rng, temperature: float, top_k: int, top_p: float
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def inference_variables(model: lm_lib.TransformerLM, params) -> dict:
+  """The variables an LM samples with: ``{"params": params}``, plus, for a ``per_id``
+  fuser embedding, its per-id table computed once (`fsqtok.models.fuser.lm_table_variables`)
+  so that no decode step runs the fragment encoder."""
+  if model.embedding == "fuser" and fuser_lib.lm_spec(model).design == "per_id":
+    return fuser_lib.lm_table_variables(model, params)
+  return {"params": params}
+
+
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature",
                                              "top_k", "top_p", "eos_id", "pad_id"))
-def _generate(model, params, prompt_BxP, valid_BxP, rng, *, max_new_tokens, temperature,
+def _generate(model, variables, prompt_BxP, valid_BxP, rng, *, max_new_tokens, temperature,
               top_k, top_p, eos_id, pad_id):
   b, p = prompt_BxP.shape
   cache = lm_lib.init_cache(model, b, p + max_new_tokens)
-  variables = {"params": params}
   out, cache = model.apply(variables, prompt_BxP, valid_BxP, cache=cache)
   last = model.apply(variables, out, method=lm_lib.TransformerLM.next_token_log_probs)
   tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
@@ -93,7 +102,8 @@ def generate(model: lm_lib.TransformerLM, params, prompts: Sequence[Sequence[int
              top_k: int = 0, top_p: float = 1.0) -> list[list[int]]:
   """New token ids per prompt (without the prompt), stopping after EOS (included)."""
   ids, valid = _left_padded(model, prompts, max_new_tokens, pad_id, tokens_per_step=1)
-  out = np.asarray(_generate(model, params, jnp.asarray(ids), jnp.asarray(valid), rng,
+  out = np.asarray(_generate(model, inference_variables(model, params), jnp.asarray(ids),
+                             jnp.asarray(valid), rng,
                              max_new_tokens=max_new_tokens, temperature=float(temperature),
                              top_k=int(top_k), top_p=float(top_p), eos_id=int(eos_id),
                              pad_id=int(pad_id)))
@@ -109,14 +119,13 @@ def generate(model: lm_lib.TransformerLM, params, prompts: Sequence[Sequence[int
 @functools.partial(jax.jit, static_argnames=(
     "model", "codec", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id", "pad_id",
     "byte_base"))
-def _generate_open(model, params, codec, codec_params, prompt_BxP, valid_BxP, rng,
+def _generate_open(model, variables, codec, codec_params, prompt_BxP, valid_BxP, rng,
                    vocab_codes_C, vocab_ids_C, *, max_new_tokens, temperature, top_k, top_p,
                    eos_id, pad_id, byte_base):
   pick = lambda logits, r: sample_next(logits, r, temperature, top_k, top_p)
   b, p = prompt_BxP.shape
   width = codec.max_len  # an open code enters the LM as up to max_len byte tokens
   cache = lm_lib.init_cache(model, b, p + max_new_tokens * width)
-  variables = {"params": params}
   out, cache = model.apply(variables, prompt_BxP, valid_BxP, cache=cache)
   last = jax.tree_util.tree_map(lambda x: x[:, -1], out)
   chunks = jnp.full((b, max_new_tokens, width), pad_id, jnp.int32)
@@ -187,7 +196,8 @@ def generate_open(model: lm_lib.TransformerLM, params, tok, codec, codec_params,
   has = np.flatnonzero(codes >= 0)
   order = np.argsort(codes[has])
   chunks, chunk_valid, kinds, codes = jax.device_get(_generate_open(
-      model, params, codec, codec_params, jnp.asarray(ids), jnp.asarray(valid), rng,
+      model, inference_variables(model, params), codec, codec_params, jnp.asarray(ids),
+      jnp.asarray(valid), rng,
       jnp.asarray(codes[has][order], jnp.int32), jnp.asarray(has[order], jnp.int32),
       max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
       top_p=float(top_p), eos_id=int(tok.eos_id),
