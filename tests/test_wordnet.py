@@ -56,16 +56,40 @@ def test_sense_examples_keep_polysemous_words_with_enough_examples(db):
   assert wordnet.find_word("The Bank.", "bank") == (4, 8)
 
 
-def test_missing_database_names_the_fix(tmp_path):
-  with pytest.raises(FileNotFoundError, match="apt-get install wordnet-base"):
-    wordnet.sense_examples(str(tmp_path / "nowhere"))
+def test_examples_seen_in_the_training_text_are_dropped(db):
+  ex = wordnet.sense_examples(db, ("n",), min_examples_per_sense=2)
+  kept, dropped = wordnet.drop_seen(ex, ["Once upon a time THE PLANT CLOSED for good.",
+                                         "no overlap here"])
+  assert dropped == 1 and "the plant closed" not in {e.sentence for e in kept}
+  assert len(kept) == len(ex) - 1
+  assert wordnet.drop_seen(ex, []) == (ex, 0)
+
+
+def _experiment():
   spec = importlib.util.spec_from_file_location(
       "eval_word_senses", os.path.join(REPO, "experiments", "eval_word_senses.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  return module
+
+
+def test_missing_database_names_the_fix(tmp_path):
+  with pytest.raises(FileNotFoundError, match="apt-get install wordnet-base"):
+    wordnet.sense_examples(str(tmp_path / "nowhere"))
   from configs import fuser as fuser_config  # pylint: disable=g-import-not-at-top
   with pytest.raises(FileNotFoundError, match="--wordnet_dir"):
-    module.run(fuser_config.get_config("tiny"), str(tmp_path / "out"), str(tmp_path / "none"))
+    _experiment().run(fuser_config.get_config("tiny"), str(tmp_path / "out"),
+                      str(tmp_path / "none"))
+
+
+def test_the_english_config_says_how_to_build_its_corpus(db, tmp_path, monkeypatch):
+  from configs import fuser as fuser_config  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("HOME", str(tmp_path))           # no ~/fsqtok-corpora here
+  config = fuser_config.get_config("english")
+  assert config.data.source == "files:~/fsqtok-corpora/books.txt"
+  config.eval.pos = "n"                               # the fixture's part of speech
+  with pytest.raises(FileNotFoundError, match="make_corpora.py --only books"):
+    _experiment().run(config, str(tmp_path / "out"), db)
 
 
 @pytest.mark.slow
@@ -85,6 +109,15 @@ def test_the_word_sense_experiment_runs_on_the_fixture(db, tmp_path):
                                 "fuser, with context", "fuser, gated (as used)",
                                 "LM hidden states"}
   assert all(len(r["per_seed"]) == 3 and 0 <= r["mean"] <= 1 for r in s["accuracy"].values())
+  for kind in ("any form", "same tokens"):
+    w = s["word_in_context"][kind]
+    assert set(w["accuracy"]) == set(s["accuracy"]) - {"majority sense"}
+    assert all(0 <= r["mean"] <= 1 and len(r["per_seed"]) == 3 for r in w["accuracy"].values())
+  # bank and plant: 2 same + 2 different pairs each, one lemma for the threshold
+  assert s["word_in_context"]["any form"]["pair_sizes"] == [[4, 4]] * 3
+  same_tokens = s["word_in_context"]["same tokens"]["accuracy"]["static table"]
+  assert same_tokens["per_seed"] == [0.5] * 3    # one vector per token: chance exactly
+  assert "| fuser, with context |" in proc.stdout.split("Word in context")[1]
   rows = report["cost"]["rows"]
   assert {"LM forward, fuser embedding", "LM decode step (KV cache), fuser embedding",
           "fuser alone, at capacity"} <= set(rows)

@@ -170,3 +170,18 @@ def write_fixture(directory: str, entries: dict[str, dict[str, list[str]]], pos:
       "  license header line\n" + "".join(
           f"{lemma} {pos} {len(offs)} 1 @ {len(offs)} 0 " + " ".join(f"{o:08d}" for o in offs)
           + "  \n" for lemma, offs in sorted(index.items())))
+
+
+def drop_seen(examples: Iterable[SenseExample], texts: Iterable[str]
+              ) -> tuple[list[SenseExample], int]:
+  """The examples whose sentence does not occur in ``texts`` (case-insensitive, verbatim),
+  and how many were dropped: an evaluation never scores a sentence the model was trained
+  on."""
+  haystack = "\n".join(t.lower() for t in texts)
+  kept, dropped = [], 0
+  for e in examples:
+    if e.sentence.lower() in haystack:
+      dropped += 1
+    else:
+      kept.append(e)
+  return kept, dropped
