@@ -1,4 +1,5 @@
 """The WordNet reader on a tiny database in WordNet's format, and the missing-database error."""
+import functools
 import importlib.util
 import json
 import os
@@ -65,7 +66,9 @@ def test_examples_seen_in_the_training_text_are_dropped(db):
   assert wordnet.drop_seen(ex, []) == (ex, 0)
 
 
+@functools.lru_cache(maxsize=None)
 def _experiment():
+  """The experiment script as a module, loaded once (its absl flags can be defined once)."""
   spec = importlib.util.spec_from_file_location(
       "eval_word_senses", os.path.join(REPO, "experiments", "eval_word_senses.py"))
   module = importlib.util.module_from_spec(spec)
