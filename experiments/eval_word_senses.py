@@ -35,6 +35,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from configs import fuser as fuser_config  # noqa: E402
 from experiments import bench_fuser_cost  # noqa: E402
 from fsqtok.data import corpus as corpus_lib  # noqa: E402
 from fsqtok.data import lm_data  # noqa: E402
@@ -171,7 +172,7 @@ def run(config, workdir: str, wordnet_dir: str) -> dict:
   try:
     texts = corpus_lib.load_split(config.data)
   except FileNotFoundError as e:
-    if not config.data.source.startswith("files:"):
+    if config.data.source != "files:" + fuser_config.ENGLISH_BOOKS:
       raise
     raise FileNotFoundError(
         f"{e} The English books corpus of configs/fuser.py:english is built (from Debian "
