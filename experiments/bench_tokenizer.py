@@ -44,8 +44,9 @@ _TOKENIZERS = flags.DEFINE_list("tokenizers", [], "Tokenizers to measure (defaul
 _JSON_OUT = flags.DEFINE_string("json_out", "", "Write every row here as JSON.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed passes over the held-out text.")
 _TFDS_DIR = flags.DEFINE_string("tfds_data_dir", "", "TFDS data dir for files: corpora.")
-_PHRASES = flags.DEFINE_float("phrase_fraction", 0.01, "tokenizer.phrase_fraction of the "
-                              "fsqtok-phrases row (fsqtok-subword: none; fsqtok: the config's).")
+_PHRASES = flags.DEFINE_list("phrase_fraction", ["0.01"], "tokenizer.phrase_fraction of the "
+                             "fsqtok-phrases row; several: one row each, named "
+                             "fsqtok-phrases@F (fsqtok-subword: none; fsqtok: the config's).")
 
 
 # ---- the tokenizers: train(ctx, out_dir) -> (encode, decode, ids in the vocabulary) ------
@@ -66,7 +67,7 @@ def _fsqtok_vocabulary(phrase_fraction):
   def train(ctx, out_dir):
     from fsqtok.tokenizer import build as tokenizer_build  # pylint: disable=g-import-not-at-top
     config = ctx["config"].copy_and_resolve_references()
-    config.tokenizer.phrase_fraction = (_PHRASES.value if phrase_fraction is None
+    config.tokenizer.phrase_fraction = (float(_PHRASES.value[0]) if phrase_fraction is None
                                         else phrase_fraction)
     tok = tokenizer_build.unigram_tokenizer(config, ctx["train_texts"], ctx["vocab"])
     tok.save(out_dir)
@@ -170,10 +171,28 @@ def _dir_mb(path: str) -> float:
   return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs) / 2**20
 
 
+def _tokenizer_names() -> list[str]:
+  """--tokenizers (default: all), fsqtok-phrases once per --phrase_fraction when several."""
+  names = list(_TOKENIZERS.value or TOKENIZERS)
+  unknown = set(names) - set(TOKENIZERS)
+  if unknown:
+    raise app.UsageError(f"Unknown --tokenizers {sorted(unknown)}: use {list(TOKENIZERS)}.")
+  try:
+    fractions = [float(f) for f in _PHRASES.value]
+  except ValueError:
+    raise app.UsageError(f"--phrase_fraction takes numbers, got {_PHRASES.value}.") from None
+  if len(fractions) > 1 and "fsqtok-phrases" in names:
+    at = names.index("fsqtok-phrases")
+    names[at:at + 1] = [f"fsqtok-phrases@{f:g}" for f in fractions]
+  return names
+
+
 def measure(name, ctx, val_blocks, val_file, root):
   out_dir = os.path.join(root, name)
+  base, _, fraction = name.partition("@")
+  train = _fsqtok_vocabulary(float(fraction)) if fraction else TOKENIZERS[name]
   tic = time.perf_counter()
-  encode, decode, n_ids = TOKENIZERS[name](ctx, out_dir)
+  encode, decode, n_ids = train(ctx, out_dir)
   train_s = time.perf_counter() - tic + (ctx["codec_seconds"] if name == "fsqtok" else 0.0)
   n_bytes = sum(len(b.encode()) for b in val_blocks)
   ids = [encode(b) for b in val_blocks]  # warm-up (caches), and the token count
@@ -193,7 +212,7 @@ def measure(name, ctx, val_blocks, val_file, root):
           "lossless": lossless,
           "encode_mb_s": n_bytes / enc_s / 1e6, "decode_mb_s": n_bytes / dec_s / 1e6,
           "train_s": train_s, "disk_mb": _dir_mb(out_dir),
-          "memory_mb": _memory_mb(_LOADERS[name], out_dir, val_file)}
+          "memory_mb": _memory_mb(_LOADERS[base], out_dir, val_file)}
 
 
 def main(argv):
@@ -216,10 +235,7 @@ def main(argv):
       f.write("".join(train))
     with open(val_file, "w", encoding="utf-8") as f:
       f.write("".join(val))
-    names = _TOKENIZERS.value or list(TOKENIZERS)
-    unknown = set(names) - set(TOKENIZERS)
-    if unknown:
-      raise app.UsageError(f"Unknown --tokenizers {sorted(unknown)}: use {list(TOKENIZERS)}.")
+    names = _tokenizer_names()
     workdir = _WORKDIRS.value[k] if _WORKDIRS.value else ""
     codec_seconds = 0.0
     if workdir:
