@@ -83,6 +83,10 @@ VARIANTS = {  # name -> (tokenizer kind, embedding, head)
     # The input-embedding cell: a table row plus the code's digit vectors (does the code
     # help rare tokens? see the loss by frequency).
     "fsqtok-table-code": ("fsqtok", "table_code", "tied"),
+    # The codec itself as the embedding (bytes -> the frozen codec encoder -> an MLP; the
+    # codec run of the corpus), beside the table with the same untied head.
+    "fsqtok-codec": ("fsqtok", "codec", "dense"),
+    "fsqtok-table-dense": ("fsqtok", "table", "dense"),
     # fsqtok's vocabulary segmented by the fewest tokens (ties: longest last token)
     # instead of the unigram LM's Viterbi: the segmentation cell of the decomposition.
     "fsqtok-fewest-table": ("fsqtok-fewest", "table", "tied"),
@@ -94,7 +98,14 @@ VARIANTS = {  # name -> (tokenizer kind, embedding, head)
     # vocabulary cell of the decomposition (BPE's vocabulary, fsqtok's segmentation).
     "bpe-vocab-unigram": ("bpe-vocab-unigram", "table", "tied"),
     "hf-bpe": ("hf-bpe", "table", "tied"),
+    # The factorized head with codes of frequency rank instead of the codec's
+    # (`fsqtok.models.embeddings.frequency_codes`: an adaptive softmax by frequency bands),
+    # on BPE's, SentencePiece's and fsqtok's tokens: do the codec's codes matter, or the
+    # head's shape?
+    "hf-bpe-ranked-vocab": ("hf-bpe", "table", "factorized_vocab"),
+    "fsqtok-ranked-vocab": ("fsqtok", "table", "factorized_vocab"),
     "sp-unigram": ("sp-unigram", "table", "tied"),
+    "sp-unigram-ranked-vocab": ("sp-unigram", "table", "factorized_vocab"),
     "raw-bytes": ("raw-bytes", "table", "tied"),
 }
 FLAT_SUFFIX = "-flat"  # "<a factorized variant>-flatK": its head keeps K tokens flat
@@ -119,7 +130,8 @@ def variant(name: str) -> tuple[str, str, str, int | None]:
 
 
 # Heads and embeddings over FSQ codes need the codec.
-NEEDS_CODES = ("factorized", "factorized_vocab", "table_code", "code_factorized")
+NEEDS_CODES = ("factorized", "factorized_vocab", "table_code", "code_factorized", "codec")
+RANKED = "-ranked-vocab"  # variants whose factorized head uses frequency-rank codes
 
 
 def _tokenizer(kind, config, corpus, spec, vocab, texts, pieces, codec_dir, out):
@@ -160,8 +172,9 @@ def _tokenizer(kind, config, corpus, spec, vocab, texts, pieces, codec_dir, out)
 
 def _generation(model, params, tok, n_tokens: int, codec_and_params=None):
   """Generation bytes per second (one sequence, after compilation) and, for the factorized
-  head, the share of steps that drew a code outside the vocabulary."""
-  if model.head.startswith("factorized"):
+  head with the codec (``codec_and_params``), the share of steps that drew a code outside
+  the vocabulary; without the codec it samples the vocabulary's distribution."""
+  if model.head.startswith("factorized") and codec_and_params is not None:
     codec, codec_params = codec_and_params
     run = lambda seed: generate_lib.generate_open(
         model, params, tok, codec, codec_params, [[tok.bos_id]], jax.random.PRNGKey(seed),
@@ -265,8 +278,15 @@ def run_one(config, workdir, name, tok, texts, seed, *, budget, target_flops, co
   data = lm_data.LMData(tok, texts, c.lm.data.seq_len)
   bytes_per_token = data.train_bytes / float(np.sum(data.train["weights"]))
   tokens_per_step = c.lm.data.batch_size * c.lm.data.seq_len
-  model = (curriculum.build_lm(c, tok, token_counts=data.token_counts(len(tok)))
-           if kind == "fsqtok" else _plain_lm(c, tok))
+  codec, codec_params = codec_and_params or (None, None)
+  if RANKED in name:
+    c.lm.model.head_codes = "frequency"
+  if RANKED in name and not isinstance(tok, Tokenizer):
+    model = _ranked_lm(c, tok, data.token_counts(len(tok)))
+  elif kind == "fsqtok":
+    model = curriculum.build_lm(c, tok, codec, token_counts=data.token_counts(len(tok)))
+  else:
+    model = _plain_lm(c, tok)
   flops_per_token = lm_train.flops_per_token(model, c.lm.data.seq_len)
   if budget == "bytes":
     steps = round(c.train_bytes / (tokens_per_step * bytes_per_token))
@@ -275,10 +295,14 @@ def run_one(config, workdir, name, tok, texts, seed, *, budget, target_flops, co
   steps = max(1, steps)
   c.lm.train.num_steps = steps
   c.lm.train.eval_every = max(1, steps // c.lm.train.evals_per_run)
-  init = lambda: model.init(jax.random.PRNGKey(seed),
-                            jnp.zeros((1, c.lm.data.seq_len), jnp.int32))["params"]
+  def init():
+    params = model.init(jax.random.PRNGKey(seed),
+                        jnp.zeros((1, c.lm.data.seq_len), jnp.int32))["params"]
+    return params if model.codec is None else {**params, "codec": codec_params}
+
   run_dir = os.path.join(workdir, "runs", f"{name}_{budget}_seed{seed}")
-  report, params = lm_train.train_lm_phase("lm", c, run_dir, model, data, init)
+  report, params = lm_train.train_lm_phase("lm", c, run_dir, model, data, init,
+                                           frozen=("codec",))
   curve = [(r["step"] * tokens_per_step * bytes_per_token,
             r["step"] * tokens_per_step * flops_per_token, r["bits_per_byte"])
            for r in workdir_lib.MetricsLog.read(os.path.join(run_dir, "lm", "metrics.jsonl"))
@@ -293,7 +317,8 @@ def run_one(config, workdir, name, tok, texts, seed, *, budget, target_flops, co
           "train_flops": steps * tokens_per_step * flops_per_token,
           "train_bytes_per_second": report["train_tokens_per_second"] * bytes_per_token,
           "flops_per_byte": flops_per_token / bytes_per_token,
-          **_generation(model, params, tok, c.generation_tokens, codec_and_params),
+          **_generation(model, params, tok, c.generation_tokens,
+                        None if RANKED in name else codec_and_params),
           **_data_stats(tok, data), **segmentation_consistency(tok, texts[1]),
           **loss_by_frequency(model, params, data, len(tok)), "curve": curve}
 
@@ -301,6 +326,17 @@ def run_one(config, workdir, name, tok, texts, seed, *, budget, target_flops, co
 def _plain_lm(config, tok):
   from fsqtok.models import lm as lm_lib  # pylint: disable=g-import-not-at-top
   return lm_lib.lm_from_config(config.lm.model, tok.vocab_size)
+
+
+def _ranked_lm(config, tok, token_counts):
+  """A peer's LM with a factorized head over frequency-rank codes (every token but the
+  specials gets one; fsqtok's: ``lm.model.head_codes='frequency'`` of the curriculum)."""
+  from fsqtok.models import lm as lm_lib  # pylint: disable=g-import-not-at-top
+  coded = np.ones(len(tok), bool)
+  coded[[tok.pad_id, tok.bos_id, tok.eos_id]] = False
+  codes = embeddings_lib.frequency_codes(token_counts, coded, config.model.levels)
+  return lm_lib.lm_from_config(config.lm.model, len(tok), token_codes=codes,
+                               levels=config.model.levels, token_counts=token_counts)
 
 
 def _plot(results, path):
@@ -399,16 +435,18 @@ def main(argv):
       for budget in config.budgets:
         for name in config.variants:
           kind, embedding, head, _ = variant(name)
-          if {embedding, head} & set(NEEDS_CODES) and corpus not in codec_dirs:
+          needs_codec = bool({embedding, head} & set(NEEDS_CODES)) and RANKED not in name
+          if needs_codec and corpus not in codec_dirs:
             logging.warning("No codec run for %s: skipping %s.", corpus, name)
             continue
-          if kind == "hf-bpe" and budget == "flops" and "bytes" in config.budgets:
+          if name == "hf-bpe" and budget == "flops" and "bytes" in config.budgets:
             continue  # the same runs: the flops budget is what BPE spends on train_bytes
           if kind not in toks:
             toks[kind] = _tokenizer(kind, c, corpus, spec, vocab, texts, pieces,
                                     codec_dirs.get(corpus), out)
-          if head.startswith("factorized") and codec is None:  # it generates through it
-            codec = recon.load_trained_codec(c, codec_dirs[corpus])
+          if needs_codec and (head.startswith("factorized") or embedding == "codec") \
+              and codec is None:
+            codec = recon.load_trained_codec(tokenizer_build.codec_config(c), codec_dirs[corpus])
           for seed in config.seeds:
             if kind == "raw-bytes" and budget == "bytes" and seed in byte_runs:
               r = byte_runs[seed]
@@ -419,7 +457,7 @@ def main(argv):
               if kind == "raw-bytes" and budget == "bytes":
                 byte_runs[seed] = r
             results.append({**r, "corpus": corpus, "requested_vocab": vocab})
-            if kind == "hf-bpe" and budget == "bytes" and "flops" in config.budgets:
+            if name == "hf-bpe" and budget == "bytes" and "flops" in config.budgets:
               results.append({**r, "budget": "flops", "corpus": corpus, "requested_vocab": vocab})
             print(f"{corpus} {vocab} {budget} {name} seed {seed}: {r['bits_per_byte']:.4f} "
                   f"bits/byte", flush=True)

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import REPO, mlp_codec, tiny_recon_config, xla_flags
@@ -50,9 +51,14 @@ def test_bench_tokenizer_prints_a_table(doc_files, tmp_path):
   names = ("fsqtok", "fsqtok-phrases", "hf-bpe-bytelevel", "sentencepiece-unigram",
            "raw-bytes")
   out = _run("bench_tokenizer.py", *_tiny_codec_args(doc_files, tmp_path), "--repeats=1",
-             f"--tokenizers={','.join(names)}")
+             f"--tokenizers={','.join(names)}", "--phrase_fraction=0,0.05")
   for name in names:
-    assert f"| {name} |" in out
+    if name != "fsqtok-phrases":  # one row per --phrase_fraction instead
+      assert f"| {name} |" in out
+  # No phrases is fsqtok's default: the same tokens as its own row.
+  row = lambda name: out[out.index(f"| {name} |"):].splitlines()[0].split(" | ")
+  assert row("fsqtok-phrases@0")[1:4] == row("fsqtok")[1:4]
+  assert "| fsqtok-phrases@0.05 |" in out
   assert "| raw-bytes | 256 | 1.000 | 100.0% |" in out
 
 
@@ -72,15 +78,18 @@ def test_compare_tokenizers_lm_prints_a_table(doc_files, tmp_path):
              *_MLP_CODEC_ARGS, f"--config.corpora=docs=files:{doc_files}/*.txt",
              f"--config.codec_workdirs=docs={tmp_path / 'codec'}",
              f"--config.data.tfds_data_dir={tmp_path / 'tfds'}",
-             "--config.variants=('fsqtok-factorized-vocab-flat50','raw-bytes')",
+             "--config.variants=('fsqtok-factorized-vocab-flat50','fsqtok-codec',"
+             "'hf-bpe-ranked-vocab-flat50')",
              "--config.budgets=('flops',)", f"--workdir={tmp_path / 'out'}")
   assert "| docs | 400 | flops | fsqtok-factorized-vocab-flat50 | 400 (" in out
-  assert "| docs | 400 | flops | raw-bytes | 259 (" in out
+  assert "| docs | 400 | flops | fsqtok-codec | 400 (" in out
+  assert "| docs | 400 | flops | hf-bpe-ranked-vocab-flat50 | 400 (" in out
   rows = json.loads((tmp_path / "out" / "results.json").read_text())
-  assert [r["head_flat_tokens"] for r in rows] == [50, 0]
+  assert [r["head_flat_tokens"] for r in rows] == [50, 0, 50]
+  assert all(np.isfinite(r["bits_per_byte"]) for r in rows)
   assert (tmp_path / "out" / "bpb_vs_bytes.png").exists()
   by_frequency = out[out.index("Held-out bits per token by how often"):].splitlines()
-  assert sum(l.startswith("| docs | 400 | flops |") for l in by_frequency) == 2
+  assert sum(l.startswith("| docs | 400 | flops |") for l in by_frequency) == 3
   bad = subprocess.run([sys.executable, os.path.join(REPO, "experiments",
                                                      "compare_tokenizers_lm.py"),
                         "--config=configs/compare_lm.py:tiny", "--config.variants=('hf-bpe-flat9',)",

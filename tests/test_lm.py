@@ -1,4 +1,6 @@
 import chex
+import hypothesis
+from hypothesis import strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,6 +75,39 @@ def test_flat_tokens_of_the_factorized_head_are_the_most_frequent_coded_ones():
   with pytest.raises(ValueError, match="no token for the digits"):
     _model("table", "factorized_vocab", head_flat_tokens=len(coded),
            token_counts=counts).init(jax.random.PRNGKey(0), ids)
+
+
+@hypothesis.settings(max_examples=40, deadline=None)
+@hypothesis.given(st.lists(st.integers(0, 30), min_size=1, max_size=30),
+                  st.lists(st.booleans(), min_size=30, max_size=30))
+def test_frequency_codes_band_the_tokens_by_rank(counts, mask):
+  levels = (3, 2, 5)
+  coded = np.asarray(mask[:len(counts)])
+  codes = np.asarray(embeddings_lib.frequency_codes(counts, coded, levels))
+  assert np.all((codes >= 0) == coded)
+  assert len(set(codes[coded])) == coded.sum()  # one code each, inside the grid
+  assert np.all(codes[coded] < np.prod(levels))
+  # Most frequent first (ties to the lower id): the rank written first digit first.
+  ids = np.flatnonzero(coded)
+  order = ids[np.lexsort((ids, -np.asarray(counts)[ids]))]
+  digits = [(codes[order] // b) % l for b, l in zip((1, 3, 6), levels)]
+  assert list(digits[0] * 10 + digits[1] * 5 + digits[2]) == list(range(len(order)))
+
+
+def test_frequency_codes_give_a_factorized_head_over_the_vocabulary():
+  counts = np.random.RandomState(4).randint(0, 50, V)
+  coded = np.asarray(CODES) >= 0
+  codes = embeddings_lib.frequency_codes(counts, coded, (8, 5, 5, 5))
+  model = _model("table", "factorized_vocab", token_codes=codes, head_flat_tokens=4,
+                 token_counts=tuple(int(c) for c in counts))
+  ids = _ids()
+  params = model.init(jax.random.PRNGKey(0), ids)["params"]
+  out, _ = model.apply({"params": params}, ids)
+  vocab = model.apply({"params": params}, out,
+                      method=lambda m, o: m.output_head.vocab_log_probs(o))
+  chex.assert_trees_all_close(jnp.exp(vocab).sum(-1), jnp.ones(ids.shape), atol=1e-4)
+  with pytest.raises(ValueError, match="do not fit"):
+    embeddings_lib.frequency_codes(counts, np.ones(V, bool), (2, 3))
 
 
 @pytest.mark.parametrize("positions", ["rope", "learned"])

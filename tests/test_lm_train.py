@@ -17,6 +17,7 @@ import pytest
 from flax import traverse_util
 
 from conftest import mlp_codec, tiny_recon_config
+from fsqtok.data import corpus as corpus_lib
 from fsqtok.data import lm_data
 from fsqtok.models import lm as lm_lib
 from fsqtok.tokenizer import baselines
@@ -310,6 +311,46 @@ def test_curriculum_with_the_fuser_embedding(finished_curriculum, tmp_path):
     assert model.embedding == "fuser" and model.ambiguous_ids == tuple(json.load(f))
   with pytest.raises(ValueError, match="does not fit"):
     curriculum.with_fuser(params, {"static": params["embed"]["fuser"]["static"]})
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("curriculum")
+def test_curriculum_with_a_head_over_frequency_codes(finished_curriculum, tmp_path):
+  """``lm.model.head_codes="frequency"``: the factorized head spells each learned token's
+  rank by training count (the most frequent first), the sample is drawn from the
+  vocabulary (no codec decoding), and a finished run loads the same codes."""
+  from fsqtok.models import embeddings as embeddings_lib  # pylint: disable=g-import-not-at-top
+  from fsqtok.train import curriculum  # pylint: disable=g-import-not-at-top
+  config, root, _, _ = finished_curriculum
+  config = copy.deepcopy(config)
+  work = tmp_path / "ranked"
+  for name in ("recon", "vocab"):  # the finished codec and vocabulary
+    shutil.copytree(root / "whole" / name, work / name)
+  shutil.copy(root / "whole" / tokenizer_build.VOCABULARY_FILE, work)
+  m = config.lm.model
+  m.embedding, m.head, m.head_codes, m.head_flat_tokens = "table", "factorized_vocab", \
+      "frequency", 8
+  config.lm.train.update(num_steps=20, eval_every=10, checkpoint_every=20)
+  config.sample.max_new_tokens = 4
+  report = curriculum.run_curriculum(config, str(work))
+  assert np.isfinite(report["bits_per_byte"]) and report["sample"]["text"].startswith("The ")
+  assert "open_codes" not in report["sample"] and "skipped" in report["joint"]
+  losses = [r["loss"] for r in workdir_lib.MetricsLog.read(str(work / "lm" / "metrics.jsonl"))
+            if r["split"] == "train"]
+  assert losses[-1] < losses[0]
+  tok, model, _ = curriculum.load_lm(config, str(work))
+  counts = curriculum.lm_windows(config, str(work), tok, corpus_lib.load_split(config.data)
+                                 ).token_counts(len(tok))
+  learned = np.array(list(tok.learned_ids))
+  codes = np.asarray(model.token_codes)
+  assert (np.delete(codes, learned) == -1).all()  # specials and bytes: plain rows
+  assert len(set(codes[learned])) == len(learned) and (codes[learned] >= 0).all()
+  # (that these codes spell the ranks: tests/test_lm.py)
+  assert model.token_codes == embeddings_lib.frequency_codes(
+      counts, np.isin(np.arange(len(tok)), learned), config.model.levels)
+  m.embedding = "table_code"
+  with pytest.raises(ValueError, match="head_codes='frequency'"):
+    curriculum.build_lm(config, tok, token_counts=counts)
 
 
 @pytest.mark.slow

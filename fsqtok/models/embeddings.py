@@ -370,6 +370,31 @@ def flat_ids(lm) -> tuple[int, ...]:
   return tuple(int(i) for i in np.sort(coded[order[:k]]))
 
 
+def frequency_codes(token_counts, coded, levels) -> tuple[int, ...]:
+  """Codes that carry no spelling, for a factorized head over any vocabulary (a control
+  for the codec's codes; a BPE model's adaptive softmax): the tokens where ``coded`` is
+  true, most frequent first (ties to the lower id), get the codes of their rank written
+  with the first FSQ dimension as the most significant digit, so the head's first digit
+  picks a frequency band and the later digits the token in it (adaptive-softmax-like);
+  the others get -1 (plain rows)."""
+  levels_D = np.asarray(levels, np.int64)
+  coded_V = np.asarray(coded, bool)
+  ids = np.flatnonzero(coded_V)
+  if len(ids) > int(np.prod(levels_D)):
+    raise ValueError(f"{len(ids)} coded tokens do not fit the {int(np.prod(levels_D))} "
+                     f"codes of levels {tuple(levels)}.")
+  order = ids[np.lexsort((ids, -np.asarray(token_counts)[ids]))]
+  rank = np.arange(len(order), dtype=np.int64)
+  basis_D = np.cumprod(np.r_[1, levels_D[:-1]])
+  code = np.zeros_like(rank)
+  for d in reversed(range(len(levels_D))):  # the last dimension is the least significant
+    code += (rank % levels_D[d]) * basis_D[d]
+    rank //= levels_D[d]
+  out = np.full(len(coded_V), -1, np.int64)
+  out[order] = code
+  return tuple(int(c) for c in out)
+
+
 def head_plain_count(lm) -> int:
   """Rows of a factorized head's first softmax besides "a code": the tokens without a
   code plus the flat ones."""

@@ -46,8 +46,21 @@ def build_lm(config, tok: Tokenizer, codec=None, token_counts=None,
   ``token_counts``: training counts per id, for the bespoke embedding;
   ``ambiguous_ids``: the fuser embedding's precomputed ambiguous set)."""
   ids = range(len(tok))
+  token_codes = [tok.id_to_code(i) for i in ids]
+  if head_codes(config.lm.model) == "frequency":
+    if token_counts is None:
+      raise ValueError("lm.model.head_codes='frequency' ranks the tokens by their training "
+                       "counts: pass token_counts.")
+    if config.lm.model.embedding in ("table_code", "code_factorized"):
+      raise ValueError(f"lm.model.head_codes='frequency' gives the tokens codes of their "
+                       f"frequency rank, which embedding {config.lm.model.embedding!r} "
+                       f"would read as spellings: use head_codes='codec' or another "
+                       f"embedding (table, codec, bespoke, fuser).")
+    learned = np.zeros(len(tok), bool)
+    learned[list(tok.learned_ids)] = True
+    token_codes = embeddings_lib.frequency_codes(token_counts, learned, config.model.levels)
   return lm_lib.lm_from_config(
-      config.lm.model, len(tok), token_codes=[tok.id_to_code(i) for i in ids],
+      config.lm.model, len(tok), token_codes=token_codes,
       levels=config.model.levels, token_bytes=[tok.token_bytes(i) for i in ids],
       codec=codec if config.lm.model.embedding == "codec" else None,
       token_counts=token_counts if _needs_counts(config.lm.model) else None,
@@ -58,7 +71,18 @@ def _needs_counts(model_config) -> bool:
   """Whether the LM needs its tokens' training counts: the bespoke embedding's buckets,
   a factorized head's flat rows."""
   return model_config.embedding == "bespoke" or (
-      model_config.head.startswith("factorized") and model_config.get("head_flat_tokens", 0))
+      model_config.head.startswith("factorized") and (
+          model_config.get("head_flat_tokens", 0) or head_codes(model_config) == "frequency"))
+
+
+def head_codes(model_config) -> str:
+  """Which codes a factorized head spells: ``codec`` (the codec's, the default) or
+  ``frequency`` (`fsqtok.models.embeddings.frequency_codes`: the rank by training count,
+  an adaptive softmax; closed-vocabulary sampling)."""
+  kind = model_config.get("head_codes", "codec")
+  if kind not in ("codec", "frequency"):
+    raise ValueError(f"lm.model.head_codes must be 'codec' or 'frequency', got {kind!r}.")
+  return kind
 
 
 def fuser_ambiguous_ids(config, workdir: str, tok: Tokenizer,
@@ -270,7 +294,8 @@ def run_curriculum(config, workdir: str) -> dict[str, Any]:
   prompt = [tok.bos_id, *tok.encode(s.prompt)]
   kw = dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
             top_p=s.top_p)
-  if model.head.startswith("factorized"):  # sample its code space; the codec decodes codes
+  if model.head.startswith("factorized") and head_codes(config.lm.model) == "codec":
+    # sample its code space; the codec decodes codes outside the vocabulary
     out = generate_lib.generate_open(
         model, params, tok, codec, params["codec"] if model.codec is not None else codec_params,
         [prompt], jax.random.PRNGKey(s.seed), **kw)[0]
