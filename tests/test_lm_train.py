@@ -286,18 +286,24 @@ def _damage_final_checkpoint(phase_dir):
   return final
 
 
+def _started_from_the_finished_vocabulary(finished_curriculum, work):
+  """A copy of the finished run's config, and ``work`` holding its codec and vocabulary
+  (so a curriculum run there starts at the phases after them)."""
+  config, root, _, _ = finished_curriculum
+  for name in ("recon", "vocab"):
+    shutil.copytree(root / "whole" / name, work / name)
+  shutil.copy(root / "whole" / tokenizer_build.VOCABULARY_FILE, work)
+  return copy.deepcopy(config)
+
+
 @pytest.mark.slow
 @pytest.mark.xdist_group("curriculum")
 def test_curriculum_with_the_fuser_embedding(finished_curriculum, tmp_path):
   """The fuser phase trains the fuser, the LM starts from it, the sample is generated
   through the key/value cache, and a finished run loads with the same ambiguous set."""
   from fsqtok.train import curriculum  # pylint: disable=g-import-not-at-top
-  config, root, _, _ = finished_curriculum
-  config = copy.deepcopy(config)
-  # (the finished codec and vocabulary are copied: the run starts at the fuser phase)
-  for name in ("recon", "vocab"):
-    shutil.copytree(root / "whole" / name, tmp_path / "fuser" / name)
-  shutil.copy(root / "whole" / tokenizer_build.VOCABULARY_FILE, tmp_path / "fuser")
+  # (the run starts at the fuser phase)
+  config = _started_from_the_finished_vocabulary(finished_curriculum, tmp_path / "fuser")
   config.lm.model.embedding, config.lm.model.head = "fuser", "dense"
   config.fuser.train.num_steps = 4
   config.lm.train.update(num_steps=4, eval_every=4, checkpoint_every=4)
@@ -321,12 +327,8 @@ def test_curriculum_with_a_head_over_frequency_codes(finished_curriculum, tmp_pa
   vocabulary (no codec decoding), and a finished run loads the same codes."""
   from fsqtok.models import embeddings as embeddings_lib  # pylint: disable=g-import-not-at-top
   from fsqtok.train import curriculum  # pylint: disable=g-import-not-at-top
-  config, root, _, _ = finished_curriculum
-  config = copy.deepcopy(config)
   work = tmp_path / "ranked"
-  for name in ("recon", "vocab"):  # the finished codec and vocabulary
-    shutil.copytree(root / "whole" / name, work / name)
-  shutil.copy(root / "whole" / tokenizer_build.VOCABULARY_FILE, work)
+  config = _started_from_the_finished_vocabulary(finished_curriculum, work)
   m = config.lm.model
   m.embedding, m.head, m.head_codes, m.head_flat_tokens = "table", "factorized_vocab", \
       "frequency", 8
@@ -360,12 +362,9 @@ def test_curriculum_on_the_token_store(finished_curriculum, tmp_path):
   WORKDIR/lm_data, the lm and joint phases draw and evaluate them there, with the same
   tokens and bytes as the windows in memory; a second run prepares nothing."""
   from fsqtok.train import curriculum  # pylint: disable=g-import-not-at-top
-  config, root, whole, _ = finished_curriculum
-  config = copy.deepcopy(config)
+  whole = finished_curriculum[2]
   work = tmp_path / "store"
-  for name in ("recon", "vocab"):  # the finished codec and vocabulary
-    shutil.copytree(root / "whole" / name, work / name)
-  shutil.copy(root / "whole" / tokenizer_build.VOCABULARY_FILE, work)
+  config = _started_from_the_finished_vocabulary(finished_curriculum, work)
   config.lm.data.update(loader="grain", shards=3)
   config.lm.train.update(num_steps=4, eval_every=4, checkpoint_every=4)
   config.joint.num_steps, config.sample.max_new_tokens = 2, 4
