@@ -127,13 +127,17 @@ def test_cli_mistakes_are_one_line_before_any_work(trained, tmp_path):
   assert not (tmp_path / "work").exists()  # nothing started
 
 
-def test_train_py_states_a_bad_config_in_one_line(tmp_path):
+@pytest.mark.parametrize("override, message", [
+    ("--config.lm.model.head=tide", "train.py: lm.model.head='tide' is unknown"),
+    ("--config.lm.model.head_codes=ranks",
+     "train.py: lm.model.head_codes must be 'codec' or 'frequency', got 'ranks'")])
+def test_train_py_states_a_bad_config_in_one_line(tmp_path, override, message):
   proc = subprocess.run(
       [sys.executable, os.path.join(REPO, "experiments", "train.py"),
        "--config=" + os.path.join(REPO, "configs", "curriculum.py") + ":tiny",
-       f"--workdir={tmp_path / 'work'}", "--config.lm.model.head=tide"],
+       f"--workdir={tmp_path / 'work'}", override],
       capture_output=True, text=True, check=False)
   assert proc.returncode == 1
-  assert proc.stderr.strip().splitlines()[-1].startswith(
-      "train.py: lm.model.head='tide' is unknown"), proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
+  assert not (tmp_path / "work" / "recon").exists()  # stopped before any phase

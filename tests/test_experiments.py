@@ -90,19 +90,24 @@ def test_compare_tokenizers_lm_prints_a_table(doc_files, tmp_path):
   assert (tmp_path / "out" / "bpb_vs_bytes.png").exists()
   by_frequency = out[out.index("Held-out bits per token by how often"):].splitlines()
   assert sum(l.startswith("| docs | 400 | flops |") for l in by_frequency) == 3
+  merged = _run("compare_tokenizers_lm.py", "--config=configs/compare_lm.py:tiny",
+                f"--merge={tmp_path / 'out'}", f"--workdir={tmp_path / 'merged'}")
+  assert merged.strip().splitlines()[-4:] == out.strip().splitlines()[-4:]
+  assert (tmp_path / "merged" / "bpb_vs_bytes.png").exists()
+
+
+def test_compare_tokenizers_lm_data_stats_and_a_bad_variant(doc_files, tmp_path):
+  """``--data_stats_only`` (every tokenizer's data, no LM; fsqtok's vocabulary needs no
+  codec), and a variant name that cannot be."""
+  # (a subprocess: loading the script here would define its absl flags in this process)
   bad = subprocess.run([sys.executable, os.path.join(REPO, "experiments",
                                                      "compare_tokenizers_lm.py"),
                         "--config=configs/compare_lm.py:tiny", "--config.variants=('hf-bpe-flat9',)",
                         f"--workdir={tmp_path / 'bad'}"], capture_output=True, text=True,
                        cwd=REPO, check=False)
   assert bad.returncode != 0 and "follows a factorized variant" in bad.stderr
-  merged = _run("compare_tokenizers_lm.py", "--config=configs/compare_lm.py:tiny",
-                f"--merge={tmp_path / 'out'}", f"--workdir={tmp_path / 'merged'}")
-  assert merged.strip().splitlines()[-4:] == out.strip().splitlines()[-4:]
-  assert (tmp_path / "merged" / "bpb_vs_bytes.png").exists()
   stats = _run("compare_tokenizers_lm.py", "--config=configs/compare_lm.py:tiny",
                f"--config.corpora=docs=files:{doc_files}/*.txt",
-               f"--config.codec_workdirs=docs={tmp_path / 'codec'}",
                f"--config.data.tfds_data_dir={tmp_path / 'tfds'}", "--data_stats_only",
                f"--workdir={tmp_path / 'out'}")
   rows = [l for l in stats.splitlines() if l.startswith("| docs | 400 |")]

@@ -165,3 +165,32 @@ def test_vocab_only_head_is_a_distribution_over_the_vocabulary_and_samples_from_
       variables, jax.tree_util.tree_map(lambda x: x[:1, None], out_n),
       method=head.vocab_log_probs)))[0, 0]
   assert 0.5 * np.abs(freq - probs).sum() < 0.02
+
+
+def test_generate_draws_a_vocab_only_head_digit_by_digit_from_its_distribution():
+  """`generate` samples a ``factorized_vocab`` head through its digits (one small softmax
+  per dimension) at temperature 1 without top-k/top-p: the first tokens of 20,000 draws
+  follow the distribution it would otherwise score over the whole vocabulary; anything
+  that reshapes that distribution keeps the scoring path."""
+  codes = tuple([-1] * NUM_PLAIN + [0, 2, 3, 5, 7, 8, 11])  # 7 of the 12 codes, 1 flat
+  model = lm_lib.TransformerLM(
+      vocab_size=len(codes), d_model=16, num_layers=1, num_heads=2, mlp_dim=32,
+      head="factorized_vocab", token_codes=codes, levels=LEVELS, head_flat_tokens=1,
+      token_counts=tuple(range(len(codes))))
+  params = model.init(jax.random.PRNGKey(3), jnp.zeros((1, 4), jnp.int32))["params"]
+  assert generate_lib.samples_digit_by_digit(model, 1.0, 0, 1.0)
+  assert not any(generate_lib.samples_digit_by_digit(model, *a)
+                 for a in ((0.0, 0, 1.0), (0.8, 0, 1.0), (1.0, 5, 1.0), (1.0, 0, 0.9)))
+  n, prompt = 20_000, [1, 2]
+  drawn = np.array(generate_lib.generate(model, params, [prompt] * n, jax.random.PRNGKey(0),
+                                         max_new_tokens=1, eos_id=-1, pad_id=0))[:, 0]
+  out, _ = model.apply({"params": params}, jnp.asarray([prompt]))
+  probs = np.exp(np.asarray(model.apply(
+      {"params": params}, jax.tree_util.tree_map(lambda x: x[:, -1:], out),
+      method=lm_lib.TransformerLM.next_token_log_probs)))[0]
+  assert abs(probs.sum() - 1) < 1e-4
+  freq = np.bincount(drawn, minlength=len(codes)) / n
+  assert 0.5 * np.abs(freq - probs).sum() < 0.02
+  longer = generate_lib.generate(model, params, [prompt], jax.random.PRNGKey(1),
+                                 max_new_tokens=6, eos_id=-1, pad_id=0)[0]
+  assert len(longer) == 6 and all(0 <= t < len(codes) for t in longer)

@@ -3,7 +3,8 @@
 Prompts are left-padded into one batch; one call fills the key/value cache with them, then
 a ``lax.while_loop`` decodes one token per step (static shapes, one compilation per
 batch/prompt/length shape) until every row has produced EOS or the limit is reached.
-`generate` samples vocabulary tokens; `generate_open` samples a factorized head's whole
+`generate` samples vocabulary tokens (a ``factorized_vocab`` head digit by digit when
+nothing reshapes its distribution); `generate_open` samples a factorized head's whole
 code space and decodes codes outside the vocabulary through the codec decoder.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fsqtok.codec import model as codec_lib
+from fsqtok.models import embeddings as embeddings_lib
 from fsqtok.models import fuser as fuser_lib
 from fsqtok.models import lm as lm_lib
 
@@ -52,14 +54,51 @@ def inference_variables(model: lm_lib.TransformerLM, params) -> dict:
   return {"params": params}
 
 
+def samples_digit_by_digit(model, temperature: float, top_k: int, top_p: float) -> bool:
+  """Whether `generate` draws from a ``factorized_vocab`` head digit by digit (its
+  `FactorizedHead.sample`: one small softmax per FSQ dimension) instead of scoring every
+  vocabulary token each step. The two are the same distribution over the vocabulary, so
+  it does so whenever nothing reshapes that distribution (temperature 1, no top-k/top-p)."""
+  return (model.head == "factorized_vocab" and temperature == 1.0 and top_k == 0
+          and not 0.0 < top_p < 1.0)
+
+
+def _spelled_vocabulary(model):
+  """``(codes_C, ids_C)``: the codes a factorized head's digits spell, sorted, and their
+  token ids."""
+  codes = np.array(model.token_codes, np.int64)
+  codes[list(embeddings_lib.flat_ids(model))] = -1
+  has = np.flatnonzero(codes >= 0)
+  order = np.argsort(codes[has])
+  return jnp.asarray(codes[has][order], jnp.int32), jnp.asarray(has[order], jnp.int32)
+
+
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature",
                                              "top_k", "top_p", "eos_id", "pad_id"))
 def _generate(model, variables, prompt_BxP, valid_BxP, rng, *, max_new_tokens, temperature,
               top_k, top_p, eos_id, pad_id):
   b, p = prompt_BxP.shape
+  by_digits = samples_digit_by_digit(model, temperature, top_k, top_p)
+  if by_digits:
+    codes_C, ids_C = _spelled_vocabulary(model)
+    pick = lambda logits, r: sample_next(logits, r, temperature, top_k, top_p)
+
+  def next_from(out):  # what the next draw needs: the head's outputs, or log p of every id
+    if by_digits:
+      return jax.tree_util.tree_map(lambda x: x[:, -1], out)
+    return model.apply(variables, out, method=lm_lib.TransformerLM.next_token_log_probs)
+
+  def draw(last, rng):
+    if not by_digits:
+      return sample_next(last, rng, temperature, top_k, top_p)
+    token, code = model.apply(variables, last, rng, pick,
+                              method=lambda m, o, r, f: m.output_head.sample(o, r, f))
+    slot = jnp.clip(jnp.searchsorted(codes_C, code), 0, codes_C.shape[0] - 1)
+    return jnp.where(code >= 0, ids_C[slot], token)
+
   cache = lm_lib.init_cache(model, b, p + max_new_tokens)
   out, cache = model.apply(variables, prompt_BxP, valid_BxP, cache=cache)
-  last = model.apply(variables, out, method=lm_lib.TransformerLM.next_token_log_probs)
+  last = next_from(out)
   tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
 
   def cond(carry):
@@ -69,11 +108,11 @@ def _generate(model, variables, prompt_BxP, valid_BxP, rng, *, max_new_tokens, t
   def body(carry):
     i, cache, last, done, tokens, rng = carry
     rng, sub = jax.random.split(rng)
-    nxt = jnp.where(done, pad_id, sample_next(last, sub, temperature, top_k, top_p))
+    nxt = jnp.where(done, pad_id, draw(last, sub))
     tokens = tokens.at[:, i].set(nxt)
     out, cache = model.apply(variables, nxt[:, None], ~done[:, None], cache=cache)
     done = done | (nxt == eos_id)
-    last = model.apply(variables, out, method=lm_lib.TransformerLM.next_token_log_probs)
+    last = next_from(out)
     return i + 1, cache, last, done, tokens, rng
 
   carry = (jnp.int32(0), cache, last, jnp.zeros((b,), bool), tokens, rng)

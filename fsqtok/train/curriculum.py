@@ -51,11 +51,6 @@ def build_lm(config, tok: Tokenizer, codec=None, token_counts=None,
     if token_counts is None:
       raise ValueError("lm.model.head_codes='frequency' ranks the tokens by their training "
                        "counts: pass token_counts.")
-    if config.lm.model.embedding in ("table_code", "code_factorized"):
-      raise ValueError(f"lm.model.head_codes='frequency' gives the tokens codes of their "
-                       f"frequency rank, which embedding {config.lm.model.embedding!r} "
-                       f"would read as spellings: use head_codes='codec' or another "
-                       f"embedding (table, codec, bespoke, fuser).")
     learned = np.zeros(len(tok), bool)
     learned[list(tok.learned_ids)] = True
     token_codes = embeddings_lib.frequency_codes(token_counts, learned, config.model.levels)
@@ -82,6 +77,11 @@ def head_codes(model_config) -> str:
   kind = model_config.get("head_codes", "codec")
   if kind not in ("codec", "frequency"):
     raise ValueError(f"lm.model.head_codes must be 'codec' or 'frequency', got {kind!r}.")
+  if kind == "frequency" and model_config.embedding in ("table_code", "code_factorized"):
+    raise ValueError(f"lm.model.head_codes='frequency' gives the tokens codes of their "
+                     f"frequency rank, which embedding {model_config.embedding!r} would "
+                     f"read as spellings: use head_codes='codec' or another embedding "
+                     f"(table, codec, bespoke, fuser).")
   return kind
 
 
@@ -226,6 +226,7 @@ def _check_config(config) -> None:
                        ("head", embeddings_lib.HEADS)):
     if m[field] not in names:
       raise ValueError(f"lm.model.{field}={m[field]!r} is unknown: use one of {sorted(names)}.")
+  head_codes(m)
   if m.d_model % m.num_heads:
     raise ValueError(f"lm.model.d_model={m.d_model} is not divisible by "
                      f"lm.model.num_heads={m.num_heads}.")
