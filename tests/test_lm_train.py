@@ -353,6 +353,9 @@ def test_curriculum_with_a_head_over_frequency_codes(finished_curriculum, tmp_pa
   m.embedding = "table_code"
   with pytest.raises(ValueError, match="head_codes='frequency'"):
     curriculum.build_lm(config, tok, token_counts=counts)
+  m.head = "dense"  # a head that spells nothing: no ranks needed, the codec's codes kept
+  assert curriculum.build_lm(config, tok).token_codes == tuple(
+      tok.id_to_code(i) for i in range(len(tok)))
 
 
 @pytest.mark.slow

@@ -47,7 +47,8 @@ def build_lm(config, tok: Tokenizer, codec=None, token_counts=None,
   ``ambiguous_ids``: the fuser embedding's precomputed ambiguous set)."""
   ids = range(len(tok))
   token_codes = [tok.id_to_code(i) for i in ids]
-  if head_codes(config.lm.model) == "frequency":
+  m = config.lm.model
+  if m.head.startswith("factorized") and head_codes(m) == "frequency":  # else unused
     if token_counts is None:
       raise ValueError("lm.model.head_codes='frequency' ranks the tokens by their training "
                        "counts: pass token_counts.")
@@ -73,11 +74,13 @@ def _needs_counts(model_config) -> bool:
 def head_codes(model_config) -> str:
   """Which codes a factorized head spells: ``codec`` (the codec's, the default) or
   ``frequency`` (`fsqtok.models.embeddings.frequency_codes`: the rank by training count,
-  an adaptive softmax; closed-vocabulary sampling)."""
+  an adaptive softmax; closed-vocabulary sampling). Other heads spell nothing, and keep
+  the codec's codes for the embeddings that read them."""
   kind = model_config.get("head_codes", "codec")
   if kind not in ("codec", "frequency"):
     raise ValueError(f"lm.model.head_codes must be 'codec' or 'frequency', got {kind!r}.")
-  if kind == "frequency" and model_config.embedding in ("table_code", "code_factorized"):
+  if (kind == "frequency" and model_config.head.startswith("factorized")
+      and model_config.embedding in ("table_code", "code_factorized")):
     raise ValueError(f"lm.model.head_codes='frequency' gives the tokens codes of their "
                      f"frequency rank, which embedding {model_config.embedding!r} would "
                      f"read as spellings: use head_codes='codec' or another embedding "
