@@ -63,14 +63,20 @@ def samples_digit_by_digit(model, temperature: float, top_k: int, top_p: float) 
           and not 0.0 < top_p < 1.0)
 
 
+def _code_lookup(codes_V) -> tuple[jax.Array, jax.Array]:
+  """``(codes_C, ids_C)``: the codes of the ids that have one (>= 0), sorted (for
+  ``searchsorted``), and those ids."""
+  codes_V = np.asarray(codes_V, np.int64)
+  has = np.flatnonzero(codes_V >= 0)
+  order = np.argsort(codes_V[has])
+  return jnp.asarray(codes_V[has][order], jnp.int32), jnp.asarray(has[order], jnp.int32)
+
+
 def _spelled_vocabulary(model):
-  """``(codes_C, ids_C)``: the codes a factorized head's digits spell, sorted, and their
-  token ids."""
+  """`_code_lookup` of the codes a factorized head's digits spell (its flat ids have none)."""
   codes = np.array(model.token_codes, np.int64)
   codes[list(embeddings_lib.flat_ids(model))] = -1
-  has = np.flatnonzero(codes >= 0)
-  order = np.argsort(codes[has])
-  return jnp.asarray(codes[has][order], jnp.int32), jnp.asarray(has[order], jnp.int32)
+  return _code_lookup(codes)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature",
@@ -231,13 +237,10 @@ def generate_open(model: lm_lib.TransformerLM, params, tok, codec, codec_params,
                      f"head is {model.head!r} (use generate()).")
   ids, valid = _left_padded(model, prompts, max_new_tokens, tok.pad_id,
                             tokens_per_step=codec.max_len)
-  codes = np.asarray([tok.id_to_code(i) for i in range(len(tok))], np.int64)
-  has = np.flatnonzero(codes >= 0)
-  order = np.argsort(codes[has])
+  vocab_codes_C, vocab_ids_C = _code_lookup([tok.id_to_code(i) for i in range(len(tok))])
   chunks, chunk_valid, kinds, codes = jax.device_get(_generate_open(
       model, inference_variables(model, params), codec, codec_params, jnp.asarray(ids),
-      jnp.asarray(valid), rng,
-      jnp.asarray(codes[has][order], jnp.int32), jnp.asarray(has[order], jnp.int32),
+      jnp.asarray(valid), rng, vocab_codes_C, vocab_ids_C,
       max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
       top_p=float(top_p), eos_id=int(tok.eos_id),
       pad_id=int(tok.pad_id), byte_base=int(tok.token_to_id("<0x00>"))))
