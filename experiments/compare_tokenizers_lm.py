@@ -281,10 +281,10 @@ def run_one(config, workdir, name, tok, texts, seed, *, budget, target_flops, co
   codec, codec_params = codec_and_params or (None, None)
   if RANKED in name:
     c.lm.model.head_codes = "frequency"
-  if RANKED in name and not isinstance(tok, Tokenizer):
-    model = _ranked_lm(c, tok, data.token_counts(len(tok)))
-  elif kind == "fsqtok":
+  if kind == "fsqtok":
     model = curriculum.build_lm(c, tok, codec, token_counts=data.token_counts(len(tok)))
+  elif RANKED in name:
+    model = _ranked_lm(c, tok, data.token_counts(len(tok)))
   else:
     model = _plain_lm(c, tok)
   flops_per_token = lm_train.flops_per_token(model, c.lm.data.seq_len)
