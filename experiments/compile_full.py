@@ -18,6 +18,16 @@ device and the step time they imply at 40% of the peak of a TPU v5e, a TPU v4 an
 H100 (bf16 dense). XLA compiles for the CPU here, so its memory and FLOP counts are the
 CPU program's: a guide to the accelerator's, not a measurement on it.
 
+``--run_steps=N`` also runs each compiled step N times on real arrays (random parameters
+and batches of the config's shapes, after 2 untimed steps) on the devices JAX finds, and
+adds what was measured: ms per step, throughput (tokens/s for the LM phases, pieces/s for
+the codec), model FLOPs utilization against the device's bf16 peak
+(`fsqtok.train.lm_train.PEAK_FLOPS`; analytic FLOPs for the LM phases, XLA's for the codec)
+and the device's peak memory in use. On a GPU:
+
+  JAX_PLATFORMS=cuda python experiments/compile_full.py --devices=1 --shardings=replicated \
+      --run_steps=20 --json_out=/tmp/full_gpu.json
+
 ``--config_arg=tiny`` checks the same code on the tiny configs in seconds (the test).
 """
 import os
@@ -29,7 +39,9 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + f" --xla_force_host_platform_device_count={_N}")
 
+import dataclasses  # noqa: E402
 import time  # noqa: E402
+from typing import Any, Callable  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -57,6 +69,8 @@ _SHARDINGS = flags.DEFINE_list("shardings", ["replicated", "fsdp", "fsdp_tp2"],
                                "replicated | fsdp | tpN | fsdp_tpN.")
 _PHASES = flags.DEFINE_list("phases", ["codec", "lm", "joint"], "codec | lm | joint.")
 _JSON = flags.DEFINE_string("json_out", "", "Also write the rows here.")
+_RUN_STEPS = flags.DEFINE_integer("run_steps", 0, "Also run each step this many times on "
+                                  "real arrays and measure it (0: compile only).")
 
 PEAKS = {"TPU v5e": 197e12, "TPU v4": 275e12, "H100": 989e12}  # bf16 dense FLOP/s
 MFU = 0.4
@@ -83,12 +97,29 @@ def codec_step(sharding, mesh):
   config.train.sharding = sharding
   model = codec_lib.codec_from_config(config.model)
   tx = optimizer_lib.make_optimizer(config.optim, config.train.num_steps)
-  state = jax.eval_shape(lambda: recon.create_state(config, model, jax.random.PRNGKey(0), tx))
+  make_state = lambda: recon.create_state(config, model, jax.random.PRNGKey(0), tx)
+  state = jax.eval_shape(make_state)
   state_sh = sharding_lib.state_shardings(state, mesh, sharding)
   b, length = config.data.batch_size, config.model.max_len
   batch = _batch(mesh, bytes=((b, length), jnp.uint8), lengths=((b,), jnp.int32))
   step = recon.compile_train_step(mesh, state_shardings=state_sh)
-  return step, (checkpoint_lib.abstract_like(state, state_sh), batch), state, state_sh, None
+  return Step(step, checkpoint_lib.abstract_like(state, state_sh), batch, state, state_sh,
+              make_state, amount=b, unit="pieces")
+
+
+@dataclasses.dataclass
+class Step:
+  """A phase's train step and what compiling and running it needs."""
+  step: Any                 # the jitted step(state, batch, rng)
+  state: Any                # abstract state, with its shardings
+  batch: dict               # abstract batch, with its shardings
+  abstract: Any             # abstract state, without shardings
+  state_shardings: Any
+  make_state: Callable[[], Any]  # the concrete first state (random parameters)
+  amount: int               # tokens (LM) or pieces (codec) per step
+  unit: str
+  model: Any = None         # the LM (analytic FLOPs)
+  vocab_size: int = 0
 
 
 def fake_token_tables(vocab_size: int, levels, seed: int = 0):
@@ -116,8 +147,8 @@ def lm_step(sharding, mesh, joint: bool):
   optim = config.joint.optim if joint else config.lm.optim
   tx = optimizer_lib.make_optimizer(optim, config.lm.train.num_steps, jax.eval_shape(init),
                                     frozen)
-  state = jax.eval_shape(lambda: train_state.TrainState.create(
-      apply_fn=model.apply, params=init(), tx=tx))
+  make_state = lambda: train_state.TrainState.create(apply_fn=model.apply, params=init(), tx=tx)
+  state = jax.eval_shape(make_state)
   state_sh = lm_train.state_shardings(state, mesh, config.lm.train)
   batch = {"lm": _batch(mesh, inputs=((b, t), jnp.int32), targets=((b, t), jnp.int32),
                         weights=((b, t), jnp.float32), valid=((b, t), jnp.bool_))}
@@ -126,7 +157,51 @@ def lm_step(sharding, mesh, joint: bool):
     batch["pieces"] = _batch(mesh, bytes=((p, length), jnp.uint8), lengths=((p,), jnp.int32))
   step = lm_train.compile_train_step(
       mesh, state_sh, config.joint.recon_weight if joint else 0.0)
-  return step, (checkpoint_lib.abstract_like(state, state_sh), batch), state, state_sh, (model, b * t)
+  return Step(step, checkpoint_lib.abstract_like(state, state_sh), batch, state, state_sh,
+              make_state, amount=b * t, unit="tokens", model=model,
+              vocab_size=config.vocab.size)
+
+
+def random_batch(abstract: dict, vocab_size: int, max_len: int, seed: int = 0) -> dict:
+  """Concrete arrays of ``abstract``'s shapes and shardings: token ids below
+  ``vocab_size``, bytes of lower-case letters, lengths 1..``max_len``, weights 1."""
+  rng = np.random.RandomState(seed)
+
+  def fill(name, spec):
+    if name == "lengths":
+      x = rng.randint(1, max_len + 1, spec.shape)
+    elif name == "bytes":
+      x = rng.randint(97, 123, spec.shape)
+    elif name in ("inputs", "targets"):
+      x = rng.randint(0, vocab_size, spec.shape)
+    else:  # weights, valid
+      x = np.ones(spec.shape)
+    return jax.device_put(x.astype(spec.dtype), spec.sharding)
+
+  return {k: random_batch(v, vocab_size, max_len, seed + 1) if isinstance(v, dict)
+          else fill(k, v) for k, v in abstract.items()}
+
+
+def measure(compiled, s: Step, mesh, rng, steps: int) -> dict:
+  """Runs ``compiled`` on random state and batch: 2 untimed steps, then ``steps`` timed."""
+  state = sharding_lib.init_on_mesh(s.make_state, s.state_shardings)
+  max_len = recon_config.get_config(_ARG.value).model.max_len
+  batch = random_batch(s.batch, s.vocab_size, max_len)
+  rng = jax.device_put(np.asarray(jax.random.PRNGKey(1)), rng.sharding)
+  for _ in range(2):
+    state, metrics = compiled(state, batch, rng)
+  jax.block_until_ready(metrics)
+  tic = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = compiled(state, batch, rng)
+  jax.block_until_ready((state, metrics))
+  seconds = (time.perf_counter() - tic) / steps
+  stats = jax.devices()[0].memory_stats() or {}
+  return {"run_steps": steps, "measured_step_ms": seconds * 1e3,
+          "measured_per_second": s.amount / seconds,
+          "measured_loss": float(np.asarray(metrics["loss"])),
+          "device_kind": jax.devices()[0].device_kind,
+          "peak_bytes_in_use": stats.get("peak_bytes_in_use")}
 
 
 def check(phase: str, sharding_name: str) -> dict:
@@ -134,11 +209,12 @@ def check(phase: str, sharding_name: str) -> dict:
   mesh = sharding_lib.data_mesh(_DEVICES.value, sharding.model_parallel)
   make = {"codec": codec_step, "lm": lambda s, m: lm_step(s, m, False),
           "joint": lambda s, m: lm_step(s, m, True)}[phase]
-  step, (state, batch), abstract, state_sh, lm = make(sharding, mesh)
+  s = make(sharding, mesh)
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding_lib.replicated(mesh))
   tic = time.perf_counter()
-  compiled = step.lower(state, batch, rng).compile()
+  compiled = s.step.lower(s.state, s.batch, rng).compile()
   seconds = time.perf_counter() - tic
+  print(f"[{phase} {sharding_name}: compiled in {seconds:.0f} s]", flush=True)
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -148,42 +224,69 @@ def check(phase: str, sharding_name: str) -> dict:
   row = {"phase": phase, "config": f"{'recon' if phase == 'codec' else 'curriculum'}:"
                                    f"{_ARG.value}",
          "sharding": sharding_name, "mesh": dict(mesh.shape),
-         "params": optimizer_lib.count_params(abstract.params),
-         "state_bytes_per_device": sharding_lib.bytes_per_device(abstract, state_sh),
+         "platform": jax.devices()[0].platform,
+         "params": optimizer_lib.count_params(s.abstract.params),
+         "state_bytes_per_device": sharding_lib.bytes_per_device(s.abstract,
+                                                                 s.state_shardings),
          "memory_bytes_per_device": int(per_device),
          "temp_bytes_per_device": int(mem.temp_size_in_bytes),
          "fits_16gb": bool(per_device <= HBM),
          "xla_flops_per_device": flops, "compile_seconds": seconds}
-  if lm is not None:
-    model, tokens = lm
-    row["analytic_flops_per_device"] = (lm_train.flops_per_token(model, batch["lm"]["inputs"].shape[1])
-                                        * tokens / mesh.size)
+  if s.model is not None:
+    row["analytic_flops_per_device"] = (
+        lm_train.flops_per_token(s.model, s.batch["lm"]["inputs"].shape[1])
+        * s.amount / mesh.size)
   for name, peak in PEAKS.items():
     row[f"step_ms_{name}"] = flops / (MFU * peak) * 1e3
+  if _RUN_STEPS.value:
+    row.update(measure(compiled, s, mesh, rng, _RUN_STEPS.value))
+    row["unit"] = s.unit
+    peak = lm_train.peak_flops(mesh) / mesh.size
+    seconds = row["measured_step_ms"] / 1e3
+    # Model FLOPs utilization: the analytic count for the LM (what MFU conventionally
+    # counts), XLA's for the codec (no analytic count); NaN where the peak is unknown.
+    useful = row.get("analytic_flops_per_device", flops)
+    finite = lambda x: float(x) if np.isfinite(x) else None
+    row["mfu"] = finite(useful / seconds / peak)
+    row["xla_flops_utilization"] = finite(flops / seconds / peak)
   return row
+
+
+def _percent(x) -> str:
+  return "n/a" if x is None else f"{x:.1%}"
 
 
 def main(argv):
   del argv
   rows = []
   gb = lambda x: f"{x / 2 ** 30:.3f}"
-  print(f"{_DEVICES.value} simulated devices; step times at {MFU:.0%} of bf16 peak from XLA's "
-        f"FLOPs per device\n")
+  run = _RUN_STEPS.value
+  print(f"{_DEVICES.value} x {jax.devices()[0].device_kind} ({jax.devices()[0].platform}); "
+        f"step times at {MFU:.0%} of bf16 peak from XLA's FLOPs per device"
+        + (f"; measured: the mean of {run} steps" if run else "") + "\n")
+  measured = " | measured ms/step | throughput | MFU | peak GB in use" if run else ""
   print("| phase | sharding | mesh (data x model) | params | state GB/device | XLA memory "
-        "GB/device | fits 16 GB | GFLOPs/device/step | ms v5e / v4 / H100 | compile s |")
-  print("|---|---|---|---|---|---|---|---|---|---|")
+        "GB/device | fits 16 GB | GFLOPs/device/step | ms v5e / v4 / H100 | compile s"
+        + measured + " |")
+  print("|---|---|---|---|---|---|---|---|---|---" + "|---" * 4 * bool(run) + "|")
   for phase in _PHASES.value:
     for name in _SHARDINGS.value:
       r = check(phase, name)
       rows.append(r)
-      print(f"| {phase} | {name} | {r['mesh']['data']} x {r['mesh']['model']} | "
-            f"{r['params'] / 1e6:.2f}M | {gb(r['state_bytes_per_device'])} | "
-            f"{gb(r['memory_bytes_per_device'])} | {'yes' if r['fits_16gb'] else 'NO'} | "
-            f"{r['xla_flops_per_device'] / 1e9:.2f} | "
-            + " / ".join(f"{r[f'step_ms_{p}']:.2f}" for p in PEAKS)
-            + f" | {r['compile_seconds']:.0f} |", flush=True)
-  if _JSON.value:
-    workdir_lib.write_json(_JSON.value, rows)
+      line = (f"| {phase} | {name} | {r['mesh']['data']} x {r['mesh']['model']} | "
+              f"{r['params'] / 1e6:.2f}M | {gb(r['state_bytes_per_device'])} | "
+              f"{gb(r['memory_bytes_per_device'])} | {'yes' if r['fits_16gb'] else 'NO'} | "
+              f"{r['xla_flops_per_device'] / 1e9:.2f} | "
+              + " / ".join(f"{r[f'step_ms_{p}']:.2f}" for p in PEAKS)
+              + f" | {r['compile_seconds']:.0f} |")
+      if run:
+        peak_mem = r["peak_bytes_in_use"]
+        line += (f" {r['measured_step_ms']:.1f} | {r['measured_per_second']:,.0f} "
+                 f"{r['unit']}/s | {_percent(r['mfu'])} | "
+                 f"{gb(peak_mem) if peak_mem is not None else 'n/a'} |")
+      print(line, flush=True)
+      if _JSON.value:  # after every row: a run stopped part-way keeps what it measured
+        workdir_lib.write_json(_JSON.value, rows)
 
 
 if __name__ == "__main__":

@@ -30,11 +30,16 @@ def test_bench_codec_prints_a_table():
 
 def test_compile_full_compiles_sharded_steps_for_a_pod(tmp_path):
   out = _run("compile_full.py", "--config_arg=tiny", "--devices=4", "--phases=joint",
-             "--shardings=fsdp_tp2", f"--json_out={tmp_path / 'rows.json'}")
+             "--shardings=fsdp_tp2", "--run_steps=2", f"--json_out={tmp_path / 'rows.json'}")
   assert "| joint | fsdp_tp2 | 2 x 2 |" in out
   rows = json.loads((tmp_path / "rows.json").read_text())
   assert [r["fits_16gb"] for r in rows] == [True]
   assert all(r["xla_flops_per_device"] > 0 and r["memory_bytes_per_device"] > 0 for r in rows)
+  # --run_steps ran the compiled step on random arrays: a finite loss and a throughput;
+  # no MFU on a CPU (its peak is unknown).
+  (row,) = rows
+  assert np.isfinite(row["measured_loss"]) and row["measured_per_second"] > 0
+  assert row["unit"] == "tokens" and row["mfu"] is None and "| n/a |" in out
 
 
 def _tiny_codec_args(doc_files, tmp_path):

@@ -148,8 +148,8 @@ def run(name: str, step_fn: Callable, init_state: Callable[[], Any], batches: Ba
   """
   if mesh is not None and state_shardings is None:
     state_shardings = sharding_lib.replicated(mesh)
-  make = (jax.jit(init_state, out_shardings=state_shardings) if mesh is not None
-          else init_state)
+  make = ((lambda: sharding_lib.init_on_mesh(init_state, state_shardings))
+          if mesh is not None else init_state)
   ckpt = metrics_log = None
   start, state = 0, None
   if directory is not None:

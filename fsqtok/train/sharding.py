@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+from jax.extend import core as jax_core
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
@@ -158,6 +159,55 @@ def bytes_per_device(tree: Any, shardings: Any) -> int:
     shape = np.shape(leaf)
     return math.prod(sharding.shard_shape(shape)) * np.dtype(leaf.dtype).itemsize
   return sum(jax.tree.leaves(jax.tree.map(one, tree, shardings)))
+
+
+def hoist_constants(fn: Callable[[], Any]) -> tuple[Callable[..., Any], list[Any]]:
+  """``fn`` (no arguments) as a function of the arrays it closes over, and those arrays:
+  ``hoisted(*consts)`` computes ``fn()``. Under jit they are then arguments, not
+  constants baked into the program."""
+  closed, shapes = jax.make_jaxpr(fn, return_shape=True)()
+  treedef = jax.tree.structure(shapes)
+
+  def hoisted(*consts):
+    flat = jax_core.jaxpr_as_fun(jax_core.ClosedJaxpr(closed.jaxpr, consts))()
+    return jax.tree.unflatten(treedef, flat)
+
+  return hoisted, list(closed.consts)
+
+
+def init_on_mesh(init: Callable[[], Any], out_shardings: Any) -> Any:
+  """``init()`` computed under jit, its output placed by ``out_shardings`` (a sharded
+  state is made in place, never whole on one device).
+
+  Two things keep its compilation short on an accelerator:
+
+  * the arrays ``init`` closes over (a trained codec's parameters put into a fresh LM,
+    the LM phase's parameters that start the joint phase) are arguments of the compiled
+    function (`hoist_constants`), not constants baked into it: XLA compiles large
+    constants slowly (the :full joint phase's first state, 477 MB: 30 s on a CPU
+    against 0.1 s as arguments);
+  * on a GPU, JAX's ThreeFry random bits are lowered to its CUDA kernel
+    (``jax_threefry_gpu_kernel_lowering``; the same bits) instead of the unrolled rounds
+    it inlines by default, once per initialised parameter: the :full LM's first state
+    had not compiled after 100 s on an H200, where its whole train step compiled in 46 s.
+    If the kernel is missing, the default lowering is used.
+  """
+  hoisted, consts = hoist_constants(init)
+  jitted = jax.jit(hoisted, out_shardings=out_shardings)
+  compiled = None
+  if jax.default_backend() == "gpu":
+    flag = "jax_threefry_gpu_kernel_lowering"
+    before = getattr(jax.config, flag)
+    jax.config.update(flag, True)
+    try:
+      compiled = jitted.lower(*consts).compile()
+    except Exception:  # pylint: disable=broad-except
+      compiled = None  # no kernel in this jaxlib: the default lowering below
+    finally:
+      jax.config.update(flag, before)
+  if compiled is None:
+    compiled = jitted.lower(*consts).compile()
+  return compiled(*consts)
 
 
 def jit_train_step(step, mesh: Mesh, state_sh=None, donate: bool = True):
