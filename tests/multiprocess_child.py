@@ -8,8 +8,9 @@ every process's devices: three codec steps and three LM steps on fixed batches, 
 process placing only its own rows (`sharding.shard_batch`); saves the LM state with
 Orbax as ``OUT_DIR/multi`` (every process takes part) and restores ``OUT_DIR/single``,
 written by the parent in one process. Process 0 writes what the parent compares (``OUT_DIR/result.npz``).
-Then the codec and LM training loops end to end in ``OUT_DIR/loops_multi``, where only
-process 0 writes files.
+Then the whole tiny curriculum in ``OUT_DIR/curriculum_multi`` on the files
+``OUT_DIR/docs/*.txt`` (their TFDS copy prepared by process 0 in ``OUT_DIR/tfds_multi``,
+then opened by the others), where only process 0 writes files.
 """
 import os
 import sys
@@ -29,7 +30,9 @@ def main(process_id: str, num_processes: str, port: str, out_dir: str) -> None:
   result = multiprocess_steps.run(out_dir, "multi", restore_from="single")
   if jax.process_index() == 0:
     np.savez(os.path.join(out_dir, "result.npz"), **result)
-  multiprocess_steps.run_loops(os.path.join(out_dir, "loops_multi"))
+  multiprocess_steps.run_curriculum(os.path.join(out_dir, "curriculum_multi"),
+                                    os.path.join(out_dir, "docs", "*.txt"),
+                                    os.path.join(out_dir, "tfds_multi"))
   jax.distributed.shutdown()
 
 

@@ -1,7 +1,7 @@
 """What tests/test_multiprocess.py runs once in one process and once in several: three
 codec steps and three LM steps on fixed batches over every device of every process, an
-Orbax round trip of the LM state, and the codec and LM training loops end to end with
-their state split FSDP-style (`run_loops`)."""
+Orbax round trip of the LM state, and the whole curriculum end to end with its state
+split FSDP-style (`run_curriculum`)."""
 import functools
 import os
 
@@ -11,7 +11,7 @@ import numpy as np
 from flax import traverse_util
 from flax.training import train_state
 
-from configs import curriculum as curriculum_config
+from configs import curriculum as curriculum_config_lib
 from configs import recon as recon_config
 from fsqtok.codec import model as codec_lib
 from fsqtok.data import grain_loader
@@ -20,6 +20,7 @@ from fsqtok.data.batches import PieceBatcher, PieceSet
 from fsqtok.models import lm as lm_lib
 from fsqtok.tokenizer.tokenizer import Tokenizer
 from fsqtok.train import checkpoint as checkpoint_lib
+from fsqtok.train import curriculum
 from fsqtok.train import lm_train
 from fsqtok.train import optimizer as optimizer_lib
 from fsqtok.train import recon
@@ -141,23 +142,26 @@ def _token_store(out_dir: str, save_as: str, mesh) -> dict[str, np.ndarray]:
   return out
 
 
-def run_loops(workdir: str) -> None:
-  """`recon.train_recon` and `lm_train.train_lm_phase` for a few steps in ``workdir``
-  (codec/ and lm/), the state split along ``data`` (FSDP) over every device of every
-  process; they leave their reports, metrics and parameters there."""
+def curriculum_config(docs_glob: str, tfds_dir: str):
+  """A tiny curriculum on ``files:DOCS_GLOB`` (its TFDS copy in ``tfds_dir``): a few steps
+  of each phase, the state split along ``data`` (FSDP) over every device of every process."""
   fsdp = sharding_lib.sharding_config(fsdp=True, fsdp_min_size=64)
-  config = _mlp_codec(recon_config.get_config("tiny"))
-  config.train.update({"num_steps": 4, "log_every": 2, "eval_every": 2,
-                       "checkpoint_every": 2, "progress_bar": False, "sharding": fsdp})
-  pieces = PieceSet.from_texts([TEXT], config.model.max_len)
-  recon.train_recon(config, os.path.join(workdir, "codec"), (pieces, pieces))
+  c = _mlp_codec(curriculum_config_lib.get_config("tiny"))
+  c.data.source, c.data.tfds_data_dir = f"files:{docs_glob}", tfds_dir
+  c.data.max_candidates = 1000
+  c.train.update({"num_steps": 4, "log_every": 2, "eval_every": 4, "checkpoint_every": 2,
+                  "progress_bar": False, "sharding": fsdp})
+  c.lm.train.update({"num_steps": 4, "log_every": 2, "eval_every": 2, "checkpoint_every": 2,
+                     "progress_bar": False, "sharding": fsdp})
+  c.joint.num_steps = 2
+  c.sample.max_new_tokens = 4
+  return c
 
-  config = curriculum_config.get_config("tiny")
-  config.lm.train.update({"num_steps": 4, "log_every": 2, "eval_every": 2,
-                          "checkpoint_every": 2, "progress_bar": False, "sharding": fsdp})
-  tok, model, init = loop_lm()
-  data = lm_data.LMData(tok, ([TEXT] * 4, [TEXT]), config.lm.data.seq_len)
-  lm_train.train_lm_phase("lm", config, workdir, model, data, init)
+
+def run_curriculum(workdir: str, docs_glob: str, tfds_dir: str) -> dict:
+  """The whole curriculum (`curriculum_config`) in ``workdir``: corpus, codec, vocabulary,
+  LM, joint, sample; it leaves its reports, metrics, tokenizer and checkpoints there."""
+  return curriculum.run_curriculum(curriculum_config(docs_glob, tfds_dir), workdir)
 
 
 def loop_lm():

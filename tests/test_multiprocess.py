@@ -1,8 +1,10 @@
 """Several JAX processes on this machine: 2 processes x 4 CPU devices (collectives over
 gloo) give the codec and LM steps of 1 process x 8 devices, Orbax checkpoints move
-between the two layouts, each process draws its own rows through Grain, and the codec
-and LM training loops (FSDP state) run end to end with only process 0 writing; the
-token store's shards are each tokenized by one process and evaluated there."""
+between the two layouts, each process draws its own rows through Grain, and the training
+loops (FSDP state) run end to end with only process 0 writing; the
+token store's shards are each tokenized by one process and evaluated there; and the whole
+curriculum (a files: corpus prepared once, codec, vocabulary, LM, joint, sample) gives
+one process's work directory."""
 import json
 import os
 import socket
@@ -10,13 +12,17 @@ import subprocess
 import sys
 
 import chex
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import multiprocess_steps
 from conftest import xla_flags
+from fsqtok.data import corpus
 from fsqtok.data import grain_loader
 from fsqtok.data import token_store
+from fsqtok.train import curriculum
 from fsqtok.train import lm_train
 
 pytestmark = pytest.mark.slow
@@ -51,6 +57,11 @@ def _launch(num_processes: int, devices_each: int, out_dir: str, timeout: float 
 
 
 def test_two_processes_of_four_devices_equal_one_of_eight(tmp_path):
+  docs = tmp_path / "docs"  # the curriculum's corpus: 40 documents of the built-in one
+  docs.mkdir()
+  for i, doc in enumerate(corpus.load_documents("builtin")[:40]):
+    (docs / f"doc{i:02d}.txt").write_text(doc, encoding="utf-8")
+  docs_glob = str(docs / "*.txt")
   single = multiprocess_steps.run(str(tmp_path), "single")  # this process: 8 devices
   _launch(2, 4, str(tmp_path))
   multi = dict(np.load(tmp_path / "result.npz"))
@@ -92,22 +103,35 @@ def test_two_processes_of_four_devices_equal_one_of_eight(tmp_path):
   for key in (k for k in trained if k.startswith("lm/")):
     np.testing.assert_array_equal(again["restored/" + key[3:]], multi[key])
 
-  # The training loops, end to end: the same histories and reports as in one process,
-  # each record written once (only process 0 writes), the same final parameters.
-  multiprocess_steps.run_loops(str(tmp_path / "loops_single"))
-  for phase in ("codec/recon", "lm"):
-    one, two = tmp_path / "loops_single" / phase, tmp_path / "loops_multi" / phase
-    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
-    history = [_numbers(r) for r in _records(two / "metrics.jsonl")]
-    assert len(history) == len(_records(one / "metrics.jsonl")) >= 4
-    chex.assert_trees_all_close(history, [_numbers(r) for r in _records(one / "metrics.jsonl")],
+  # The whole curriculum, end to end (corpus, codec, vocabulary, LM, joint, sample): the
+  # same files, histories, reports and sample as in one process, each record written once
+  # (only process 0 writes), the same tokenizer and final parameters.
+  multiprocess_steps.run_curriculum(str(tmp_path / "curriculum_single"), docs_glob,
+                                    str(tmp_path / "tfds_single"))
+  one, two = tmp_path / "curriculum_single", tmp_path / "curriculum_multi"
+  assert _files(two) == _files(one)
+  assert (two / "vocab" / "tokenizer.json").read_bytes() == (
+      one / "vocab" / "tokenizer.json").read_bytes()
+  for phase in ("recon", "lm", "joint"):
+    history = [_numbers(r) for r in _records(two / phase / "metrics.jsonl")]
+    assert len(history) == len(_records(one / phase / "metrics.jsonl")) >= 2
+    chex.assert_trees_all_close(history, [_numbers(r) for r in _records(one / phase / "metrics.jsonl")],
                                 rtol=2e-4, atol=1e-5)
-    reports = [_numbers(json.loads((d / "report.json").read_text())) for d in (one, two)]
-    chex.assert_trees_all_close(*reports, rtol=2e-4, atol=1e-5)
-  _, _, init = multiprocess_steps.loop_lm()  # the final parameters, from the checkpoints
-  one, two = (lm_train.load_phase_params(str(tmp_path / d / "lm"), init)
-              for d in ("loops_single", "loops_multi"))
-  chex.assert_trees_all_close(two, one, rtol=2e-4, atol=2e-5)
+  reports = [json.loads((d / "curriculum_report.json").read_text()) for d in (one, two)]
+  assert reports[1]["sample"] == reports[0]["sample"]
+  chex.assert_trees_all_close(_numbers(reports[1]), _numbers(reports[0]), rtol=2e-4, atol=1e-5)
+  config = multiprocess_steps.curriculum_config(docs_glob, str(tmp_path / "tfds_single"))
+  _, model, _ = curriculum.load_lm(config, str(one))
+  init = lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
+  chex.assert_trees_all_close(lm_train.load_phase_params(str(two / "joint"), init),
+                              lm_train.load_phase_params(str(one / "joint"), init),
+                              rtol=2e-4, atol=2e-5)
+
+
+def _files(root):
+  """The files of a work directory, checkpoints aside (Orbax names its own)."""
+  return sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                if p.is_file() and "checkpoints" not in p.parts)
 
 
 def _grain_batches(index, count):

@@ -91,6 +91,20 @@ def test_vocabulary_is_filled_distinct_and_usable(trained):
   assert sizes == sorted(sizes, reverse=True) and sizes[-1] == 1500
 
 
+def test_a_character_used_only_inside_pruned_strings_still_segments():
+  """"q", "u", "k" occur only inside "quack" and "quit": EM gives them no use while those
+  exist. Once a small vocabulary prunes the long strings, the characters must still
+  segment them (they once fell to log p = -inf, and EM to NaN)."""
+  counts = {"quack": 300, "quit": 200, "ab": 100, "a": 40, "b": 30, "c": 5, "k": 2,
+            "t": 3, "i": 4, "u": 1}
+  for size in (8, 9):
+    vocab = unigram.train_unigram(counts, size, em_iterations=4)
+    assert len(vocab.strings) == size and np.all(np.isfinite(vocab.scores))
+    tok = Tokenizer(vocab.strings, scores=vocab.scores)
+    for piece in counts:
+      assert tok.decode(tok.encode(piece)) == piece
+
+
 def test_prune_counts_keeps_the_most_frequent():
   counts = collections.Counter({"a": 9, "b": 5, "c": 5, "d": 2, "e": 1})
   assert unigram.prune_counts(counts, 2) == 10 + 3  # b and c tie at the cut: both go

@@ -291,12 +291,19 @@ def _reduce(v: np.ndarray, heads: np.ndarray, reduce_max: bool) -> np.ndarray:
     return m + np.log(np.add.reduceat(np.exp(shifted), heads))
 
 
-def _m_step(counts_V: np.ndarray) -> np.ndarray:
-  """log p from expected counts: digamma(count) - digamma(total) (a sparse prior)."""
+def _m_step(counts_V: np.ndarray, is_char_V: np.ndarray) -> np.ndarray:
+  """log p from expected counts: digamma(count) - digamma(total) (a sparse prior).
+
+  An unused string gets log p = -inf, except a single character: it keeps the lowest
+  used log p minus 1. A character that only ever occurs inside longer strings (every "q"
+  inside "qu") is unused while they exist, and must still segment its pieces once they
+  are pruned; at -inf those pieces would have no segmentation at all."""
   total = counts_V.sum()
   with np.errstate(divide="ignore", invalid="ignore"):
     logp = special.digamma(np.maximum(counts_V, 1e-300)) - special.digamma(total)
-  return np.where(counts_V > 0, logp, -np.inf)
+  used = counts_V > 0
+  floor = np.min(logp[used]) - 1.0 if used.any() else 0.0
+  return np.where(used, logp, np.where(is_char_V, floor, -np.inf))
 
 
 def _characters(piece_counts: dict[str, int], coverage: float
@@ -397,7 +404,7 @@ def train_unigram(piece_counts: dict[str, int], size: int, *,
   while True:
     for _ in range(em_iterations):
       counts, loglik = lattice.expected_counts(logp, counts_N)
-      logp = _m_step(counts)
+      logp = _m_step(counts, is_char)
     # Strings no segmentation uses any more go first (unless that leaves too few).
     target = size - len(chars)
     keep = is_char | (counts >= 0.5)
@@ -423,18 +430,19 @@ def train_unigram(piece_counts: dict[str, int], size: int, *,
     lattice.keep_tokens(new_id)
     if n_multi <= target:
       break
-  logp, counts, loglik = _em(lattice, logp, counts_N, em_iterations)
+  logp, counts, loglik = _em(lattice, logp, counts_N, em_iterations, is_char)
   history.append({"strings": len(strings), "log_likelihood": loglik,
                   "tokens_per_piece": float(counts.sum() / counts_N.sum())})
   bar.close()
   return _vocab(strings, logp, counts, history)
 
 
-def _em(lattice: Lattice, logp: np.ndarray, counts_N: np.ndarray, iterations: int):
+def _em(lattice: Lattice, logp: np.ndarray, counts_N: np.ndarray, iterations: int,
+        is_char: np.ndarray):
   """``iterations`` EM steps: the new log probabilities, expected counts, log likelihood."""
   for _ in range(iterations):
     counts, loglik = lattice.expected_counts(logp, counts_N)
-    logp = _m_step(counts)
+    logp = _m_step(counts, is_char)
   return logp, counts, loglik
 
 
@@ -482,7 +490,8 @@ def add_phrases(vocab: UnigramVocab, texts: Sequence[str], candidates: dict[str,
   logp = np.log(np.maximum(init, 1e-3)) - np.log(np.maximum(init, 1e-3).sum())
   lattice = Lattice([p for p, _ in kept], {s: i for i, s in enumerate(strings)},
                     max_token_bytes)
-  logp, counts, loglik = _em(lattice, logp, counts_N, em_iterations)
+  is_char = np.array([len(s) == 1 for s in strings])
+  logp, counts, loglik = _em(lattice, logp, counts_N, em_iterations, is_char)
   used = counts[len(vocab):] >= 0.5
   history = [*vocab.history, {"strings": len(strings), "phrases": len(phrases),
                               "phrases_used": int(used.sum()), "log_likelihood": loglik,
