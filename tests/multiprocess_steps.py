@@ -15,9 +15,11 @@ from configs import curriculum as curriculum_config_lib
 from configs import recon as recon_config
 from fsqtok.codec import model as codec_lib
 from fsqtok.data import grain_loader
+from fsqtok.data import hosts
 from fsqtok.data import lm_data
 from fsqtok.data.batches import PieceBatcher, PieceSet
 from fsqtok.models import lm as lm_lib
+from fsqtok.tokenizer import unigram
 from fsqtok.tokenizer.tokenizer import Tokenizer
 from fsqtok.train import checkpoint as checkpoint_lib
 from fsqtok.train import curriculum
@@ -90,6 +92,7 @@ def run(out_dir: str, save_as: str, restore_from: str | None = None
     out[f"grain/{i}"] = sharding_lib.to_host(loader.place(next(loader), mesh))["row"]
 
   out.update(_token_store(out_dir, save_as, mesh))
+  out.update(_pooled_counts())
 
   lm_state = jax.jit(_lm_state, out_shardings=repl)()
   lm_step = jax.jit(lm_train.train_step, in_shardings=(repl, data, repl),
@@ -140,6 +143,17 @@ def _token_store(out_dir: str, save_as: str, mesh) -> dict[str, np.ndarray]:
                                        data.val_bytes, mesh=mesh, per_process=True)
   out["store/eval"] = np.array([ev["loss_per_token"], ev["tokens"]])
   return out
+
+
+def _pooled_counts() -> dict[str, np.ndarray]:
+  """Pieces of the token store's texts, each process counting its share of the blocks,
+  the counts pooled (`fsqtok.data.hosts`): the blocks each counted, and the pooled counts."""
+  texts = [t for split in STORE_TEXTS for t in split]
+  mine = hosts.process_share(texts)
+  counts = hosts.sum_counts(unigram.count_pieces(mine))
+  keys = sorted(counts)
+  return {"counts/blocks": np.array([len(m) for m in hosts.all_gather_objects(mine)]),
+          "counts/pieces": np.array(keys), "counts/n": np.array([counts[k] for k in keys])}
 
 
 def curriculum_config(docs_glob: str, tfds_dir: str):

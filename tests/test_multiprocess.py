@@ -3,8 +3,8 @@ gloo) give the codec and LM steps of 1 process x 8 devices, Orbax checkpoints mo
 between the two layouts, each process draws its own rows through Grain, and the training
 loops (FSDP state) run end to end with only process 0 writing; the
 token store's shards are each tokenized by one process and evaluated there; and the whole
-curriculum (a files: corpus prepared once, codec, vocabulary, LM, joint, sample) gives
-one process's work directory."""
+curriculum (a files: corpus prepared once, its pieces counted a share per process, codec,
+vocabulary, LM, joint, sample) gives one process's work directory."""
 import json
 import os
 import socket
@@ -94,6 +94,11 @@ def test_two_processes_of_four_devices_equal_one_of_eight(tmp_path):
     np.testing.assert_array_equal(multi[f"store/rows/{i}"], np.concatenate(shards))
   assert multi["store/eval"][1] == single["store/eval"][1] > 0  # every held-out token
   np.testing.assert_allclose(multi["store/eval"][0], single["store/eval"][0], rtol=1e-5)
+  # Counting a corpus: each process counted its own blocks (5 and 4 of 9), and the pooled
+  # counts are one process's.
+  assert single["counts/blocks"].tolist() == [9] and multi["counts/blocks"].tolist() == [5, 4]
+  np.testing.assert_array_equal(multi["counts/pieces"], single["counts/pieces"])
+  np.testing.assert_array_equal(multi["counts/n"], single["counts/n"])
   # The 2 processes restored the checkpoint written here, and this process theirs.
   assert multi["restored/step"] == multiprocess_steps.STEPS
   assert multi["restored/position"] == multiprocess_steps.STEPS

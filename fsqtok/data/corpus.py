@@ -126,25 +126,12 @@ def _load_files(pattern: str, *, data_dir: str | None, text_key: str,
   if not pattern:
     raise ValueError("'files:' needs a glob, e.g. files:data/*.txt")
   from fsqtok.data import files_dataset  # pylint: disable=g-import-not-at-top
-  builder = _process_0_first(
+  from fsqtok.data import hosts  # pylint: disable=g-import-not-at-top
+  builder = hosts.process_0_first(
       lambda: files_dataset.files_builder(pattern, data_dir, invalid_utf8), "files: corpus")
   source = builder.as_data_source(split="train")
   records = sorted((_as_text(r["path"]), _as_text(r["text"])) for r in source)
   return [text for _, text in records]  # in path order, not the storage's order
-
-
-def _process_0_first(prepare, what: str):
-  """``prepare()`` in process 0, then in the others (all wait for process 0 to finish):
-  what it writes on a disk the processes share (a ``files:`` corpus's TFDS copy) is
-  written once, and the others open it; on a disk of their own each prepares its own.
-  One process: just ``prepare()``. Every process must call it at the same point."""
-  import jax  # pylint: disable=g-import-not-at-top
-  if jax.process_count() == 1:
-    return prepare()
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  result = prepare() if jax.process_index() == 0 else None
-  multihost_utils.sync_global_devices(f"fsqtok {what} prepared")
-  return result if jax.process_index() == 0 else prepare()
 
 
 def _load_tfds(arg: str, *, data_dir: str | None, text_key: str,

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from fsqtok.codec import evaluate as evaluate_lib
 from fsqtok.data import corpus as corpus_lib
+from fsqtok.data import hosts
 from fsqtok.data.batches import PieceSet
 from fsqtok.tokenizer import candidates as candidates_lib
 from fsqtok.tokenizer import unigram as unigram_lib
@@ -68,9 +69,10 @@ def unigram_vocabulary(config, workdir: str, train_texts: Sequence[str], size: i
                                    "sample_chars", "sample_seed", "max_distinct_runs")}}
   path = os.path.join(workdir, VOCABULARY_FILE)
   saved = workdir_lib.read_saved_json(path)
-  if saved is not None:
-    if saved.get("settings") == settings:
-      return unigram_lib.UnigramVocab.from_json(saved), saved.get("counting", {})
+  # Every process decides alike: counting below is a collective (only process 0 writes
+  # the file, and another may look before it is there).
+  if hosts.all_true(saved is not None and saved.get("settings") == settings):
+    return unigram_lib.UnigramVocab.from_json(saved), saved.get("counting", {})
   if not 0 <= t.phrase_fraction < 1:
     raise ValueError(f"tokenizer.phrase_fraction must be in [0, 1), got {t.phrase_fraction}.")
   if t.max_distinct_runs and t.max_distinct_runs < 1000:
@@ -80,16 +82,20 @@ def unigram_vocabulary(config, workdir: str, train_texts: Sequence[str], size: i
   if not isinstance(train_texts, corpus_lib.BlockStream):
     train_texts = list(train_texts)
   texts = corpus_lib.sample_blocks(train_texts, t.sample_chars, t.sample_seed)
+  # With several processes each counts its share of the blocks and the counts are pooled:
+  # every process trains the same vocabulary on all of them (fsqtok/data/hosts.py).
+  texts = hosts.process_share(texts)
   bound = t.max_distinct_runs
   n_phrases = round(t.phrase_fraction * size)
   if n_phrases:
-    candidates = unigram_lib.count_phrases(texts, max_bytes, t.max_phrase_words,
-                                           progress=progress, num_workers=workers,
-                                           max_distinct=bound)
+    candidates = hosts.sum_counts(unigram_lib.count_phrases(
+        texts, max_bytes, t.max_phrase_words, progress=progress, num_workers=workers,
+        max_distinct=bound))
     n_phrases = unigram_lib.phrase_budget(candidates, n_phrases)
   report = unigram_lib.CountReport()
-  counts = unigram_lib.count_pieces(texts, progress=progress, num_workers=workers,
-                                    max_distinct=bound, report=report)
+  counts = hosts.sum_counts(unigram_lib.count_pieces(
+      texts, progress=progress, num_workers=workers, max_distinct=bound, report=report))
+  report = _pooled(report, counts)
   vocab = unigram_lib.train_unigram(
       counts, size - n_phrases, max_token_bytes=max_bytes, seed_size=t.seed_size,
       shrink=t.shrink, em_iterations=t.em_iterations, char_coverage=t.char_coverage,
@@ -98,7 +104,8 @@ def unigram_vocabulary(config, workdir: str, train_texts: Sequence[str], size: i
     vocab = unigram_lib.add_phrases(vocab, texts, candidates, n_phrases,
                                     max_token_bytes=max_bytes, em_iterations=t.em_iterations,
                                     max_piece_chars=t.max_piece_chars, progress=progress,
-                                    num_workers=workers, max_distinct=bound)
+                                    num_workers=workers, max_distinct=bound,
+                                    pool=hosts.sum_counts)
   counting = {"train_chars": corpus_lib.total_chars(train_texts), "sampled_chars": report.chars,
               "sampled_blocks": report.blocks, "distinct_runs": report.distinct,
               "pruned_runs": report.pruned_strings,
@@ -106,6 +113,15 @@ def unigram_vocabulary(config, workdir: str, train_texts: Sequence[str], size: i
   workdir_lib.makedirs(workdir)
   workdir_lib.write_json(path, {"settings": settings, "counting": counting, **vocab.to_json()})
   return vocab, counting
+
+
+def _pooled(report: unigram_lib.CountReport, counts) -> unigram_lib.CountReport:
+  """What every process's counting saw, added up (``counts``: the pooled counts)."""
+  parts = hosts.all_gather_objects(report)
+  return unigram_lib.CountReport(
+      chars=sum(r.chars for r in parts), blocks=sum(r.blocks for r in parts),
+      distinct=len(counts), pruned_strings=sum(r.pruned_strings for r in parts),
+      pruned_occurrences=sum(r.pruned_occurrences for r in parts))
 
 
 def unigram_tokenizer(config, train_texts: Sequence[str], vocab_size: int,

@@ -32,7 +32,7 @@ import dataclasses
 import itertools
 import math
 import os
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from scipy import special
@@ -466,11 +466,14 @@ def phrase_budget(candidates: dict[str, int], n_phrases: int, min_count: int = 2
 def add_phrases(vocab: UnigramVocab, texts: Sequence[str], candidates: dict[str, int],
                 n_phrases: int, *, max_token_bytes: int = pieces_lib.MAX_PIECE_BYTES,
                 em_iterations: int = 2, max_piece_chars: int = 64, min_count: int = 2,
-                progress: bool = False, num_workers: int = 1, max_distinct: int = 0
+                progress: bool = False, num_workers: int = 1, max_distinct: int = 0,
+                pool: Callable[[collections.Counter], collections.Counter] = lambda c: c
                 ) -> UnigramVocab:
   """``vocab`` and the ``n_phrases`` candidates (`count_phrases`, seen ``min_count``+
   times) that save the most tokens under it, every string scored anew by EM on the runs
-  of ``texts`` split with the phrases (`fsqtok.tokenizer.pieces.run_regex`)."""
+  of ``texts`` split with the phrases (`fsqtok.tokenizer.pieces.run_regex`). ``pool``: what
+  to do with those counts before EM (`fsqtok.data.hosts.sum_counts` adds up every
+  process's, each counting its share of ``texts``)."""
   from fsqtok.tokenizer.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
   if n_phrases <= 0:
     return vocab
@@ -479,8 +482,8 @@ def add_phrases(vocab: UnigramVocab, texts: Sequence[str], candidates: dict[str,
   gains = sorted((-n * (len(subwords.encode(p)) - 1), p) for p, n in candidates.items()
                  if n >= min_count and p not in known)
   phrases = tuple(sorted(p for _, p in gains[:n_phrases]))
-  piece_counts = count_pieces(texts, progress=progress, phrases=phrases,
-                              num_workers=num_workers, max_distinct=max_distinct)
+  piece_counts = pool(count_pieces(texts, progress=progress, phrases=phrases,
+                                   num_workers=num_workers, max_distinct=max_distinct))
   strings = list(vocab.strings) + list(phrases)
   chars = {s for s in strings if len(s) == 1}
   kept = sorted((p, n) for p, n in piece_counts.items()

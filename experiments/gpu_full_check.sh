@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The :full configs on an accelerator, in one short run (docs/scale.md, "On a GPU"):
+#   1. the :full curriculum for a few minutes (fewer steps per phase), on the built-in
+#      corpus: its LM report gives training tokens/s and MFU in the real loop;
+#   2. each :full train step alone (experiments/compile_full.py --run_steps): compile
+#      time, ms per step, throughput, MFU and peak memory, codec / lm / joint.
+#
+#   OUT=/tmp/gpu_check bash experiments/gpu_full_check.sh
+#
+# Everything lands in $OUT: env.txt, curriculum.log (with a time stamp per phase line),
+# full_run.tgz (the run's reports and metrics, no checkpoints), steps_*.json, steps.md.
+# Each part runs under its own time limit, so a part that hangs (e.g. a slow compile)
+# leaves the others their time. Environment knobs, with their defaults:
+#   PLATFORM=cuda SIZE=full CURRICULUM_S=300 STEP_S=150 CODEC_STEPS=2000 LM_STEPS=600
+#   JOINT_STEPS=100 RUN_STEPS=20
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export JAX_PLATFORMS="${PLATFORM:-cuda}"
+OUT="${OUT:-/tmp/gpu_check}"; mkdir -p "$OUT"
+SIZE="${SIZE:-full}"; CODEC="${CODEC_STEPS:-2000}"; LM="${LM_STEPS:-600}"
+WORK="$(mktemp -d)"
+
+# Progress bars to lines; the same line once; a time stamp on each.
+stamp() { tr '\r' '\n' | awk 'length($0) > 0 && !seen[$0]++ { print strftime("%T"), $0; fflush() }'; }
+
+{ date; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
+  python3 -c "import sys, jax, flax, optax; print(sys.version.split()[0], 'jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', optax.__version__)"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+timeout "${CURRICULUM_S:-300}" python3 experiments/train.py \
+  --config="configs/curriculum.py:$SIZE" --workdir="$WORK/run" \
+  --config.train.num_steps="$CODEC" --config.train.eval_every="$CODEC" \
+  --config.train.checkpoint_every="$CODEC" \
+  --config.lm.train.num_steps="$LM" --config.lm.train.eval_every="$LM" \
+  --config.lm.train.checkpoint_every="$LM" --config.lm.train.log_every=50 \
+  --config.joint.num_steps="${JOINT_STEPS:-100}" 2>&1 | stamp > "$OUT/curriculum.log"
+echo "curriculum: exit ${PIPESTATUS[0]}" | tee -a "$OUT/curriculum.log"
+grep -v -E ':\s+[0-9]{1,2}%\|' "$OUT/curriculum.log" | tail -20
+(cd "$WORK/run" 2>/dev/null && find . -path '*checkpoints*' -prune -o -path ./lm_data -prune -o \
+   \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' \) -size -4M -print \
+   | tar czf "$OUT/full_run.tgz" -T -)
+
+for phase in codec lm joint; do
+  timeout "${STEP_S:-150}" python3 experiments/compile_full.py --config_arg="$SIZE" \
+    --devices=1 --shardings=replicated --phases="$phase" --run_steps="${RUN_STEPS:-20}" \
+    --json_out="$OUT/steps_$phase.json" 2>&1 | stamp | grep -E '\||compiled|rror' \
+    | tee -a "$OUT/steps.md"
+  echo "$phase: exit ${PIPESTATUS[0]}" | tee -a "$OUT/steps.md"
+done
+rm -rf "$WORK"
