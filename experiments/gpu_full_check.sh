@@ -11,8 +11,9 @@
 # full_run.tgz (the run's reports and metrics, no checkpoints), steps_*.json, steps.md.
 # Each part runs under its own time limit, so a part that hangs (e.g. a slow compile)
 # leaves the others their time. Environment knobs, with their defaults:
-#   PLATFORM=cuda SIZE=full CURRICULUM_S=300 STEP_S=150 CODEC_STEPS=2000 LM_STEPS=600
-#   JOINT_STEPS=100 RUN_STEPS=20
+#   PLATFORM=cuda SIZE=full CURRICULUM_S=270 CODEC_STEP_S=60 LM_STEP_S=130 JOINT_STEP_S=110
+#   CODEC_STEPS=2000 LM_STEPS=600 JOINT_STEPS=100 RUN_STEPS=20
+# (at most 570 s in all: one device call of 10 minutes).
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -21,15 +22,28 @@ OUT="${OUT:-/tmp/gpu_check}"; mkdir -p "$OUT"
 SIZE="${SIZE:-full}"; CODEC="${CODEC_STEPS:-2000}"; LM="${LM_STEPS:-600}"
 WORK="$(mktemp -d)"
 
-# Progress bars to lines; the same line once; a time stamp on each.
-stamp() { tr '\r' '\n' | awk 'length($0) > 0 && !seen[$0]++ { print strftime("%T"), $0; fflush() }'; }
+# Progress bars to lines; the same line once; a time stamp on each, as it comes.
+stamp() {
+  python3 -u -c '
+import os, re, time
+seen, rest = set(), b""
+while chunk := os.read(0, 1 << 16):
+  *lines, rest = re.split(rb"[\r\n]", rest + chunk)
+  for line in lines:
+    text = line.decode("utf-8", "replace").rstrip()
+    if text and text not in seen:
+      seen.add(text)
+      print(time.strftime("%H:%M:%S"), text, flush=True)
+if rest.strip():
+  print(time.strftime("%H:%M:%S"), rest.decode("utf-8", "replace").rstrip(), flush=True)'
+}
 
 { date; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
   python3 -c "import sys, jax, flax, optax; print(sys.version.split()[0], 'jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', optax.__version__)"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-timeout "${CURRICULUM_S:-300}" python3 experiments/train.py \
+timeout "${CURRICULUM_S:-270}" python3 experiments/train.py \
   --config="configs/curriculum.py:$SIZE" --workdir="$WORK/run" \
   --config.train.num_steps="$CODEC" --config.train.eval_every="$CODEC" \
   --config.train.checkpoint_every="$CODEC" \
@@ -42,8 +56,9 @@ grep -v -E ':\s+[0-9]{1,2}%\|' "$OUT/curriculum.log" | tail -20
    \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' \) -size -4M -print \
    | tar czf "$OUT/full_run.tgz" -T -)
 
+declare -A LIMIT=([codec]="${CODEC_STEP_S:-60}" [lm]="${LM_STEP_S:-130}" [joint]="${JOINT_STEP_S:-110}")
 for phase in codec lm joint; do
-  timeout "${STEP_S:-150}" python3 experiments/compile_full.py --config_arg="$SIZE" \
+  timeout "${LIMIT[$phase]}" python3 experiments/compile_full.py --config_arg="$SIZE" \
     --devices=1 --shardings=replicated --phases="$phase" --run_steps="${RUN_STEPS:-20}" \
     --json_out="$OUT/steps_$phase.json" 2>&1 | stamp | grep -E '\||compiled|rror' \
     | tee -a "$OUT/steps.md"

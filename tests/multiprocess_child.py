@@ -4,7 +4,7 @@
 
 Joins the others (`jax.distributed.initialize`, a coordinator on localhost, CPU
 collectives over gloo; the parent sets the devices per process), then, on the mesh of
-every process's devices: three codec steps and three LM steps on fixed batches, each
+every process's devices: three LM steps on fixed batches, each
 process placing only its own rows (`sharding.shard_batch`); saves the LM state with
 Orbax as ``OUT_DIR/multi`` (every process takes part) and restores ``OUT_DIR/single``,
 written by the parent in one process. Process 0 writes what the parent compares (``OUT_DIR/result.npz``).

@@ -1,8 +1,7 @@
 """What tests/test_multiprocess.py runs once in one process and once in several: three
-codec steps and three LM steps on fixed batches over every device of every process, an
+LM steps on fixed batches over every device of every process, an
 Orbax round trip of the LM state, and the whole curriculum end to end with its state
 split FSDP-style (`run_curriculum`)."""
-import functools
 import os
 
 import jax
@@ -12,12 +11,9 @@ from flax import traverse_util
 from flax.training import train_state
 
 from configs import curriculum as curriculum_config_lib
-from configs import recon as recon_config
-from fsqtok.codec import model as codec_lib
 from fsqtok.data import grain_loader
 from fsqtok.data import hosts
 from fsqtok.data import lm_data
-from fsqtok.data.batches import PieceBatcher, PieceSet
 from fsqtok.models import lm as lm_lib
 from fsqtok.tokenizer import unigram
 from fsqtok.tokenizer.tokenizer import Tokenizer
@@ -25,7 +21,6 @@ from fsqtok.train import checkpoint as checkpoint_lib
 from fsqtok.train import curriculum
 from fsqtok.train import lm_train
 from fsqtok.train import optimizer as optimizer_lib
-from fsqtok.train import recon
 from fsqtok.train import sharding as sharding_lib
 
 TEXT = ("First Citizen: Before we proceed any further, hear me speak. All: Speak, speak. "
@@ -73,18 +68,6 @@ def run(out_dir: str, save_as: str, restore_from: str | None = None
   out: dict[str, np.ndarray] = {"layout": np.array([jax.process_count(),
                                                     jax.local_device_count(),
                                                     jax.device_count()])}
-
-  config = _mlp_codec(recon_config.get_config("tiny"))
-  model = codec_lib.codec_from_config(config.model)
-  state = jax.jit(functools.partial(recon.create_state, config, model),
-                  out_shardings=repl)(jax.random.PRNGKey(0))
-  step = recon.compile_train_step(mesh, donate=False)
-  batcher = PieceBatcher(PieceSet.from_texts([TEXT], config.model.max_len), 64, seed=0)
-  for i in range(STEPS):
-    state, metrics = step(state, sharding_lib.shard_batch(next(batcher), mesh),
-                          jax.random.fold_in(jax.random.PRNGKey(1), i))
-    out[f"codec_loss/{i}"] = np.asarray(metrics["loss"].addressable_data(0))
-  out.update({f"codec/{k}": v for k, v in _host(state.params).items()})
 
   # Grain: each process draws its own rows of a global batch of 8 (ids of 32 rows)
   loader = grain_loader.GrainBatches({"row": np.arange(32)}, 8, seed=0, name="rows")

@@ -9,5 +9,7 @@
 * `token_store` -- LM windows prepared once as array_record shards, each process
   tokenizing and reading its own.
 * `grain_loader` -- Grain batches, each process drawing its own rows.
+* `hosts` -- each process's share of a corpus, counts pooled across processes, files
+  prepared by process 0 first.
 * `processes` -- worker processes for CPU-bound pure-Python work.
 """
