@@ -92,21 +92,6 @@ def _batch(mesh, **shapes):
           for k, (shape, dtype) in shapes.items()}
 
 
-def codec_step(sharding, mesh):
-  config = recon_config.get_config(_ARG.value)
-  config.train.sharding = sharding
-  model = codec_lib.codec_from_config(config.model)
-  tx = optimizer_lib.make_optimizer(config.optim, config.train.num_steps)
-  make_state = lambda: recon.create_state(config, model, jax.random.PRNGKey(0), tx)
-  state = jax.eval_shape(make_state)
-  state_sh = sharding_lib.state_shardings(state, mesh, sharding)
-  b, length = config.data.batch_size, config.model.max_len
-  batch = _batch(mesh, bytes=((b, length), jnp.uint8), lengths=((b,), jnp.int32))
-  step = recon.compile_train_step(mesh, state_shardings=state_sh)
-  return Step(step, checkpoint_lib.abstract_like(state, state_sh), batch, state, state_sh,
-              make_state, amount=b, unit="pieces")
-
-
 @dataclasses.dataclass
 class Step:
   """A phase's train step and what compiling and running it needs."""
@@ -120,6 +105,21 @@ class Step:
   unit: str
   model: Any = None         # the LM (analytic FLOPs)
   vocab_size: int = 0
+
+
+def codec_step(sharding, mesh):
+  config = recon_config.get_config(_ARG.value)
+  config.train.sharding = sharding
+  model = codec_lib.codec_from_config(config.model)
+  tx = optimizer_lib.make_optimizer(config.optim, config.train.num_steps)
+  make_state = lambda: recon.create_state(config, model, jax.random.PRNGKey(0), tx)
+  state = jax.eval_shape(make_state)
+  state_sh = sharding_lib.state_shardings(state, mesh, sharding)
+  b, length = config.data.batch_size, config.model.max_len
+  batch = _batch(mesh, bytes=((b, length), jnp.uint8), lengths=((b,), jnp.int32))
+  step = recon.compile_train_step(mesh, state_shardings=state_sh)
+  return Step(step, checkpoint_lib.abstract_like(state, state_sh), batch, state, state_sh,
+              make_state, amount=b, unit="pieces")
 
 
 def fake_token_tables(vocab_size: int, levels, seed: int = 0):
@@ -182,7 +182,7 @@ def random_batch(abstract: dict, vocab_size: int, max_len: int, seed: int = 0) -
           else fill(k, v) for k, v in abstract.items()}
 
 
-def measure(compiled, s: Step, mesh, rng, steps: int) -> dict:
+def measure(compiled, s: Step, rng, steps: int) -> dict:
   """Runs ``compiled`` on random state and batch: 2 untimed steps, then ``steps`` timed."""
   state = sharding_lib.init_on_mesh(s.make_state, s.state_shardings)
   max_len = recon_config.get_config(_ARG.value).model.max_len
@@ -239,7 +239,7 @@ def check(phase: str, sharding_name: str) -> dict:
   for name, peak in PEAKS.items():
     row[f"step_ms_{name}"] = flops / (MFU * peak) * 1e3
   if _RUN_STEPS.value:
-    row.update(measure(compiled, s, mesh, rng, _RUN_STEPS.value))
+    row.update(measure(compiled, s, rng, _RUN_STEPS.value))
     row["unit"] = s.unit
     peak = lm_train.peak_flops(mesh) / mesh.size
     seconds = row["measured_step_ms"] / 1e3

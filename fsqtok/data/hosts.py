@@ -56,8 +56,7 @@ def process_share(blocks: Iterable[str]) -> Iterable[str]:
 
 def all_gather_objects(obj: Any) -> list[Any]:
   """``obj`` of every process, in process order (pickled, sent as bytes)."""
-  index, count = _processes()
-  del index
+  _, count = _processes()
   if count == 1:
     return [obj]
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top

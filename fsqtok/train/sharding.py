@@ -195,9 +195,9 @@ def init_on_mesh(init: Callable[[], Any], out_shardings: Any) -> Any:
   hoisted, consts = hoist_constants(init)
   jitted = jax.jit(hoisted, out_shardings=out_shardings)
   compiled = None
-  if jax.default_backend() == "gpu":
-    flag = "jax_threefry_gpu_kernel_lowering"
-    before = getattr(jax.config, flag)
+  flag = "jax_threefry_gpu_kernel_lowering"
+  before = getattr(jax.config, flag, None)  # None: a JAX without the option
+  if jax.default_backend() == "gpu" and before is not None:
     jax.config.update(flag, True)
     try:
       compiled = jitted.lower(*consts).compile()
