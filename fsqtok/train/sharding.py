@@ -184,12 +184,13 @@ def init_on_mesh(init: Callable[[], Any], out_shardings: Any) -> Any:
   * the arrays ``init`` closes over (a trained codec's parameters put into a fresh LM,
     the LM phase's parameters that start the joint phase) are arguments of the compiled
     function (`hoist_constants`), not constants baked into it: XLA compiles large
-    constants slowly (the :full joint phase's first state, 477 MB: 30 s on a CPU
+    constants slowly (an init closing over the :full LM's 477 MB: 30 s on a CPU
     against 0.1 s as arguments);
   * on a GPU, JAX's ThreeFry random bits are lowered to its CUDA kernel
     (``jax_threefry_gpu_kernel_lowering``; the same bits) instead of the unrolled rounds
-    it inlines by default, once per initialised parameter: the :full LM's first state
-    had not compiled after 100 s on an H200, where its whole train step compiled in 46 s.
+    it inlines by default, once per initialised parameter (the likely reason the :full
+    LM's first state had not compiled after ~100 s on an H200, where its whole train
+    step compiled in 46 s; not yet run there with this option).
     If the kernel is missing, the default lowering is used.
   """
   hoisted, consts = hoist_constants(init)
