@@ -36,9 +36,9 @@ def process_0_first(prepare: Callable[[], T], what: str) -> T:
   index, count = _processes()
   if count == 1:
     return prepare()
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from fsqtok.train import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   result = prepare() if index == 0 else None
-  multihost_utils.sync_global_devices(f"fsqtok {what} prepared")
+  sharding_lib.sync_processes(f"fsqtok {what} prepared")
   return result if index == 0 else prepare()
 
 
