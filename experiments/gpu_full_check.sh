@@ -11,13 +11,13 @@
 # full_run.tgz (the run's reports and metrics, no checkpoints), steps_*.json, steps.md.
 # Each part runs under its own time limit, so a part that hangs (e.g. a slow compile)
 # leaves the others their time. Environment knobs, with their defaults:
-#   PLATFORM=cuda SIZE=full CURRICULUM_S=270 CODEC_STEP_S=60 LM_STEP_S=130 JOINT_STEP_S=110
+#   PLATFORM=cuda,cpu SIZE=full CURRICULUM_S=270 CODEC_STEP_S=60 LM_STEP_S=130 JOINT_STEP_S=110
 #   CODEC_STEPS=2000 LM_STEPS=600 JOINT_STEPS=100 RUN_STEPS=20
 # (at most 570 s in all: one device call of 10 minutes).
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export JAX_PLATFORMS="${PLATFORM:-cuda}"
+export JAX_PLATFORMS="${PLATFORM:-cuda,cpu}"  # cpu: first states are made on the host (sharding.init_on_mesh)
 OUT="${OUT:-/tmp/gpu_check}"; mkdir -p "$OUT"
 SIZE="${SIZE:-full}"; CODEC="${CODEC_STEPS:-2000}"; LM="${LM_STEPS:-600}"
 WORK="$(mktemp -d)"

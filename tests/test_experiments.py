@@ -28,6 +28,12 @@ def test_bench_codec_prints_a_table():
   assert "| tiny |" in out and "| source |" in out and "1.00x" in out
 
 
+def test_bench_loop_overhead_prints_a_table():
+  out = _run("bench_loop_overhead.py", "--configs=noop,tiny", "--steps=5", "--log_every=5",
+             "--docs=20")
+  assert "| noop | 1024 |" in out and "| codec recon:tiny | 32 |" in out
+
+
 def test_compile_full_compiles_sharded_steps_for_a_pod(tmp_path):
   out = _run("compile_full.py", "--config_arg=tiny", "--devices=4", "--phases=joint",
              "--shardings=fsdp_tp2", "--run_steps=2", f"--json_out={tmp_path / 'rows.json'}")

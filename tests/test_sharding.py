@@ -156,3 +156,24 @@ def test_init_on_mesh_takes_captured_arrays_as_arguments():
   chex.assert_trees_all_equal(jax.device_get(state), jax.device_get(init()))
   assert state["kernel"].sharding.spec == P("data")
   assert state["fresh"].sharding.spec == P("data")
+
+
+@pytest.mark.parametrize("how", ["tree", "one sharding"])
+def test_init_on_host_equals_init_on_the_mesh(how):
+  """The first state computed on the host's CPU and then placed (the default on a GPU)
+  equals the one made in place: the same values, the same shardings, each device holding
+  only its part."""
+  trained = np.random.RandomState(0).randn(256, 64).astype(np.float32)
+  init = lambda: {"kernel": jnp.asarray(trained) * 2.0,
+                  "fresh": jax.random.normal(jax.random.PRNGKey(1), (64, 32)),
+                  "step": jnp.zeros((), jnp.int32)}
+  mesh = sharding_lib.data_mesh(8)
+  shardings = (sharding_lib.state_shardings(init(), mesh, _sharding(fsdp=True))
+               if how == "tree" else sharding_lib.replicated(mesh))
+  on_mesh = sharding_lib.init_on_mesh(init, shardings, on_host=False)
+  on_host = sharding_lib.init_on_mesh(init, shardings, on_host=True)
+  chex.assert_trees_all_equal(jax.device_get(on_host), jax.device_get(on_mesh))
+  for a, b in zip(jax.tree.leaves(on_host), jax.tree.leaves(on_mesh)):
+    assert a.sharding == b.sharding and a.dtype == b.dtype
+  if how == "tree":
+    assert on_host["kernel"].addressable_shards[0].data.shape == (32, 64)

@@ -175,25 +175,34 @@ def hoist_constants(fn: Callable[[], Any]) -> tuple[Callable[..., Any], list[Any
   return hoisted, list(closed.consts)
 
 
-def init_on_mesh(init: Callable[[], Any], out_shardings: Any) -> Any:
-  """``init()`` computed under jit, its output placed by ``out_shardings`` (a sharded
-  state is made in place, never whole on one device).
+def init_on_mesh(init: Callable[[], Any], out_shardings: Any, on_host: bool | None = None
+                 ) -> Any:
+  """``init()`` computed under jit, its output placed by ``out_shardings``.
 
-  Two things keep its compilation short on an accelerator:
+  The arrays ``init`` closes over (a trained codec's parameters put into a fresh LM, the
+  LM phase's parameters that start the joint phase) are arguments of the compiled
+  function (`hoist_constants`), not constants baked into it: XLA compiles large
+  constants slowly (an init closing over the :full LM's 477 MB: 30 s on a CPU against
+  0.1 s as arguments).
 
-  * the arrays ``init`` closes over (a trained codec's parameters put into a fresh LM,
-    the LM phase's parameters that start the joint phase) are arguments of the compiled
-    function (`hoist_constants`), not constants baked into it: XLA compiles large
-    constants slowly (an init closing over the :full LM's 477 MB: 30 s on a CPU
-    against 0.1 s as arguments);
-  * on a GPU, JAX's ThreeFry random bits are lowered to its CUDA kernel
-    (``jax_threefry_gpu_kernel_lowering``; the same bits) instead of the unrolled rounds
-    it inlines by default, once per initialised parameter (the likely reason the :full
-    LM's first state had not compiled after ~100 s on an H200, where its whole train
-    step compiled in 46 s; not yet run there with this option).
-    If the kernel is missing, the default lowering is used.
+  Where it runs:
+
+  * on the host's CPU, then copied into place (``on_host``; by default on a GPU with one
+    process, whose CPU backend is on: ``JAX_PLATFORMS`` unset or naming ``cpu``). On an
+    H200 the :full LM's first state had not compiled after ~100 s, where its whole
+    train step compiled in 46 s; on a CPU it compiles in 5-8 s. The likely cause (not
+    profiled) is that JAX inlines ThreeFry's unrolled rounds once per initialised
+    parameter on a GPU and loops them on a CPU. The CPU computes the same random bits;
+    the state passes through host memory once.
+  * on the mesh otherwise (a sharded state is made in place, never whole on one
+    device); on a GPU, ThreeFry is then lowered to its CUDA kernel
+    (``jax_threefry_gpu_kernel_lowering``, the same bits) where this JAX has it.
   """
   hoisted, consts = hoist_constants(init)
+  if on_host is None:
+    on_host = _host_init_helps(consts)
+  if on_host:
+    return _init_on_host(hoisted, consts, out_shardings)
   jitted = jax.jit(hoisted, out_shardings=out_shardings)
   compiled = None
   flag = "jax_threefry_gpu_kernel_lowering"
@@ -209,6 +218,41 @@ def init_on_mesh(init: Callable[[], Any], out_shardings: Any) -> Any:
   if compiled is None:
     compiled = jitted.lower(*consts).compile()
   return compiled(*consts)
+
+
+def _host_cpu():
+  """This process's CPU device, or None when JAX runs without its CPU backend."""
+  try:
+    return jax.devices("cpu")[0]
+  except RuntimeError:
+    return None
+
+
+def _host_init_helps(consts: Sequence[Any]) -> bool:
+  return (jax.default_backend() == "gpu" and jax.process_count() == 1
+          and _host_cpu() is not None
+          and all(getattr(c, "is_fully_addressable", True) for c in consts))
+
+
+def _init_on_host(hoisted: Callable[..., Any], consts: Sequence[Any], out_shardings: Any
+                  ) -> Any:
+  """`init_on_mesh` on the host's CPU: computed there, each leaf then placed by its
+  sharding (each device receiving only its own part)."""
+  cpu = _host_cpu()
+  if cpu is None:
+    raise ValueError("on_host=True needs JAX's CPU backend: add cpu to JAX_PLATFORMS "
+                     "(e.g. JAX_PLATFORMS=cuda,cpu).")
+  with jax.default_device(cpu):
+    state = jax.jit(hoisted)(*[jax.device_put(c, cpu) for c in consts])
+  host = jax.device_get(state)
+
+  def place(x, sharding):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+  if isinstance(out_shardings, jax.sharding.Sharding):
+    return jax.tree.map(lambda x: place(x, out_shardings), host)
+  return jax.tree.map(place, host, out_shardings)
 
 
 def jit_train_step(step, mesh: Mesh, state_sh=None, donate: bool = True):
@@ -246,6 +290,8 @@ def shard_batch(batch, mesh: Mesh, per_process: bool = False):
   `fsqtok.data.grain_loader`)."""
   sharding = batch_sharded(mesh)
   count, index = jax.process_count(), jax.process_index()
+  if count == 1:  # one batched transfer: the per-leaf path costs the loop ~0.15 ms a leaf
+    return jax.device_put(jax.tree.map(np.asarray, batch), sharding)
 
   def place(v):
     v = np.asarray(v)
