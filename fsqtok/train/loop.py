@@ -179,8 +179,8 @@ def run(name: str, step_fn: Callable, init_state: Callable[[], Any], batches: Ba
   step_first = step_last = 0
   excluded = 0.0
   timed_sums: dict[str, float] = {k: 0.0 for k in summed}
-  # Jitted, the key's fold costs the host ~20 us a step; eagerly, ~0.3 ms (measured:
-  # experiments/bench_loop_overhead.py). The same bits either way.
+  # Jitted, the key's fold costs the host ~30 us a step, eagerly ~110 us (on this
+  # project's 2-core CPU; docs/scale.md). The same bits either way.
   fold_in = jax.jit(jax.random.fold_in)
   save_every = loop.checkpoint_every or loop.num_steps
   loop_start = time.perf_counter()

@@ -290,7 +290,7 @@ def shard_batch(batch, mesh: Mesh, per_process: bool = False):
   `fsqtok.data.grain_loader`)."""
   sharding = batch_sharded(mesh)
   count, index = jax.process_count(), jax.process_index()
-  if count == 1:  # one batched transfer: the per-leaf path costs the loop ~0.15 ms a leaf
+  if count == 1:  # one batched transfer, not one per leaf
     return jax.device_put(jax.tree.map(np.asarray, batch), sharding)
 
   def place(v):
