@@ -155,10 +155,11 @@ def run(name: str, step_fn: Callable, init_state: Callable[[], Any], batches: Ba
   make = ((lambda: sharding_lib.init_on_mesh(init_state, state_shardings))
           if mesh is not None else init_state)
   ckpt = metrics_log = None
+  save_every = loop.checkpoint_every or loop.num_steps
   start, state = 0, None
   if directory is not None:
     ckpt = checkpoint_lib.Checkpointer(os.path.join(directory, CHECKPOINTS),
-                                       save_every=loop.checkpoint_every or loop.num_steps,
+                                       save_every=save_every,
                                        max_to_keep=loop.keep_checkpoints)
     abstract = jax.eval_shape(init_state)
     if state_shardings is not None:
@@ -182,7 +183,6 @@ def run(name: str, step_fn: Callable, init_state: Callable[[], Any], batches: Ba
   # Jitted, the key's fold costs the host ~30 us a step, eagerly ~110 us (on this
   # project's 2-core CPU; docs/scale.md). The same bits either way.
   fold_in = jax.jit(jax.random.fold_in)
-  save_every = loop.checkpoint_every or loop.num_steps
   loop_start = time.perf_counter()
   bar = tqdm(range(start, loop.num_steps), initial=start, total=loop.num_steps, desc=name,
              disable=not loop.progress_bar, dynamic_ncols=True, leave=directory is not None)
