@@ -65,6 +65,7 @@ def model_config(tiny: bool = False) -> ml_collections.ConfigDict:
       design="per_id",                 # per_id | per_position (fsqtok/models/fuser.py)
       mixer="attention",               # per_id: attention | conv (depthwise) over the window
       mixer_dim=32, mixer_heads=2,     # per_id attention: query/key width, heads
+      mixer_layers=1,                  # per_id attention: 2 = queries/keys from context
       fragment_ids="batch",            # per_id training: encode the batch's unique ids | all
   ))
   if tiny:
@@ -146,6 +147,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       "probe": "centroid",         # centroid (nearest sense centroid, cosine)
       "wic_test_share": 0.5,       # word in context: share of lemmas whose pairs are tested
       "wic_max_pairs_per_word": 0,  # ... same-sense (and as many other) pairs; 0 = all
+      "context_bag_tokens": 2,     # the no-model baseline: static vectors of the
+                                   # word's neighbours this many tokens each side
       "cost_batch_size": 8, "cost_seq_len": 128, "cost_repeats": 5,
       "activation_batches": 20,
   })

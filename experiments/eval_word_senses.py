@@ -10,7 +10,8 @@ r"""Word-sense accuracy and cost of the contextual fuser (DESIGN.md part 7).
 3. WordNet's sense-labelled example sentences of polysemous lemmas (any that occurs in
    the training text is dropped), probed (`fsqtok.studies.sense_probes`) per seed on the
    word's vector from: the static table, the fuser without context, the fuser with
-   context (dynamic path), the fuser as gated, and the LM's final hidden states --
+   context (dynamic path), the fuser as gated, the LM's final hidden states, and a
+   context bag (the mean static vector of the word's neighbours: no model) --
    a nearest-sense-centroid probe (cosine, within each lemma; a third of each sense
    held out) and a word-in-context test (pairs of one lemma's examples, same sense or
    not, balanced; a cosine threshold fit on half the lemmas, accuracy on the others).
@@ -107,6 +108,9 @@ def word_sense_table(config, tok, fuser_model, fuser_params, lm_model, lm_params
   where = [w for _, w in encoded]
   table = np.asarray(fuser_params["static"]["embedding"])
   reps = {"static table": np.stack([table[np.asarray(ids)[w]].mean(0) for ids, w in encoded])}
+  # no model: the mean static vector of the word's neighbours (what context alone gives)
+  reps[f"context bag (static table, ±{e.context_bag_tokens} tokens)"] = (
+      sense_probes.context_bag(table, encoded, e.context_bag_tokens))
   for name, kw in (("fuser, no context", dict(context=False, force_dynamic=True)),
                    ("fuser, with context", dict(context=True, force_dynamic=True)),
                    ("fuser, gated (as used)", dict(context=True, force_dynamic=False))):

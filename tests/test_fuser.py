@@ -41,6 +41,12 @@ def setup():
 
 
 @pytest.fixture(scope="module")
+def two_layer():
+  """per_id with the two-layer mixer (contextual queries and keys)."""
+  return _setup(dataclasses.replace(SPEC, mixer_layers=2))
+
+
+@pytest.fixture(scope="module")
 def old():
   """The first design, per_position (chosen by config)."""
   return _setup(OLD)
@@ -135,6 +141,8 @@ def _lm_embedding(s, **spec_changes):
     w = emb.spec.window
     fuser = {**fuser, "slot_bias": fuser["slot_bias"][:, :w],
              "slot_value": fuser["slot_value"][:w]}
+    if "slot_bias_all" in fuser:
+      fuser["slot_bias_all"] = fuser["slot_bias_all"][:, :w, :w]
   return lm, emb, {"params": {"fuser": fuser}}
 
 
@@ -257,6 +265,10 @@ def test_bad_config_is_explained(setup):
     F.FuserSpec(mixer="mlp").validate()
   with pytest.raises(ValueError, match="mixer_heads"):
     F.FuserSpec(mixer_dim=30, mixer_heads=4).validate()
+  with pytest.raises(ValueError, match="mixer_layers must be 1 or 2"):
+    F.FuserSpec(mixer="conv", mixer_layers=2).validate()
+  with pytest.raises(ValueError, match="mixer_layers must be 1 or 2"):
+    F.FuserSpec(mixer_layers=3).validate()
   with pytest.raises(ValueError, match="allows no computed token"):
     F.FuserSpec(window_left=4, capacity=0.1).validate()   # floor(0.1 * 5) = 0
   with pytest.raises(ValueError, match="Only the per_id design"):
@@ -279,11 +291,12 @@ def test_padding_is_never_context(setup):
 
 # ---- the per-id design ------------------------------------------------------------------
 
-def test_per_id_table_is_the_encoder_output(setup):
+@pytest.mark.parametrize("fixture", ["setup", "two_layer"])
+def test_per_id_table_is_the_encoder_output(request, fixture):
   """The precomputed table is the per-id encoder's output (exactly, computed with one
   shape; to rounding in chunks), and the fuser gives the same vectors with it as when it
   encodes the batch's ids itself, or every id."""
-  s = setup
+  s = request.getfixturevalue(fixture)
   v = s.model.vocab_size
   rows = jax.jit(lambda p: s.model.apply({"params": p}, jnp.arange(v),
                                          method=F.ContextualFuser.id_rows))(s.params)
@@ -295,31 +308,58 @@ def test_per_id_table_is_the_encoder_output(setup):
   from_batch = fwd({"params": s.params}, s.ids)
   chex.assert_trees_all_close(fwd(F.table_variables(s.model, s.params), s.ids), from_batch,
                               atol=1e-6)
-  every = s.model.clone(spec=dataclasses.replace(SPEC, fragment_ids="all"))
+  every = s.model.clone(spec=dataclasses.replace(s.model.spec, fragment_ids="all"))
   chex.assert_trees_all_close(
       jax.jit(lambda p, i: every.apply({"params": p}, i, force_dynamic=True)[0])(
           s.params, s.ids), from_batch, atol=1e-6)
 
 
-def test_per_id_gradients_reach_the_fragment_encoder(setup):
-  s = setup
+@pytest.mark.parametrize("fixture", ["setup", "two_layer"])
+def test_per_id_gradients_reach_the_fragment_encoder(request, fixture):
+  s = request.getfixturevalue(fixture)
   def loss(p):
     x, _ = s.model.apply({"params": p}, s.ids, force_dynamic=True)
     return jnp.sum(x ** 2)
   grads = jax.jit(jax.grad(loss))(s.params)
-  for name in ("fragment", "mix_out", "mix_key", "slot_value"):
+  names = ["fragment", "mix_out", "mix_key", "slot_value"]
+  if fixture == "two_layer":
+    names += ["mix_query", "slot_bias_all", "mix_out_all", "mix_norm", "mix_query_2",
+              "mix_key_2"]
+  for name in names:
     norm = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads[name]))
     assert norm > 0, name
 
 
-@pytest.mark.parametrize("mixer", ["attention", "conv"])
-def test_per_id_capacity_is_causal_and_within_its_budget(setup, mixer):
+def test_the_two_layer_mixer_reads_context_beyond_the_first_layer(setup, two_layer):
+  """Two layers change the vectors (they are not the one-layer mixer's), and both read
+  the window only: a changed token moves the vectors within window_left/window_right
+  (2) of it, and no other (the per-id table stays exact at inference)."""
+  s = two_layer
+  fwd = jax.jit(lambda p, i: s.model.apply({"params": p}, i, force_dynamic=True)[0])
+  x = fwd(s.params, s.ids)
+  chex.assert_shape(x, (2, 16, 16))
+  chex.assert_tree_all_finite(x)
+  one = {k: v for k, v in s.params.items() if k not in (
+      "slot_bias_all", "mix_out_all", "mix_norm", "mix_query_2", "mix_key_2")}
+  one_layer = jax.jit(lambda p, i: setup.model.apply({"params": p}, i,
+                                                     force_dynamic=True)[0])(one, s.ids)
+  assert not np.allclose(x, one_layer, atol=1e-4)
+  changed = s.ids.at[:, 6].set(s.bank)
+  y = fwd(s.params, changed)
+  assert not np.allclose(x[:, 8], y[:, 8])                 # 2 tokens away: in the window
+  chex.assert_trees_all_close(x[:, 9:], y[:, 9:])          # beyond the window: unchanged
+  chex.assert_trees_all_close(x[:, :4], y[:, :4])
+
+
+@pytest.mark.parametrize("fixture,mixer", [("setup", "attention"), ("setup", "conv"),
+                                           ("two_layer", "attention")])
+def test_per_id_capacity_is_causal_and_within_its_budget(request, fixture, mixer):
   """The causal capacity: at most m = floor(capacity * (window_left + 1)) computed tokens
   in any window_left + 1; only the budget's windows go through the dynamic path; a later
   token changes no earlier vector; token by token with the previous ids as the prefix
   (what the LM's key/value cache keeps) equals the whole sequence; the computed vectors
   are those of the compute-all path."""
-  s = setup
+  s = request.getfixturevalue(fixture)
   ids = jnp.tile(s.ids, (1, 2))  # 2 x 32
   _, emb, params = _lm_embedding(s, capacity=0.67, mixer=mixer)
   spec = emb.spec

@@ -89,3 +89,21 @@ def test_the_threshold_is_the_best_cut(rows):
   best = np.mean((np.round(cos, 9) >= t) == same)
   for cut in [*cos, 2.0]:                    # every "same iff cos >= c" rule is no better
     assert np.mean((np.round(cos, 9) >= cut) == same) <= best + 1e-12
+
+
+def test_context_bag_is_the_mean_of_the_neighbours_rows():
+  table = np.arange(20, dtype=np.float32).reshape(10, 2)
+  encoded = [([1, 2, 3, 4, 5, 6], [2]),      # neighbours within 2: ids 1 2 . 5 6 -> rows 1,2,4,5
+             ([7, 8, 9], [0, 1]),            # a two-token word: its right neighbour only
+             ([3], [0])]                     # the word alone: no context
+  bag = sense_probes.context_bag(table, encoded, tokens=2)
+  np.testing.assert_allclose(bag[0], table[[1, 2, 4, 5]].mean(0))
+  np.testing.assert_allclose(bag[1], table[9])
+  np.testing.assert_array_equal(bag[2], [0, 0])
+  # one neighbour each side; the same word in a different context gets another vector
+  one = sense_probes.context_bag(table, [([1, 2, 3], [1]), ([4, 2, 5], [1])], tokens=1)
+  np.testing.assert_allclose(one, [table[[1, 3]].mean(0), table[[4, 5]].mean(0)])
+  with pytest.raises(ValueError, match="at least one token"):
+    sense_probes.context_bag(table, encoded, tokens=0)
+  with pytest.raises(ValueError, match="marks no token"):
+    sense_probes.context_bag(table, [([1, 2], [])], tokens=1)

@@ -110,7 +110,7 @@ def test_the_word_sense_experiment_runs_on_the_fixture(db, tmp_path):
   assert (s["words"], s["senses"], s["examples"]) == (2, 4, 8)
   assert set(s["accuracy"]) == {"majority sense", "static table", "fuser, no context",
                                 "fuser, with context", "fuser, gated (as used)",
-                                "LM hidden states"}
+                                "LM hidden states", "context bag (static table, ±2 tokens)"}
   assert all(len(r["per_seed"]) == 3 and 0 <= r["mean"] <= 1 for r in s["accuracy"].values())
   for kind in ("any form", "same tokens"):
     w = s["word_in_context"][kind]

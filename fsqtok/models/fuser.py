@@ -33,8 +33,10 @@ Two designs (``design``), the same gate, signals, head, losses and entry points:
   passed as the ``fuser_table`` variable collection (`table_variables`,
   `lm_table_variables`). Context enters through a cheap **mixer** over the window's rows:
   one local attention (query of the token, keys of the window, values = the fragments
-  plus a per-slot vector, a per-slot bias) or a depthwise convolution (``mixer``), then
-  the information fuser and head as above. The learned score is per id (from the static
+  plus a per-slot vector, a per-slot bias) or a depthwise convolution (``mixer``); with
+  ``mixer_layers=2`` every slot first attends over the window (its id's query) and the
+  centre's query and the keys of the second layer are made from those contextual
+  states. Then the information fuser and head as above. The learned score is per id (from the static
   row and the fragment), so a token's gate depends only on its id.
   **Causal capacity** (``capacity > 0``): a gated token is computed when fewer than
   ``m = floor(capacity * (window_left + 1))`` of the ``window_left`` tokens before it are
@@ -102,6 +104,8 @@ class FuserSpec:
   mixer: str = "attention"        # per_id: attention | conv over the window's rows
   mixer_dim: int = 32             # per_id attention: query/key width
   mixer_heads: int = 2            # per_id attention: heads
+  mixer_layers: int = 1           # per_id attention: 2 = every slot first attends over
+                                  # the window, then the centre over those states
   fragment_ids: str = "batch"     # per_id training: encode the batch's unique ids | all
 
   @classmethod
@@ -139,6 +143,10 @@ class FuserSpec:
         raise ValueError(f"fuser.model.mixer_heads ({self.mixer_heads}) must divide "
                          f"mixer_dim ({self.mixer_dim}) and fragment_dim "
                          f"({self.fragment_dim}).")
+      if self.mixer_layers not in (1, 2) or (self.mixer_layers == 2
+                                             and self.mixer != "attention"):
+        raise ValueError(f"fuser.model.mixer_layers must be 1 or 2 (2 only with mixer="
+                         f"'attention'), got {self.mixer_layers} with {self.mixer!r}.")
       if self.capacity and not self.per_window:
         raise ValueError(f"fuser.model.capacity={self.capacity} allows no computed token "
                          f"per window of window_left + 1 = {self.window_left + 1} tokens "
@@ -393,6 +401,14 @@ class ContextualFuser(nn.Module):
         self.slot_bias = self.param("slot_bias", nn.initializers.zeros_init(),
                                     (s.mixer_heads, s.window))
         self.slot_value = self.param("slot_value", init, (s.window, s.fragment_dim))
+        if s.mixer_layers == 2:  # the first layer: every slot over the window
+          self.slot_bias_all = self.param("slot_bias_all", nn.initializers.zeros_init(),
+                                          (s.mixer_heads, s.window, s.window))
+          self.mix_out_all = nn.Dense(s.fragment_dim)
+          self.mix_norm = nn.LayerNorm()
+          # the second layer's query and keys come from the contextual states
+          self.mix_query_2 = nn.Dense(s.mixer_dim)
+          self.mix_key_2 = nn.Dense(s.mixer_dim, use_bias=False)
       else:
         self.slot_weight = self.param("slot_weight", init, (s.window, s.fragment_dim))
       self.mix_out = nn.Dense(s.fragment_dim)
@@ -466,11 +482,24 @@ class ContextualFuser(nn.Module):
       h, dq = s.mixer_heads, s.mixer_dim // s.mixer_heads
       q = rows_KxWxP[:, centre, f:f + s.mixer_dim].reshape(k, h, dq)
       key = rows_KxWxP[..., f + s.mixer_dim:f + 2 * s.mixer_dim].reshape(k, w, h, dq)
+      value = (fragment_KxWxF + self.slot_value[None]).reshape(k, w, h, f // h)
+      if s.mixer_layers == 2:
+        # each slot's query (its id's row) over the window's keys: contextual states,
+        # from which the centre's second query and the keys are made
+        q_all = rows_KxWxP[..., f:f + s.mixer_dim].reshape(k, w, h, dq)
+        logits_KxHxWxW = (jnp.einsum("kvhd,kwhd->khvw", q_all, key) / math.sqrt(dq)
+                          + self.slot_bias_all[None])
+        logits_KxHxWxW = jnp.where(present[:, None, None, :], logits_KxHxWxW, -1e9)
+        weights_all = jax.nn.softmax(logits_KxHxWxW, axis=-1)
+        ctx_KxWxF = jnp.einsum("khvw,kwhe->kvhe", weights_all, value).reshape(k, w, f)
+        states = self.mix_norm(fragment_KxWxF + self.mix_out_all(ctx_KxWxF))
+        q = self.mix_query_2(states[:, centre]).reshape(k, h, dq)
+        key = self.mix_key_2(states).reshape(k, w, h, dq)
+        value = (states + self.slot_value[None]).reshape(k, w, h, f // h)
       logits_KxHxW = (jnp.einsum("khd,kwhd->khw", q, key) / math.sqrt(dq)
                       + self.slot_bias[None])
       logits_KxHxW = jnp.where(present[:, None, :], logits_KxHxW, -1e9)
       weights = jax.nn.softmax(logits_KxHxW, axis=-1)
-      value = (fragment_KxWxF + self.slot_value[None]).reshape(k, w, h, f // h)
       context_KxF = jnp.einsum("khw,kwhe->khe", weights, value).reshape(k, f)
     else:
       context_KxF = jnp.sum(jnp.where(present[..., None], fragment_KxWxF, 0.0)

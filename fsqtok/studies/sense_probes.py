@@ -27,6 +27,26 @@ def unit_rows(vectors_NxD: np.ndarray) -> np.ndarray:
   return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-9)
 
 
+def context_bag(table_VxD: np.ndarray, encoded: Sequence[tuple[Sequence[int], Sequence[int]]],
+                tokens: int) -> np.ndarray:
+  """Per example ``(ids, where)`` (the sentence's token ids and the indices of the word's
+  tokens): the mean of ``table_VxD``'s rows of the ``tokens`` tokens on each side of the
+  word, the word's own tokens left out (zeros for a sentence that is the word alone)."""
+  if tokens < 1:
+    raise ValueError(f"context_bag needs at least one token of context, got {tokens}.")
+  table = np.asarray(table_VxD)
+  out = np.zeros((len(encoded), table.shape[1]), table.dtype)
+  for n, (ids, where) in enumerate(encoded):
+    if not len(where):
+      raise ValueError(f"Example {n} marks no token of its word.")
+    ids, own = np.asarray(ids), set(where)
+    lo, hi = max(0, min(where) - tokens), min(len(ids), max(where) + 1 + tokens)
+    near = [k for k in range(lo, hi) if k not in own]
+    if near:
+      out[n] = table[ids[near]].mean(0)
+  return out
+
+
 # ---- nearest sense centroid ----------------------------------------------------------
 
 def split_by_sense(examples: Sequence[SenseExample], seed: int
