@@ -6,7 +6,7 @@ r"""What the contextual fuser embedding costs an LM, against a static table, in 
 For each LM size (``small``: the README's LM, d=128, 2 layers, configs/fuser.py's
 ``lm.model``; ``big``: d=256, 6 layers, 8 heads, MLP 1024) and each embedding (static
 table; the first fuser design, ``per_position``; the new one, ``per_id``, at every token
-and at a causal capacity), the same random-initialised LM (dense head) over a vocabulary
+and at a causal capacity, and with the two-layer mixer, ``mixer_layers=2``), the same random-initialised LM (dense head) over a vocabulary
 counted from the built-in corpus (``--vocab_size`` ids) and a batch of real text windows:
 
 * **LM forward**: the whole batch (``--batch_size x --seq_len``), median time per token
@@ -182,6 +182,7 @@ def run_size(size: str, tok, ids_BxT, ambiguous, capacity: float, repeats: int) 
   new = dataclasses.replace(base, design="per_id", capacity=0.0)
   capped = dataclasses.replace(new, capacity=capacity)
   capped.validate()
+  two_layer = dataclasses.replace(new, mixer="attention", mixer_layers=2)
   token_bytes = [tok.token_bytes(i) for i in range(len(tok))]
   ids = jnp.asarray(ids_BxT)
   built = {
@@ -189,6 +190,7 @@ def run_size(size: str, tok, ids_BxT, ambiguous, capacity: float, repeats: int) 
       "fuser per_position (first design)": ("fuser", old, True),
       "fuser per_id, all tokens": ("fuser", new, True),
       f"fuser per_id, capacity {capacity:g}": ("fuser", capped, True),
+      "fuser per_id, 2-layer mixer, all tokens": ("fuser", two_layer, True),
   }
   variants = {}
   for name, (emb, spec, table) in built.items():
