@@ -5,9 +5,10 @@ r"""What the contextual fuser embedding costs an LM, against a static table, in 
 
 For each LM size (``small``: the README's LM, d=128, 2 layers, configs/fuser.py's
 ``lm.model``; ``big``: d=256, 6 layers, 8 heads, MLP 1024) and each embedding (static
-table; the first fuser design, ``per_position``; the new one, ``per_id``, at every token
-and at a causal capacity, and with the two-layer mixer, ``mixer_layers=2``), the same random-initialised LM (dense head) over a vocabulary
-counted from the built-in corpus (``--vocab_size`` ids) and a batch of real text windows:
+table; the first fuser design, ``per_position``; the new one, ``per_id``, at every token,
+at a causal capacity and with the two-layer mixer, ``mixer_layers=2``), the same
+random-initialised LM (dense head) over a vocabulary counted from the built-in corpus
+(``--vocab_size`` ids) and a batch of real text windows:
 
 * **LM forward**: the whole batch (``--batch_size x --seq_len``), median time per token
   and compiled memory (arguments + outputs + temporaries) per token. ``per_id`` at
