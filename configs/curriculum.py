@@ -76,9 +76,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   m.prune_keep_last = 1          # last positions always kept (their targets are scored)
   # loader: "epochs" (windows in memory; every host makes the global batch) | "grain"
   # (windows prepared once as `shards` array_record files in store_dir, "" for
-  # WORKDIR/lm_data, a filesystem every host mounts; each host tokenizes its own shards and
-  # reads its own rows: fsqtok/data/token_store.py; a different data order, so different
-  # numbers). shards >= the number of hosts.
+  # WORKDIR/lm_data, a filesystem every host mounts; the corpus streamed, each host
+  # tokenizes its own shards and reads its own rows of the same global batches, for the
+  # LM and the fuser: fsqtok/data/token_store.py; a different data order from "epochs",
+  # so different numbers). shards >= the number of hosts.
   c.lm.data = ml_collections.ConfigDict({"seq_len": 128, "batch_size": 16, "loader": "epochs",
                                          "shards": 8, "store_dir": ""})
   c.lm.optim = adamw_config(learning_rate=2e-3, warmup_steps=100, end_lr_ratio=0.05,

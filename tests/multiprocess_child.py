@@ -4,13 +4,14 @@
 
 Joins the others (`jax.distributed.initialize`, a coordinator on localhost, CPU
 collectives over gloo; the parent sets the devices per process), then, on the mesh of
-every process's devices: three LM steps on fixed batches, each
-process placing only its own rows (`sharding.shard_batch`); saves the LM state with
-Orbax as ``OUT_DIR/multi`` (every process takes part) and restores ``OUT_DIR/single``,
-written by the parent in one process. Process 0 writes what the parent compares (``OUT_DIR/result.npz``).
-Then the whole tiny curriculum in ``OUT_DIR/curriculum_multi`` on the files
-``OUT_DIR/docs/*.txt`` (their TFDS copy prepared by process 0 in ``OUT_DIR/tfds_multi``,
-then opened by the others), where only process 0 writes files.
+every process's devices, `multiprocess_steps.run`: three LM steps on fixed batches, each
+process placing only its own rows (`sharding.shard_batch`), Grain batches, a token store
+and the fuser phase on it, the files ``OUT_DIR/docs/*.txt`` through their TFDS copy
+(prepared by process 0 in ``OUT_DIR/tfds_multi``, then opened by the others); saves the
+LM state with Orbax as ``OUT_DIR/multi`` (every process takes part) and restores
+``OUT_DIR/single``, written by the parent in one process. Process 0 writes what the
+parent compares (``OUT_DIR/result.npz``). Then the whole tiny curriculum in
+``OUT_DIR/curriculum_multi`` on those files, streamed, where only process 0 writes files.
 """
 import os
 import sys
@@ -31,8 +32,7 @@ def main(process_id: str, num_processes: str, port: str, out_dir: str) -> None:
   if jax.process_index() == 0:
     np.savez(os.path.join(out_dir, "result.npz"), **result)
   multiprocess_steps.run_curriculum(os.path.join(out_dir, "curriculum_multi"),
-                                    os.path.join(out_dir, "docs", "*.txt"),
-                                    os.path.join(out_dir, "tfds_multi"))
+                                    os.path.join(out_dir, "docs", "*.txt"))
   jax.distributed.shutdown()
 
 

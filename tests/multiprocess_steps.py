@@ -1,7 +1,9 @@
 """What tests/test_multiprocess.py runs once in one process and once in several: three
 LM steps on fixed batches over every device of every process, an
-Orbax round trip of the LM state, and the whole curriculum end to end with its state
-split FSDP-style (`run_curriculum`)."""
+Orbax round trip of the LM state, the fuser phase on a token store each process reads
+its own rows of, and the whole curriculum end to end with its state split FSDP-style and
+its windows read through Grain (`run_curriculum`)."""
+import hashlib
 import os
 
 import jax
@@ -11,6 +13,8 @@ from flax import traverse_util
 from flax.training import train_state
 
 from configs import curriculum as curriculum_config_lib
+from configs import fuser as fuser_config_lib
+from fsqtok.data import corpus
 from fsqtok.data import grain_loader
 from fsqtok.data import hosts
 from fsqtok.data import lm_data
@@ -19,6 +23,7 @@ from fsqtok.tokenizer import unigram
 from fsqtok.tokenizer.tokenizer import Tokenizer
 from fsqtok.train import checkpoint as checkpoint_lib
 from fsqtok.train import curriculum
+from fsqtok.train import fuser_train
 from fsqtok.train import lm_train
 from fsqtok.train import optimizer as optimizer_lib
 from fsqtok.train import sharding as sharding_lib
@@ -74,8 +79,11 @@ def run(out_dir: str, save_as: str, restore_from: str | None = None
   for i in range(2):
     out[f"grain/{i}"] = sharding_lib.to_host(loader.place(next(loader), mesh))["row"]
 
-  out.update(_token_store(out_dir, save_as, mesh))
+  store, results = _token_store(out_dir, save_as, mesh)
+  out.update(results)
+  out.update(_fuser(out_dir, save_as, store))
   out.update(_pooled_counts())
+  out.update(_files_corpus(out_dir, save_as))
 
   lm_state = jax.jit(_lm_state, out_shardings=repl)()
   lm_step = jax.jit(lm_train.train_step, in_shardings=(repl, data, repl),
@@ -106,10 +114,10 @@ STORE_TEXTS = ([TEXT[k:] for k in range(0, 60, 10)], [TEXT[k:] for k in (5, 15, 
 STORE_SHARDS = 3
 
 
-def _token_store(out_dir: str, save_as: str, mesh) -> dict[str, np.ndarray]:
+def _token_store(out_dir: str, save_as: str, mesh):
   """Windows prepared in ``out_dir/store_SAVE_AS``, each process tokenizing its own
   shards; two global batches drawn through Grain (each process its rows) and the held-out
-  loss of a fresh LM (each process its own validation shards)."""
+  loss of a fresh LM (each process its own validation shards). Returns the store too."""
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   tok, model, init = loop_lm()
   data = lm_data.StoredLMData(os.path.join(out_dir, f"store_{save_as}"), tok, STORE_TEXTS,
@@ -125,7 +133,40 @@ def _token_store(out_dir: str, save_as: str, mesh) -> dict[str, np.ndarray]:
   ev = lm_train.evaluate_bits_per_byte(model.apply, params, data.val_batches(8),
                                        data.val_bytes, mesh=mesh, per_process=True)
   out["store/eval"] = np.array([ev["loss_per_token"], ev["tokens"]])
-  return out
+  return data, out
+
+
+def _fuser(out_dir: str, save_as: str, data) -> dict[str, np.ndarray]:
+  """The fuser phase on the token store's windows (``configs/fuser.py:tiny``, 6 steps,
+  its state split FSDP-style), each process drawing its own rows through Grain; its
+  ambiguous set from the token pairs each process counted in its own shards, pooled."""
+  tok, _, _ = loop_lm()
+  config = fuser_config_lib.get_config("tiny")
+  config.fuser.train.sharding = sharding_lib.sharding_config(fsdp=True, fsdp_min_size=64)
+  mine = fuser_train.next_token_pairs(data.local_training_rows(), len(tok), pad_id=tok.pad_id)
+  pairs = fuser_train.add_pairs(hosts.all_gather_objects(mine))
+  a = config.fuser.ambiguity
+  ambiguous = fuser_train.ambiguous_ids(tok, pairs=pairs, corpus_top_k=a.corpus_top_k,
+                                        min_count=a.min_count)
+  model = fuser_train.model_from_config(config, tok, ambiguous)
+  workdir = os.path.join(out_dir, f"fuser_{save_as}")
+  report, params = fuser_train.train_fuser(config, workdir, model, tok, data, loader="grain")
+  flat = traverse_util.flatten_dict(sharding_lib.to_host(params), sep="/")
+  return {"fuser/pairs": pairs[0], "fuser/pair_counts": pairs[1],
+          "fuser/ambiguous": np.array(ambiguous),
+          "fuser/mlm_loss": np.array([report["first"]["mlm_loss"], report["final"]["mlm_loss"]]),
+          **{f"fuser/params/{k}": np.asarray(v) for k, v in flat.items()}}
+
+
+def _files_corpus(out_dir: str, save_as: str) -> dict[str, np.ndarray]:
+  """The documents of the ``files:`` corpus ``OUT_DIR/docs/*.txt`` through its TFDS copy,
+  which process 0 prepares in ``OUT_DIR/tfds_SAVE_AS`` and the others open after it: how
+  many, and a digest of them."""
+  docs = corpus.load_documents("files:" + os.path.join(out_dir, "docs", "*.txt"),
+                               data_dir=os.path.join(out_dir, f"tfds_{save_as}"))
+  digest = hashlib.sha256("\0".join(docs).encode("utf-8")).digest()
+  return {"corpus/docs": np.array([len(docs)]),
+          "corpus/sha256": np.frombuffer(digest, np.uint8)}
 
 
 def _pooled_counts() -> dict[str, np.ndarray]:
@@ -139,26 +180,29 @@ def _pooled_counts() -> dict[str, np.ndarray]:
           "counts/pieces": np.array(keys), "counts/n": np.array([counts[k] for k in keys])}
 
 
-def curriculum_config(docs_glob: str, tfds_dir: str):
-  """A tiny curriculum on ``files:DOCS_GLOB`` (its TFDS copy in ``tfds_dir``): a few steps
-  of each phase, the state split along ``data`` (FSDP) over every device of every process."""
+def curriculum_config(docs_glob: str):
+  """A tiny curriculum on ``files:DOCS_GLOB``: a few steps of each phase, the state split
+  along ``data`` (FSDP) over every device of every process, the corpus streamed from disk
+  and the LM's windows in a token store of 4 shards that each process reads its own rows
+  of."""
   fsdp = sharding_lib.sharding_config(fsdp=True, fsdp_min_size=64)
   c = _mlp_codec(curriculum_config_lib.get_config("tiny"))
-  c.data.source, c.data.tfds_data_dir = f"files:{docs_glob}", tfds_dir
+  c.data.source = f"files:{docs_glob}"
   c.data.max_candidates = 1000
   c.train.update({"num_steps": 4, "log_every": 2, "eval_every": 4, "checkpoint_every": 2,
                   "progress_bar": False, "sharding": fsdp})
   c.lm.train.update({"num_steps": 4, "log_every": 2, "eval_every": 2, "checkpoint_every": 2,
                      "progress_bar": False, "sharding": fsdp})
+  c.lm.data.loader, c.lm.data.shards = "grain", 4
   c.joint.num_steps = 2
   c.sample.max_new_tokens = 4
   return c
 
 
-def run_curriculum(workdir: str, docs_glob: str, tfds_dir: str) -> dict:
+def run_curriculum(workdir: str, docs_glob: str) -> dict:
   """The whole curriculum (`curriculum_config`) in ``workdir``: corpus, codec, vocabulary,
   LM, joint, sample; it leaves its reports, metrics, tokenizer and checkpoints there."""
-  return curriculum.run_curriculum(curriculum_config(docs_glob, tfds_dir), workdir)
+  return curriculum.run_curriculum(curriculum_config(docs_glob), workdir)
 
 
 def loop_lm():

@@ -1,6 +1,7 @@
 import dataclasses
 import json
 
+import ml_collections
 import pytest
 import tensorflow_datasets as tfds
 from hypothesis import given, settings, strategies as st
@@ -75,6 +76,12 @@ def test_stream_split_is_the_split_read_from_disk_and_samples_alike(doc_files):
   assert isinstance(s_train, corpus.BlockStream)
   assert list(s_train) == train and list(s_val) == val and list(s_train) == train  # re-read
   assert s_train.chars == corpus.total_chars(train)
+  config = ml_collections.ConfigDict({"source": spec, "tfds_data_dir": "", "text_key": "text",
+                                      "val_fraction": 0.1, "split_seed": 3,
+                                      "block_chars": 512})
+  streamed = corpus.load_split(config, stream=True)  # a config's split, streamed
+  assert isinstance(streamed[0], corpus.BlockStream)
+  assert list(streamed[0]) == train and list(streamed[1]) == val
   sample = corpus.sample_blocks(s_train, s_train.chars // 3, seed=0)
   assert isinstance(sample, corpus.BlockStream)
   assert list(sample) == corpus.sample_blocks(train, s_train.chars // 3, seed=0)

@@ -186,7 +186,7 @@ def test_a_step_on_8_devices_equals_1(setup):
   c = FT.step_config(config.fuser.loss, s.tok)
   tx = FT.optimizer_lib.make_optimizer(config.fuser.optim, 10)
   ids = jnp.tile(s.ids, (4, 1))  # 8 rows
-  batch = {"ids": np.asarray(ids), "valid": np.ones(ids.shape, bool)}
+  batch = {"inputs": np.asarray(ids), "valid": np.ones(ids.shape, bool)}
   results = []
   for n in (1, 8):
     mesh = sharding_lib.data_mesh(n)
@@ -217,7 +217,7 @@ def test_loss_falls_and_reference_updates(setup):
   tx = FT.optimizer_lib.make_optimizer(config.fuser.optim, 100)
   state = FT.create_state(s.model, jax.tree.map(jnp.copy, s.params), tx)
   step = FT.make_step(s.model, c)
-  batch = {"ids": s.ids, "valid": jnp.ones_like(s.ids, bool)}
+  batch = {"inputs": s.ids, "valid": jnp.ones_like(s.ids, bool)}
   losses = []
   for i in range(8):
     state, m = step(state, batch, jax.random.PRNGKey(i % 2))
@@ -503,3 +503,27 @@ def test_the_lm_trains_with_the_per_id_fuser_embedding():
   with_table = jax.jit(lambda v, i: model.apply(v, i, valid)[0])
   chex.assert_trees_all_close(with_table(F.lm_table_variables(model, params), ids),
                               with_table({"params": params}, ids), atol=1e-5)
+
+
+def test_the_ambiguous_set_counts_the_pairs_of_windows_as_of_their_stream():
+  """Token pairs counted on the windows of a stream (in shards, as processes hold them)
+  are the stream's, so every way of reading the data picks the same ambiguous set."""
+  from fsqtok.data import lm_data  # pylint: disable=g-import-not-at-top
+  texts = ["the cat sat on the mat. the dog sat on the log. " * 3, "a cat and a dog. " * 5]
+  tok = FT.counted_tokenizer(texts, 300)
+  stream = lm_data.token_stream(tok, texts)
+  want = FT.next_token_pairs([stream], len(tok))
+  rows = lm_data.training_rows(lm_data.windows(stream, 7, tok.pad_id, tok.bos_id))
+  shards = [rows[:3], rows[3:]]  # the pairs of a stream split between two processes
+  parts = [FT.next_token_pairs([part], len(tok), pad_id=tok.pad_id) for part in shards]
+  got = FT.add_pairs(parts)
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])
+  assert got[1].sum() == stream.size - 1
+  kw = dict(corpus_top_k=4, min_count=2)
+  chosen = FT.ambiguous_ids(tok, [stream], **kw)
+  assert FT.ambiguous_ids(tok, pairs=got, **kw) == chosen
+  assert tok.token_to_id("[MASK]") in chosen and 1 < len(chosen) <= 5
+  the = tok.encode(" the")
+  assert len(the) == 1 and the[0] in chosen  # " the" is followed by 3 different words
+

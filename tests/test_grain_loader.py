@@ -1,5 +1,6 @@
-"""The Grain loader: each process draws its own rows, its position restores exactly, and
-a training loop on it resumes to the same parameters as an uninterrupted one."""
+"""The Grain loader: each process draws its own rows of the global batches of one process,
+its position restores exactly (in another number of processes too), and a training loop
+on it resumes to the same parameters as an uninterrupted one."""
 import chex
 import jax
 import jax.numpy as jnp
@@ -32,18 +33,39 @@ def test_each_process_draws_its_own_rows_and_together_they_cover_an_epoch():
   assert not shards[0] & shards[1] and shards[0] | shards[1] == set(range(16))
 
 
+@pytest.mark.parametrize("count", [2, 4])
+def test_the_global_batches_are_the_same_rows_whatever_the_number_of_processes(count):
+  one = _loader()
+  many = [_loader(index, count) for index in range(count)]
+  for _ in range(10):  # two and a half epochs, across their boundaries
+    whole = next(one)
+    parts = [next(loader) for loader in many]  # the global batch, part by part
+    np.testing.assert_array_equal(np.concatenate([p["row"] for p in parts]), whole["row"])
+    for p in parts:  # the fields of a row travel together
+      np.testing.assert_array_equal(p["x"], ROWS["x"][p["row"]])
+
+
 def test_the_position_restores_exactly_and_a_different_source_is_refused():
   loader = _loader()
   for _ in range(5):  # into the second epoch
     next(loader)
   saved = loader.get_state()
+  assert saved["rows_drawn"] == 20
   want = [next(loader)["row"].tolist() for _ in range(4)]
   again = _loader()
   again.set_state(saved)
   assert [next(again)["row"].tolist() for _ in range(4)] == want
+  # in 2 processes, the same rows from the same position
+  halves = [_loader(index, 2) for index in range(2)]
+  for half in halves:
+    half.set_state(saved)
+  for rows in want:
+    assert [r for half in halves for r in next(half)["row"].tolist()] == rows
   other = _loader(rows={**ROWS, "x": ROWS["x"] + 1})
   with pytest.raises(ValueError, match="does not match"):
     other.set_state(saved)
+  with pytest.raises(ValueError, match="not a whole number of batches of 8"):
+    _loader(batch_size=8).set_state(saved)
 
 
 def test_bad_batch_sizes_and_loaders_name_the_fix():

@@ -300,21 +300,28 @@ def _started_from_the_finished_vocabulary(finished_curriculum, work):
 @pytest.mark.xdist_group("curriculum")
 def test_curriculum_with_the_fuser_embedding(finished_curriculum, tmp_path):
   """The fuser phase trains the fuser, the LM starts from it, the sample is generated
-  through the key/value cache, and a finished run loads with the same ambiguous set."""
+  through the key/value cache, and a finished run loads with the same ambiguous set.
+  Both read their windows through Grain from token stores (the fuser's are shorter:
+  a store of their own)."""
   from fsqtok.train import curriculum  # pylint: disable=g-import-not-at-top
   # (the run starts at the fuser phase)
   config = _started_from_the_finished_vocabulary(finished_curriculum, tmp_path / "fuser")
   config.lm.model.embedding, config.lm.model.head = "fuser", "dense"
+  config.lm.data.loader, config.lm.data.shards = "grain", 2
   config.fuser.train.num_steps = 4
+  config.fuser.data.seq_len = 16
   config.lm.train.update(num_steps=4, eval_every=4, checkpoint_every=4)
   config.sample.max_new_tokens = 4
   fused = curriculum.run_curriculum(config, str(tmp_path / "fuser"))
   assert fused["fuser"]["steps"] == 4 and np.isfinite(fused["fuser"]["final"]["loss"])
   assert 0 < fused["bits_per_byte"] < 8 and fused["sample"]["text"].startswith("The ")
   assert "skipped" in fused["joint"]
+  stores = sorted((tmp_path / "fuser" / "lm_data").iterdir())
+  assert len(stores) == 2 and all(len(list(d.glob("*.array_record"))) == 4 for d in stores)
   _, model, params = curriculum.load_lm(config, str(tmp_path / "fuser"))
   with open(tmp_path / "fuser" / "fuser" / curriculum.AMBIGUOUS_FILE) as f:
     assert model.embedding == "fuser" and model.ambiguous_ids == tuple(json.load(f))
+  assert len(model.ambiguous_ids) > 1  # [MASK] and the most varied tokens
   with pytest.raises(ValueError, match="does not fit"):
     curriculum.with_fuser(params, {"static": params["embed"]["fuser"]["static"]})
 

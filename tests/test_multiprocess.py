@@ -1,10 +1,12 @@
 """Several JAX processes on this machine: 2 processes x 4 CPU devices (collectives over
 gloo) give the LM steps of 1 process x 8 devices, Orbax checkpoints move
-between the two layouts, each process draws its own rows through Grain, and the training
-loops (FSDP state) run end to end with only process 0 writing; the
-token store's shards are each tokenized by one process and evaluated there; and the whole
-curriculum (a files: corpus prepared once, its pieces counted a share per process, codec,
-vocabulary, LM, joint, sample) gives one process's work directory."""
+between the two layouts, each process draws its own rows of one process's global batches
+through Grain, and the training loops (FSDP state) run end to end with only process 0
+writing; the token store's shards are each tokenized by one process and evaluated there;
+the fuser phase, reading its rows that way and pooling its token-pair counts, trains as in
+one process; and the whole curriculum (a files: corpus prepared once, its pieces counted a
+share per process, codec, vocabulary, LM and joint on a token store, sample) gives one
+process's work directory."""
 import json
 import os
 import socket
@@ -70,11 +72,13 @@ def test_two_processes_of_four_devices_equal_one_of_eight(tmp_path):
   assert sum(k.startswith("lm/") for k in trained) > 4 and len(trained) > 8
   for key, value in trained.items():  # the same steps
     chex.assert_trees_all_close(multi[key], value, rtol=2e-4, atol=2e-5)
-  # Grain: each of the 2 processes drew its own half of every global batch (its shard).
+  # Grain: each of the 2 processes drew its own half of every global batch, which is
+  # one process's.
   for i in range(2):
     shards = [_grain_batches(index, 2)[i] for index in range(2)]
     np.testing.assert_array_equal(multi[f"grain/{i}"], np.concatenate(shards))
     np.testing.assert_array_equal(single[f"grain/{i}"], _grain_batches(0, 1)[i])
+    np.testing.assert_array_equal(multi[f"grain/{i}"], single[f"grain/{i}"])
   # The token store: the same shards whoever prepares them, each process tokenizing its
   # own (0 and 2, or 1) and drawing its own rows; the held-out loss of all windows.
   assert single["store/written"].tolist() == [[[True] * 3] * 2]
@@ -91,8 +95,26 @@ def test_two_processes_of_four_devices_equal_one_of_eight(tmp_path):
   for i in range(2):
     shards = [_store_batches(split, index, 2)[i] for index in range(2)]
     np.testing.assert_array_equal(multi[f"store/rows/{i}"], np.concatenate(shards))
+    np.testing.assert_array_equal(multi[f"store/rows/{i}"], single[f"store/rows/{i}"])
   assert multi["store/eval"][1] == single["store/eval"][1] > 0  # every held-out token
   np.testing.assert_allclose(multi["store/eval"][0], single["store/eval"][0], rtol=1e-5)
+  # The fuser phase on the store: the token pairs each process counted in its shards
+  # add up to one process's, so the ambiguous set is the same; so are its steps.
+  for key in ("fuser/pairs", "fuser/pair_counts", "fuser/ambiguous"):
+    np.testing.assert_array_equal(multi[key], single[key])
+  assert len(single["fuser/ambiguous"]) > 1
+  assert single["fuser/mlm_loss"][1] < single["fuser/mlm_loss"][0]
+  # (not the attention key biases: their gradient is zero but for rounding, which Adam
+  # scales up to steps of its own)
+  fuser = [k for k in single if k.startswith("fuser/params/")
+           and not k.endswith("key/bias")] + ["fuser/mlm_loss"]
+  assert len(fuser) > 10
+  for key in fuser:
+    chex.assert_trees_all_close(multi[key], single[key], rtol=2e-4, atol=2e-5)
+  # A files: corpus: process 0 prepared its TFDS copy, the other opened it: the same
+  # documents as one process's.
+  assert single["corpus/docs"].tolist() == [40] and (tmp_path / "tfds_multi").is_dir()
+  np.testing.assert_array_equal(multi["corpus/sha256"], single["corpus/sha256"])
   # Counting a corpus: each process counted its own blocks (5 and 4 of 9), and the pooled
   # counts are one process's.
   assert single["counts/blocks"].tolist() == [9] and multi["counts/blocks"].tolist() == [5, 4]
@@ -110,8 +132,7 @@ def test_two_processes_of_four_devices_equal_one_of_eight(tmp_path):
   # The whole curriculum, end to end (corpus, codec, vocabulary, LM, joint, sample): the
   # same files, histories, reports and sample as in one process, each record written once
   # (only process 0 writes), the same tokenizer and final parameters.
-  multiprocess_steps.run_curriculum(str(tmp_path / "curriculum_single"), docs_glob,
-                                    str(tmp_path / "tfds_single"))
+  multiprocess_steps.run_curriculum(str(tmp_path / "curriculum_single"), docs_glob)
   one, two = tmp_path / "curriculum_single", tmp_path / "curriculum_multi"
   assert _files(two) == _files(one)
   assert (two / "vocab" / "tokenizer.json").read_bytes() == (
@@ -124,7 +145,7 @@ def test_two_processes_of_four_devices_equal_one_of_eight(tmp_path):
   reports = [json.loads((d / "curriculum_report.json").read_text()) for d in (one, two)]
   assert reports[1]["sample"] == reports[0]["sample"]
   chex.assert_trees_all_close(_numbers(reports[1]), _numbers(reports[0]), rtol=2e-4, atol=1e-5)
-  config = multiprocess_steps.curriculum_config(docs_glob, str(tmp_path / "tfds_single"))
+  config = multiprocess_steps.curriculum_config(docs_glob)
   _, model, _ = curriculum.load_lm(config, str(one))
   init = lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
   chex.assert_trees_all_close(lm_train.load_phase_params(str(two / "joint"), init),

@@ -183,10 +183,17 @@ def load_documents(spec: str, *, data_dir: str | None = None, text_key: str = "t
   return docs
 
 
-def load_split(data_config) -> tuple[list[str], list[str]]:
+def load_split(data_config, *, stream: bool = False
+               ) -> tuple[list[str], list[str]] | tuple[BlockStream, BlockStream]:
   """Train and validation texts of a ``config.data`` (its source, split fraction, seed,
-  block size and text policy): `load_documents` then `split_documents`."""
+  block size and text policy): `load_documents` then `split_documents`; with ``stream``,
+  the same blocks as `stream_split`'s `BlockStream`s (a ``files:`` corpus is read from
+  disk on each pass and never held whole)."""
   d = data_config
+  if stream:
+    return stream_split(d.source, data_dir=d.tfds_data_dir or None, text_key=d.text_key,
+                        val_fraction=d.val_fraction, seed=d.split_seed,
+                        block_chars=d.block_chars, invalid_utf8=d.get("invalid_utf8", "error"))
   docs = load_documents(d.source, data_dir=d.tfds_data_dir or None, text_key=d.text_key,
                         invalid_utf8=d.get("invalid_utf8", "error"))
   return split_documents(docs, val_fraction=d.val_fraction, seed=d.split_seed,

@@ -1,22 +1,23 @@
-"""Batches through Grain: each process draws its own share of the rows.
+"""Batches through Grain: each process draws its own rows of every global batch.
 
-`GrainBatches` is the LM's window loader with ``lm.data.loader = "grain"``: a Grain
-``DataLoader`` over the windows, its ``IndexSampler`` sharded by JAX process
-(``ShardByJaxProcess``), so each host makes only its ``global batch / processes`` rows
-of every batch and places them itself (`place`); the loader's position travels in the
-checkpoint like every other batcher's (`get_state`/`set_state`, a JSON dict). The default
-loader (``"epochs"``, `fsqtok.data.batches.EpochBatcher`) has every host make the whole
-global batch and keep its rows.
+`GrainBatches` is the windows' loader with ``lm.data.loader = "grain"``: the rows in a
+seeded order that Grain shuffles anew each epoch and carries on across epochs without a
+gap (``MapDataset.shuffle(seed).repeat()``), cut into global batches of ``batch_size``
+rows. Process p of P takes the p-th of the P equal parts of every global batch, so each
+host reads only its ``batch_size / P`` rows and places them itself (`place`), and the
+global batches are the same, row for row, whatever the number of processes: the masks and
+dropout drawn per row fall on the same rows too.
 
-Grain shuffles each epoch with its own seeded permutation and carries on across epochs
-without a gap, so its order differs from the default loader's: a run's numbers depend on
-the loader, and 2 processes draw a different global batch than 1 (each shuffles its own
-shard).
+The position is the number of rows drawn by all processes together, saved in the
+checkpoint like every other batcher's (`get_state`/`set_state`, a JSON dict with the
+source's name, so a restored position is checked against the same data): a checkpoint
+written by 2 processes resumes in 1, or 4, at the same row. The order differs from the
+default loader's (``"epochs"``, `fsqtok.data.batches.EpochBatcher`), so a run's numbers
+depend on the loader, not on the number of hosts.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Any, Sequence
 
 import grain.python as grain
@@ -58,38 +59,59 @@ class GrainBatches:
                operations: Sequence[grain.MapTransform] = (), shard_index: int | None = None,
                shard_count: int | None = None):
     """``source``: named arrays (rows along axis 0) or a Grain random-access source (with
-    ``operations`` that make its records rows, e.g. `fsqtok.data.token_store`'s)."""
+    ``operations`` that make its records rows, e.g. `fsqtok.data.token_store`'s);
+    ``batch_size``: the global batch; ``shard_index``/``shard_count``: this process and
+    the number of processes (default: JAX's)."""
     count = jax.process_count() if shard_count is None else shard_count
     index = jax.process_index() if shard_index is None else shard_index
     if batch_size % count:
       raise ValueError(f"{name}: the batch size {batch_size} does not divide among "
                        f"{count} processes: use a multiple of {count}.")
-    if isinstance(source, dict):
+    in_memory = isinstance(source, dict)
+    if in_memory:
       source = ArraySource(source, name)
-    per_process = batch_size // count
-    if len(source) // count < per_process:
-      raise ValueError(f"{name}: {len(source)} rows make no batch of {batch_size} over "
-                       f"{count} processes: lower the batch size or add data.")
-    sampler = grain.IndexSampler(
-        num_records=len(source), shuffle=True, num_epochs=None, seed=seed,
-        shard_options=grain.ShardOptions(shard_index=index, shard_count=count,
-                                         drop_remainder=True))
-    self._loader = grain.DataLoader(
-        data_source=source, sampler=sampler, worker_count=0,
-        operations=[*operations, grain.Batch(per_process, drop_remainder=True)])
-    self._iterator = iter(self._loader)
+    if len(source) < batch_size:
+      raise ValueError(f"{name}: {len(source)} rows make no batch of {batch_size}: lower "
+                       f"the batch size or add data.")
+    self._source_name = repr(source)
+    self._rows = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+    for op in operations:
+      self._rows = self._rows.map(op)
+    self._batch_size, self._index, self._count = batch_size, index, count
+    # rows in memory are read in this thread; records on disk by a few threads ahead
+    self._read = grain.ReadOptions(num_threads=0 if in_memory else 4,
+                                   prefetch_buffer_size=0 if in_memory else 8)
+    self._start(0)
+
+  def _start(self, drawn: int) -> None:
+    """Draw on from global row ``drawn`` (a whole number of global batches)."""
+    parts = self._rows[drawn:].batch(self._batch_size // self._count, drop_remainder=True)
+    self._iterator = iter(parts[self._index::self._count].to_iter_dataset(self._read))
+    self._drawn = drawn
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    return next(self._iterator)
+    batch = next(self._iterator)
+    self._drawn += self._batch_size
+    return batch
 
   def get_state(self) -> dict[str, Any]:
-    return json.loads(self._iterator.get_state().decode("utf-8"))
+    return {"rows_drawn": self._drawn, "source": self._source_name}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    self._iterator.set_state(json.dumps(state).encode("utf-8"))
+    if state.get("source") != self._source_name or "rows_drawn" not in state:
+      raise ValueError(f"The saved data position is for {state.get('source', state)!r}, "
+                       f"which does not match this loader's {self._source_name}: resume "
+                       f"with the same data (corpus, tokenizer, window length, shards) or "
+                       f"start a new work directory.")
+    drawn = int(state["rows_drawn"])
+    if drawn % self._batch_size:
+      raise ValueError(f"The saved position ({drawn} rows) is not a whole number of "
+                       f"batches of {self._batch_size}: resume with the batch size it was "
+                       f"saved with.")
+    self._start(drawn)
 
   @staticmethod
   def place(batch, mesh):

@@ -56,17 +56,25 @@ def windows(stream: np.ndarray, seq_len: int, pad_id: int, bos_id: int) -> dict[
 
 
 def window_batcher(data: dict[str, np.ndarray], batch_size: int, *, seed: int,
-                   loader: str = "epochs"):
+                   loader: str = "epochs", field: str = "lm.data"):
   """Every window once an epoch, in a seeded order (position saved and restored exactly).
   ``loader`` (`LOADERS`): ``"epochs"`` (every process makes the whole global batch) or
-  ``"grain"`` (`fsqtok.data.grain_loader`: each process draws its own rows)."""
+  ``"grain"`` (`fsqtok.data.grain_loader`: each process draws its own rows); ``field``:
+  the config that sets the batch, named in errors."""
   if loader == "grain":
     from fsqtok.data import grain_loader  # pylint: disable=g-import-not-at-top
-    return grain_loader.GrainBatches(data, batch_size, seed=seed, name="LM windows")
+    return grain_loader.GrainBatches(data, batch_size, seed=seed,
+                                     name=f"windows of {field}")
   if loader != "epochs":
-    raise ValueError(f"lm.data.loader={loader!r} is unknown: use one of {LOADERS}.")
+    raise ValueError(f"{field}.loader={loader!r} is unknown: use one of {LOADERS}.")
   return EpochBatcher(data, np.arange(data["inputs"].shape[0]), batch_size, seed=seed,
-                      what="windows of training text (lower lm.data.batch_size or seq_len)")
+                      what=f"windows of training text (lower {field}.batch_size or seq_len)")
+
+
+def training_rows(data: dict[str, np.ndarray]) -> np.ndarray:
+  """The windows as the ``[N, seq_len + 1]`` token rows they were cut from (inputs and
+  the last target; pad ids after the stream's end)."""
+  return np.concatenate([data["inputs"], data["targets"][:, -1:]], axis=1)
 
 
 def eval_batches(data: dict[str, np.ndarray], batch_size: int):
@@ -96,8 +104,9 @@ class LMData:
     self.val_bytes = sum(len(t.encode("utf-8")) for t in val_texts)
     self.pieces = pieces
 
-  def train_batches(self, batch_size: int, *, seed: int, loader: str = "epochs"):
-    return window_batcher(self.train, batch_size, seed=seed, loader=loader)
+  def train_batches(self, batch_size: int, *, seed: int, loader: str = "epochs",
+                    field: str = "lm.data"):
+    return window_batcher(self.train, batch_size, seed=seed, loader=loader, field=field)
 
   def val_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     return eval_batches(self.val, batch_size)
@@ -109,6 +118,10 @@ class LMData:
     """How often each id is a scored training target."""
     targets = self.train["targets"][self.train["weights"] > 0]
     return np.bincount(targets, minlength=vocab_size)
+
+  def local_training_rows(self) -> list[np.ndarray]:
+    """The training token rows this process holds (all of them: they are in memory)."""
+    return [training_rows(self.train)]
 
 
 class StoredLMData:
@@ -136,13 +149,15 @@ class StoredLMData:
     self.pieces = pieces
     self._process = (index, count)
 
-  def train_batches(self, batch_size: int, *, seed: int, loader: str = "grain"):
+  def train_batches(self, batch_size: int, *, seed: int, loader: str = "grain",
+                    field: str = "lm.data"):
     if loader != "grain":
       raise ValueError(f"Windows in a token store are read with loader='grain', not "
                        f"{loader!r}.")
     from fsqtok.data import grain_loader  # pylint: disable=g-import-not-at-top
     return grain_loader.GrainBatches(self.train.source(), batch_size, seed=seed,
-                                     name="LM windows", operations=[self.train.decode()])
+                                     name=f"windows of {field}",
+                                     operations=[self.train.decode()])
 
   def val_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     return self.val.local_batches(batch_size, *self._process)
@@ -152,3 +167,7 @@ class StoredLMData:
 
   def token_counts(self, vocab_size: int) -> np.ndarray:
     return self.train.token_counts(vocab_size)
+
+  def local_training_rows(self) -> list[np.ndarray]:
+    """The training token rows of this process's own shards (one array a shard)."""
+    return self.train.local_rows(*self._process)

@@ -170,6 +170,26 @@ class Split:
   def decode(self) -> grain.MapTransform:
     return _DecodeWindow(self.pad_id, self.bos_id)
 
+  def _records(self, shard: int) -> Iterator[bytes]:
+    if not self.rows[shard]:
+      return
+    reader = array_record_module.ArrayRecordReader(self.paths[shard])
+    try:
+      yield from reader.read_all()
+    finally:
+      reader.close()
+
+  def _rows_of(self, shard: int) -> Iterator[dict[str, np.ndarray]]:
+    for record in self._records(shard):
+      yield _decode(record, self.pad_id, self.bos_id)
+
+  def local_rows(self, process_index: int = 0, process_count: int = 1) -> list[np.ndarray]:
+    """The ``[rows, seq_len + 1]`` token rows of this process's shards (those s with
+    s mod ``process_count`` = ``process_index``), one array a shard."""
+    return [np.stack([np.frombuffer(r, "<i4") for r in self._records(s)]).astype(np.int32)
+            if self.rows[s] else np.zeros((0, self.seq_len + 1), np.int32)
+            for s in range(len(self.paths)) if s % process_count == process_index]
+
   def local_batches(self, batch_size: int, process_index: int = 0, process_count: int = 1
                     ) -> Iterator[dict[str, np.ndarray]]:
     """This process's shards' windows, in order, in batches of ``batch_size /
@@ -185,19 +205,8 @@ class Split:
     num_batches = -(-most // per_process)
     pending: list[dict[str, np.ndarray]] = []
     made = 0
-
-    def rows_of(shard: int) -> Iterator[dict[str, np.ndarray]]:
-      if not self.rows[shard]:
-        return
-      reader = array_record_module.ArrayRecordReader(self.paths[shard])
-      try:
-        for record in reader.read_all():
-          yield _decode(record, self.pad_id, self.bos_id)
-      finally:
-        reader.close()
-
     for s in mine:
-      for row in rows_of(s):
+      for row in self._rows_of(s):
         pending.append(row)
         if len(pending) == per_process:
           yield _stack(pending)

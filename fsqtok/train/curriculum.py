@@ -11,8 +11,9 @@ curriculum again only re-reads its reports.
 """
 from __future__ import annotations
 
+import functools
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,7 @@ import numpy as np
 
 from fsqtok.codec import evaluate as evaluate_lib
 from fsqtok.data import corpus as corpus_lib
+from fsqtok.data import hosts
 from fsqtok.data import lm_data
 from fsqtok.data.batches import PieceSet
 from fsqtok.models import embeddings as embeddings_lib
@@ -89,10 +91,11 @@ def head_codes(model_config) -> str:
 
 
 def fuser_ambiguous_ids(config, workdir: str, tok: Tokenizer,
-                        train_texts: Callable[[], Sequence[str]]) -> tuple[int, ...]:
+                        train_data: Callable[[], Any]) -> tuple[int, ...]:
   """The fuser embedding's ambiguous set from the statistics of the training tokens
   (``config.fuser.ambiguity``), computed once and kept in ``WORKDIR/fuser``; () for other
-  embeddings."""
+  embeddings. ``train_data()``: the LM's windows (`lm_windows`); each process counts the
+  token pairs of its own rows, and the counts of all are added up."""
   if config.lm.model.embedding != "fuser":
     return ()
   path = os.path.join(workdir, "fuser", AMBIGUOUS_FILE)
@@ -100,8 +103,10 @@ def fuser_ambiguous_ids(config, workdir: str, tok: Tokenizer,
   if saved is not None:
     return tuple(saved)
   a = config.fuser.ambiguity
-  stream = lm_data.token_stream(tok, train_texts())
-  ids = fuser_train.ambiguous_ids(tok, [stream], corpus_top_k=a.corpus_top_k,
+  mine = fuser_train.next_token_pairs(train_data().local_training_rows(), len(tok),
+                                      pad_id=tok.pad_id)
+  pairs = fuser_train.add_pairs(hosts.all_gather_objects(mine))
+  ids = fuser_train.ambiguous_ids(tok, pairs=pairs, corpus_top_k=a.corpus_top_k,
                                   min_count=a.min_count)
   workdir_lib.makedirs(os.path.dirname(path))
   workdir_lib.write_json(path, list(ids))
@@ -121,29 +126,45 @@ def with_fuser(params, fuser_params):
 
 
 def train_fuser_phase(config, workdir: str, model: lm_lib.TransformerLM, tok: Tokenizer,
-                      texts) -> tuple[dict[str, Any], Any]:
+                      texts, lm_windows_data=None) -> tuple[dict[str, Any], Any]:
   """Trains the LM's fuser embedding on its own (``WORKDIR/fuser``), with the LM's causal
-  spec, vocabulary, width and ambiguous set."""
+  spec, vocabulary, width and ambiguous set, on windows of ``fuser.data.seq_len`` tokens
+  (the LM's own, ``lm_windows_data``, when the lengths agree) read like the LM's
+  (``lm.data.loader``: with ``"grain"`` each process reads its own rows)."""
   fuser_model = fuser_lib.ContextualFuser(model.vocab_size, model.d_model,
                                           model.token_bytes, fuser_lib.lm_spec(model),
                                           model.ambiguous_ids)
+  seq_len = config.fuser.data.seq_len
+  data = (lm_windows_data if lm_windows_data is not None and seq_len == config.lm.data.seq_len
+          else lm_windows(config, workdir, tok, texts, seq_len=seq_len))
   return fuser_train.train_fuser(config, os.path.join(workdir, "fuser"), fuser_model, tok,
-                                 texts)
+                                 data, loader=config.lm.data.get("loader", "epochs"))
 
 
-def lm_windows(config, workdir: str, tok: Tokenizer, texts, pieces=None):
-  """The LM's train and validation windows: in memory (``lm.data.loader="epochs"``), or
-  prepared in ``lm.data.store_dir`` (default ``WORKDIR/lm_data``) by every process for
-  its own shards (``"grain"``, `fsqtok.data.token_store`; a new store whenever the
-  tokenizer, corpus, window length or shard count changes)."""
+def corpus_texts(config):
+  """The corpus's train and validation blocks: in memory, or, when the windows go to a
+  token store (``lm.data.loader="grain"``), streamed (`fsqtok.data.corpus.stream_split`):
+  each process then passes over a ``files:`` corpus on disk and keeps only its own share
+  of it (its blocks to count, its shards to tokenize), never the whole text."""
+  return corpus_lib.load_split(config.data, stream=config.lm.data.get("loader") == "grain")
+
+
+def lm_windows(config, workdir: str, tok: Tokenizer, texts, pieces=None,
+               seq_len: int | None = None):
+  """The LM's train and validation windows (of ``lm.data.seq_len`` tokens, or
+  ``seq_len``): in memory (``lm.data.loader="epochs"``), or prepared in
+  ``lm.data.store_dir`` (default ``WORKDIR/lm_data``) by every process for its own shards
+  (``"grain"``, `fsqtok.data.token_store`; a new store whenever the tokenizer, corpus,
+  window length or shard count changes)."""
   d = config.lm.data
+  seq_len = seq_len or d.seq_len
   if d.get("loader", "epochs") != "grain":
-    return lm_data.LMData(tok, texts, d.seq_len, pieces)
+    return lm_data.LMData(tok, texts, seq_len, pieces)
   from fsqtok.data import token_store  # pylint: disable=g-import-not-at-top
   directory = token_store.store_dir(
       d.get("store_dir") or os.path.join(workdir, "lm_data"), data=config.data.to_dict(),
-      seq_len=d.seq_len, shards=d.shards, tokenizer=tok.fingerprint())
-  return lm_data.StoredLMData(directory, tok, texts, d.seq_len, num_shards=d.shards,
+      seq_len=seq_len, shards=d.shards, tokenizer=tok.fingerprint())
+  return lm_data.StoredLMData(directory, tok, texts, seq_len, num_shards=d.shards,
                               pieces=pieces, progress=config.lm.train.progress_bar)
 
 
@@ -152,12 +173,9 @@ def load_lm(config, workdir: str):
   if it ran, else the lm phase's)."""
   tok = Tokenizer.load(os.path.join(workdir, "vocab"))
   codec, _ = recon.load_trained_codec(tokenizer_build.codec_config(config), workdir)
-  counts = None
-  if _needs_counts(config.lm.model):
-    counts = lm_windows(config, workdir, tok, corpus_lib.load_split(config.data)
-                        ).token_counts(len(tok))
-  model = build_lm(config, tok, codec, counts,
-                   fuser_ambiguous_ids(config, workdir, tok, lambda: corpus_lib.load_split(config.data)[0]))
+  data = functools.cache(lambda: lm_windows(config, workdir, tok, corpus_texts(config)))
+  counts = data().token_counts(len(tok)) if _needs_counts(config.lm.model) else None
+  model = build_lm(config, tok, codec, counts, fuser_ambiguous_ids(config, workdir, tok, data))
   phase = "joint" if workdir_lib.exists(os.path.join(workdir, "joint", train_loop.REPORT)) else "lm"
   init = lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
   return tok, model, lm_train.load_phase_params(os.path.join(workdir, phase), init)
@@ -247,7 +265,7 @@ def _check_config(config) -> None:
 @workdir_lib.exclusive_workdir
 def run_curriculum(config, workdir: str) -> dict[str, Any]:
   validate_config(config)
-  texts = corpus_lib.load_split(config.data)
+  texts = corpus_texts(config)
   report: dict[str, Any] = {"source": config.data.source, "invalid_utf8":
                             corpus_lib.invalid_utf8_counts(
                                 config.data.source, config.data.get("invalid_utf8", "error"))}
@@ -265,10 +283,10 @@ def run_curriculum(config, workdir: str) -> dict[str, Any]:
     codec_params = saved
   data = lm_windows(config, workdir, tok, texts, pieces)
   model = build_lm(config, tok, codec, data.token_counts(len(tok)),
-                   fuser_ambiguous_ids(config, workdir, tok, lambda: texts[0]))
+                   fuser_ambiguous_ids(config, workdir, tok, lambda: data))
   fuser_params = None
   if model.embedding == "fuser" and config.fuser.train.num_steps:
-    report["fuser"], fuser_params = train_fuser_phase(config, workdir, model, tok, texts[0])
+    report["fuser"], fuser_params = train_fuser_phase(config, workdir, model, tok, texts, data)
 
   def fresh_params():
     params = model.init(jax.random.PRNGKey(config.seed),

@@ -1,6 +1,7 @@
 """Training the contextual fuser: masked-LM + InfoNCE + drift penalty, one pure step.
 
-Per step, on a batch of token windows ``ids_BxT``:
+Per step, on a batch of token windows (``inputs`` ``[B, T]`` and ``valid``, the LM's
+windows of `fsqtok.data.lm_data`, so the fuser reads the same loaders and token store):
 
 * **masked LM**: `fsqtok.models.masking.mask_tokens` (80/10/10) corrupts the ids; the fuser's
   vectors of the corrupted sequence predict the original ids at the chosen positions
@@ -34,7 +35,6 @@ from flax import struct
 from flax.training import train_state
 
 from fsqtok.data import lm_data
-from fsqtok.data.batches import EpochBatcher
 from fsqtok.models import fuser as fuser_lib
 from fsqtok.models import masking
 from fsqtok.tokenizer import pieces as pieces_lib
@@ -96,7 +96,7 @@ def _sample_positions(rng, ok_N, k: int):
 
 def losses(params, state: FuserState, batch, rng, c: StepConfig, spec: fuser_lib.FuserSpec):
   """The total loss and its parts (and the per-token means for the EMA update)."""
-  ids, valid = batch["ids"], batch["valid"].astype(bool)
+  ids, valid = batch["inputs"], batch["valid"].astype(bool)
   b, t = ids.shape
   model_apply = state.apply_fn
   mask_rng, nce_rng, perm_rng, doc_rng = jax.random.split(rng, 4)
@@ -171,7 +171,7 @@ def train_step(state: FuserState, batch, rng, c: StepConfig, spec: fuser_lib.Fus
 
 def make_step(model: fuser_lib.ContextualFuser, c: StepConfig, mesh=None, donate: bool = True,
               state_sh=None):
-  """The jitted step over ``{"ids", "valid"}`` batches; on ``mesh`` the batch is split
+  """The jitted step over ``{"inputs", "valid"}`` batches; on ``mesh`` the batch is split
   along ``data`` and the state placed by ``state_sh`` (`fsqtok.train.sharding.state_shardings`;
   None: replicated)."""
   step = functools.partial(train_step, c=c, spec=model.spec)
@@ -197,13 +197,43 @@ def counted_tokenizer(texts: Sequence[str], size: int, max_piece_bytes: int = 16
   return Tokenizer([p for p, _ in counts.most_common(learned)], max_piece_bytes=max_piece_bytes)
 
 
-def ambiguous_ids(tok, streams: Sequence[np.ndarray], *, corpus_top_k: int, min_count: int,
+def next_token_pairs(rows: Sequence[np.ndarray], vocab_size: int, pad_id: int | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  """How often each id is followed by each other in ``rows`` (token streams, or windows
+  of ``seq_len + 1`` tokens, whose pairs are those of their stream): the pairs as
+  ``left * vocab_size + right`` (sorted, int64) and their counts. A pair with
+  ``pad_id`` is no pair."""
+  uniq, counts = [], []
+  for row in rows:
+    row = np.asarray(row, np.int64)
+    pair = row[..., :-1] * vocab_size + row[..., 1:]
+    if pad_id is not None:
+      pair = pair[(row[..., :-1] != pad_id) & (row[..., 1:] != pad_id)]
+    u, n = np.unique(pair, return_counts=True)
+    uniq.append(u)
+    counts.append(n)
+  return add_pairs(list(zip(uniq, counts)))
+
+
+def add_pairs(parts: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+  """Pair counts (`next_token_pairs`) of several parts added up (e.g. of every process)."""
+  if not parts:
+    return np.zeros(0, np.int64), np.zeros(0, np.int64)
+  pairs = np.concatenate([np.asarray(p, np.int64) for p, _ in parts])
+  uniq, where = np.unique(pairs, return_inverse=True)
+  counts = np.bincount(where, weights=np.concatenate([n for _, n in parts]),
+                       minlength=uniq.size)
+  return uniq, counts.astype(np.int64)
+
+
+def ambiguous_ids(tok, streams: Sequence[np.ndarray] = (), *, corpus_top_k: int,
+                  min_count: int, pairs: tuple[np.ndarray, np.ndarray] | None = None,
                   sense_counts: dict[str, int] | None = None, min_senses: int = 3
                   ) -> tuple[int, ...]:
   """The precomputed ambiguous set: ``[MASK]``; tokens that are WordNet lemmas with at
   least ``min_senses`` senses (``sense_counts``); and the ``corpus_top_k`` tokens (seen
   ``min_count`` times) whose neighbours are most varied (entropy of the next-token
-  distribution)."""
+  distribution, from the token ``streams`` or their `next_token_pairs` ``pairs``)."""
   out = {tok.token_to_id("[MASK]")}
   first = len(tok.special_tokens)
   if sense_counts:
@@ -212,9 +242,7 @@ def ambiguous_ids(tok, streams: Sequence[np.ndarray], *, corpus_top_k: int, min_
       if sense_counts.get(word, 0) >= min_senses:
         out.add(i)
   if corpus_top_k:
-    stream = np.concatenate([np.asarray(s) for s in streams])
-    pair = stream[:-1].astype(np.int64) * len(tok) + stream[1:]
-    uniq, n = np.unique(pair, return_counts=True)
+    uniq, n = next_token_pairs(streams, len(tok)) if pairs is None else pairs
     left = uniq // len(tok)
     totals = np.bincount(left, weights=n, minlength=len(tok))
     p = n / totals[left]
@@ -235,10 +263,12 @@ def model_from_config(config, tok, ambiguous: Sequence[int] = ()) -> fuser_lib.C
 # ---- the training loop ------------------------------------------------------------------
 
 @workdir_lib.exclusive_workdir
-def train_fuser(config, workdir: str, model: fuser_lib.ContextualFuser, tok,
-                train_texts: Sequence[str]) -> tuple[dict[str, Any], Any]:
-  """Trains (or resumes, or finds finished) the fuser under ``workdir``; returns the
-  report and the parameters."""
+def train_fuser(config, workdir: str, model: fuser_lib.ContextualFuser, tok, data, *,
+                loader: str = "epochs") -> tuple[dict[str, Any], Any]:
+  """Trains (or resumes, or finds finished) the fuser under ``workdir`` on the training
+  windows of ``data`` (`fsqtok.data.lm_data.LMData` or, with ``loader="grain"``, its
+  per-process store `StoredLMData`, of ``fuser.data.seq_len`` tokens); returns the report
+  and the parameters."""
   f = config.fuser
   t = f.train
   workdir_lib.makedirs(workdir)
@@ -253,16 +283,11 @@ def train_fuser(config, workdir: str, model: fuser_lib.ContextualFuser, tok,
       abstract.params, state_sh.params))
   if done is not None:  # nothing to do
     return done
-  data = lm_data.windows(lm_data.token_stream(tok, train_texts), f.data.seq_len,
-                         tok.pad_id, tok.bos_id)
-  batcher = EpochBatcher({"ids": data["inputs"], "valid": data["valid"]},
-                         np.arange(data["inputs"].shape[0]), f.data.batch_size,
-                         seed=config.seed, what="windows of training text (lower "
-                                                "fuser.data.batch_size or seq_len)")
+  batcher = data.train_batches(f.data.batch_size, seed=config.seed, loader=loader,
+                               field="fuser.data")
   result = train_loop.run(
       "fuser", make_step(model, step_config(f.loss, tok), mesh, state_sh=state_sh), init,
-      batcher,
-      train_loop.LoopConfig.from_config(t),
+      batcher, train_loop.LoopConfig.from_config(t),
       rng=jax.random.PRNGKey(config.seed + 1), directory=workdir, mesh=mesh,
       state_shardings=state_sh, nan_hint="lower fuser.optim.learning_rate")
   history = workdir_lib.MetricsLog.read(os.path.join(workdir, train_loop.METRICS))
