@@ -152,7 +152,12 @@ def _fuser(out_dir: str, save_as: str, data) -> dict[str, np.ndarray]:
   workdir = os.path.join(out_dir, f"fuser_{save_as}")
   report, params = fuser_train.train_fuser(config, workdir, model, tok, data, loader="grain")
   flat = traverse_util.flatten_dict(sharding_lib.to_host(params), sep="/")
+  # the windows in memory (every process holds all): each counts its share of the rows
+  memory = lm_data.LMData(tok, STORE_TEXTS, 16).local_training_rows()
+  in_memory = fuser_train.add_pairs(hosts.all_gather_objects(
+      fuser_train.next_token_pairs(memory, len(tok), pad_id=tok.pad_id)))
   return {"fuser/pairs": pairs[0], "fuser/pair_counts": pairs[1],
+          "fuser/memory_pairs": in_memory[0], "fuser/memory_pair_counts": in_memory[1],
           "fuser/ambiguous": np.array(ambiguous),
           "fuser/mlm_loss": np.array([report["first"]["mlm_loss"], report["final"]["mlm_loss"]]),
           **{f"fuser/params/{k}": np.asarray(v) for k, v in flat.items()}}

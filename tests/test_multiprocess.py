@@ -100,7 +100,8 @@ def test_two_processes_of_four_devices_equal_one_of_eight(tmp_path):
   np.testing.assert_allclose(multi["store/eval"][0], single["store/eval"][0], rtol=1e-5)
   # The fuser phase on the store: the token pairs each process counted in its shards
   # add up to one process's, so the ambiguous set is the same; so are its steps.
-  for key in ("fuser/pairs", "fuser/pair_counts", "fuser/ambiguous"):
+  for key in ("fuser/pairs", "fuser/pair_counts", "fuser/ambiguous", "fuser/memory_pairs",
+              "fuser/memory_pair_counts"):
     np.testing.assert_array_equal(multi[key], single[key])
   assert len(single["fuser/ambiguous"]) > 1
   assert single["fuser/mlm_loss"][1] < single["fuser/mlm_loss"][0]

@@ -120,8 +120,10 @@ class LMData:
     return np.bincount(targets, minlength=vocab_size)
 
   def local_training_rows(self) -> list[np.ndarray]:
-    """The training token rows this process holds (all of them: they are in memory)."""
-    return [training_rows(self.train)]
+    """This process's share of the training token rows (row i to process i mod
+    processes; all of them with one): the processes together hold each row once."""
+    import jax  # pylint: disable=g-import-not-at-top
+    return [training_rows(self.train)[jax.process_index()::jax.process_count()]]
 
 
 class StoredLMData:
