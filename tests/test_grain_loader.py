@@ -66,6 +66,8 @@ def test_the_position_restores_exactly_and_a_different_source_is_refused():
     other.set_state(saved)
   with pytest.raises(ValueError, match="not a whole number of batches of 8"):
     _loader(batch_size=8).set_state(saved)
+  with pytest.raises(ValueError, match="older Grain loader"):  # a sampler's state
+    _loader().set_state({"last_seen_indices": {"0": 19}, "last_worker_index": -1})
 
 
 def test_bad_batch_sizes_and_loaders_name_the_fix():

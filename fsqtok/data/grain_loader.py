@@ -101,8 +101,13 @@ class GrainBatches:
     return {"rows_drawn": self._drawn, "source": self._source_name}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    if state.get("source") != self._source_name or "rows_drawn" not in state:
-      raise ValueError(f"The saved data position is for {state.get('source', state)!r}, "
+    if "rows_drawn" not in state:
+      raise ValueError("The saved data position was written by an older Grain loader of "
+                       "fsqtok (a per-process sampler state, not the rows drawn by all "
+                       "processes): resume with the fsqtok that wrote it, or start a new "
+                       "work directory.")
+    if state.get("source") != self._source_name:
+      raise ValueError(f"The saved data position is for {state.get('source')!r}, "
                        f"which does not match this loader's {self._source_name}: resume "
                        f"with the same data (corpus, tokenizer, window length, shards) or "
                        f"start a new work directory.")
