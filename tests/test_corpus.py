@@ -204,6 +204,15 @@ def test_tfds_source_reads_a_registered_dataset(tmp_path):
   assert corpus.load_documents("tfds:local_tiny_text:test", data_dir=str(tmp_path)) == ["omega"]
   with pytest.raises(ValueError, match="no feature 'body'"):
     corpus.load_documents("tfds:local_tiny_text", data_dir=str(tmp_path), text_key="body")
+  # streamed a document at a time: the blocks of the split of the documents loaded whole
+  kw = dict(val_fraction=0.3, seed=1, block_chars=4)
+  train, val = corpus.stream_split("tfds:local_tiny_text", data_dir=str(tmp_path), **kw)
+  want = corpus.split_documents(docs, **kw)
+  assert isinstance(train, corpus.BlockStream)
+  assert train.chars + val.chars == sum(map(len, docs)) and train.chars and val.chars
+  assert (list(train), list(val)) == want and list(train) == want[0]  # read again
+  with pytest.raises(ValueError, match="TFDS does not know"):
+    corpus.stream_split("tfds:surely_not_a_dataset_xyz", data_dir=str(tmp_path), **kw)
 
 
 @pytest.mark.parametrize("spec, error, message", [

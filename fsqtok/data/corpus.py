@@ -10,8 +10,9 @@ Sources are looked up by scheme in `SOURCES`:
 * ``tfds:NAME[:SPLIT]`` -- any TensorFlow Datasets text set (default split ``train``).
 
 `split_documents` loads a corpus whole; `stream_split` gives the same blocks as
-re-iterable `BlockStream`s that read ``files:`` corpora from disk a few MB at a time, so
-the tokenizer build's memory does not grow with the corpus.
+re-iterable `BlockStream`s that read ``files:`` corpora from disk a few MB at a time and
+``tfds:`` ones a document at a time, so the tokenizer build's (and, with the Grain
+loader, every host's) memory does not grow with the corpus.
 
 Bytes of a ``files:`` corpus that are not UTF-8 follow ``invalid_utf8`` (`INVALID_UTF8`):
 ``"error"`` (the default: stop, naming the file and byte), ``"replace"`` (each bad
@@ -134,26 +135,35 @@ def _load_files(pattern: str, *, data_dir: str | None, text_key: str,
   return [text for _, text in records]  # in path order, not the storage's order
 
 
-def _load_tfds(arg: str, *, data_dir: str | None, text_key: str,
-               invalid_utf8: str) -> list[str]:
-  del invalid_utf8  # TFDS text features are decoded by TFDS
+def _tfds_source(arg: str, data_dir: str | None):
+  """The random-access TFDS source of ``tfds:NAME[:SPLIT]``."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   name, _, split = arg.partition(":")
   if not name:
     raise ValueError("'tfds:' needs a dataset name, e.g. tfds:tiny_shakespeare")
   try:
-    source = tfds.data_source(name, split=split or "train", data_dir=data_dir)
+    return tfds.data_source(name, split=split or "train", data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
     raise ValueError(
         f"TFDS does not know the dataset {name!r}. Check the name in the TFDS catalog "
         f"(https://www.tensorflow.org/datasets/catalog), e.g. tfds:tiny_shakespeare.") from e
-  if len(source) == 0:
-    return []
-  first = source[0]
-  if text_key not in first:
-    raise ValueError(f"tfds:{name} has no feature {text_key!r} (it has {sorted(first)}); "
-                     f"set config.data.text_key to the text feature.")
-  return [_as_text(source[i][text_key]) for i in range(len(source))]
+
+
+def _tfds_documents(arg: str, *, data_dir: str | None, text_key: str) -> Iterator[str]:
+  """The documents of ``tfds:NAME[:SPLIT]``, read one at a time."""
+  source = _tfds_source(arg, data_dir)
+  for i in range(len(source)):
+    record = source[i]
+    if i == 0 and text_key not in record:
+      raise ValueError(f"tfds:{arg.partition(':')[0]} has no feature {text_key!r} (it has "
+                       f"{sorted(record)}); set config.data.text_key to the text feature.")
+    yield _as_text(record[text_key])
+
+
+def _load_tfds(arg: str, *, data_dir: str | None, text_key: str,
+               invalid_utf8: str) -> list[str]:
+  del invalid_utf8  # TFDS text features are decoded by TFDS
+  return list(_tfds_documents(arg, data_dir=data_dir, text_key=text_key))
 
 
 def _as_text(value) -> str:
@@ -361,9 +371,22 @@ def stream_split(spec: str, *, data_dir: str | None = None, text_key: str = "tex
                  val_fraction: float, seed: int, block_chars: int,
                  invalid_utf8: str = "error") -> tuple[BlockStream, BlockStream]:
   """The train and validation blocks of `split_documents` for the corpus ``spec``, as
-  `BlockStream`s: ``files:`` corpora are read block by block from disk on each pass
-  (bounded memory at any size), other sources are loaded once and held."""
+  `BlockStream`s read anew on each pass, so their memory does not grow with the corpus:
+  ``files:`` corpora block by block from disk, ``tfds:`` ones a document at a time from
+  their random-access source; ``builtin`` is loaded once and held."""
   scheme, _, arg = spec.partition(":")
+  if not 0.0 <= val_fraction < 1.0:
+    raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+  if scheme == "tfds":
+    _tfds_source(arg, data_dir)  # a bad name or split fails here, not on the first pass
+
+    def tfds_side(is_val: bool) -> Iterator[str]:
+      for doc in _tfds_documents(arg, data_dir=data_dir, text_key=text_key):
+        for block in split_blocks(doc, block_chars):
+          if (_unit_hash(block, str(seed)) < val_fraction) == is_val:
+            yield block
+
+    return BlockStream(lambda: tfds_side(False)), BlockStream(lambda: tfds_side(True))
   if scheme != "files":
     train, val = split_documents(load_documents(spec, data_dir=data_dir, text_key=text_key,
                                                 invalid_utf8=invalid_utf8),
@@ -371,8 +394,6 @@ def stream_split(spec: str, *, data_dir: str | None = None, text_key: str = "tex
     return BlockStream(lambda: train), BlockStream(lambda: val)
   if not arg:
     raise ValueError("'files:' needs a glob, e.g. files:data/*.txt")
-  if not 0.0 <= val_fraction < 1.0:
-    raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
   from fsqtok.data import files_dataset  # pylint: disable=g-import-not-at-top
   paths = files_dataset.resolve_glob(arg)
 

@@ -144,8 +144,8 @@ def train_fuser_phase(config, workdir: str, model: lm_lib.TransformerLM, tok: To
 def corpus_texts(config):
   """The corpus's train and validation blocks: in memory, or, when the windows go to a
   token store (``lm.data.loader="grain"``), streamed (`fsqtok.data.corpus.stream_split`):
-  each process then passes over a ``files:`` corpus on disk and keeps only its own share
-  of it (its blocks to count, its shards to tokenize), never the whole text."""
+  each process then passes over a ``files:`` or ``tfds:`` corpus and keeps only its own
+  share of it (its blocks to count, its shards to tokenize), never the whole text."""
   return corpus_lib.load_split(config.data, stream=config.lm.data.get("loader") == "grain")
 
 
