@@ -34,6 +34,15 @@ def test_bench_loop_overhead_prints_a_table():
   assert "| noop | 1024 |" in out and "| codec recon:tiny | 32 |" in out
 
 
+def test_bench_lm_loaders_prints_a_table(tmp_path):
+  out = _run("bench_lm_loaders.py", "--docs=100", "--batches=3", "--batch_size=4",
+             "--seq_len=16", "--threads=0,2", f"--json_out={tmp_path / 'loaders.json'}")
+  assert "| epochs |" in out and "| grain, store, 2 threads |" in out
+  saved = json.loads((tmp_path / "loaders.json").read_text())
+  assert set(saved["seconds_per_batch"]) == {"epochs", "grain, store, 0 threads",
+                                              "grain, store, 2 threads"}
+
+
 def test_compile_full_compiles_sharded_steps_for_a_pod(tmp_path):
   out = _run("compile_full.py", "--config_arg=tiny", "--devices=4", "--phases=joint",
              "--shardings=fsdp_tp2", "--run_steps=2", f"--json_out={tmp_path / 'rows.json'}")

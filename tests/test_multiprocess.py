@@ -168,8 +168,9 @@ def _grain_batches(index, count):
 
 def _store_batches(split, index, count):
   loader = grain_loader.GrainBatches(split.source(), 8, seed=0, name="LM windows",
-                                     operations=[split.decode()], shard_index=index,
-                                     shard_count=count)
+                                     operations=[split.record_row()],
+                                     batch_operations=[split.rows_to_windows()],
+                                     shard_index=index, shard_count=count)
   return [next(loader)["inputs"] for _ in range(2)]
 
 

@@ -35,8 +35,10 @@ def _open(directory, split="train"):
 
 
 def _all_windows(split):
-  source, decode = split.source(), split.decode()
-  return [decode.map(source[i]) for i in range(len(source))]
+  source = split.source()
+  rows = np.stack([split.record_row().map(source[i]) for i in range(len(source))])
+  windows = split.rows_to_windows().map(rows)
+  return [{k: v[i] for k, v in windows.items()} for i in range(len(rows))]
 
 
 def test_shards_hold_the_windows_of_their_blocks_with_their_bytes_and_counts(tmp_path):
@@ -86,7 +88,8 @@ def test_grain_draws_training_windows_from_the_store_and_resumes(tmp_path):
   _prepare(tmp_path)
   split = _open(tmp_path)
   make = lambda: grain_loader.GrainBatches(split.source(), 4, seed=0, name="windows",
-                                           operations=[split.decode()])
+                                           operations=[split.record_row()],
+                                           batch_operations=[split.rows_to_windows()])
   loader = make()
   first = [next(loader) for _ in range(3)]
   assert first[0]["inputs"].shape == (4, SEQ_LEN) and first[0]["weights"].dtype == np.float32

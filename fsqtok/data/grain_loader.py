@@ -27,6 +27,9 @@ import numpy as np
 from fsqtok.train import sharding as sharding_lib
 
 
+READ_THREADS = 2  # threads reading batches of records ahead while the step runs
+
+
 class ArraySource:
   """Rows of named arrays as a Grain data source (``repr`` names them and their
   contents, so a restored position is checked against the same data)."""
@@ -56,12 +59,16 @@ class GrainBatches:
   mesh as this process's slice of the global batch."""
 
   def __init__(self, source, batch_size: int, *, seed: int, name: str,
-               operations: Sequence[grain.MapTransform] = (), shard_index: int | None = None,
-               shard_count: int | None = None):
+               operations: Sequence[grain.MapTransform] = (),
+               batch_operations: Sequence[grain.MapTransform] = (),
+               shard_index: int | None = None, shard_count: int | None = None,
+               read_threads: int | None = None):
     """``source``: named arrays (rows along axis 0) or a Grain random-access source (with
-    ``operations`` that make its records rows, e.g. `fsqtok.data.token_store`'s);
+    ``operations`` on each record and ``batch_operations`` on each batch of them that
+    make its records rows, e.g. `fsqtok.data.token_store`'s);
     ``batch_size``: the global batch; ``shard_index``/``shard_count``: this process and
-    the number of processes (default: JAX's)."""
+    the number of processes (default: JAX's); ``read_threads``: threads that read batches
+    ahead (default: none for arrays in memory, `READ_THREADS` for a source on disk)."""
     count = jax.process_count() if shard_count is None else shard_count
     index = jax.process_index() if shard_index is None else shard_index
     if batch_size % count:
@@ -77,16 +84,21 @@ class GrainBatches:
     self._rows = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
     for op in operations:
       self._rows = self._rows.map(op)
+    self._batch_operations = tuple(batch_operations)
     self._batch_size, self._index, self._count = batch_size, index, count
-    # rows in memory are read in this thread; records on disk by a few threads ahead
-    self._read = grain.ReadOptions(num_threads=0 if in_memory else 4,
-                                   prefetch_buffer_size=0 if in_memory else 8)
+    if read_threads is None:
+      read_threads = 0 if in_memory else READ_THREADS
+    self._read = grain.ReadOptions(num_threads=read_threads,
+                                   prefetch_buffer_size=2 * read_threads)
     self._start(0)
 
   def _start(self, drawn: int) -> None:
     """Draw on from global row ``drawn`` (a whole number of global batches)."""
     parts = self._rows[drawn:].batch(self._batch_size // self._count, drop_remainder=True)
-    self._iterator = iter(parts[self._index::self._count].to_iter_dataset(self._read))
+    mine = parts[self._index::self._count]
+    for op in self._batch_operations:
+      mine = mine.map(op)
+    self._iterator = iter(mine.to_iter_dataset(self._read))
     self._drawn = drawn
 
   def __iter__(self):

@@ -159,7 +159,8 @@ class StoredLMData:
     from fsqtok.data import grain_loader  # pylint: disable=g-import-not-at-top
     return grain_loader.GrainBatches(self.train.source(), batch_size, seed=seed,
                                      name=f"windows of {field}",
-                                     operations=[self.train.decode()])
+                                     operations=[self.train.record_row()],
+                                     batch_operations=[self.train.rows_to_windows()])
 
   def val_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     return self.val.local_batches(batch_size, *self._process)

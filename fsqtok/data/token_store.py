@@ -15,7 +15,8 @@ records, so a shard without it (a run stopped while preparing) is made again.
 
 ``DIR`` is named by a digest of what the windows are made from (`store_dir`), so a
 changed tokenizer, corpus or window length prepares a fresh store. Training draws
-windows through Grain (`fsqtok.data.grain_loader.GrainBatches` over `Split.source`), each
+windows through Grain (`fsqtok.data.grain_loader.GrainBatches` over `Split.source`, a
+batch of records read as token rows and made windows at once), each
 process its own rows, the position saved in the checkpoint; evaluation reads each
 process's own shards (`Split.local_batches`). The store lives on a filesystem every
 process sees (a local disk for one host; NFS, Lustre or a gcsfuse mount on a pod).
@@ -125,21 +126,31 @@ def _progress(total: int, what: str, enabled: bool):
   return tqdm.tqdm(total=total, desc=what, disable=not enabled or total < 2, leave=False)
 
 
-def _decode(record: bytes, pad_id: int, bos_id: int) -> dict[str, np.ndarray]:
-  row = np.frombuffer(record, "<i4").astype(np.int32)
-  targets = row[1:]
-  return {"inputs": row[:-1], "targets": targets,
+def _record_row(record: bytes) -> np.ndarray:
+  return np.frombuffer(record, "<i4").astype(np.int32)
+
+
+def windows_of(rows_NxL: np.ndarray, pad_id: int, bos_id: int) -> dict[str, np.ndarray]:
+  """Token rows ``[N, seq_len + 1]`` as `lm_data.windows`' fields (all rows at once)."""
+  targets = rows_NxL[:, 1:]
+  return {"inputs": rows_NxL[:, :-1], "targets": targets,
           "weights": ((targets != pad_id) & (targets != bos_id)).astype(np.float32),
-          "valid": row[:-1] != pad_id}
+          "valid": rows_NxL[:, :-1] != pad_id}
 
 
-class _DecodeWindow(grain.MapTransform):
+class _RecordRow(grain.MapTransform):
+
+  def map(self, element: bytes) -> np.ndarray:
+    return _record_row(element)
+
+
+class _RowsToWindows(grain.MapTransform):
 
   def __init__(self, pad_id: int, bos_id: int):
     self.pad_id, self.bos_id = pad_id, bos_id
 
-  def map(self, element: bytes) -> dict[str, np.ndarray]:
-    return _decode(element, self.pad_id, self.bos_id)
+  def map(self, element: np.ndarray) -> dict[str, np.ndarray]:
+    return windows_of(element, self.pad_id, self.bos_id)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,11 +175,17 @@ class Split:
 
   def source(self) -> grain.ArrayRecordDataSource:
     """Every window of the split as one random-access Grain source (records: bytes;
-    `decode` makes them windows)."""
+    `record_row` makes each its tokens, `rows_to_windows` a batch of them windows)."""
     return grain.ArrayRecordDataSource(list(self.paths))
 
-  def decode(self) -> grain.MapTransform:
-    return _DecodeWindow(self.pad_id, self.bos_id)
+  @staticmethod
+  def record_row() -> grain.MapTransform:
+    """A record -> its ``seq_len + 1`` tokens."""
+    return _RecordRow()
+
+  def rows_to_windows(self) -> grain.MapTransform:
+    """A batch of token rows -> windows (`windows_of`: vectorized over the batch)."""
+    return _RowsToWindows(self.pad_id, self.bos_id)
 
   def _records(self, shard: int) -> Iterator[bytes]:
     if not self.rows[shard]:
@@ -179,14 +196,10 @@ class Split:
     finally:
       reader.close()
 
-  def _rows_of(self, shard: int) -> Iterator[dict[str, np.ndarray]]:
-    for record in self._records(shard):
-      yield _decode(record, self.pad_id, self.bos_id)
-
   def local_rows(self, process_index: int = 0, process_count: int = 1) -> list[np.ndarray]:
     """The ``[rows, seq_len + 1]`` token rows of this process's shards (those s with
     s mod ``process_count`` = ``process_index``), one array a shard."""
-    return [np.stack([np.frombuffer(r, "<i4") for r in self._records(s)]).astype(np.int32)
+    return [np.stack([_record_row(r) for r in self._records(s)])
             if self.rows[s] else np.zeros((0, self.seq_len + 1), np.int32)
             for s in range(len(self.paths)) if s % process_count == process_index]
 
@@ -203,27 +216,19 @@ class Split:
     most = max(sum(self.rows[s] for s in range(len(self.paths)) if s % process_count == p)
                for p in range(process_count))
     num_batches = -(-most // per_process)
-    pending: list[dict[str, np.ndarray]] = []
+    padding = np.full(self.seq_len + 1, self.pad_id, np.int32)  # a row of no tokens
+    pending: list[np.ndarray] = []
     made = 0
     for s in mine:
-      for row in self._rows_of(s):
-        pending.append(row)
+      for record in self._records(s):
+        pending.append(_record_row(record))
         if len(pending) == per_process:
-          yield _stack(pending)
+          yield windows_of(np.stack(pending), self.pad_id, self.bos_id)
           pending, made = [], made + 1
     while made < num_batches:
-      pending += [_padding_row(self.seq_len)] * (per_process - len(pending))
-      yield _stack(pending)
+      pending += [padding] * (per_process - len(pending))
+      yield windows_of(np.stack(pending), self.pad_id, self.bos_id)
       pending, made = [], made + 1
-
-
-def _padding_row(seq_len: int) -> dict[str, np.ndarray]:
-  return {"inputs": np.zeros(seq_len, np.int32), "targets": np.zeros(seq_len, np.int32),
-          "weights": np.zeros(seq_len, np.float32), "valid": np.zeros(seq_len, bool)}
-
-
-def _stack(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
 def open_split(directory: str, split: str, num_shards: int, *, pad_id: int, bos_id: int
