@@ -197,8 +197,8 @@ def load_split(data_config, *, stream: bool = False
                ) -> tuple[list[str], list[str]] | tuple[BlockStream, BlockStream]:
   """Train and validation texts of a ``config.data`` (its source, split fraction, seed,
   block size and text policy): `load_documents` then `split_documents`; with ``stream``,
-  the same blocks as `stream_split`'s `BlockStream`s (a ``files:`` corpus is read from
-  disk on each pass and never held whole)."""
+  the same blocks as `stream_split`'s `BlockStream`s (a ``files:`` or ``tfds:`` corpus is
+  read anew on each pass and never held whole)."""
   d = data_config
   if stream:
     return stream_split(d.source, data_dir=d.tfds_data_dir or None, text_key=d.text_key,
@@ -377,16 +377,16 @@ def stream_split(spec: str, *, data_dir: str | None = None, text_key: str = "tex
   scheme, _, arg = spec.partition(":")
   if not 0.0 <= val_fraction < 1.0:
     raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+
+  def side(blocks: Callable[[], Iterator[str]], is_val: bool) -> BlockStream:
+    return BlockStream(lambda: (b for b in blocks()
+                                if (_unit_hash(b, str(seed)) < val_fraction) == is_val))
+
   if scheme == "tfds":
     _tfds_source(arg, data_dir)  # a bad name or split fails here, not on the first pass
-
-    def tfds_side(is_val: bool) -> Iterator[str]:
-      for doc in _tfds_documents(arg, data_dir=data_dir, text_key=text_key):
-        for block in split_blocks(doc, block_chars):
-          if (_unit_hash(block, str(seed)) < val_fraction) == is_val:
-            yield block
-
-    return BlockStream(lambda: tfds_side(False)), BlockStream(lambda: tfds_side(True))
+    docs = lambda: _tfds_documents(arg, data_dir=data_dir, text_key=text_key)
+    blocks = lambda: (b for doc in docs() for b in split_blocks(doc, block_chars))
+    return side(blocks, False), side(blocks, True)
   if scheme != "files":
     train, val = split_documents(load_documents(spec, data_dir=data_dir, text_key=text_key,
                                                 invalid_utf8=invalid_utf8),
@@ -396,14 +396,8 @@ def stream_split(spec: str, *, data_dir: str | None = None, text_key: str = "tex
     raise ValueError("'files:' needs a glob, e.g. files:data/*.txt")
   from fsqtok.data import files_dataset  # pylint: disable=g-import-not-at-top
   paths = files_dataset.resolve_glob(arg)
-
-  def side(is_val: bool) -> Iterator[str]:
-    for path in paths:
-      for block in read_blocks(path, block_chars, invalid_utf8):
-        if (_unit_hash(block, str(seed)) < val_fraction) == is_val:
-          yield block
-
-  return BlockStream(lambda: side(False)), BlockStream(lambda: side(True))
+  blocks = lambda: (b for path in paths for b in read_blocks(path, block_chars, invalid_utf8))
+  return side(blocks, False), side(blocks, True)
 
 
 def invalid_utf8_counts(spec: str, invalid_utf8: str) -> dict[str, int | str]:

@@ -63,10 +63,9 @@ class GrainBatches:
                batch_operations: Sequence[grain.MapTransform] = (),
                shard_index: int | None = None, shard_count: int | None = None,
                read_threads: int | None = None):
-    """``source``: named arrays (rows along axis 0) or a Grain random-access source (with
-    ``operations`` on each record and ``batch_operations`` on each batch of them that
-    make its records rows, e.g. `fsqtok.data.token_store`'s);
-    ``batch_size``: the global batch; ``shard_index``/``shard_count``: this process and
+    """``source``: named arrays (rows along axis 0) or a Grain random-access source whose
+    records ``operations`` map one by one and ``batch_operations`` a batch at a time to
+    named arrays (e.g. `fsqtok.data.token_store`'s); ``batch_size``: the global batch; ``shard_index``/``shard_count``: this process and
     the number of processes (default: JAX's); ``read_threads``: threads that read batches
     ahead (default: none for arrays in memory, `READ_THREADS` for a source on disk)."""
     count = jax.process_count() if shard_count is None else shard_count
