@@ -27,9 +27,6 @@ import numpy as np
 from fsqtok.train import sharding as sharding_lib
 
 
-READ_THREADS = 2  # threads reading batches of records ahead while the step runs
-
-
 class ArraySource:
   """Rows of named arrays as a Grain data source (``repr`` names them and their
   contents, so a restored position is checked against the same data)."""
@@ -62,19 +59,21 @@ class GrainBatches:
                operations: Sequence[grain.MapTransform] = (),
                batch_operations: Sequence[grain.MapTransform] = (),
                shard_index: int | None = None, shard_count: int | None = None,
-               read_threads: int | None = None):
+               read_threads: int = 0):
     """``source``: named arrays (rows along axis 0) or a Grain random-access source whose
     records ``operations`` map one by one and ``batch_operations`` a batch at a time to
     named arrays (e.g. `fsqtok.data.token_store`'s); ``batch_size``: the global batch; ``shard_index``/``shard_count``: this process and
     the number of processes (default: JAX's); ``read_threads``: threads that read batches
-    ahead (default: none for arrays in memory, `READ_THREADS` for a source on disk)."""
+    ahead. None by default: JAX dispatches a step and returns at once, so the next batch
+    is read in this thread while the device computes; on a local disk the threads cost
+    more than they save (`experiments/bench_lm_loaders.py`), on a slow network
+    filesystem they can hide its latency."""
     count = jax.process_count() if shard_count is None else shard_count
     index = jax.process_index() if shard_index is None else shard_index
     if batch_size % count:
       raise ValueError(f"{name}: the batch size {batch_size} does not divide among "
                        f"{count} processes: use a multiple of {count}.")
-    in_memory = isinstance(source, dict)
-    if in_memory:
+    if isinstance(source, dict):
       source = ArraySource(source, name)
     if len(source) < batch_size:
       raise ValueError(f"{name}: {len(source)} rows make no batch of {batch_size}: lower "
@@ -85,8 +84,6 @@ class GrainBatches:
       self._rows = self._rows.map(op)
     self._batch_operations = tuple(batch_operations)
     self._batch_size, self._index, self._count = batch_size, index, count
-    if read_threads is None:
-      read_threads = 0 if in_memory else READ_THREADS
     self._read = grain.ReadOptions(num_threads=read_threads,
                                    prefetch_buffer_size=2 * read_threads)
     self._start(0)
