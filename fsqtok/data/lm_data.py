@@ -171,6 +171,7 @@ class StoredLMData:
   def token_counts(self, vocab_size: int) -> np.ndarray:
     return self.train.token_counts(vocab_size)
 
-  def local_training_rows(self) -> list[np.ndarray]:
-    """The training token rows of this process's own shards (one array a shard)."""
+  def local_training_rows(self) -> Iterator[np.ndarray]:
+    """The training token rows of this process's own shards (one array a shard, read as
+    they are used)."""
     return self.train.local_rows(*self._process)

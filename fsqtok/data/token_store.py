@@ -196,12 +196,14 @@ class Split:
     finally:
       reader.close()
 
-  def local_rows(self, process_index: int = 0, process_count: int = 1) -> list[np.ndarray]:
+  def local_rows(self, process_index: int = 0, process_count: int = 1
+                 ) -> Iterator[np.ndarray]:
     """The ``[rows, seq_len + 1]`` token rows of this process's shards (those s with
-    s mod ``process_count`` = ``process_index``), one array a shard."""
-    return [np.stack([_record_row(r) for r in self._records(s)])
-            if self.rows[s] else np.zeros((0, self.seq_len + 1), np.int32)
-            for s in range(len(self.paths)) if s % process_count == process_index]
+    s mod ``process_count`` = ``process_index``), one array a shard, read as they are
+    used."""
+    for s in range(len(self.paths)):
+      if s % process_count == process_index and self.rows[s]:
+        yield np.stack([_record_row(r) for r in self._records(s)])
 
   def local_batches(self, batch_size: int, process_index: int = 0, process_count: int = 1
                     ) -> Iterator[dict[str, np.ndarray]]:
