@@ -68,6 +68,25 @@ def test_the_shards_do_not_depend_on_the_number_of_processes(tmp_path):
     assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
 
 
+@pytest.mark.parametrize("seq_len", [3, 8, 40])
+def test_a_store_cut_again_from_another_is_the_store_of_the_text(tmp_path, seq_len):
+  """Windows of another length made from a store's token streams (shorter, the same,
+  longer than the text's shards) are the files tokenizing the text gives, byte for byte."""
+  _prepare(tmp_path / "source")
+  kw = dict(seq_len=seq_len, num_shards=SHARDS, progress=False)
+  token_store.prepare(str(tmp_path / "text"), _ByteTok(), {"train": TRAIN, "val": VAL}, **kw)
+  for index in range(2):  # each of two processes cuts its own shards
+    token_store.prepare(str(tmp_path / "cut"), _ByteTok(), None, process_index=index,
+                        process_count=2, from_store=str(tmp_path / "source"), **kw)
+  names = sorted(os.listdir(tmp_path / "text"))
+  assert names == sorted(os.listdir(tmp_path / "cut")) and len(names) == 16
+  for name in names:
+    assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "text" / name).read_bytes()
+  with pytest.raises(FileNotFoundError, match="same number of shards"):
+    token_store.prepare(str(tmp_path / "bad"), _ByteTok(), None, seq_len=4, num_shards=2,
+                        from_store=str(tmp_path / "source"), progress=False)
+
+
 def test_each_process_evaluates_its_own_shards_and_together_every_window_once(tmp_path):
   _prepare(tmp_path)
   split = _open(tmp_path)

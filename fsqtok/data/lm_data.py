@@ -129,19 +129,24 @@ class LMData:
 class StoredLMData:
   """The windows prepared in a `fsqtok.data.token_store` under ``directory``: each
   process tokenizes its own shards (a barrier waits for all), draws its own training rows
-  through Grain and evaluates its own validation shards (``lm.data.loader="grain"``)."""
+  through Grain and evaluates its own validation shards (``lm.data.loader="grain"``).
+  ``from_store``: the directory of another store of the same text, tokenizer and shards
+  (other windows), whose shards are cut again instead of tokenizing ``texts``."""
 
   per_process = True  # evaluation batches are each process's rows
 
   def __init__(self, directory: str, tok: TokenizerLike,
-               texts: tuple[Iterable[str], Iterable[str]], seq_len: int, *, num_shards: int,
-               pieces: tuple[PieceSet, PieceSet] | None = None, progress: bool = True):
+               texts: tuple[Iterable[str], Iterable[str]] | None, seq_len: int, *,
+               num_shards: int, pieces: tuple[PieceSet, PieceSet] | None = None,
+               progress: bool = True, from_store: str | None = None):
     import jax  # pylint: disable=g-import-not-at-top
     from fsqtok.data import token_store  # pylint: disable=g-import-not-at-top
     index, count = jax.process_index(), jax.process_count()
-    self.written = token_store.prepare(  # the shards this process tokenized now
-        directory, tok, dict(zip(token_store.SPLITS, texts)), seq_len=seq_len,
-        num_shards=num_shards, process_index=index, process_count=count, progress=progress)
+    self.directory = directory
+    self.written = token_store.prepare(  # the shards this process prepared now
+        directory, tok, None if texts is None else dict(zip(token_store.SPLITS, texts)),
+        seq_len=seq_len, num_shards=num_shards, process_index=index, process_count=count,
+        progress=progress, from_store=from_store)
     from fsqtok.train import sharding  # pylint: disable=g-import-not-at-top
     sharding.sync_processes(f"fsqtok token store {directory}")  # every shard written
     self.train, self.val = (token_store.open_split(directory, split, num_shards,

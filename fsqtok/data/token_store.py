@@ -58,8 +58,8 @@ def _check_local(directory: str) -> None:
         f"array_record files are not written to an object store directly.")
 
 
-def _write_shard(path: str, stream: np.ndarray, seq_len: int, pad_id: int, bos_id: int,
-                 vocab_size: int, num_bytes: int) -> None:
+def _write_shard(path: str, stream: np.ndarray, num_bytes: int, *, seq_len: int,
+                 pad_id: int, bos_id: int, vocab_size: int) -> None:
   """One shard's records, then its JSON (both through a temporary name)."""
   if stream.size and np.any(stream == pad_id):
     raise ValueError(f"The token stream contains the pad id {pad_id}: the tokenizer must "
@@ -84,14 +84,38 @@ def _write_shard(path: str, stream: np.ndarray, seq_len: int, pad_id: int, bos_i
       all_processes=True)
 
 
-def prepare(directory: str, tok: lm_data.TokenizerLike, splits: dict[str, Iterable[str]],
-            *, seq_len: int, num_shards: int, process_index: int = 0, process_count: int = 1,
-            progress: bool = True) -> list[tuple[str, int]]:
+def _stored_stream(directory: str, split: str, shard: int, num_shards: int, pad_id: int
+                   ) -> tuple[np.ndarray, int]:
+  """A prepared shard's token stream, exactly (the rows' first ``seq_len`` tokens, the
+  last row's last one, the padding after the stream dropped), and its text's bytes."""
+  base = os.path.join(directory, _shard_name(split, shard, num_shards))
+  if not os.path.exists(base + ".json"):
+    raise FileNotFoundError(f"{base}.json is missing: the store to cut again must be "
+                            f"prepared whole, with the same number of shards.")
+  meta = workdir_lib.read_json(base + ".json")
+  if not meta["rows"]:
+    return np.zeros((0,), np.int32), meta["bytes"]
+  reader = array_record_module.ArrayRecordReader(base + ".array_record")
+  try:
+    rows = np.stack([_record_row(r) for r in reader.read_all()])
+  finally:
+    reader.close()
+  stream = np.concatenate([rows[:, :-1].reshape(-1), rows[-1, -1:]])
+  real = np.flatnonzero(stream != pad_id)  # a pad id is never a token of the text
+  return stream[:real[-1] + 1], meta["bytes"]
+
+
+def prepare(directory: str, tok: lm_data.TokenizerLike,
+            splits: dict[str, Iterable[str]] | None, *, seq_len: int, num_shards: int,
+            process_index: int = 0, process_count: int = 1, progress: bool = True,
+            from_store: str | None = None) -> list[tuple[str, int]]:
   """Writes this process's shards of every split (``{"train": blocks, "val": blocks}``)
   that are not there yet, and returns them (``(split, shard)``). Each process passes over
   all blocks but keeps and tokenizes only its own (those of the shards s with
   s mod ``process_count`` = ``process_index``): its memory holds 1 / ``process_count`` of
-  the text at most."""
+  the text at most. ``from_store``: a store of the same text, tokenizer and shards with
+  other windows; its shards' token streams are cut again (the same files as tokenizing
+  the text, which is then not read: ``splits`` may be None)."""
   _check_local(directory)
   if num_shards < process_count:
     raise ValueError(f"lm.data.shards={num_shards} gives some of the {process_count} "
@@ -99,26 +123,40 @@ def prepare(directory: str, tok: lm_data.TokenizerLike, splits: dict[str, Iterab
   os.makedirs(directory, exist_ok=True)
   mine = [s for s in range(num_shards) if s % process_count == process_index]
   written = []
-  for split, blocks in splits.items():
+  for split in SPLITS:
     todo = [s for s in mine if not os.path.exists(
         os.path.join(directory, _shard_name(split, s, num_shards) + ".json"))]
     if not todo:
       continue
-    parts = {s: [] for s in todo}
-    nbytes = dict.fromkeys(todo, 0)
-    for k, block in enumerate(blocks):
-      if k % num_shards in parts:
-        parts[k % num_shards].append(block)
-        nbytes[k % num_shards] += len(block.encode("utf-8"))
-    bar = _progress(len(todo), f"tokenizing {split} shards", progress)
-    for s in todo:
-      _write_shard(os.path.join(directory, _shard_name(split, s, num_shards)),
-                   lm_data.token_stream(tok, parts[s]), seq_len, tok.pad_id, tok.bos_id,
-                   tok.vocab_size, nbytes[s])
+    if from_store is None:
+      streams = _text_streams(tok, splits[split], todo, num_shards)
+    else:
+      streams = ((s, *_stored_stream(from_store, split, s, num_shards, tok.pad_id))
+                 for s in todo)
+    bar = _progress(len(todo), f"{'cutting' if from_store else 'tokenizing'} {split} shards",
+                    progress)
+    for s, stream, num_bytes in streams:
+      _write_shard(os.path.join(directory, _shard_name(split, s, num_shards)), stream,
+                   num_bytes, seq_len=seq_len, pad_id=tok.pad_id, bos_id=tok.bos_id,
+                   vocab_size=tok.vocab_size)
       written.append((split, s))
       bar.update(1)
     bar.close()
   return written
+
+
+def _text_streams(tok, blocks: Iterable[str], shards: list[int], num_shards: int
+                  ) -> Iterator[tuple[int, np.ndarray, int]]:
+  """``(shard, token stream, bytes)`` of ``shards`` (block k goes to shard k mod
+  ``num_shards``; one pass over the blocks, only those of ``shards`` kept)."""
+  parts = {s: [] for s in shards}
+  nbytes = dict.fromkeys(shards, 0)
+  for k, block in enumerate(blocks):
+    if k % num_shards in parts:
+      parts[k % num_shards].append(block)
+      nbytes[k % num_shards] += len(block.encode("utf-8"))
+  for s in shards:
+    yield s, lm_data.token_stream(tok, parts[s]), nbytes[s]
 
 
 def _progress(total: int, what: str, enabled: bool):

@@ -135,8 +135,11 @@ def train_fuser_phase(config, workdir: str, model: lm_lib.TransformerLM, tok: To
                                           model.token_bytes, fuser_lib.lm_spec(model),
                                           model.ambiguous_ids)
   seq_len = config.fuser.data.seq_len
-  data = (lm_windows_data if lm_windows_data is not None and seq_len == config.lm.data.seq_len
-          else lm_windows(config, workdir, tok, texts, seq_len=seq_len))
+  if lm_windows_data is not None and seq_len == config.lm.data.seq_len:
+    data = lm_windows_data
+  else:  # a token store of the LM's is cut again, not tokenized again
+    data = lm_windows(config, workdir, tok, texts, seq_len=seq_len,
+                      from_store=getattr(lm_windows_data, "directory", None))
   return fuser_train.train_fuser(config, os.path.join(workdir, "fuser"), fuser_model, tok,
                                  data, loader=config.lm.data.get("loader", "epochs"))
 
@@ -150,12 +153,13 @@ def corpus_texts(config):
 
 
 def lm_windows(config, workdir: str, tok: Tokenizer, texts, pieces=None,
-               seq_len: int | None = None):
+               seq_len: int | None = None, from_store: str | None = None):
   """The LM's train and validation windows (of ``lm.data.seq_len`` tokens, or
   ``seq_len``): in memory (``lm.data.loader="epochs"``), or prepared in
   ``lm.data.store_dir`` (default ``WORKDIR/lm_data``) by every process for its own shards
   (``"grain"``, `fsqtok.data.token_store`; a new store whenever the tokenizer, corpus,
-  window length or shard count changes)."""
+  window length or shard count changes; ``from_store``: a store of other windows of the
+  same text, cut again instead of tokenizing ``texts``)."""
   d = config.lm.data
   seq_len = seq_len or d.seq_len
   if d.get("loader", "epochs") != "grain":
@@ -165,7 +169,8 @@ def lm_windows(config, workdir: str, tok: Tokenizer, texts, pieces=None,
       d.get("store_dir") or os.path.join(workdir, "lm_data"), data=config.data.to_dict(),
       seq_len=seq_len, shards=d.shards, tokenizer=tok.fingerprint())
   return lm_data.StoredLMData(directory, tok, texts, seq_len, num_shards=d.shards,
-                              pieces=pieces, progress=config.lm.train.progress_bar)
+                              pieces=pieces, progress=config.lm.train.progress_bar,
+                              from_store=from_store)
 
 
 def load_lm(config, workdir: str):
