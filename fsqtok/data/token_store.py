@@ -67,7 +67,7 @@ def _write_shard(path: str, stream: np.ndarray, num_bytes: int, *, seq_len: int,
   rows, counts = np.zeros((0, seq_len + 1), np.int32), np.zeros(vocab_size, np.int64)
   if stream.size >= 2:
     w = lm_data.windows(stream, seq_len, pad_id, bos_id)
-    rows = np.concatenate([w["inputs"], w["targets"][:, -1:]], axis=1)
+    rows = lm_data.training_rows(w)
     counts = np.bincount(w["targets"][w["weights"] > 0], minlength=vocab_size)
   tmp = f"{path}.array_record.tmp{os.getpid()}"
   writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
@@ -95,11 +95,7 @@ def _stored_stream(directory: str, split: str, shard: int, num_shards: int, pad_
   meta = workdir_lib.read_json(base + ".json")
   if not meta["rows"]:
     return np.zeros((0,), np.int32), meta["bytes"]
-  reader = array_record_module.ArrayRecordReader(base + ".array_record")
-  try:
-    rows = np.stack([_record_row(r) for r in reader.read_all()])
-  finally:
-    reader.close()
+  rows = np.stack([_record_row(r) for r in _read_records(base + ".array_record")])
   stream = np.concatenate([rows[:, :-1].reshape(-1), rows[-1, -1:]])
   real = np.flatnonzero(stream != pad_id)  # a pad id is never a token of the text
   return stream[:real[-1] + 1], meta["bytes"]
@@ -164,6 +160,15 @@ def _progress(total: int, what: str, enabled: bool):
   return tqdm.tqdm(total=total, desc=what, disable=not enabled or total < 2, leave=False)
 
 
+def _read_records(path: str) -> Iterator[bytes]:
+  """The records of an array_record file, in order (the file closed after the last)."""
+  reader = array_record_module.ArrayRecordReader(path)
+  try:
+    yield from reader.read_all()
+  finally:
+    reader.close()
+
+
 def _record_row(record: bytes) -> np.ndarray:
   return np.frombuffer(record, "<i4").astype(np.int32)
 
@@ -226,13 +231,7 @@ class Split:
     return _RowsToWindows(self.pad_id, self.bos_id)
 
   def _records(self, shard: int) -> Iterator[bytes]:
-    if not self.rows[shard]:
-      return
-    reader = array_record_module.ArrayRecordReader(self.paths[shard])
-    try:
-      yield from reader.read_all()
-    finally:
-      reader.close()
+    return _read_records(self.paths[shard]) if self.rows[shard] else iter(())
 
   def local_rows(self, process_index: int = 0, process_count: int = 1
                  ) -> Iterator[np.ndarray]:
