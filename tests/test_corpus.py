@@ -92,6 +92,34 @@ def test_stream_split_is_the_split_read_from_disk_and_samples_alike(doc_files):
       corpus.load_documents("builtin"), val_fraction=0.1, seed=3, block_chars=512)[0][:5]
 
 
+def test_a_share_of_a_stream_reads_only_its_own_documents(doc_files, monkeypatch):
+  """Share i of n: the blocks of documents d with d mod n = i, in order, reading no other
+  file; the shares hold every block once and their samples make the corpus's sample."""
+  spec, kw = f"files:{doc_files}/*.txt", dict(val_fraction=0.1, seed=3, block_chars=512)
+  paths = sorted(str(p) for p in doc_files.glob("*.txt"))
+  docs = [open(p, encoding="utf-8").read() for p in paths]
+  train, _ = corpus.stream_split(spec, **kw)
+  assert train.documents == len(docs) == 200 and train.by_documents(200)
+  assert not train.by_documents(201)
+  read, real_read = [], corpus.read_blocks
+  monkeypatch.setattr(corpus, "read_blocks", lambda path, *a: read.append(path) or real_read(
+      path, *a))
+  shares = [list(train.share(i, 3)) for i in range(3)]
+  assert read == paths[0::3] + paths[1::3] + paths[2::3]  # each file once, by its share
+  for i in range(3):
+    assert shares[i] == corpus.split_documents(docs[i::3], **kw)[0]
+  assert sorted(sum(shares, [])) == sorted(train)
+  total = train.chars
+  sample = corpus.sample_blocks(train, total // 4, seed=1)
+  parts = [corpus.sample_blocks(train.share(i, 3), total // 4, seed=1, total=total)
+           for i in range(3)]
+  assert sorted(sum(map(list, parts), [])) == sorted(sample)
+  few = corpus.BlockStream(lambda: iter(["a", "b", "c", "d", "e"]))  # no documents known
+  assert not few.by_documents(2) and list(few.share(1, 2)) == ["b", "d"]
+  with pytest.raises(ValueError, match="share 3 of 3"):
+    train.share(3, 3)
+
+
 def test_streamed_text_that_is_not_utf8_is_an_error_naming_file_and_byte(tmp_path):
   for name, tail in (("a.txt", "caf\u00e9"), ("b.txt", "caf\u00e9 au lait")):
     (tmp_path / name).write_bytes(b"fine text\n" * 3 + tail.encode("latin-1"))
@@ -197,7 +225,7 @@ class LocalTinyText(tfds.core.GeneratorBasedBuilder):
       yield i, {"text": t, "label": str(i)}
 
 
-def test_tfds_source_reads_a_registered_dataset(tmp_path):
+def test_tfds_source_reads_a_registered_dataset(tmp_path, monkeypatch):
   LocalTinyText(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
   docs = corpus.load_documents("tfds:local_tiny_text", data_dir=str(tmp_path))
   assert sorted(docs) == ["alpha beta", "gamma delta"]  # empty documents are dropped
@@ -213,6 +241,23 @@ def test_tfds_source_reads_a_registered_dataset(tmp_path):
   assert (list(train), list(val)) == want and list(train) == want[0]  # read again
   with pytest.raises(ValueError, match="TFDS does not know"):
     corpus.stream_split("tfds:surely_not_a_dataset_xyz", data_dir=str(tmp_path), **kw)
+  # a share reads only its own records: the others are never fetched from the source
+  source, fetched = corpus._tfds_source("local_tiny_text", str(tmp_path)), []
+
+  class Watched:
+    def __len__(self):
+      return len(source)
+
+    def __getitem__(self, i):
+      fetched.append(i)
+      return source[i]
+
+  monkeypatch.setattr(corpus, "_tfds_source", lambda arg, data_dir: Watched())
+  train, _ = corpus.stream_split("tfds:local_tiny_text", data_dir=str(tmp_path), **kw)
+  fetched.clear()
+  text = corpus._as_text(source[1]["text"])
+  own = [b for b in corpus.split_blocks(text, 4) if corpus._unit_hash(b, "1") >= 0.3]
+  assert list(train.share(1, 3)) == own and fetched == [1]
 
 
 @pytest.mark.parametrize("spec, error, message", [

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from fsqtok.data import corpus
 from fsqtok.data import grain_loader
 from fsqtok.data import lm_data
 from fsqtok.data import token_store
@@ -66,6 +67,42 @@ def test_the_shards_do_not_depend_on_the_number_of_processes(tmp_path):
   assert names == sorted(os.listdir(tmp_path / "two")) and len(names) == 16
   for name in names:
     assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+
+
+def _documents(docs):
+  return corpus.BlockStream.of_documents(len(docs), lambda ids: (b for i in ids for b in docs[i]))
+
+
+def test_a_corpus_streamed_by_documents_goes_to_shards_a_document_each(tmp_path):
+  """Document d to shard d mod shards, each process reading only its shards' documents;
+  the same files whatever the number of processes. Fewer documents than shards: blocks
+  by position, as for a list."""
+  docs = [TRAIN[k:k + 3] for k in range(0, len(TRAIN), 3)]  # 8 documents of 1-3 blocks
+  kw = dict(seq_len=SEQ_LEN, num_shards=SHARDS, progress=False)
+  splits = {"train": _documents(docs), "val": _documents([VAL])}
+  token_store.prepare(str(tmp_path / "one"), _ByteTok(), splits, **kw)
+  for index in range(2):
+    read = []
+    watched = corpus.BlockStream.of_documents(
+        len(docs), lambda ids: (b for i in ids if not read.append(i) for b in docs[i]))
+    token_store.prepare(str(tmp_path / "two"), _ByteTok(), {"train": watched, "val": splits["val"]},
+                        process_index=index, process_count=2, **kw)
+    assert sorted(read) == [d for d in range(len(docs)) if d % SHARDS % 2 == index]
+  names = sorted(os.listdir(tmp_path / "one"))
+  assert names == sorted(os.listdir(tmp_path / "two")) and len(names) == 16
+  for name in names:
+    assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+  split = _open(tmp_path / "one")
+  want = [lm_data.windows(lm_data.token_stream(_ByteTok(), sum(docs[s::SHARDS], [])), SEQ_LEN,
+                          256, 257) for s in range(SHARDS)]
+  np.testing.assert_array_equal(np.stack([g["inputs"] for g in _all_windows(split)]),
+                                np.concatenate([w["inputs"] for w in want]))
+  assert split.num_bytes == sum(len(t.encode()) for t in TRAIN)
+  # the validation split is one document (fewer than the shards): blocks by position
+  _prepare(tmp_path / "lists")
+  for s in range(SHARDS):
+    name = f"val-{s:05d}-of-{SHARDS:05d}.array_record"
+    assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "lists" / name).read_bytes()
 
 
 @pytest.mark.parametrize("seq_len", [3, 8, 40])

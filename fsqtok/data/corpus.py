@@ -12,7 +12,9 @@ Sources are looked up by scheme in `SOURCES`:
 `split_documents` loads a corpus whole; `stream_split` gives the same blocks as
 re-iterable `BlockStream`s that read ``files:`` corpora from disk a few MB at a time and
 ``tfds:`` ones a document at a time, so the tokenizer build's (and, with the Grain
-loader, every host's) memory does not grow with the corpus.
+loader, every host's) memory does not grow with the corpus. The streams know their
+documents: a host's share of them (`BlockStream.share`) reads only its own files or
+records, never the rest of the corpus.
 
 Bytes of a ``files:`` corpus that are not UTF-8 follow ``invalid_utf8`` (`INVALID_UTF8`):
 ``"error"`` (the default: stop, naming the file and byte), ``"replace"`` (each bad
@@ -149,15 +151,21 @@ def _tfds_source(arg: str, data_dir: str | None):
         f"(https://www.tensorflow.org/datasets/catalog), e.g. tfds:tiny_shakespeare.") from e
 
 
+def _tfds_text(source, i: int, arg: str, text_key: str) -> str:
+  """The text of record ``i`` of a TFDS source (an error naming the features if it has no
+  ``text_key``)."""
+  record = source[i]
+  if text_key not in record:
+    raise ValueError(f"tfds:{arg.partition(':')[0]} has no feature {text_key!r} (it has "
+                     f"{sorted(record)}); set config.data.text_key to the text feature.")
+  return _as_text(record[text_key])
+
+
 def _tfds_documents(arg: str, *, data_dir: str | None, text_key: str) -> Iterator[str]:
   """The documents of ``tfds:NAME[:SPLIT]``, read one at a time."""
   source = _tfds_source(arg, data_dir)
   for i in range(len(source)):
-    record = source[i]
-    if i == 0 and text_key not in record:
-      raise ValueError(f"tfds:{arg.partition(':')[0]} has no feature {text_key!r} (it has "
-                       f"{sorted(record)}); set config.data.text_key to the text feature.")
-    yield _as_text(record[text_key])
+    yield _tfds_text(source, i, arg, text_key)
 
 
 def _load_tfds(arg: str, *, data_dir: str | None, text_key: str,
@@ -269,27 +277,45 @@ def split_documents(docs: list[str], *, val_fraction: float, seed: int, block_ch
   return train, val
 
 
-def sample_blocks(blocks: Iterable[str], max_chars: int, seed: int) -> list[str] | BlockStream:
+def sample_blocks(blocks: Iterable[str], max_chars: int, seed: int, *,
+                  total: int | None = None) -> list[str] | BlockStream:
   """About ``max_chars`` characters of ``blocks``, in order: each block is kept with the
   same probability, decided by a seeded hash of its content (independent of the split's),
   so the sample depends neither on the blocks' order nor on how the corpus is read. All of
   them when they hold no more than ``max_chars`` (or ``max_chars`` <= 0). A `BlockStream`
-  gives a `BlockStream` (read as it is iterated), anything else a list."""
-  total = total_chars(blocks)
+  gives a `BlockStream` (read as it is iterated), anything else a list. ``total``: the
+  characters of the whole corpus when ``blocks`` is one host's share of it (default: those
+  of ``blocks``), so the shares' samples together are the corpus's."""
+  total = total_chars(blocks) if total is None else total
   if max_chars <= 0 or total <= max_chars:
     return blocks if isinstance(blocks, BlockStream) else list(blocks)
   keep, key = max_chars / total, f"sample:{seed}"
   if isinstance(blocks, BlockStream):
-    return BlockStream(lambda: (b for b in blocks if _unit_hash(b, key) < keep))
+    return blocks.filter(lambda b: _unit_hash(b, key) < keep)
   return [b for b in blocks if _unit_hash(b, key) < keep]
 
 
 class BlockStream:
   """Blocks of text made anew by ``make`` on every iteration, so they need not all be in
-  memory at once; ``chars`` (their characters) is counted by one pass, once."""
+  memory at once; ``chars`` (their characters) is counted by one pass, once.
+
+  A stream made `of_documents` knows its documents (a corpus's files or records) and can
+  read a few of them alone: `share` then gives whole documents, so a host reads only its
+  own (`fsqtok.data.hosts.process_share`, the token store's shards)."""
 
   def __init__(self, make: Callable[[], Iterator[str]]):
     self._make = make
+    self.documents = 0             # how many documents `share` can read one by one
+    self._read: Callable[[Iterable[int]], Iterator[str]] | None = None
+
+  @classmethod
+  def of_documents(cls, documents: int,
+                   read: Callable[[Iterable[int]], Iterator[str]]) -> "BlockStream":
+    """The blocks of ``documents`` documents, ``read(indices)`` giving those of the
+    documents ``indices`` in order (and reading only them)."""
+    stream = cls(lambda: read(range(documents)))
+    stream.documents, stream._read = documents, read
+    return stream
 
   def __iter__(self) -> Iterator[str]:
     return iter(self._make())
@@ -297,6 +323,31 @@ class BlockStream:
   @functools.cached_property
   def chars(self) -> int:
     return sum(map(len, self))
+
+  def by_documents(self, count: int) -> bool:
+    """Whether `share` (of ``count``) deals whole documents: when the stream knows at least
+    ``count`` of them, so each share gets one."""
+    return self._read is not None and self.documents >= count
+
+  def share(self, index: int, count: int) -> "BlockStream":
+    """Share ``index`` of ``count``: the blocks of the documents d with d mod ``count`` =
+    ``index``, reading only those documents (`by_documents`); else block i of the stream
+    for i mod ``count`` = ``index`` (every block is read). The shares hold each block once
+    and depend only on the corpus and ``count``."""
+    if not 0 <= index < count:
+      raise ValueError(f"share {index} of {count} does not exist.")
+    if self.by_documents(count):
+      read = self._read
+      return BlockStream(lambda: read(range(index, self.documents, count)))
+    return BlockStream(lambda: (b for i, b in enumerate(self) if i % count == index))
+
+  def filter(self, keep: Callable[[str], bool]) -> "BlockStream":
+    """The blocks for which ``keep`` holds, read as iterated (documents kept)."""
+    if self._read is None:
+      return BlockStream(lambda: (b for b in self if keep(b)))
+    read = self._read
+    return BlockStream.of_documents(self.documents,
+                                    lambda ids: (b for b in read(ids) if keep(b)))
 
 
 def total_chars(blocks: Iterable[str]) -> int:
@@ -371,33 +422,40 @@ def stream_split(spec: str, *, data_dir: str | None = None, text_key: str = "tex
                  val_fraction: float, seed: int, block_chars: int,
                  invalid_utf8: str = "error") -> tuple[BlockStream, BlockStream]:
   """The train and validation blocks of `split_documents` for the corpus ``spec``, as
-  `BlockStream`s read anew on each pass, so their memory does not grow with the corpus:
-  ``files:`` corpora block by block from disk, ``tfds:`` ones a document at a time from
-  their random-access source; ``builtin`` is loaded once and held."""
+  `BlockStream`s of its documents (`BlockStream.of_documents`) read anew on each pass, so
+  their memory does not grow with the corpus: ``files:`` corpora a file at a time, block
+  by block from disk; ``tfds:`` ones a record at a time from their random-access source;
+  ``builtin`` is loaded once and held. A share of whole documents reads only those."""
   scheme, _, arg = spec.partition(":")
   if not 0.0 <= val_fraction < 1.0:
     raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
-
-  def side(blocks: Callable[[], Iterator[str]], is_val: bool) -> BlockStream:
-    return BlockStream(lambda: (b for b in blocks()
-                                if (_unit_hash(b, str(seed)) < val_fraction) == is_val))
-
   if scheme == "tfds":
-    _tfds_source(arg, data_dir)  # a bad name or split fails here, not on the first pass
-    docs = lambda: _tfds_documents(arg, data_dir=data_dir, text_key=text_key)
-    blocks = lambda: (b for doc in docs() for b in split_blocks(doc, block_chars))
-    return side(blocks, False), side(blocks, True)
-  if scheme != "files":
-    train, val = split_documents(load_documents(spec, data_dir=data_dir, text_key=text_key,
-                                                invalid_utf8=invalid_utf8),
-                                 val_fraction=val_fraction, seed=seed, block_chars=block_chars)
-    return BlockStream(lambda: train), BlockStream(lambda: val)
-  if not arg:
-    raise ValueError("'files:' needs a glob, e.g. files:data/*.txt")
-  from fsqtok.data import files_dataset  # pylint: disable=g-import-not-at-top
-  paths = files_dataset.resolve_glob(arg)
-  blocks = lambda: (b for path in paths for b in read_blocks(path, block_chars, invalid_utf8))
-  return side(blocks, False), side(blocks, True)
+    source = _tfds_source(arg, data_dir)  # a bad name or split fails here, not on a pass
+    if len(source):
+      _tfds_text(source, 0, arg, text_key)  # so does a bad text_key
+    def read(ids: Iterable[int]) -> Iterator[str]:
+      src = _tfds_source(arg, data_dir)
+      for i in ids:
+        yield from split_blocks(_tfds_text(src, i, arg, text_key), block_chars)
+    count = len(source)
+  elif scheme == "files":
+    if not arg:
+      raise ValueError("'files:' needs a glob, e.g. files:data/*.txt")
+    from fsqtok.data import files_dataset  # pylint: disable=g-import-not-at-top
+    paths = files_dataset.resolve_glob(arg)
+    read = lambda ids: (b for i in ids for b in read_blocks(paths[i], block_chars, invalid_utf8))
+    count = len(paths)
+  else:
+    docs = load_documents(spec, data_dir=data_dir, text_key=text_key,
+                          invalid_utf8=invalid_utf8)
+    split_documents(docs, val_fraction=val_fraction, seed=seed,  # too small: an error now
+                    block_chars=block_chars)
+    doc_blocks = [split_blocks(doc, block_chars) for doc in docs]
+    read = lambda ids: (b for i in ids for b in doc_blocks[i])
+    count = len(docs)
+  blocks = BlockStream.of_documents(count, read)
+  is_val = lambda b: _unit_hash(b, str(seed)) < val_fraction
+  return blocks.filter(lambda b: not is_val(b)), blocks.filter(is_val)
 
 
 def invalid_utf8_counts(spec: str, invalid_utf8: str) -> dict[str, int | str]:

@@ -6,8 +6,9 @@ same order: they are collectives.
 
 * `process_0_first`: process 0 prepares something on a disk the processes may share
   (a ``files:`` corpus's TFDS copy), the others open it after it is done.
-* `process_share`: this process's share of a corpus's blocks (block i goes to process
-  i mod processes), so counting is split between the hosts instead of repeated by each.
+* `process_share`: this process's share of a corpus (its documents, or block i to process
+  i mod processes), so reading and counting are split between the hosts instead of
+  repeated by each; `total_chars`: the corpus's characters, counted over the shares.
 * `sum_counts`: the counts of every process added up, the same on all of them;
   `all_true`: one decision for all (e.g. whether to reuse a file only process 0 wrote).
 """
@@ -43,15 +44,22 @@ def process_0_first(prepare: Callable[[], T], what: str) -> T:
 
 
 def process_share(blocks: Iterable[str]) -> Iterable[str]:
-  """This process's blocks: block i of ``blocks`` goes to process i mod processes (all of
-  them with one process). A `corpus.BlockStream` stays a stream."""
+  """This process's blocks (all of them with one process): a `corpus.BlockStream` of at
+  least as many documents as processes gives document d to process d mod processes, and
+  the process reads only its own documents (`corpus.BlockStream.share`); otherwise block
+  i goes to process i mod processes. A stream stays a stream."""
   index, count = _processes()
   if count == 1:
     return blocks
   if isinstance(blocks, corpus_lib.BlockStream):
-    return corpus_lib.BlockStream(
-        lambda: (b for i, b in enumerate(blocks) if i % count == index))
+    return blocks.share(index, count)
   return list(blocks)[index::count]
+
+
+def total_chars(share: Iterable[str]) -> int:
+  """The characters of every process's ``share`` added up (`corpus.total_chars` of the
+  whole corpus, counted by each process over its own share)."""
+  return sum(all_gather_objects(corpus_lib.total_chars(share)))
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

@@ -1,9 +1,12 @@
 """The LM's token windows prepared once on disk, each process tokenizing only its own
 shards and reading only its own rows (``lm.data.loader = "grain"``).
 
-A split's blocks go to ``num_shards`` shards by position (block k to shard
-k mod num_shards), so the shards, and every window in them, are the same whatever the
-number of processes; process p tokenizes and writes the shards s with s mod P = p. A
+A split's blocks go to ``num_shards`` shards: whole documents (document d to shard
+d mod num_shards) when the corpus is streamed (`fsqtok.data.corpus.stream_split`) and has
+at least num_shards documents, so a process reads only its own files or records; blocks
+by position otherwise (block k to shard k mod num_shards). Either way the shards, and
+every window in them, are the same whatever the number of processes; process p tokenizes
+and writes the shards s with s mod P = p. A
 shard is its blocks' `lm_data.token_stream` cut into `lm_data.windows`; one array_record
 record per window holds its ``seq_len + 1`` tokens (int32, padded after the stream's
 end: a pad id is never a real token). Beside each shard a JSON file holds its rows, the
@@ -33,10 +36,16 @@ import grain.python as grain
 import numpy as np
 from array_record.python import array_record_module
 
+from fsqtok.data import corpus as corpus_lib
 from fsqtok.data import lm_data
 from fsqtok.train import workdir as workdir_lib
 
 SPLITS = ("train", "val")
+
+
+# How blocks go to shards (`_text_streams`), part of a store's name (`store_dir`): a
+# store made by an older rule is never reused.
+SHARD_LAYOUT = "documents to shards when streamed, else blocks"
 
 
 def store_dir(root: str, **made_from: Any) -> str:
@@ -106,9 +115,10 @@ def prepare(directory: str, tok: lm_data.TokenizerLike,
             process_index: int = 0, process_count: int = 1, progress: bool = True,
             from_store: str | None = None) -> list[tuple[str, int]]:
   """Writes this process's shards of every split (``{"train": blocks, "val": blocks}``)
-  that are not there yet, and returns them (``(split, shard)``). Each process passes over
-  all blocks but keeps and tokenizes only its own (those of the shards s with
-  s mod ``process_count`` = ``process_index``): its memory holds 1 / ``process_count`` of
+  that are not there yet, and returns them (``(split, shard)``). Each process tokenizes
+  only its own shards (those s with s mod ``process_count`` = ``process_index``) and, for
+  a corpus streamed by documents (`_text_streams`), reads only their documents; otherwise
+  it passes over all blocks and keeps its own. Its memory holds 1 / ``process_count`` of
   the text at most. ``from_store``: a store of the same text, tokenizer and shards with
   other windows; its shards' token streams are cut again (the same files as tokenizing
   the text, which is then not read: ``splits`` may be None)."""
@@ -143,8 +153,15 @@ def prepare(directory: str, tok: lm_data.TokenizerLike,
 
 def _text_streams(tok, blocks: Iterable[str], shards: list[int], num_shards: int
                   ) -> Iterator[tuple[int, np.ndarray, int]]:
-  """``(shard, token stream, bytes)`` of ``shards`` (block k goes to shard k mod
-  ``num_shards``; one pass over the blocks, only those of ``shards`` kept)."""
+  """``(shard, token stream, bytes)`` of ``shards``: a stream of at least ``num_shards``
+  documents gives document d to shard d mod ``num_shards``, and each shard reads only its
+  documents (`corpus.BlockStream.share`); otherwise block k goes to shard k mod
+  ``num_shards`` (one pass over the blocks, only those of ``shards`` kept)."""
+  if isinstance(blocks, corpus_lib.BlockStream) and blocks.by_documents(num_shards):
+    for s in shards:
+      part = list(blocks.share(s, num_shards))
+      yield s, lm_data.token_stream(tok, part), sum(len(b.encode("utf-8")) for b in part)
+    return
   parts = {s: [] for s in shards}
   nbytes = dict.fromkeys(shards, 0)
   for k, block in enumerate(blocks):

@@ -81,10 +81,11 @@ def unigram_vocabulary(config, workdir: str, train_texts: Sequence[str], size: i
   progress, max_bytes, workers = config.train.progress_bar, config.model.max_len, t.num_workers
   if not isinstance(train_texts, corpus_lib.BlockStream):
     train_texts = list(train_texts)
-  texts = corpus_lib.sample_blocks(train_texts, t.sample_chars, t.sample_seed)
-  # With several processes each counts its share of the blocks and the counts are pooled:
-  # every process trains the same vocabulary on all of them (fsqtok/data/hosts.py).
-  texts = hosts.process_share(texts)
+  # With several processes each reads and counts its share of the corpus and the counts
+  # are pooled: every process trains the same vocabulary on all of it (fsqtok/data/hosts.py).
+  texts = hosts.process_share(train_texts)
+  train_chars = hosts.total_chars(texts)
+  texts = corpus_lib.sample_blocks(texts, t.sample_chars, t.sample_seed, total=train_chars)
   bound = t.max_distinct_runs
   n_phrases = round(t.phrase_fraction * size)
   if n_phrases:
@@ -106,7 +107,7 @@ def unigram_vocabulary(config, workdir: str, train_texts: Sequence[str], size: i
                                     max_piece_chars=t.max_piece_chars, progress=progress,
                                     num_workers=workers, max_distinct=bound,
                                     pool=hosts.sum_counts)
-  counting = {"train_chars": corpus_lib.total_chars(train_texts), "sampled_chars": report.chars,
+  counting = {"train_chars": train_chars, "sampled_chars": report.chars,
               "sampled_blocks": report.blocks, "distinct_runs": report.distinct,
               "pruned_runs": report.pruned_strings,
               "pruned_occurrences": report.pruned_occurrences}

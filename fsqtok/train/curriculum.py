@@ -147,8 +147,9 @@ def train_fuser_phase(config, workdir: str, model: lm_lib.TransformerLM, tok: To
 def corpus_texts(config):
   """The corpus's train and validation blocks: in memory, or, when the windows go to a
   token store (``lm.data.loader="grain"``), streamed (`fsqtok.data.corpus.stream_split`):
-  each process then passes over a ``files:`` or ``tfds:`` corpus and keeps only its own
-  share of it (its blocks to count, its shards to tokenize), never the whole text."""
+  each process then reads only its own documents of a ``files:`` or ``tfds:`` corpus
+  (those it counts, those of its shards to tokenize: `fsqtok.data.corpus.BlockStream.share`)
+  and never holds the whole text."""
   return corpus_lib.load_split(config.data, stream=config.lm.data.get("loader") == "grain")
 
 
@@ -167,7 +168,8 @@ def lm_windows(config, workdir: str, tok: Tokenizer, texts, pieces=None,
   from fsqtok.data import token_store  # pylint: disable=g-import-not-at-top
   directory = token_store.store_dir(
       d.get("store_dir") or os.path.join(workdir, "lm_data"), data=config.data.to_dict(),
-      seq_len=seq_len, shards=d.shards, tokenizer=tok.fingerprint())
+      seq_len=seq_len, shards=d.shards, tokenizer=tok.fingerprint(),
+      layout=token_store.SHARD_LAYOUT)
   return lm_data.StoredLMData(directory, tok, texts, seq_len, num_shards=d.shards,
                               pieces=pieces, progress=config.lm.train.progress_bar,
                               from_store=from_store)
