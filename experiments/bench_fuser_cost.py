@@ -16,7 +16,12 @@ random-initialised LM (dense head) over a vocabulary counted from the built-in c
   the ``per_id, training mode`` row runs the fragment encoder over the batch's unique ids
   instead (what a training forward does; no gradients here).
 * **LM decode step**: one new token per row through the key/value cache, after a prompt
-  of ``seq_len - 1`` tokens.
+  of ``seq_len - 1`` tokens, one call at a time (interleaved with the other variants, so
+  each call starts with cold caches).
+* **Generation, per new token**: the project's own sampler (`fsqtok.models.generate`,
+  one jitted loop of decode steps, greedy, after a prompt of ``seq_len / 2`` tokens): the
+  time of ``--gen_tokens`` new tokens per row minus that of ``--gen_tokens / 4``, per
+  token. This is a decode step as generation runs it, step after step.
 
 The fuser's hyperparameters are configs/fuser.py's ``fuser.model`` (window 4 tokens,
 causal in the LM). Timings are interleaved (every variant once per repeat, median over
@@ -40,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import fuser as fuser_config  # noqa: E402
 from fsqtok.models import fuser as fuser_lib  # noqa: E402
+from fsqtok.models import generate as generate_lib  # noqa: E402
 from fsqtok.models import lm as lm_lib  # noqa: E402
 
 SIZES = {  # LM model fields over configs/fuser.py's lm.model (the README's LM)
@@ -54,6 +60,7 @@ _BATCH = flags.DEFINE_integer("batch_size", 8, "Rows per batch.")
 _SEQ = flags.DEFINE_integer("seq_len", 128, "Tokens per row.")
 _REPEATS = flags.DEFINE_integer("repeats", 15, "Timed calls per variant (median).")
 _CAPACITY = flags.DEFINE_float("capacity", 0.4, "per_id capacity of the capacity rows.")
+_GEN = flags.DEFINE_integer("gen_tokens", 64, "New tokens per row of the longer generation.")
 _OUT = flags.DEFINE_string("out", "experiments/results/fuser_cost.json", "JSON report.")
 
 
@@ -102,12 +109,17 @@ def lm_variant(lm_config, vocab_size: int, token_bytes, ambiguous, embedding: st
   cache = lm_lib.init_cache(model, b, t)
   _, cache = step(variables, ids_BxT[:, :-1], cache)
   last = ids_BxT[:, -1:]
+  prompt, valid = ids_BxT[:, :t // 2], jnp.ones((b, t // 2), bool)
+  generate = lambda n: lambda: generate_lib._generate(  # pylint: disable=protected-access
+      model, variables, prompt, valid, jax.random.PRNGKey(0), max_new_tokens=n,
+      temperature=0.0, top_k=0, top_p=1.0, eos_id=-1, pad_id=0)
   return {
       "params": int(sum(x.size for x in jax.tree.leaves(params))),
       "forward": (lambda: forward(variables, ids_BxT),
                   memory_bytes(forward.lower(variables, ids_BxT).compile()), b * t),
       "decode": (lambda: step(variables, last, cache),
                  memory_bytes(step.lower(variables, last, cache).compile()), b),
+      "generate": (generate(_GEN.value // 4), generate(_GEN.value)),
   }
 
 
@@ -125,12 +137,23 @@ def fuser_alone(vocab_size: int, d_model: int, token_bytes, ambiguous,
                       memory_bytes(fn.lower(variables, ids_BxT).compile()), ids_BxT.size)}
 
 
-def measure(variants: dict, repeats: int) -> dict:
-  """``{row name: (fn, memory, tokens, params)}`` -> rows of time and memory per token."""
-  seconds = median_seconds({k: v[0] for k, v in variants.items()}, repeats)
-  return {k: {"seconds_per_token": seconds[k] / v[2], "memory_bytes": v[1],
+def measure(variants: dict, repeats: int, generations: dict | None = None) -> dict:
+  """``{row name: (fn, memory, tokens, params)}`` -> rows of time and memory per token;
+  ``generations``: ``{row name: (short fn, long fn, extra new tokens, memory, params)}``,
+  timed in the same interleaved calls, each row's time per token the difference of the
+  two (its memory: the decode step's)."""
+  calls = {k: v[0] for k, v in variants.items()}
+  for k, (short, long, *_) in (generations or {}).items():
+    calls[k + " (short)"], calls[k + " (long)"] = short, long
+  seconds = median_seconds(calls, repeats)
+  rows = {k: {"seconds_per_token": seconds[k] / v[2], "memory_bytes": v[1],
               "memory_bytes_per_token": v[1] / v[2], "tokens": v[2], "params": v[3]}
           for k, v in variants.items()}
+  for k, (_, _, extra, memory, params) in (generations or {}).items():
+    rows[k] = {"seconds_per_token": (seconds[k + " (long)"] - seconds[k + " (short)"]) / extra,
+               "memory_bytes": memory, "memory_bytes_per_token": memory / extra,
+               "tokens": extra, "params": params}
+  return rows
 
 
 def cost_table(config, tok, fuser_spec, ambiguous):
@@ -193,16 +216,19 @@ def run_size(size: str, tok, ids_BxT, ambiguous, capacity: float, repeats: int) 
       f"fuser per_id, capacity {capacity:g}": ("fuser", capped, True),
       "fuser per_id, 2-layer mixer, all tokens": ("fuser", two_layer, True),
   }
-  variants = {}
+  variants, generations = {}, {}
+  b = ids.shape[0]
   for name, (emb, spec, table) in built.items():
     print(f"[{size}] compiling {name}", flush=True)
     v = lm_variant(lm_config, len(tok), token_bytes, ambiguous, emb, spec, ids, table=table)
     variants[f"forward | {name}"] = (*v["forward"], v["params"])
     variants[f"decode | {name}"] = (*v["decode"], v["params"])
+    generations[f"generation | {name}"] = (*v["generate"], b * (_GEN.value - _GEN.value // 4),
+                                           v["decode"][1], v["params"])
   print(f"[{size}] compiling fuser per_id, training mode", flush=True)
   v = lm_variant(lm_config, len(tok), token_bytes, ambiguous, "fuser", new, ids, table=False)
   variants["forward | fuser per_id, training mode (no table)"] = (*v["forward"], v["params"])
-  rows = measure(variants, repeats)
+  rows = measure(variants, repeats, generations)
   for name, r in rows.items():
     ref = rows[name.split(" | ")[0] + " | static table"]
     r["time_ratio"] = r["seconds_per_token"] / ref["seconds_per_token"]

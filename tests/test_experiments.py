@@ -43,6 +43,17 @@ def test_bench_lm_loaders_prints_a_table(tmp_path):
                                               "grain, store, 2 threads"}
 
 
+def test_bench_fuser_cost_prints_a_table_with_generation_rows(tmp_path):
+  out = _run("bench_fuser_cost.py", "--sizes=small", "--vocab_size=600", "--batch_size=2",
+             "--seq_len=16", "--repeats=1", "--gen_tokens=8", f"--out={tmp_path / 'cost.json'}")
+  assert "| generation | fuser per_id, all tokens |" in out
+  rows = json.loads((tmp_path / "cost.json").read_text())["sizes"]["small"]["rows"]
+  gen = rows["generation | fuser per_id, all tokens"]
+  assert gen["tokens"] == 2 * (8 - 2) and gen["memory_ratio"] == rows[
+      "decode | fuser per_id, all tokens"]["memory_ratio"]
+  assert rows["generation | static table"]["time_ratio"] == 1.0
+
+
 def test_compile_full_compiles_sharded_steps_for_a_pod(tmp_path):
   out = _run("compile_full.py", "--config_arg=tiny", "--devices=4", "--phases=joint",
              "--shardings=fsdp_tp2", "--run_steps=2", f"--json_out={tmp_path / 'rows.json'}")
