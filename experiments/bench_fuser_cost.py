@@ -21,7 +21,8 @@ random-initialised LM (dense head) over a vocabulary counted from the built-in c
 * **Generation, per new token**: the project's own sampler (`fsqtok.models.generate`,
   one jitted loop of decode steps, greedy, after a prompt of ``seq_len / 2`` tokens): the
   time of ``--gen_tokens`` new tokens per row minus that of ``--gen_tokens / 4``, per
-  token. This is a decode step as generation runs it, step after step.
+  token. This is a decode step as generation runs it, step after step (its memory is
+  the decode step's).
 
 The fuser's hyperparameters are configs/fuser.py's ``fuser.model`` (window 4 tokens,
 causal in the LM). Timings are interleaved (every variant once per repeat, median over
@@ -139,9 +140,9 @@ def fuser_alone(vocab_size: int, d_model: int, token_bytes, ambiguous,
 
 def measure(variants: dict, repeats: int, generations: dict | None = None) -> dict:
   """``{row name: (fn, memory, tokens, params)}`` -> rows of time and memory per token;
-  ``generations``: ``{row name: (short fn, long fn, extra new tokens, memory, params)}``,
+  ``generations``: ``{row name: (short fn, long fn, extra new tokens, decode row name)}``,
   timed in the same interleaved calls, each row's time per token the difference of the
-  two (its memory: the decode step's)."""
+  two, its memory and parameters those of its decode step's row."""
   calls = {k: v[0] for k, v in variants.items()}
   for k, (short, long, *_) in (generations or {}).items():
     calls[k + " (short)"], calls[k + " (long)"] = short, long
@@ -149,10 +150,9 @@ def measure(variants: dict, repeats: int, generations: dict | None = None) -> di
   rows = {k: {"seconds_per_token": seconds[k] / v[2], "memory_bytes": v[1],
               "memory_bytes_per_token": v[1] / v[2], "tokens": v[2], "params": v[3]}
           for k, v in variants.items()}
-  for k, (_, _, extra, memory, params) in (generations or {}).items():
-    rows[k] = {"seconds_per_token": (seconds[k + " (long)"] - seconds[k + " (short)"]) / extra,
-               "memory_bytes": memory, "memory_bytes_per_token": memory / extra,
-               "tokens": extra, "params": params}
+  for k, (_, _, extra, decode) in (generations or {}).items():
+    rows[k] = {**rows[decode], "tokens": extra,
+               "seconds_per_token": (seconds[k + " (long)"] - seconds[k + " (short)"]) / extra}
   return rows
 
 
@@ -224,7 +224,7 @@ def run_size(size: str, tok, ids_BxT, ambiguous, capacity: float, repeats: int) 
     variants[f"forward | {name}"] = (*v["forward"], v["params"])
     variants[f"decode | {name}"] = (*v["decode"], v["params"])
     generations[f"generation | {name}"] = (*v["generate"], b * (_GEN.value - _GEN.value // 4),
-                                           v["decode"][1], v["params"])
+                                           f"decode | {name}")
   print(f"[{size}] compiling fuser per_id, training mode", flush=True)
   v = lm_variant(lm_config, len(tok), token_bytes, ambiguous, "fuser", new, ids, table=False)
   variants["forward | fuser per_id, training mode (no table)"] = (*v["forward"], v["params"])
