@@ -52,6 +52,9 @@ def test_bench_fuser_cost_prints_a_table_with_generation_rows(tmp_path):
   assert gen["tokens"] == 2 * (8 - 2) and gen["memory_ratio"] == rows[
       "decode | fuser per_id, all tokens"]["memory_ratio"]
   assert rows["generation | static table"]["time_ratio"] == 1.0
+  assert rows["forward | static table"]["min_time_ratio"] == 1.0
+  assert all(r["min_seconds_per_token"] <= r["seconds_per_token"]
+             for k, r in rows.items() if not k.startswith("generation"))
 
 
 def test_compile_full_compiles_sharded_steps_for_a_pod(tmp_path):
