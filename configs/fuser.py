@@ -151,6 +151,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                                    # word's neighbours this many tokens each side
       "cost_batch_size": 8, "cost_seq_len": 128, "cost_repeats": 5,
       "activation_batches": 20,
+      # a data ablation: the share of the training text (blocks, by a seeded hash of
+      # each) the fuser trains on; its ambiguous set, the tokenizer and the LM use all
+      "fuser_train_fraction": 1.0,
   })
 
   if arg == "english":

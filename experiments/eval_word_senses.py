@@ -192,8 +192,16 @@ def run(config, workdir: str, wordnet_dir: str) -> dict:
       sense_counts=wordnet.sense_counts(wordnet_dir, tuple(config.eval.pos)),
       min_senses=a.wordnet_min_senses)
   fuser_model = fuser_train.model_from_config(config, tok, ambiguous)
+  fraction = config.eval.get("fuser_train_fraction", 1.0)
+  if not 0.0 < fraction <= 1.0:
+    raise ValueError(f"eval.fuser_train_fraction must be in (0, 1], got {fraction}.")
+  if fraction < 1.0:  # a uniform share of the unique text, not its first books
+    fuser_data = lm_data.LMData(tok, (corpus_lib.sample_blocks(
+        texts[0], round(fraction * corpus_lib.total_chars(texts[0])), config.seed),
+        texts[1]), config.fuser.data.seq_len)
   fuser_report, fuser_params = fuser_train.train_fuser(
       config, os.path.join(workdir, "fuser"), fuser_model, tok, fuser_data)
+  fuser_report["train_bytes"] = fuser_data.train_bytes
   rate = fuser_train.activation_rate(
       fuser_model, fuser_params, tok, texts[1], seq_len=config.fuser.data.seq_len,
       batch_size=config.fuser.data.batch_size, max_batches=config.eval.activation_batches)

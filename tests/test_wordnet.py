@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
+from configs import fuser as fuser_config
 from conftest import REPO
+from fsqtok.data import corpus
 from fsqtok.studies import wordnet
 
 ENTRIES = {
@@ -79,14 +81,12 @@ def _experiment():
 def test_missing_database_names_the_fix(tmp_path):
   with pytest.raises(FileNotFoundError, match="apt-get install wordnet-base"):
     wordnet.sense_examples(str(tmp_path / "nowhere"))
-  from configs import fuser as fuser_config  # pylint: disable=g-import-not-at-top
   with pytest.raises(FileNotFoundError, match="--wordnet_dir"):
     _experiment().run(fuser_config.get_config("tiny"), str(tmp_path / "out"),
                       str(tmp_path / "none"))
 
 
 def test_the_english_config_says_how_to_build_its_corpus(db, tmp_path, monkeypatch):
-  from configs import fuser as fuser_config  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv("HOME", str(tmp_path))           # no ~/fsqtok-corpora here
   config = fuser_config.get_config("english")
   assert config.data.source == "files:~/fsqtok-corpora/books.txt"
@@ -100,12 +100,16 @@ def test_the_word_sense_experiment_runs_on_the_fixture(db, tmp_path):
   out = tmp_path / "out"
   proc = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "eval_word_senses.py"),
                          f"--config={os.path.join(REPO, 'configs', 'fuser.py')}:tiny",
-                         f"--workdir={out}", f"--wordnet_dir={db}"],
+                         f"--workdir={out}", f"--wordnet_dir={db}",
+                         "--config.eval.fuser_train_fraction=0.5"],
                         cwd=REPO, capture_output=True, text=True, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "| fuser, with context |" in proc.stdout
   with open(out / "report.json") as f:
     report = json.load(f)
+  train, _ = corpus.load_split(fuser_config.get_config("tiny").data)
+  share = report["fuser"]["train_bytes"] / sum(len(t.encode()) for t in train)
+  assert 0.4 < share < 0.6  # the fuser trained on about half of the training text
   s = report["word_senses"]
   assert (s["words"], s["senses"], s["examples"]) == (2, 4, 8)
   assert set(s["accuracy"]) == {"majority sense", "static table", "fuser, no context",
