@@ -270,11 +270,15 @@ def split_documents(docs: list[str], *, val_fraction: float, seed: int, block_ch
   for doc in docs:
     for block in split_blocks(doc, block_chars):
       (val if _unit_hash(block, str(seed)) < val_fraction else train).append(block)
-  if not train or (val_fraction > 0 and not val):
-    raise ValueError(f"Corpus too small to split: {len(train)} train and {len(val)} "
-                     f"validation blocks of {block_chars} characters. Lower "
-                     f"data.block_chars or add text.")
+  _check_split(len(train), len(val), val_fraction, block_chars)
   return train, val
+
+
+def _check_split(train: int, val: int, val_fraction: float, block_chars: int) -> None:
+  if not train or (val_fraction > 0 and not val):
+    raise ValueError(f"Corpus too small to split: {train} train and {val} validation "
+                     f"blocks of {block_chars} characters. Lower data.block_chars or add "
+                     f"text.")
 
 
 def sample_blocks(blocks: Iterable[str], max_chars: int, seed: int, *,
@@ -448,9 +452,9 @@ def stream_split(spec: str, *, data_dir: str | None = None, text_key: str = "tex
   else:
     docs = load_documents(spec, data_dir=data_dir, text_key=text_key,
                           invalid_utf8=invalid_utf8)
-    split_documents(docs, val_fraction=val_fraction, seed=seed,  # too small: an error now
-                    block_chars=block_chars)
     doc_blocks = [split_blocks(doc, block_chars) for doc in docs]
+    val = sum(_unit_hash(b, str(seed)) < val_fraction for bs in doc_blocks for b in bs)
+    _check_split(sum(map(len, doc_blocks)) - val, val, val_fraction, block_chars)
     read = lambda ids: (b for i in ids for b in doc_blocks[i])
     count = len(docs)
   blocks = BlockStream.of_documents(count, read)
