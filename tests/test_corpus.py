@@ -102,8 +102,8 @@ def test_a_share_of_a_stream_reads_only_its_own_documents(doc_files, monkeypatch
   assert train.documents == len(docs) == 200 and train.by_documents(200)
   assert not train.by_documents(201)
   read, real_read = [], corpus.read_blocks
-  monkeypatch.setattr(corpus, "read_blocks", lambda path, *a: read.append(path) or real_read(
-      path, *a))
+  monkeypatch.setattr(corpus, "read_blocks", lambda path, *a, **k: read.append(path) or
+                      real_read(path, *a, **k))
   shares = [list(train.share(i, 3)) for i in range(3)]
   assert read == paths[0::3] + paths[1::3] + paths[2::3]  # each file once, by its share
   for i in range(3):
@@ -118,6 +118,63 @@ def test_a_share_of_a_stream_reads_only_its_own_documents(doc_files, monkeypatch
   assert not few.by_documents(2) and list(few.share(1, 2)) == ["b", "d"]
   with pytest.raises(ValueError, match="share 3 of 3"):
     train.share(3, 3)
+
+
+@settings(max_examples=80, deadline=None)
+@given(text=st.text(st.sampled_from("ab\n\u00e9\U0001f600"), max_size=300),
+       segment_bytes=st.integers(1, 48), block_chars=st.integers(1, 30))
+def test_segments_cover_a_document_cut_after_line_ends_and_read_alike(
+    text, segment_bytes, block_chars, tmp_path_factory):
+  """Segments cover the document in order, none empty, each but the last ending with a
+  line end, each after the first starting at or after its k * segment_bytes; a file's
+  segments read from disk give `document_blocks`, the loaded text's blocks."""
+  raw = text.encode("utf-8")
+  bounds = corpus.segment_bounds(len(raw), lambda p: raw.find(b"\n", p), segment_bytes)
+  assert [a for a, _ in bounds[1:]] == [b for _, b in bounds[:-1]]
+  assert (bounds[0][0], bounds[-1][1]) == (0, len(raw)) if raw else bounds == []
+  assert all(a < b for a, b in bounds)
+  assert all(raw[b - 1:b] == b"\n" for _, b in bounds[:-1])
+  assert all(a >= k * segment_bytes for k, (a, _) in enumerate(bounds))
+  blocks = corpus.document_blocks(text, block_chars, segment_bytes)
+  assert "".join(blocks) == text
+  assert blocks == [b for a, e in bounds
+                    for b in corpus.split_blocks(raw[a:e].decode("utf-8"), block_chars)]
+  path = tmp_path_factory.mktemp("segments") / "t.txt"
+  path.write_bytes(raw)
+  segments = corpus.file_segments(str(path), segment_bytes)
+  assert segments == bounds
+  assert [b for seg in segments for b in corpus.read_blocks(
+      str(path), block_chars, segment=seg)] == blocks
+
+
+def test_a_share_of_one_large_file_reads_only_its_own_segments(tmp_path, monkeypatch):
+  """One file of ~30 segments: each share reads only its own byte ranges (bytes that are
+  not UTF-8 in the others' segments are never decoded), and the shares are the split's
+  blocks of the loaded text, cut into the same segments."""
+  lines = [f"line {i}: {'word ' * (i % 7)}\n" for i in range(600)]
+  path = tmp_path / "one.txt"
+  path.write_text("".join(lines), encoding="utf-8")
+  kw = dict(val_fraction=0.1, seed=3, block_chars=64, segment_bytes=512)
+  train, _ = corpus.stream_split(f"files:{path}", **kw)
+  segments = corpus.file_segments(str(path), 512)
+  assert train.documents == len(segments) >= 30 and train.by_documents(3)
+  expected, _ = corpus.split_documents([path.read_text(encoding="utf-8")], **kw)
+  assert list(train) == expected
+  read, real_read = [], corpus.read_blocks
+  monkeypatch.setattr(corpus, "read_blocks", lambda path, *a, segment: read.append(
+      segment) or real_read(path, *a, segment=segment))
+  shares = [list(train.share(i, 3)) for i in range(3)]
+  assert read == segments[0::3] + segments[1::3] + segments[2::3]
+  assert sorted(sum(shares, [])) == sorted(expected)
+  monkeypatch.setattr(corpus, "read_blocks", real_read)
+  # share 0's segments stay readable when every other segment is damaged
+  data = bytearray(path.read_bytes())
+  for start, end in segments[1::3] + segments[2::3]:
+    data[start] = 0xFF
+  path.write_bytes(bytes(data))
+  assert list(train.share(0, 3)) == shares[0]
+  with pytest.raises(ValueError, match=rf"not UTF-8 text \(byte {segments[1][0]}:"):
+    list(train.share(1, 3))
 
 
 def test_streamed_text_that_is_not_utf8_is_an_error_naming_file_and_byte(tmp_path):

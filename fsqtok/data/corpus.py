@@ -16,6 +16,11 @@ loader, every host's) memory does not grow with the corpus. The streams know the
 documents: a host's share of them (`BlockStream.share`) reads only its own files or
 records, never the rest of the corpus.
 
+A document longer than ``SEGMENT_BYTES`` (UTF-8) is first cut into **segments** of about
+that size, each ending after a line end (`segment_bounds`), and each segment into blocks;
+shorter documents are one segment. A streamed file's segments are read by seeking, so a
+corpus that is one large file still gives every host only its own part to read.
+
 Bytes of a ``files:`` corpus that are not UTF-8 follow ``invalid_utf8`` (`INVALID_UTF8`):
 ``"error"`` (the default: stop, naming the file and byte), ``"replace"`` (each bad
 sequence becomes U+FFFD) or ``"skip_document"`` (the whole file is left out);
@@ -230,6 +235,46 @@ def parse_named(spec: str, what: str = "corpora") -> dict[str, str]:
   return out
 
 
+# A document longer than this many UTF-8 bytes is cut into segments (`segment_bounds`)
+# before blocks: part of the corpus's block layout, not a tuning knob.
+SEGMENT_BYTES = 1 << 26
+
+
+def segment_bounds(size: int, newline_from: Callable[[int], int], segment_bytes: int
+                   ) -> list[tuple[int, int]]:
+  r"""The segments of a document of ``size`` bytes: ``[(start, end), ...]`` in order,
+  covering it, none empty. Segment k >= 1 starts just after the first line end
+  (``b"\n"``) at or after byte ``k * segment_bytes - 1`` (so UTF-8 is never cut inside a
+  character); ``newline_from(p)`` gives the first ``\n`` at or after ``p`` (-1: none). The
+  cuts depend only on the bytes and ``segment_bytes``, not on who reads."""
+  if segment_bytes < 1:
+    raise ValueError(f"segment_bytes must be >= 1, got {segment_bytes}.")
+  starts = [0]
+  for k in range(1, -(-size // segment_bytes)):
+    if starts[-1] >= k * segment_bytes:  # a line longer than a segment
+      continue
+    newline = newline_from(k * segment_bytes - 1)
+    if newline < 0 or newline + 1 >= size:
+      break
+    starts.append(newline + 1)
+  ends = starts[1:] + [size]
+  return [(a, b) for a, b in zip(starts, ends) if a < b]
+
+
+def document_blocks(text: str, block_chars: int, segment_bytes: int = SEGMENT_BYTES
+                    ) -> list[str]:
+  """A document's blocks: `split_blocks` of each of its segments (`segment_bounds`)."""
+  if len(text) * 4 <= segment_bytes:  # at most 4 bytes a character: one segment
+    return split_blocks(text, block_chars)
+  raw = text.encode("utf-8", "surrogatepass")
+  if len(raw) <= segment_bytes:
+    return split_blocks(text, block_chars)
+  return [b for start, end in segment_bounds(len(raw), lambda p: raw.find(b"\n", p),
+                                             segment_bytes)
+          for b in split_blocks(raw[start:end].decode("utf-8", "surrogatepass"),
+                                block_chars)]
+
+
 def split_blocks(text: str, block_chars: int) -> list[str]:
   """Cuts a document into blocks of about ``block_chars`` characters at line ends."""
   blocks, start = [], 0
@@ -257,18 +302,19 @@ def _unit_hash(block: str, key: str) -> float:
   return int.from_bytes(h, "little") / 2.0**64
 
 
-def split_documents(docs: list[str], *, val_fraction: float, seed: int, block_chars: int
-                    ) -> tuple[list[str], list[str]]:
+def split_documents(docs: list[str], *, val_fraction: float, seed: int, block_chars: int,
+                    segment_bytes: int = SEGMENT_BYTES) -> tuple[list[str], list[str]]:
   """Deterministic train/validation split by a seeded hash of each block's content.
 
-  Documents are cut into blocks first, so a corpus that is one long file still gets a
-  validation set; identical blocks always land on the same side (no leakage).
+  Documents are cut into blocks first (`document_blocks`), so a corpus that is one long
+  file still gets a validation set; identical blocks always land on the same side (no
+  leakage).
   """
   if not 0.0 <= val_fraction < 1.0:
     raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
   train, val = [], []
   for doc in docs:
-    for block in split_blocks(doc, block_chars):
+    for block in document_blocks(doc, block_chars, segment_bytes):
       (val if _unit_hash(block, str(seed)) < val_fraction else train).append(block)
   _check_split(len(train), len(val), val_fraction, block_chars)
   return train, val
@@ -393,19 +439,43 @@ def _bad_bytes(path: str) -> int:
   return _BAD_BYTES.n
 
 
-def read_blocks(path: str, block_chars: int, invalid_utf8: str = "error") -> Iterator[str]:
-  """The blocks of a UTF-8 text file, exactly those of ``split_blocks(whole text)``, read
-  ``READ_BYTES`` at a time. Bytes that are not UTF-8 follow ``invalid_utf8``: an error
-  naming the file and byte, U+FFFD, or no blocks from this file."""
+def _newline_from(f, position: int) -> int:
+  r"""The first ``\n`` of the open binary file ``f`` at or after ``position`` (-1: none)."""
+  f.seek(position)
+  while chunk := f.read(1 << 16):
+    found = chunk.find(b"\n")
+    if found >= 0:
+      return position + found
+    position += len(chunk)
+  return -1
+
+
+def file_segments(path: str, segment_bytes: int = SEGMENT_BYTES) -> list[tuple[int, int]]:
+  """A file's segments (`segment_bounds`), found by seeking: a few reads per segment."""
+  size = os.path.getsize(path)
+  if size <= segment_bytes:
+    return [(0, size)] if size else []
+  with open(path, "rb") as f:
+    return segment_bounds(size, lambda p: _newline_from(f, p), segment_bytes)
+
+
+def read_blocks(path: str, block_chars: int, invalid_utf8: str = "error", *,
+                segment: tuple[int, int] | None = None) -> Iterator[str]:
+  """The blocks of a UTF-8 text file (or of its bytes ``segment = (start, end)``), exactly
+  those of ``split_blocks(that text)``, read ``READ_BYTES`` at a time. Bytes that are not
+  UTF-8 follow ``invalid_utf8``: an error naming the file and byte, U+FFFD, or no blocks
+  from this file (which is checked whole)."""
   check_invalid_utf8(invalid_utf8)
   if invalid_utf8 == "skip_document" and _bad_bytes(path):
     return
   decoder = codecs.getincrementaldecoder("utf-8")(
       "replace" if invalid_utf8 == "replace" else "strict")
-  text, start, offset = "", 0, 0
+  offset, stop = segment if segment is not None else (0, None)
+  text, start = "", 0
   with open(path, "rb") as f:
+    f.seek(offset)
     while True:
-      raw = f.read(READ_BYTES)
+      raw = f.read(READ_BYTES if stop is None else min(READ_BYTES, stop - offset))
       pending = len(decoder.getstate()[0])  # bytes of a character cut by the last read
       try:
         text = text[start:] + decoder.decode(raw, final=not raw)
@@ -424,12 +494,18 @@ def read_blocks(path: str, block_chars: int, invalid_utf8: str = "error") -> Ite
 
 def stream_split(spec: str, *, data_dir: str | None = None, text_key: str = "text",
                  val_fraction: float, seed: int, block_chars: int,
-                 invalid_utf8: str = "error") -> tuple[BlockStream, BlockStream]:
+                 invalid_utf8: str = "error", segment_bytes: int = SEGMENT_BYTES
+                 ) -> tuple[BlockStream, BlockStream]:
   """The train and validation blocks of `split_documents` for the corpus ``spec``, as
   `BlockStream`s of its documents (`BlockStream.of_documents`) read anew on each pass, so
-  their memory does not grow with the corpus: ``files:`` corpora a file at a time, block
-  by block from disk; ``tfds:`` ones a record at a time from their random-access source;
-  ``builtin`` is loaded once and held. A share of whole documents reads only those."""
+  their memory does not grow with the corpus: ``files:`` corpora a segment of a file at a
+  time (`file_segments`: the stream's documents), block by block from disk; ``tfds:``
+  ones a record at a time from their random-access source; ``builtin`` is loaded once
+  and held. A share of whole documents reads only those.
+
+  Under ``invalid_utf8="replace"`` a file longer than ``segment_bytes`` with bytes that
+  are not UTF-8 may be cut into segments at other places than `split_documents` cuts its
+  decoded text (the cuts are made on the file's bytes here, on the text's there)."""
   scheme, _, arg = spec.partition(":")
   if not 0.0 <= val_fraction < 1.0:
     raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
@@ -440,19 +516,22 @@ def stream_split(spec: str, *, data_dir: str | None = None, text_key: str = "tex
     def read(ids: Iterable[int]) -> Iterator[str]:
       src = _tfds_source(arg, data_dir)
       for i in ids:
-        yield from split_blocks(_tfds_text(src, i, arg, text_key), block_chars)
+        yield from document_blocks(_tfds_text(src, i, arg, text_key), block_chars,
+                                   segment_bytes)
     count = len(source)
   elif scheme == "files":
     if not arg:
       raise ValueError("'files:' needs a glob, e.g. files:data/*.txt")
     from fsqtok.data import files_dataset  # pylint: disable=g-import-not-at-top
-    paths = files_dataset.resolve_glob(arg)
-    read = lambda ids: (b for i in ids for b in read_blocks(paths[i], block_chars, invalid_utf8))
-    count = len(paths)
+    segments = [(path, segment) for path in files_dataset.resolve_glob(arg)
+                for segment in file_segments(path, segment_bytes)]
+    read = lambda ids: (b for i in ids for b in read_blocks(
+        segments[i][0], block_chars, invalid_utf8, segment=segments[i][1]))
+    count = len(segments)
   else:
     docs = load_documents(spec, data_dir=data_dir, text_key=text_key,
                           invalid_utf8=invalid_utf8)
-    doc_blocks = [split_blocks(doc, block_chars) for doc in docs]
+    doc_blocks = [document_blocks(doc, block_chars, segment_bytes) for doc in docs]
     val = sum(_unit_hash(b, str(seed)) < val_fraction for bs in doc_blocks for b in bs)
     _check_split(sum(map(len, doc_blocks)) - val, val, val_fraction, block_chars)
     read = lambda ids: (b for i in ids for b in doc_blocks[i])

@@ -2,7 +2,8 @@
 shards and reading only its own rows (``lm.data.loader = "grain"``).
 
 A split's blocks go to ``num_shards`` shards: whole documents (document d to shard
-d mod num_shards) when the corpus is streamed (`fsqtok.data.corpus.stream_split`) and has
+d mod num_shards; a file's ~64 MiB segments, `fsqtok.data.corpus.segment_bounds`, are its
+documents) when the corpus is streamed (`fsqtok.data.corpus.stream_split`) and has
 at least num_shards documents, so a process reads only its own files or records; blocks
 by position otherwise (block k to shard k mod num_shards). Either way the shards, and
 every window in them, are the same whatever the number of processes; process p tokenizes
@@ -45,7 +46,7 @@ SPLITS = ("train", "val")
 
 # How blocks go to shards (`_text_streams`), part of a store's name (`store_dir`): a
 # store made by an older rule is never reused.
-SHARD_LAYOUT = "documents to shards when streamed, else blocks"
+SHARD_LAYOUT = "documents (files cut in 64 MiB segments) to shards when streamed, else blocks"
 
 
 def store_dir(root: str, **made_from: Any) -> str:
