@@ -2,6 +2,7 @@ r"""What the contextual fuser embedding costs an LM, against a static table, in 
 
   python experiments/bench_fuser_cost.py                      # both LM sizes, ~4 min on 2 CPU cores
   python experiments/bench_fuser_cost.py --sizes=small --repeats=3 --capacity=0.4
+  python experiments/bench_fuser_cost.py --embeddings=per_id,capacity  # those rows alone
 
 For each LM size (``small``: the README's LM, d=128, 2 layers, configs/fuser.py's
 ``lm.model``; ``big``: d=256, 6 layers, 8 heads, MLP 1024) and each embedding (static
@@ -56,6 +57,8 @@ SIZES = {  # LM model fields over configs/fuser.py's lm.model (the README's LM)
     "small": {},
     "big": {"d_model": 256, "num_layers": 6, "num_heads": 8, "mlp_dim": 1024},
 }
+# the embeddings timed beside the static table (--embeddings)
+EMBEDDINGS = ("per_position", "per_id", "capacity", "mixer2", "training")
 TARGETS = {"forward_time": 1.25, "decode_time": 1.25, "memory": 1.5}  # issue 17, x static
 
 _SIZES = flags.DEFINE_list("sizes", ["small", "big"], f"LM sizes: {sorted(SIZES)}.")
@@ -65,6 +68,11 @@ _SEQ = flags.DEFINE_integer("seq_len", 128, "Tokens per row.")
 _REPEATS = flags.DEFINE_integer("repeats", 15, "Timed calls per variant (median).")
 _CAPACITY = flags.DEFINE_float("capacity", 0.4, "per_id capacity of the capacity rows.")
 _GEN = flags.DEFINE_integer("gen_tokens", 64, "New tokens per row of the longer generation.")
+_EMBEDDINGS = flags.DEFINE_list(
+    "embeddings", list(EMBEDDINGS),
+    "Embeddings timed beside the static table: per_position (the first design), per_id (all "
+    "tokens), capacity (per_id at --capacity), mixer2 (per_id, two-layer mixer), training "
+    "(per_id without its table).")
 _OUT = flags.DEFINE_string("out", "experiments/results/fuser_cost.json", "JSON report.")
 
 
@@ -210,7 +218,8 @@ def text_batch(tok, texts, batch: int, seq_len: int) -> np.ndarray:
   return np.asarray(stream[:batch * seq_len], np.int32).reshape(batch, seq_len)
 
 
-def run_size(size: str, tok, ids_BxT, ambiguous, capacity: float, repeats: int) -> dict:
+def run_size(size: str, tok, ids_BxT, ambiguous, capacity: float, repeats: int,
+             embeddings=EMBEDDINGS) -> dict:
   config = fuser_config.get_config("")
   lm_config = config.lm.model
   lm_config.update(SIZES[size])
@@ -223,24 +232,27 @@ def run_size(size: str, tok, ids_BxT, ambiguous, capacity: float, repeats: int) 
   token_bytes = [tok.token_bytes(i) for i in range(len(tok))]
   ids = jnp.asarray(ids_BxT)
   built = {
-      "static table": ("table", None, True),
-      "fuser per_position (first design)": ("fuser", old, True),
-      "fuser per_id, all tokens": ("fuser", new, True),
-      f"fuser per_id, capacity {capacity:g}": ("fuser", capped, True),
-      "fuser per_id, 2-layer mixer, all tokens": ("fuser", two_layer, True),
+      "static table": ("table", None),
+      "per_position": ("fuser per_position (first design)", old),
+      "per_id": ("fuser per_id, all tokens", new),
+      "capacity": (f"fuser per_id, capacity {capacity:g}", capped),
+      "mixer2": ("fuser per_id, 2-layer mixer, all tokens", two_layer),
   }
   variants, generations = {}, {}
   b = ids.shape[0]
-  for name, (emb, spec, table) in built.items():
+  for key in ["static table", *(e for e in embeddings if e in built)]:
+    name, spec = ("static table", None) if key == "static table" else built[key]
     print(f"[{size}] compiling {name}", flush=True)
-    v = lm_variant(lm_config, len(tok), token_bytes, ambiguous, emb, spec, ids, table=table)
+    v = lm_variant(lm_config, len(tok), token_bytes, ambiguous,
+                   "table" if spec is None else "fuser", spec, ids)
     variants[f"forward | {name}"] = (*v["forward"], v["params"])
     variants[f"decode | {name}"] = (*v["decode"], v["params"])
     generations[f"generation | {name}"] = (*v["generate"], b * (_GEN.value - _GEN.value // 4),
                                            f"decode | {name}")
-  print(f"[{size}] compiling fuser per_id, training mode", flush=True)
-  v = lm_variant(lm_config, len(tok), token_bytes, ambiguous, "fuser", new, ids, table=False)
-  variants["forward | fuser per_id, training mode (no table)"] = (*v["forward"], v["params"])
+  if "training" in embeddings:
+    print(f"[{size}] compiling fuser per_id, training mode", flush=True)
+    v = lm_variant(lm_config, len(tok), token_bytes, ambiguous, "fuser", new, ids, table=False)
+    variants["forward | fuser per_id, training mode (no table)"] = (*v["forward"], v["params"])
   rows = measure(variants, repeats, generations)
   for name, r in rows.items():
     ref = rows[name.split(" | ")[0] + " | static table"]
@@ -294,6 +306,9 @@ def main(argv):
   unknown = set(_SIZES.value) - set(SIZES)
   if unknown:
     raise ValueError(f"Unknown --sizes {sorted(unknown)}; known: {sorted(SIZES)}.")
+  unknown = set(_EMBEDDINGS.value) - set(EMBEDDINGS)
+  if unknown:
+    raise ValueError(f"Unknown --embeddings {sorted(unknown)}; known: {list(EMBEDDINGS)}.")
   start = time.perf_counter()
   config = fuser_config.get_config("")
   texts = corpus_lib.load_split(config.data)
@@ -307,10 +322,11 @@ def main(argv):
             "device": jax.devices()[0].device_kind, "batch": [_BATCH.value, _SEQ.value],
             "vocab_size": len(tok), "ambiguous_set": len(ambiguous),
             "capacity": _CAPACITY.value, "repeats": _REPEATS.value, "targets": TARGETS,
+            "embeddings": _EMBEDDINGS.value,
             "fuser": config.fuser.model.to_dict(), "sizes": {}}
   for size in _SIZES.value:
     report["sizes"][size] = run_size(size, tok, ids, ambiguous, _CAPACITY.value,
-                                     _REPEATS.value)
+                                     _REPEATS.value, _EMBEDDINGS.value)
   report["wall_seconds"] = time.perf_counter() - start
   workdir_lib.write_json(_OUT.value, report)
   print_table(report)

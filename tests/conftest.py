@@ -39,6 +39,20 @@ def pytest_collection_modifyitems(config, items):
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
+def pytest_configure(config):
+  """``--dist loadgroup`` keeps each ``xdist_group``'s tests on one worker, so the fixtures
+  they share are built once; with pytest 9.2 and pytest-xdist <= 3.8 it silently stops
+  grouping (pytest-dev/pytest-xdist#1386), which setup.cfg's pin avoids."""
+  if config.getoption("dist", "no") != "loadgroup" or pytest.version_tuple[:2] < (9, 2):
+    return
+  import xdist  # pylint: disable=g-import-not-at-top
+  if tuple(int(x) for x in xdist.__version__.split(".")[:2]) <= (3, 8):
+    raise pytest.UsageError(
+        f"pytest {pytest.__version__} with pytest-xdist {xdist.__version__} does not group "
+        f"tests under --dist loadgroup (pytest-dev/pytest-xdist#1386): install the "
+        f"project's pinned pytest, pip install -e '.[test]'.")
+
+
 hypothesis.settings.register_profile("ci", max_examples=200, deadline=None, derandomize=True)
 hypothesis.settings.load_profile("ci")
 

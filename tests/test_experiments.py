@@ -45,9 +45,11 @@ def test_bench_lm_loaders_prints_a_table(tmp_path):
 
 def test_bench_fuser_cost_prints_a_table_with_generation_rows(tmp_path):
   out = _run("bench_fuser_cost.py", "--sizes=small", "--vocab_size=600", "--batch_size=2",
-             "--seq_len=16", "--repeats=1", "--gen_tokens=8", f"--out={tmp_path / 'cost.json'}")
+             "--seq_len=16", "--repeats=1", "--gen_tokens=8", "--embeddings=per_id",
+             f"--out={tmp_path / 'cost.json'}")
   assert "| generation | fuser per_id, all tokens |" in out
   rows = json.loads((tmp_path / "cost.json").read_text())["sizes"]["small"]["rows"]
+  assert {k.split(" | ")[1] for k in rows} == {"static table", "fuser per_id, all tokens"}
   gen = rows["generation | fuser per_id, all tokens"]
   assert gen["tokens"] == 2 * (8 - 2) and gen["memory_ratio"] == rows[
       "decode | fuser per_id, all tokens"]["memory_ratio"]
