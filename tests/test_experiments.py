@@ -59,6 +59,19 @@ def test_bench_fuser_cost_prints_a_table_with_generation_rows(tmp_path):
              for k, r in rows.items() if not k.startswith("generation"))
 
 
+def test_bench_corpus_shares_reads_each_hosts_segments_alone(doc_files):
+  out = _run("bench_corpus_shares.py", f"--file={doc_files / 'doc000.txt'}", "--copies=40",
+             "--segment_bytes=512", "--max_hosts=3")
+  rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in out.splitlines()
+          if line.startswith("| share") or line.startswith("| whole")}
+  chars = {name: int(r[1].replace(",", "")) for name, r in rows.items()}
+  read = {name: int(r[2].split(" ")[0].replace(",", "")) for name, r in rows.items()}
+  assert len(rows) == 1 + 2 + 3
+  for n in (2, 3):  # the shares hold the whole, each reading about its own part
+    assert sum(chars[f"share {i} of {n}"] for i in range(n)) == chars["whole (1 host)"]
+    assert all(read[f"share {i} of {n}"] < 0.75 * read["whole (1 host)"] for i in range(n))
+
+
 def test_compile_full_compiles_sharded_steps_for_a_pod(tmp_path):
   out = _run("compile_full.py", "--config_arg=tiny", "--devices=4", "--phases=joint",
              "--shardings=fsdp_tp2", "--run_steps=2", f"--json_out={tmp_path / 'rows.json'}")
