@@ -175,6 +175,11 @@ def test_a_share_of_one_large_file_reads_only_its_own_segments(tmp_path, monkeyp
   assert list(train.share(0, 3)) == shares[0]
   with pytest.raises(ValueError, match=rf"not UTF-8 text \(byte {segments[1][0]}:"):
     list(train.share(1, 3))
+  # skip_document leaves the whole file out, checking its bytes once, not once a segment
+  checks, real_bad = [], corpus._bad_bytes  # pylint: disable=protected-access
+  monkeypatch.setattr(corpus, "_bad_bytes", lambda p: checks.append(p) or real_bad(p))
+  skipped, _ = corpus.stream_split(f"files:{path}", **kw, invalid_utf8="skip_document")
+  assert list(skipped) == [] and len(checks) == 1
 
 
 def test_streamed_text_that_is_not_utf8_is_an_error_naming_file_and_byte(tmp_path):

@@ -439,6 +439,14 @@ def _bad_bytes(path: str) -> int:
   return _BAD_BYTES.n
 
 
+@functools.lru_cache(maxsize=4096)
+def _has_bad_bytes(path: str, size: int, mtime_ns: int) -> bool:
+  """Whether a file (as of ``size`` and ``mtime_ns``) holds bytes that are not UTF-8:
+  checked once per file, not once per segment read."""
+  del size, mtime_ns  # part of the cache key only
+  return _bad_bytes(path) > 0
+
+
 def _newline_from(f, position: int) -> int:
   r"""The first ``\n`` of the open binary file ``f`` at or after ``position`` (-1: none)."""
   f.seek(position)
@@ -466,8 +474,10 @@ def read_blocks(path: str, block_chars: int, invalid_utf8: str = "error", *,
   UTF-8 follow ``invalid_utf8``: an error naming the file and byte, U+FFFD, or no blocks
   from this file (which is checked whole)."""
   check_invalid_utf8(invalid_utf8)
-  if invalid_utf8 == "skip_document" and _bad_bytes(path):
-    return
+  if invalid_utf8 == "skip_document":
+    stat = os.stat(path)
+    if _has_bad_bytes(path, stat.st_size, stat.st_mtime_ns):
+      return
   decoder = codecs.getincrementaldecoder("utf-8")(
       "replace" if invalid_utf8 == "replace" else "strict")
   offset, stop = segment if segment is not None else (0, None)
