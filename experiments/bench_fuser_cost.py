@@ -231,8 +231,7 @@ def run_size(size: str, tok, ids_BxT, ambiguous, capacity: float, repeats: int,
   two_layer = dataclasses.replace(new, mixer="attention", mixer_layers=2)
   token_bytes = [tok.token_bytes(i) for i in range(len(tok))]
   ids = jnp.asarray(ids_BxT)
-  built = {
-      "static table": ("table", None),
+  built = {  # --embeddings -> (row name, fuser spec)
       "per_position": ("fuser per_position (first design)", old),
       "per_id": ("fuser per_id, all tokens", new),
       "capacity": (f"fuser per_id, capacity {capacity:g}", capped),
@@ -240,8 +239,7 @@ def run_size(size: str, tok, ids_BxT, ambiguous, capacity: float, repeats: int,
   }
   variants, generations = {}, {}
   b = ids.shape[0]
-  for key in ["static table", *(e for e in embeddings if e in built)]:
-    name, spec = ("static table", None) if key == "static table" else built[key]
+  for name, spec in [("static table", None), *(built[e] for e in embeddings if e in built)]:
     print(f"[{size}] compiling {name}", flush=True)
     v = lm_variant(lm_config, len(tok), token_bytes, ambiguous,
                    "table" if spec is None else "fuser", spec, ids)
