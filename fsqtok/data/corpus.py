@@ -264,10 +264,9 @@ def segment_bounds(size: int, newline_from: Callable[[int], int], segment_bytes:
 def document_blocks(text: str, block_chars: int, segment_bytes: int = SEGMENT_BYTES
                     ) -> list[str]:
   """A document's blocks: `split_blocks` of each of its segments (`segment_bounds`)."""
-  if len(text) * 4 <= segment_bytes:  # at most 4 bytes a character: one segment
-    return split_blocks(text, block_chars)
-  raw = text.encode("utf-8", "surrogatepass")
-  if len(raw) <= segment_bytes:
+  # at most 4 bytes a character: a short text is one segment without being encoded
+  if (len(text) * 4 <= segment_bytes
+      or len(raw := text.encode("utf-8", "surrogatepass")) <= segment_bytes):
     return split_blocks(text, block_chars)
   return [b for start, end in segment_bounds(len(raw), lambda p: raw.find(b"\n", p),
                                              segment_bytes)

@@ -46,7 +46,8 @@ SPLITS = ("train", "val")
 
 # How blocks go to shards (`_text_streams`), part of a store's name (`store_dir`): a
 # store made by an older rule is never reused.
-SHARD_LAYOUT = "documents (files cut in 64 MiB segments) to shards when streamed, else blocks"
+SHARD_LAYOUT = (f"documents (cut in segments of {corpus_lib.SEGMENT_BYTES} bytes) to shards "
+                "when streamed, else blocks")
 
 
 def store_dir(root: str, **made_from: Any) -> str:
