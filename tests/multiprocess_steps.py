@@ -1,8 +1,9 @@
-"""What tests/test_multiprocess.py runs once in one process and once in several: three
-LM steps on fixed batches over every device of every process, an
-Orbax round trip of the LM state, the fuser phase on a token store each process reads
-its own rows of, and the whole curriculum end to end with its state split FSDP-style and
-its windows read through Grain (`run_curriculum`)."""
+"""What tests/test_multiprocess.py runs once in one process and once in several, in three
+parts that each test launches on its own: three LM steps on fixed batches over every
+device of every process and an Orbax round trip of the LM state (`run_steps`, with Grain
+batches, pooled counts and a ``files:`` corpus); the fuser phase on a token store each
+process reads its own rows of (`run_store`); and the whole curriculum end to end with its
+state split FSDP-style and its windows read through Grain (`run_curriculum`)."""
 import hashlib
 import os
 
@@ -64,24 +65,19 @@ def _lm_batch(i: int) -> dict[str, np.ndarray]:
           "weights": np.ones((16, 8), np.float32), "valid": np.ones((16, 8), np.int32)}
 
 
-def run(out_dir: str, save_as: str, restore_from: str | None = None
-        ) -> dict[str, np.ndarray]:
-  """The steps on this run's mesh; saves the LM state as ``out_dir/SAVE_AS`` and restores
+def run_steps(out_dir: str, save_as: str, restore_from: str | None = None
+              ) -> dict[str, np.ndarray]:
+  """Grain batches, pooled piece counts, a ``files:`` corpus and three LM steps on this
+  run's mesh; saves the LM state as ``out_dir/SAVE_AS`` and restores
   ``out_dir/RESTORE_FROM`` (another run's). Returns the results by name."""
   mesh = sharding_lib.data_mesh()
   repl, data = sharding_lib.replicated(mesh), sharding_lib.batch_sharded(mesh)
-  out: dict[str, np.ndarray] = {"layout": np.array([jax.process_count(),
-                                                    jax.local_device_count(),
-                                                    jax.device_count()])}
+  out = _layout()
 
   # Grain: each process draws its own rows of a global batch of 8 (ids of 32 rows)
   loader = grain_loader.GrainBatches({"row": np.arange(32)}, 8, seed=0, name="rows")
   for i in range(2):
     out[f"grain/{i}"] = sharding_lib.to_host(loader.place(next(loader), mesh))["row"]
-
-  store, results = _token_store(out_dir, save_as, mesh)
-  out.update(results)
-  out.update(_fuser(out_dir, save_as, store))
   out.update(_pooled_counts())
   out.update(_files_corpus(out_dir, save_as))
 
@@ -108,6 +104,20 @@ def run(out_dir: str, save_as: str, restore_from: str | None = None
     out["restored/position"] = np.asarray(position["position"])
     out.update({f"restored/{k}": v for k, v in _host(restored.params).items()})
   return out
+
+
+def run_store(out_dir: str, save_as: str) -> dict[str, np.ndarray]:
+  """A token store prepared in ``out_dir/store_SAVE_AS`` and the fuser phase trained on
+  it (`_token_store`, `_fuser`). Returns the results by name."""
+  store, out = _token_store(out_dir, save_as, sharding_lib.data_mesh())
+  out.update(_layout())
+  out.update(_fuser(out_dir, save_as, store))
+  return out
+
+
+def _layout() -> dict[str, np.ndarray]:
+  return {"layout": np.array([jax.process_count(), jax.local_device_count(),
+                              jax.device_count()])}
 
 
 STORE_TEXTS = ([TEXT[k:] for k in range(0, 60, 10)], [TEXT[k:] for k in (5, 15, 25)])

@@ -1,12 +1,12 @@
-"""Several JAX processes on this machine: 2 processes x 4 CPU devices (collectives over
-gloo) give the LM steps of 1 process x 8 devices, Orbax checkpoints move
-between the two layouts, each process draws its own rows of one process's global batches
-through Grain, and the training loops (FSDP state) run end to end with only process 0
-writing; the token store's shards are each tokenized by one process and evaluated there;
-the fuser phase, reading its rows that way and pooling its token-pair counts, trains as in
-one process; and the whole curriculum (a files: corpus prepared once, its pieces counted a
-share per process, codec, vocabulary, LM and joint on a token store, sample) gives one
-process's work directory."""
+"""Several JAX processes on this machine, three tests that each launch their own: 2
+processes x 4 CPU devices (collectives over gloo) give the LM steps of 1 process x 8
+devices, Orbax checkpoints move between the two layouts, each process draws its own rows
+of one process's global batches through Grain; the token store's shards are each
+tokenized by one process and evaluated there, and the fuser phase, reading its rows that
+way and pooling its token-pair counts, trains as in one process; and the whole
+curriculum (a files: corpus prepared once, its pieces counted a share per process,
+codec, vocabulary, LM and joint on a token store, sample; FSDP state; only process 0
+writing) gives one process's work directory."""
 import json
 import os
 import socket
@@ -38,37 +38,54 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(num_processes: int, devices_each: int, out_dir: str, timeout: float = 600):
-  # the children take ~60-150 s on 2 shared cores; 240 s timed out once beside a training
-  # run, so the bound is only there to end a hang
+def _launch(part: str, out_dir, meanwhile=None, num_processes: int = 2,
+            devices_each: int = 4, timeout: float = 600):
+  """Runs PART of tests/multiprocess_child.py in ``num_processes`` processes of
+  ``devices_each`` CPU devices, and ``meanwhile()`` here while they run (their
+  compiling leaves the cores idle at times); fails with a process's output if one
+  fails. Returns what ``meanwhile`` returned."""
+  # each part takes ~10-40 s alone on 2 cores; the bound is only there to end a hang
   env = dict(os.environ)
   env.update(XLA_FLAGS=xla_flags(devices_each),
              JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
   port = _free_port()
-  procs = [subprocess.Popen([sys.executable, CHILD, str(i), str(num_processes), str(port),
-                             out_dir], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-           for i in range(num_processes)]
+  logs = [os.path.join(out_dir, f"{part}_{i}.log") for i in range(num_processes)]
+  procs = []
   try:
-    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    for i, log in enumerate(logs):  # to a file, not a pipe: nobody reads it meanwhile
+      with open(log, "w", encoding="utf-8") as f:
+        procs.append(subprocess.Popen(
+            [sys.executable, CHILD, part, str(i), str(num_processes), str(port),
+             str(out_dir)], env=env, stdout=f, stderr=subprocess.STDOUT))
+    done = meanwhile() if meanwhile else None
+    for p in procs:
+      p.wait(timeout=timeout)
   finally:
     for p in procs:  # never leave a process behind, whatever happened
       if p.poll() is None:
         p.kill()
         p.wait()
-  for i, (p, output) in enumerate(zip(procs, outputs)):
-    assert p.returncode == 0, f"process {i}:\n{output[-3000:]}"
+  for i, (p, log) in enumerate(zip(procs, logs)):
+    with open(log, encoding="utf-8", errors="replace") as f:
+      assert p.returncode == 0, f"process {i}:\n{f.read()[-3000:]}"
+  return done
 
 
-def test_two_processes_of_four_devices_equal_one_of_eight(tmp_path):
-  docs = tmp_path / "docs"  # the curriculum's corpus: 40 documents of the built-in one
+def _docs(tmp_path) -> str:
+  """The ``files:`` corpus of these tests, 40 documents of the built-in one; its glob."""
+  docs = tmp_path / "docs"
   docs.mkdir()
   for i, doc in enumerate(corpus.load_documents("builtin")[:40]):
     (docs / f"doc{i:02d}.txt").write_text(doc, encoding="utf-8")
-  docs_glob = str(docs / "*.txt")
-  single = multiprocess_steps.run(str(tmp_path), "single")  # this process: 8 devices
-  _launch(2, 4, str(tmp_path))
-  multi = dict(np.load(tmp_path / "result.npz"))
+  return str(docs / "*.txt")
+
+
+def test_lm_steps_and_checkpoints_of_two_processes_equal_one(tmp_path):
+  """LM steps, Orbax round trips both ways, Grain rows, pooled counts, a files: corpus."""
+  _docs(tmp_path)
+  single = multiprocess_steps.run_steps(str(tmp_path), "single")  # this process: 8 devices
+  _launch("steps", tmp_path)
+  multi = dict(np.load(tmp_path / "steps.npz"))
   assert single["layout"].tolist() == [1, 8, 8] and multi["layout"].tolist() == [2, 4, 8]
   trained = {k: v for k, v in single.items() if k.split("/")[0] in ("lm", "lm_loss")}
   assert sum(k.startswith("lm/") for k in trained) > 4 and len(trained) > 8
@@ -81,6 +98,32 @@ def test_two_processes_of_four_devices_equal_one_of_eight(tmp_path):
     np.testing.assert_array_equal(multi[f"grain/{i}"], np.concatenate(shards))
     np.testing.assert_array_equal(single[f"grain/{i}"], _grain_batches(0, 1)[i])
     np.testing.assert_array_equal(multi[f"grain/{i}"], single[f"grain/{i}"])
+  # A files: corpus: process 0 prepared its TFDS copy, the other opened it: the same
+  # documents as one process's.
+  assert single["corpus/docs"].tolist() == [40] and (tmp_path / "tfds_multi").is_dir()
+  np.testing.assert_array_equal(multi["corpus/sha256"], single["corpus/sha256"])
+  # Counting a corpus: each process counted its own blocks (5 and 4 of 9), and the pooled
+  # counts are one process's.
+  assert single["counts/blocks"].tolist() == [9] and multi["counts/blocks"].tolist() == [5, 4]
+  np.testing.assert_array_equal(multi["counts/pieces"], single["counts/pieces"])
+  np.testing.assert_array_equal(multi["counts/n"], single["counts/n"])
+  # The 2 processes restored the checkpoint written here, and this process theirs.
+  assert multi["restored/step"] == multiprocess_steps.STEPS
+  assert multi["restored/position"] == multiprocess_steps.STEPS
+  for key in (k for k in trained if k.startswith("lm/")):
+    np.testing.assert_array_equal(multi["restored/" + key[3:]], single[key])
+  again = multiprocess_steps.run_steps(str(tmp_path), "again", restore_from="multi")
+  for key in (k for k in trained if k.startswith("lm/")):
+    np.testing.assert_array_equal(again["restored/" + key[3:]], multi[key])
+
+
+def test_the_token_store_and_fuser_phase_of_two_processes_equal_one(tmp_path):
+  """Each process tokenizes its own shards and draws its own rows; the fuser phase
+  pools the token pairs each counted and trains as in one process."""
+  single = _launch("store", tmp_path,
+                   lambda: multiprocess_steps.run_store(str(tmp_path), "single"))
+  multi = dict(np.load(tmp_path / "store.npz"))
+  assert single["layout"].tolist() == [1, 8, 8] and multi["layout"].tolist() == [2, 4, 8]
   # The token store: the same shards whoever prepares them, each process tokenizing its
   # own (0 and 2, or 1) and drawing its own rows; the held-out loss of all windows.
   assert single["store/written"].tolist() == [[[True] * 3] * 2]
@@ -114,28 +157,15 @@ def test_two_processes_of_four_devices_equal_one_of_eight(tmp_path):
   assert len(fuser) > 10
   for key in fuser:
     chex.assert_trees_all_close(multi[key], single[key], rtol=2e-4, atol=2e-5)
-  # A files: corpus: process 0 prepared its TFDS copy, the other opened it: the same
-  # documents as one process's.
-  assert single["corpus/docs"].tolist() == [40] and (tmp_path / "tfds_multi").is_dir()
-  np.testing.assert_array_equal(multi["corpus/sha256"], single["corpus/sha256"])
-  # Counting a corpus: each process counted its own blocks (5 and 4 of 9), and the pooled
-  # counts are one process's.
-  assert single["counts/blocks"].tolist() == [9] and multi["counts/blocks"].tolist() == [5, 4]
-  np.testing.assert_array_equal(multi["counts/pieces"], single["counts/pieces"])
-  np.testing.assert_array_equal(multi["counts/n"], single["counts/n"])
-  # The 2 processes restored the checkpoint written here, and this process theirs.
-  assert multi["restored/step"] == multiprocess_steps.STEPS
-  assert multi["restored/position"] == multiprocess_steps.STEPS
-  for key in (k for k in trained if k.startswith("lm/")):
-    np.testing.assert_array_equal(multi["restored/" + key[3:]], single[key])
-  again = multiprocess_steps.run(str(tmp_path), "again", restore_from="multi")
-  for key in (k for k in trained if k.startswith("lm/")):
-    np.testing.assert_array_equal(again["restored/" + key[3:]], multi[key])
 
-  # The whole curriculum, end to end (corpus, codec, vocabulary, LM, joint, sample): the
-  # same files, histories, reports and sample as in one process, each record written once
-  # (only process 0 writes), the same tokenizer and final parameters.
-  multiprocess_steps.run_curriculum(str(tmp_path / "curriculum_single"), docs_glob)
+
+def test_the_curriculum_of_two_processes_equals_one(tmp_path):
+  """The whole curriculum, end to end (corpus, codec, vocabulary, LM, joint, sample): the
+  same files, histories, reports and sample as in one process, each record written once
+  (only process 0 writes), the same tokenizer and final parameters."""
+  docs_glob = _docs(tmp_path)
+  _launch("curriculum", tmp_path, lambda: multiprocess_steps.run_curriculum(
+      str(tmp_path / "curriculum_single"), docs_glob))
   one, two = tmp_path / "curriculum_single", tmp_path / "curriculum_multi"
   assert _files(two) == _files(one)
   assert (two / "vocab" / "tokenizer.json").read_bytes() == (
