@@ -8,7 +8,9 @@ is cut into ``--segment_bytes`` segments at line ends, the stream's documents), 
 reads it whole, as one host does, and as each share of 2..``--max_hosts`` hosts
 (`BlockStream.share`, what `fsqtok.data.hosts.process_share` gives host i): the
 characters each reader gets, the bytes it read (the process's read() calls, from
-/proc/self/io: Linux), and its time against the whole pass's. A share of at least as many segments as hosts reads only its own byte ranges.
+/proc/self/io: Linux), and its time against the whole pass's. A share reads only its own
+segments: with fewer segments than hosts, one segment each, whose blocks the hosts that
+read it take in turn.
 """
 import os
 import sys

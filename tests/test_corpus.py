@@ -99,8 +99,7 @@ def test_a_share_of_a_stream_reads_only_its_own_documents(doc_files, monkeypatch
   paths = sorted(str(p) for p in doc_files.glob("*.txt"))
   docs = [open(p, encoding="utf-8").read() for p in paths]
   train, _ = corpus.stream_split(spec, **kw)
-  assert train.documents == len(docs) == 200 and train.by_documents(200)
-  assert not train.by_documents(201)
+  assert train.documents == len(docs) == 200 and train.by_documents()
   read, real_read = [], corpus.read_blocks
   monkeypatch.setattr(corpus, "read_blocks", lambda path, *a, **k: read.append(path) or
                       real_read(path, *a, **k))
@@ -115,9 +114,32 @@ def test_a_share_of_a_stream_reads_only_its_own_documents(doc_files, monkeypatch
            for i in range(3)]
   assert sorted(sum(map(list, parts), [])) == sorted(sample)
   few = corpus.BlockStream(lambda: iter(["a", "b", "c", "d", "e"]))  # no documents known
-  assert not few.by_documents(2) and list(few.share(1, 2)) == ["b", "d"]
+  assert not few.by_documents() and list(few.share(1, 2)) == ["b", "d"]
   with pytest.raises(ValueError, match="share 3 of 3"):
     train.share(3, 3)
+
+
+@settings(max_examples=100, deadline=None)
+@given(sizes=st.lists(st.integers(0, 6), min_size=1, max_size=5), count=st.integers(1, 9))
+def test_shares_of_few_documents_read_one_document_each(sizes, count):
+  """Fewer documents than shares: each share reads one document (d = index mod D) and
+  the shares that read it take its blocks in turn; with as many or more, each reads only
+  its documents d = index mod count. Either way every block is in exactly one share."""
+  docs = [[f"{d}.{j}" for j in range(n)] for d, n in enumerate(sizes)]
+  read = []
+  stream = corpus.BlockStream.of_documents(
+      len(docs), lambda ids: (b for i in ids if not read.append(i) for b in docs[i]))
+  shares = []
+  for index in range(count):
+    read.clear()
+    shares.append(list(stream.share(index, count)))
+    if len(docs) >= count:
+      assert read == list(range(index, len(docs), count))
+    else:
+      assert read == [index % len(docs)]
+      sharers = len(range(index % len(docs), count, len(docs)))
+      assert shares[-1] == docs[index % len(docs)][index // len(docs)::sharers]
+  assert sorted(sum(shares, [])) == sorted(sum(docs, []))
 
 
 @settings(max_examples=80, deadline=None)
@@ -157,7 +179,7 @@ def test_a_share_of_one_large_file_reads_only_its_own_segments(tmp_path, monkeyp
   kw = dict(val_fraction=0.1, seed=3, block_chars=64, segment_bytes=512)
   train, _ = corpus.stream_split(f"files:{path}", **kw)
   segments = corpus.file_segments(str(path), 512)
-  assert train.documents == len(segments) >= 30 and train.by_documents(3)
+  assert train.documents == len(segments) >= 30 and train.by_documents()
   expected, _ = corpus.split_documents([path.read_text(encoding="utf-8")], **kw)
   assert list(train) == expected
   read, real_read = [], corpus.read_blocks

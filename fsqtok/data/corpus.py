@@ -373,22 +373,27 @@ class BlockStream:
   def chars(self) -> int:
     return sum(map(len, self))
 
-  def by_documents(self, count: int) -> bool:
-    """Whether `share` (of ``count``) deals whole documents: when the stream knows at least
-    ``count`` of them, so each share gets one."""
-    return self._read is not None and self.documents >= count
+  def by_documents(self) -> bool:
+    """Whether `share` reads only its own documents: when the stream knows them."""
+    return self._read is not None and self.documents > 0
 
   def share(self, index: int, count: int) -> "BlockStream":
-    """Share ``index`` of ``count``: the blocks of the documents d with d mod ``count`` =
-    ``index``, reading only those documents (`by_documents`); else block i of the stream
-    for i mod ``count`` = ``index`` (every block is read). The shares hold each block once
-    and depend only on the corpus and ``count``."""
+    """Share ``index`` of ``count``, each block in exactly one share, depending only on the
+    corpus and ``count``. A stream that knows its ``D`` documents (`by_documents`) reads
+    only those of the share: with ``D >= count``, the documents d with d mod ``count`` =
+    ``index``; with fewer, document ``index mod D`` alone, whose blocks are dealt in turn
+    among the shares that read it (the ``k`` shares ``d, d + D, ...``; block j to the one
+    of rank j mod ``k``), so no share reads more than one document. Otherwise block i of
+    the stream for i mod ``count`` = ``index`` (every block is read)."""
     if not 0 <= index < count:
       raise ValueError(f"share {index} of {count} does not exist.")
-    if self.by_documents(count):
-      read = self._read
-      return BlockStream(lambda: read(range(index, self.documents, count)))
-    return BlockStream(lambda: (b for i, b in enumerate(self) if i % count == index))
+    if not self.by_documents():
+      return BlockStream(lambda: (b for i, b in enumerate(self) if i % count == index))
+    read, docs = self._read, self.documents
+    if docs >= count:
+      return BlockStream(lambda: read(range(index, docs, count)))
+    doc, rank, sharers = index % docs, index // docs, len(range(index % docs, count, docs))
+    return BlockStream(lambda: (b for j, b in enumerate(read([doc])) if j % sharers == rank))
 
   def filter(self, keep: Callable[[str], bool]) -> "BlockStream":
     """The blocks for which ``keep`` holds, read as iterated (documents kept)."""

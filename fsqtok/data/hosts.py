@@ -44,10 +44,12 @@ def process_0_first(prepare: Callable[[], T], what: str) -> T:
 
 
 def process_share(blocks: Iterable[str]) -> Iterable[str]:
-  """This process's blocks (all of them with one process): a `corpus.BlockStream` of at
-  least as many documents as processes gives document d to process d mod processes, and
-  the process reads only its own documents (`corpus.BlockStream.share`); otherwise block
-  i goes to process i mod processes. A stream stays a stream."""
+  """This process's blocks (all of them with one process): a `corpus.BlockStream` that
+  knows its documents gives each process its share of them, and the process reads only
+  its own (`corpus.BlockStream.share`: document d to process d mod processes, or with
+  fewer documents than processes one document, its blocks dealt among the processes
+  that read it); otherwise block i goes to process i mod processes. A stream stays a
+  stream."""
   index, count = _processes()
   if count == 1:
     return blocks

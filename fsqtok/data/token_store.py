@@ -155,11 +155,11 @@ def prepare(directory: str, tok: lm_data.TokenizerLike,
 
 def _text_streams(tok, blocks: Iterable[str], shards: list[int], num_shards: int
                   ) -> Iterator[tuple[int, np.ndarray, int]]:
-  """``(shard, token stream, bytes)`` of ``shards``: a stream of at least ``num_shards``
-  documents gives document d to shard d mod ``num_shards``, and each shard reads only its
-  documents (`corpus.BlockStream.share`); otherwise block k goes to shard k mod
-  ``num_shards`` (one pass over the blocks, only those of ``shards`` kept)."""
-  if isinstance(blocks, corpus_lib.BlockStream) and blocks.by_documents(num_shards):
+  """``(shard, token stream, bytes)`` of ``shards``: a stream that knows its documents
+  gives each shard its share of them (`corpus.BlockStream.share`), and each shard reads
+  only its own; otherwise block k goes to shard k mod ``num_shards`` (one pass over the
+  blocks, only those of ``shards`` kept)."""
+  if isinstance(blocks, corpus_lib.BlockStream) and blocks.by_documents():
     for s in shards:
       part = list(blocks.share(s, num_shards))
       yield s, lm_data.token_stream(tok, part), sum(len(b.encode("utf-8")) for b in part)
