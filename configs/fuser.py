@@ -89,7 +89,8 @@ def training_config(tiny: bool = False) -> ml_collections.ConfigDict:
   f.loss = ml_collections.ConfigDict(dict(
       mask_rate=0.15, mlm_weight=1.0, nce_weight=0.5, nce_samples=64, temperature=0.1,
       drift_weight=0.1, reference_every=10, reference_momentum=0.1, gate_cost=0.01,
-      document_rate=0.5))
+      document_rate=0.5,
+      neighbour_weight=0.0, neighbour_samples=128))  # contextual skip-gram (0: off)
   f.optim = adamw_config(learning_rate=2e-3, warmup_steps=50, end_lr_ratio=0.05,
                          weight_decay=0.01)
   f.data = ml_collections.ConfigDict({"seq_len": 32, "batch_size": 8})

@@ -228,6 +228,46 @@ def test_loss_falls_and_reference_updates(setup):
   assert 0.0 < float(m["activation_rate"]) <= 1.0
 
 
+def test_hide_neighbour_hides_one_ordinary_neighbour_never_the_centre():
+  win = jnp.array([[F.OUTSIDE, 7, 9, 8, 2],      # 2 < first_ordinary: a special
+                   [F.OUTSIDE, F.OUTSIDE, 9, 1, F.OUTSIDE],  # no ordinary neighbour
+                   [5, 6, 9, 7, 8]])
+  seen = set()
+  for seed in range(20):
+    hidden, ids, has = FT.hide_neighbour(jax.random.PRNGKey(seed), win, 2, first_ordinary=4)
+    np.testing.assert_array_equal(has, [True, False, True])
+    for r in (0, 2):
+      changed = np.flatnonzero(np.asarray(hidden[r] != win[r]))
+      assert len(changed) == 1 and changed[0] != 2 and hidden[r, changed[0]] == F.OUTSIDE
+      assert ids[r] == win[r, changed[0]] >= 4
+      seen.add((r, int(changed[0])))
+  assert {(0, 1), (0, 3), (2, 0), (2, 1), (2, 3), (2, 4)} <= seen  # every slot drawn
+
+
+@pytest.mark.slow
+def test_the_neighbour_loss_falls(setup):
+  """The contextual skip-gram (``neighbour_weight``): its loss is reported, has a
+  gradient and falls; off (the default) it is zero."""
+  s = setup
+  config = fuser_config.get_config("tiny")
+  config.fuser.loss.update(neighbour_weight=1.0, neighbour_samples=8)
+  c = FT.step_config(config.fuser.loss, s.tok)
+  tx = FT.optimizer_lib.make_optimizer(config.fuser.optim, 100)
+  state = FT.create_state(s.model, jax.tree.map(jnp.copy, s.params), tx)
+  step = FT.make_step(s.model, c)
+  batch = {"inputs": s.ids, "valid": jnp.ones_like(s.ids, bool)}
+  losses = []
+  for i in range(10):
+    state, m = step(state, batch, jax.random.PRNGKey(0))
+    losses.append(float(m["neighbour_loss"]))
+  assert all(np.isfinite(losses)) and losses[0] > 0
+  assert losses[-1] < 0.9 * losses[0], losses
+  off = FT.step_config(fuser_config.get_config("tiny").fuser.loss, s.tok)
+  _, m = FT.make_step(s.model, off, donate=False)(
+      FT.create_state(s.model, s.params, tx), batch, jax.random.PRNGKey(0))
+  assert float(m["neighbour_loss"]) == 0.0
+
+
 @pytest.mark.parametrize("design", ["per_position", "per_id"])
 def test_encoder_cache_gives_the_same_vectors(setup, old, design):
   s = old if design == "per_position" else setup

@@ -11,6 +11,13 @@ windows of `fsqtok.data.lm_data`, so the fuser reads the same loaders and token 
   token's dynamic vector with its true context is the anchor, the vector of its context
   alone (the token replaced by ``[MASK]``) the key; the other keys of the batch and the
   token placed in another position's context (shuffled) are the negatives.
+* **neighbours** (``neighbour_weight > 0``): ``neighbour_samples`` positions are drawn
+  among the ordinary tokens; in each one's window one ordinary neighbour is hidden
+  (its slot set to `fsqtok.models.fuser.OUTSIDE`, as beyond the sequence) and the token's
+  dynamic vector, computed with the token itself in view, predicts the hidden neighbour
+  through the masked-LM head: a contextual skip-gram, which trains the vectors of
+  ordinary (unmasked) tokens — the ones a word-sense probe reads — to say what their
+  context allows, where the masked LM trains only the vectors of ``[MASK]``.
 * **drift**: each token's vectors are pulled toward its reference vector, an EMA over
   batches kept in the train state (``reference_VxD``, ``seen_V``) and updated every
   ``reference_every`` steps.
@@ -68,6 +75,8 @@ class StepConfig:
   reference_momentum: float = struct.field(pytree_node=False, default=0.1)
   gate_cost: float = struct.field(pytree_node=False, default=0.01)
   document_rate: float = struct.field(pytree_node=False, default=0.5)
+  neighbour_weight: float = struct.field(pytree_node=False, default=0.0)
+  neighbour_samples: int = struct.field(pytree_node=False, default=64)
 
 
 def step_config(loss_config, tok) -> StepConfig:
@@ -94,12 +103,23 @@ def _sample_positions(rng, ok_N, k: int):
   return idx, ok_N[idx]
 
 
+def hide_neighbour(rng, windows_ExW, centre: int, first_ordinary: int):
+  """Each window with one of its ordinary neighbours hidden (set to `OUTSIDE`), chosen
+  uniformly; returns the windows, the hidden ids and whether a window had one to hide."""
+  e, w = windows_ExW.shape
+  ok = (windows_ExW >= first_ordinary) & (jnp.arange(w) != centre)[None, :]
+  slot_E = jnp.argmax(jnp.where(ok, jax.random.gumbel(rng, (e, w)), -jnp.inf), axis=1)
+  rows = jnp.arange(e)
+  hidden_E = windows_ExW[rows, slot_E]
+  return windows_ExW.at[rows, slot_E].set(fuser_lib.OUTSIDE), hidden_E, ok.any(1)
+
+
 def losses(params, state: FuserState, batch, rng, c: StepConfig, spec: fuser_lib.FuserSpec):
   """The total loss and its parts (and the per-token means for the EMA update)."""
   ids, valid = batch["inputs"], batch["valid"].astype(bool)
   b, t = ids.shape
   model_apply = state.apply_fn
-  mask_rng, nce_rng, perm_rng, doc_rng = jax.random.split(rng, 4)
+  mask_rng, nce_rng, perm_rng, doc_rng, nb_rng, hide_rng = jax.random.split(rng, 6)
   ordinary = valid & (ids >= c.first_ordinary)
   inputs, chosen = masking.mask_tokens(mask_rng, ids, ordinary, mask_id=c.mask_id,
                                        random_low=c.first_ordinary,
@@ -123,13 +143,26 @@ def losses(params, state: FuserState, batch, rng, c: StepConfig, spec: fuser_lib
   ctx_only = win.at[:, centre].set(c.mask_id)
   shuffled = win[jax.random.permutation(perm_rng, c.nce_samples)].at[:, centre].set(
       win[:, centre])
+  views, view_rows = [win, ctx_only, shuffled], [rows] * 3
+  if c.neighbour_weight:  # contextual skip-gram views: one neighbour hidden
+    npos, _ = _sample_positions(nb_rng, ordinary.reshape(-1), c.neighbour_samples)
+    hidden_win, hidden_ids, has_hidden = hide_neighbour(hide_rng, windows[npos], centre,
+                                                        c.first_ordinary)
+    views.append(hidden_win)
+    view_rows.append(npos // t)
   # one dynamic pass for the batch and the views (one graph to compile, not two)
-  x, aux = model_apply(variables, inputs, signals,
-                       extra_ExW=jnp.concatenate([win, ctx_only, shuffled]),
-                       extra_rows_E=jnp.tile(rows, 3), valid_BxT=valid)
+  x, aux = model_apply(variables, inputs, signals, extra_ExW=jnp.concatenate(views),
+                       extra_rows_E=jnp.concatenate(view_rows), valid_BxT=valid)
   z = aux["extra"]
   m = c.nce_samples
-  nce = fuser_lib.info_nce(z[:m], z[m:2 * m], z[2 * m:], c.temperature)
+  nce = fuser_lib.info_nce(z[:m], z[m:2 * m], z[2 * m:3 * m], c.temperature)
+  neighbour = jnp.zeros(())
+  if c.neighbour_weight:
+    nb_logp = jax.nn.log_softmax(model_apply(
+        variables, z[3 * m:], method=fuser_lib.ContextualFuser.mlm_logits).astype(jnp.float32))
+    nb_nll = -jnp.take_along_axis(nb_logp, jnp.maximum(hidden_ids, 0)[:, None], -1)[:, 0]
+    hw = has_hidden.astype(jnp.float32)
+    neighbour = jnp.sum(nb_nll * hw) / jnp.maximum(jnp.sum(hw), 1.0)
 
   logits = model_apply(variables, x, method=fuser_lib.ContextualFuser.mlm_logits)
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
@@ -143,9 +176,10 @@ def losses(params, state: FuserState, batch, rng, c: StepConfig, spec: fuser_lib
   learned = (valid & ~aux["in_set"]).astype(jnp.float32)
   score = jnp.sum(aux["score"] * learned) / jnp.maximum(jnp.sum(learned), 1.0)
   total = (c.mlm_weight * mlm + c.nce_weight * nce + c.drift_weight * drift
-           + c.gate_cost * score)
+           + c.gate_cost * score + c.neighbour_weight * neighbour)
   vf = valid.astype(jnp.float32)
   metrics = {"loss": total, "mlm_loss": mlm, "nce_loss": nce, "drift": drift,
+             "neighbour_loss": neighbour,
              "gate_score": score,
              "activation_rate": jnp.sum(aux["gate"] * vf) / jnp.maximum(jnp.sum(vf), 1.0),
              "computed_rate": jnp.sum(aux["computed"] * vf) / jnp.maximum(jnp.sum(vf), 1.0),
