@@ -393,6 +393,24 @@ def test_curriculum_on_the_token_store(finished_curriculum, tmp_path):
   assert {p.name: p.stat().st_mtime_ns for p in store.iterdir()} == stamps
 
 
+@pytest.mark.parametrize("loader,warned", [("epochs", True), ("grain", False)])
+def test_several_processes_loading_the_whole_corpus_are_told(monkeypatch, caplog, loader,
+                                                             warned):
+  from configs import curriculum as curriculum_config  # pylint: disable=g-import-not-at-top
+  from fsqtok.train import curriculum  # pylint: disable=g-import-not-at-top
+  config = curriculum_config.get_config("tiny")
+  config.lm.data.loader = loader
+  streamed = []
+  monkeypatch.setattr(curriculum.corpus_lib, "load_split",
+                      lambda data, stream: streamed.append(stream) or ([], []))
+  monkeypatch.setattr(curriculum.jax, "process_count", lambda: 2)
+  with caplog.at_level("WARNING"):
+    curriculum.corpus_texts(config)
+  assert streamed == [loader == "grain"]
+  assert ("each of the 2 processes loads the whole corpus" in caplog.text) == warned
+  assert ("lm.data.loader=grain" in caplog.text) == warned
+
+
 def test_baseline_token_lengths():
   texts = ["the cat sat on the mat. " * 20, "é and ü are two bytes each. " * 10]
   bpe = baselines.HFBPETokenizer.train(texts, 300)

@@ -12,6 +12,7 @@ curriculum again only re-reads its reports.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from typing import Any, Callable
 
@@ -149,8 +150,15 @@ def corpus_texts(config):
   token store (``lm.data.loader="grain"``), streamed (`fsqtok.data.corpus.stream_split`):
   each process then reads only its own documents of a ``files:`` or ``tfds:`` corpus
   (those it counts, those of its shards to tokenize: `fsqtok.data.corpus.BlockStream.share`)
-  and never holds the whole text."""
-  return corpus_lib.load_split(config.data, stream=config.lm.data.get("loader") == "grain")
+  and never holds the whole text. With several processes and the in-memory loader every
+  process loads the whole corpus: that is said in the log."""
+  stream = config.lm.data.get("loader") == "grain"
+  if not stream and jax.process_count() > 1:
+    logging.warning("lm.data.loader=%r: each of the %d processes loads the whole corpus "
+                    "and makes every global batch; --config.lm.data.loader=grain makes each "
+                    "read only its own share.", config.lm.data.get("loader", "epochs"),
+                    jax.process_count())
+  return corpus_lib.load_split(config.data, stream=stream)
 
 
 def lm_windows(config, workdir: str, tok: Tokenizer, texts, pieces=None,
