@@ -209,20 +209,28 @@ def test_a_step_on_8_devices_equals_1(setup):
   assert results[0][2] == pytest.approx(results[1][2], rel=1e-4)
 
 
-@pytest.mark.slow
-def test_loss_falls_and_reference_updates(setup):
-  s = setup
+def _train(s, num_steps: int, **loss):
+  """``num_steps`` steps of the tiny config's fuser (``loss`` overrides) on ``s.ids``,
+  keys 0, 1, 0, ...: the final state and every step's metrics."""
   config = fuser_config.get_config("tiny")
-  c = FT.step_config(config.fuser.loss, s.tok)
+  config.fuser.loss.update(loss)
   tx = FT.optimizer_lib.make_optimizer(config.fuser.optim, 100)
   state = FT.create_state(s.model, jax.tree.map(jnp.copy, s.params), tx)
-  step = FT.make_step(s.model, c)
+  step = FT.make_step(s.model, FT.step_config(config.fuser.loss, s.tok))
   batch = {"inputs": s.ids, "valid": jnp.ones_like(s.ids, bool)}
-  losses = []
-  for i in range(8):
+  metrics = []
+  for i in range(num_steps):
     state, m = step(state, batch, jax.random.PRNGKey(i % 2))
-    losses.append(float(m["loss"]))
-  assert all(np.isfinite(losses))
+    metrics.append(jax.tree.map(float, m))
+  return state, metrics
+
+
+@pytest.mark.slow
+def test_loss_falls_and_reference_updates(setup):
+  state, metrics = _train(setup, 8)
+  losses = [m["loss"] for m in metrics]
+  m = metrics[-1]
+  assert all(np.isfinite(losses)) and m["neighbour_loss"] == 0.0  # off by default
   assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
   assert bool(np.any(state.seen_V)) and float(jnp.abs(state.reference_VxD).sum()) > 0
   assert 0.0 < float(m["activation_rate"]) <= 1.0
@@ -247,25 +255,11 @@ def test_hide_neighbour_hides_one_ordinary_neighbour_never_the_centre():
 @pytest.mark.slow
 def test_the_neighbour_loss_falls(setup):
   """The contextual skip-gram (``neighbour_weight``): its loss is reported, has a
-  gradient and falls; off (the default) it is zero."""
-  s = setup
-  config = fuser_config.get_config("tiny")
-  config.fuser.loss.update(neighbour_weight=1.0, neighbour_samples=8)
-  c = FT.step_config(config.fuser.loss, s.tok)
-  tx = FT.optimizer_lib.make_optimizer(config.fuser.optim, 100)
-  state = FT.create_state(s.model, jax.tree.map(jnp.copy, s.params), tx)
-  step = FT.make_step(s.model, c)
-  batch = {"inputs": s.ids, "valid": jnp.ones_like(s.ids, bool)}
-  losses = []
-  for i in range(10):
-    state, m = step(state, batch, jax.random.PRNGKey(0))
-    losses.append(float(m["neighbour_loss"]))
+  gradient and falls."""
+  _, metrics = _train(setup, 10, neighbour_weight=1.0, neighbour_samples=8)
+  losses = [m["neighbour_loss"] for m in metrics]
   assert all(np.isfinite(losses)) and losses[0] > 0
   assert losses[-1] < 0.9 * losses[0], losses
-  off = FT.step_config(fuser_config.get_config("tiny").fuser.loss, s.tok)
-  _, m = FT.make_step(s.model, off, donate=False)(
-      FT.create_state(s.model, s.params, tx), batch, jax.random.PRNGKey(0))
-  assert float(m["neighbour_loss"]) == 0.0
 
 
 @pytest.mark.parametrize("design", ["per_position", "per_id"])

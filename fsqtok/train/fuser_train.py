@@ -76,7 +76,7 @@ class StepConfig:
   gate_cost: float = struct.field(pytree_node=False, default=0.01)
   document_rate: float = struct.field(pytree_node=False, default=0.5)
   neighbour_weight: float = struct.field(pytree_node=False, default=0.0)
-  neighbour_samples: int = struct.field(pytree_node=False, default=64)
+  neighbour_samples: int = struct.field(pytree_node=False, default=128)
 
 
 def step_config(loss_config, tok) -> StepConfig:
