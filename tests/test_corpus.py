@@ -115,6 +115,8 @@ def test_a_share_of_a_stream_reads_only_its_own_documents(doc_files, monkeypatch
   assert sorted(sum(map(list, parts), [])) == sorted(sample)
   few = corpus.BlockStream(lambda: iter(["a", "b", "c", "d", "e"]))  # no documents known
   assert not few.by_documents() and list(few.share(1, 2)) == ["b", "d"]
+  with pytest.raises(ValueError, match="does not know its own"):
+    list(few.shares([0, 1], 2))
   with pytest.raises(ValueError, match="share 3 of 3"):
     train.share(3, 3)
 
@@ -124,7 +126,8 @@ def test_a_share_of_a_stream_reads_only_its_own_documents(doc_files, monkeypatch
 def test_shares_of_few_documents_read_one_document_each(sizes, count):
   """Fewer documents than shares: each share reads one document (d = index mod D) and
   the shares that read it take its blocks in turn; with as many or more, each reads only
-  its documents d = index mod count. Either way every block is in exactly one share."""
+  its documents d = index mod count. Either way every block is in exactly one share, and
+  `shares` gives several shares reading each of their documents once."""
   docs = [[f"{d}.{j}" for j in range(n)] for d, n in enumerate(sizes)]
   read = []
   stream = corpus.BlockStream.of_documents(
@@ -140,6 +143,12 @@ def test_shares_of_few_documents_read_one_document_each(sizes, count):
       sharers = len(range(index % len(docs), count, len(docs)))
       assert shares[-1] == docs[index % len(docs)][index // len(docs)::sharers]
   assert sorted(sum(shares, [])) == sorted(sum(docs, []))
+  # several shares at once (a token store's shards): the same blocks, each document read once
+  read.clear()
+  mine = list(range(count))[::2]
+  assert dict(stream.shares(mine, count)) == {i: shares[i] for i in mine}
+  assert sorted(read) == sorted({d for i in mine for d in (
+      range(i, len(docs), count) if len(docs) >= count else [i % len(docs)])})
 
 
 @settings(max_examples=80, deadline=None)

@@ -392,8 +392,36 @@ class BlockStream:
     read, docs = self._read, self.documents
     if docs >= count:
       return BlockStream(lambda: read(range(index, docs, count)))
-    doc, rank, sharers = index % docs, index // docs, len(range(index % docs, count, docs))
+    doc, rank, sharers = self._dealt(index, count)
     return BlockStream(lambda: (b for j, b in enumerate(read([doc])) if j % sharers == rank))
+
+  def shares(self, indices: Iterable[int], count: int) -> Iterator[tuple[int, list[str]]]:
+    """``(index, blocks of share index of count)`` for each of ``indices``, as `share`
+    gives them (a stream that knows its documents), reading each document once: shares
+    of one document (fewer documents than shares) are dealt from one reading of it."""
+    if not self.by_documents():
+      raise ValueError("shares() reads documents; this stream does not know its own.")
+    indices = list(indices)
+    if self.documents >= count:
+      for index in indices:
+        yield index, list(self.share(index, count))
+      return
+    by_doc: dict[int, list[int]] = {}
+    for index in indices:
+      if not 0 <= index < count:
+        raise ValueError(f"share {index} of {count} does not exist.")
+      by_doc.setdefault(index % self.documents, []).append(index)
+    for doc, on_doc in by_doc.items():
+      blocks = list(self._read([doc]))
+      for index in on_doc:
+        _, rank, sharers = self._dealt(index, count)
+        yield index, blocks[rank::sharers]
+
+  def _dealt(self, index: int, count: int) -> tuple[int, int, int]:
+    """With fewer documents than shares: share ``index``'s document, its rank among the
+    shares of that document, and how many they are."""
+    doc = index % self.documents
+    return doc, index // self.documents, len(range(doc, count, self.documents))
 
   def filter(self, keep: Callable[[str], bool]) -> "BlockStream":
     """The blocks for which ``keep`` holds, read as iterated (documents kept)."""
