@@ -44,7 +44,7 @@ def _launch(part: str, out_dir, meanwhile=None, num_processes: int = 2,
   ``devices_each`` CPU devices, and ``meanwhile()`` here while they run (their
   compiling leaves the cores idle at times); fails with a process's output if one
   fails. Returns what ``meanwhile`` returned."""
-  # each part takes ~10-40 s alone on 2 cores; the bound is only there to end a hang
+  # each part takes ~5-50 s alone on 2 cores; the bound is only there to end a hang
   env = dict(os.environ)
   env.update(XLA_FLAGS=xla_flags(devices_each),
              JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")

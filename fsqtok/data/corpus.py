@@ -385,8 +385,7 @@ class BlockStream:
     among the shares that read it (the ``k`` shares ``d, d + D, ...``; block j to the one
     of rank j mod ``k``), so no share reads more than one document. Otherwise block i of
     the stream for i mod ``count`` = ``index`` (every block is read)."""
-    if not 0 <= index < count:
-      raise ValueError(f"share {index} of {count} does not exist.")
+    _check_share(index, count)
     if not self.by_documents():
       return BlockStream(lambda: (b for i, b in enumerate(self) if i % count == index))
     read, docs = self._read, self.documents
@@ -408,8 +407,7 @@ class BlockStream:
       return
     by_doc: dict[int, list[int]] = {}
     for index in indices:
-      if not 0 <= index < count:
-        raise ValueError(f"share {index} of {count} does not exist.")
+      _check_share(index, count)
       by_doc.setdefault(index % self.documents, []).append(index)
     for doc, on_doc in by_doc.items():
       blocks = list(self._read([doc]))
@@ -430,6 +428,11 @@ class BlockStream:
     read = self._read
     return BlockStream.of_documents(self.documents,
                                     lambda ids: (b for b in read(ids) if keep(b)))
+
+
+def _check_share(index: int, count: int) -> None:
+  if not 0 <= index < count:
+    raise ValueError(f"share {index} of {count} does not exist.")
 
 
 def total_chars(blocks: Iterable[str]) -> int:
