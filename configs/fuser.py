@@ -66,6 +66,7 @@ def model_config(tiny: bool = False) -> ml_collections.ConfigDict:
       mixer="attention",               # per_id: attention | conv (depthwise) over the window
       mixer_dim=32, mixer_heads=2,     # per_id attention: query/key width, heads
       mixer_layers=1,                  # per_id attention: 2 = queries/keys from context
+      static_in_rows=False,            # per_id: an id's row adds its static row, projected
       fragment_ids="batch",            # per_id training: encode the batch's unique ids | all
   ))
   if tiny:

@@ -47,6 +47,12 @@ def two_layer():
 
 
 @pytest.fixture(scope="module")
+def with_static():
+  """per_id whose rows add a projection of the id's static row (``static_in_rows``)."""
+  return _setup(dataclasses.replace(SPEC, static_in_rows=True))
+
+
+@pytest.fixture(scope="module")
 def old():
   """The first design, per_position (chosen by config)."""
   return _setup(OLD)
@@ -303,6 +309,8 @@ def test_bad_config_is_explained(setup):
     F.FuserSpec(mixer="conv", mixer_layers=2).validate()
   with pytest.raises(ValueError, match="mixer_layers must be 1 or 2"):
     F.FuserSpec(mixer_layers=3).validate()
+  with pytest.raises(ValueError, match="static_in_rows needs design='per_id'"):
+    F.FuserSpec(design="per_position", static_in_rows=True).validate()
   with pytest.raises(ValueError, match="allows no computed token"):
     F.FuserSpec(window_left=4, capacity=0.1).validate()   # floor(0.1 * 5) = 0
   with pytest.raises(ValueError, match="Only the per_id design"):
@@ -325,7 +333,7 @@ def test_padding_is_never_context(setup):
 
 # ---- the per-id design ------------------------------------------------------------------
 
-@pytest.mark.parametrize("fixture", ["setup", "two_layer"])
+@pytest.mark.parametrize("fixture", ["setup", "two_layer", "with_static"])
 def test_per_id_table_is_the_encoder_output(request, fixture):
   """The precomputed table is the per-id encoder's output (exactly, computed with one
   shape; to rounding in chunks), and the fuser gives the same vectors with it as when it
@@ -348,7 +356,7 @@ def test_per_id_table_is_the_encoder_output(request, fixture):
           s.params, s.ids), from_batch, atol=1e-6)
 
 
-@pytest.mark.parametrize("fixture", ["setup", "two_layer"])
+@pytest.mark.parametrize("fixture", ["setup", "two_layer", "with_static"])
 def test_per_id_gradients_reach_the_fragment_encoder(request, fixture):
   s = request.getfixturevalue(fixture)
   def loss(p):
@@ -359,6 +367,8 @@ def test_per_id_gradients_reach_the_fragment_encoder(request, fixture):
   if fixture == "two_layer":
     names += ["mix_query", "slot_bias_all", "mix_out_all", "mix_norm", "mix_query_2",
               "mix_key_2"]
+  if fixture == "with_static":
+    names += ["static_to_fragment"]
   for name in names:
     norm = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads[name]))
     assert norm > 0, name
@@ -383,6 +393,27 @@ def test_the_two_layer_mixer_reads_context_beyond_the_first_layer(setup, two_lay
   assert not np.allclose(x[:, 8], y[:, 8])                 # 2 tokens away: in the window
   chex.assert_trees_all_close(x[:, 9:], y[:, 9:])          # beyond the window: unchanged
   chex.assert_trees_all_close(x[:, :4], y[:, :4])
+
+
+def test_static_in_rows_lets_the_mixer_read_the_neighbours_static_rows(setup, with_static):
+  """With ``static_in_rows`` a neighbour's static row moves the centre's dynamic vector
+  (through its per-id row, in the window only); without it the static rows reach the
+  dynamic vectors only through the ambiguity score, which is per id (so not at all
+  under ``gate_mode="set"`` and forced dynamic vectors)."""
+  def moved(s):
+    model = s.model.clone(spec=dataclasses.replace(s.model.spec, gate_mode="set"))
+    fwd = jax.jit(lambda p: model.apply({"params": p}, s.ids, force_dynamic=True)[0])
+    neighbour = int(s.ids[0, 6])
+    params = dict(s.params, static={"embedding": s.params["static"]["embedding"].at[
+        neighbour].add(1.0)})
+    return np.abs(np.asarray(fwd(params)) - np.asarray(fwd(s.params))).max(-1), neighbour
+  moved_by, neighbour = moved(with_static)
+  in_window = np.zeros((2, 16), bool)
+  for b, t in np.argwhere(np.asarray(with_static.ids) == neighbour):
+    in_window[b, max(0, t - 2):t + 3] = True
+  assert (moved_by[in_window] > 1e-4).all()
+  np.testing.assert_allclose(moved_by[~in_window], 0.0, atol=1e-6)
+  np.testing.assert_allclose(moved(setup)[0], 0.0, atol=1e-6)
 
 
 @pytest.mark.parametrize("fixture,mixer", [("setup", "attention"), ("setup", "conv"),

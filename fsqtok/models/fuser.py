@@ -36,7 +36,8 @@ Two designs (``design``), the same gate, signals, head, losses and entry points:
   plus a per-slot vector, a per-slot bias) or a depthwise convolution (``mixer``); with
   ``mixer_layers=2`` every slot first attends over the window (its id's query) and the
   centre's query and the keys of the second layer are made from those contextual
-  states. Then the information fuser and head as above. The learned score is per id
+  states; with ``static_in_rows`` an id's row adds a projection of its static row (a
+  free per-id vector, still a function of the id) to the fragment of its bytes. Then the information fuser and head as above. The learned score is per id
   (from the static row and the fragment), so a token's gate depends only on its id.
   **Causal capacity** (``capacity > 0``): a gated token is computed when fewer than
   ``m = floor(capacity * (window_left + 1))`` of the ``window_left`` tokens before it are
@@ -106,6 +107,8 @@ class FuserSpec:
   mixer_heads: int = 2            # per_id attention: heads
   mixer_layers: int = 1           # per_id attention: 2 = every slot first attends over
                                   # the window, then the centre over those states
+  static_in_rows: bool = False    # per_id: an id's row adds a projection of its static
+                                  # row (a free per-id vector) to the fragment of its bytes
   fragment_ids: str = "batch"     # per_id training: encode the batch's unique ids | all
 
   @classmethod
@@ -137,6 +140,9 @@ class FuserSpec:
                                  ("fragment_ids", self.fragment_ids, FRAGMENT_IDS)):
       if value not in allowed:
         raise ValueError(f"fuser.model.{name} must be one of {allowed}, got {value!r}.")
+    if self.static_in_rows and self.design != "per_id":
+      raise ValueError("fuser.model.static_in_rows needs design='per_id' (it changes the "
+                       "per-id rows).")
     if self.design == "per_id":
       if (self.mixer_heads < 1 or self.mixer_dim % self.mixer_heads
           or self.fragment_dim % self.mixer_heads):
@@ -412,18 +418,24 @@ class ContextualFuser(nn.Module):
       else:
         self.slot_weight = self.param("slot_weight", init, (s.window, s.fragment_dim))
       self.mix_out = nn.Dense(s.fragment_dim)
+      if s.static_in_rows:
+        self.static_to_fragment = nn.Dense(s.fragment_dim)
 
   # -- the per-id design --
 
   def id_rows(self, ids_U):
     """``rows_UxP`` (P = `FuserSpec.table_width`): each id's fragment vector over its own
-    bytes [, the mixer's query and key], and its learned ambiguity score (last column)."""
+    bytes (``static_in_rows``: plus a projection of its static row) [, the mixer's query
+    and key], and its learned ambiguity score (last column)."""
     s = self.spec
     ids_U = jnp.maximum(ids_U, 0)
     chars = self._chars[ids_U]
     mask = jnp.arange(s.max_token_bytes)[None, :] < self._lengths[ids_U][:, None]
     fragment = self.fragment(chars, jnp.ones_like(chars), mask)
-    h = nn.relu(self.gate_hidden(jnp.concatenate([self.static(ids_U), fragment], -1)))
+    static = self.static(ids_U)
+    if s.static_in_rows:  # what the id's free vector learns, beside what its bytes give
+      fragment = fragment + self.static_to_fragment(static)
+    h = nn.relu(self.gate_hidden(jnp.concatenate([static, fragment], -1)))
     score = jax.nn.sigmoid(self.gate_out(h))
     parts = [fragment]
     if s.mixer == "attention":
