@@ -475,12 +475,13 @@ def test_per_id_signals_none_equals_absent_signals(setup):
                               apply(s.params, s.ids, F.empty_signals(2, SPEC)), atol=1e-6)
 
 
-def _fuser_lm(design: str = "per_id"):
+def _fuser_lm(design: str = "per_id", static_in_rows: bool = False):
   from fsqtok.models import lm as lm_lib  # pylint: disable=g-import-not-at-top
   token_bytes = tuple([None] * 3 + [bytes([i]) for i in range(97, 123)] + [b"the", b"an"])
   c = fuser_config.get_config("tiny").lm.model
   c.embedding, c.fuser = "fuser", fuser_config.model_config(tiny=True)
-  c.fuser.update(window_left=3, gate_mode="learned", threshold=0.3, design=design)
+  c.fuser.update(window_left=3, gate_mode="learned", threshold=0.3, design=design,
+                 static_in_rows=static_in_rows)
   c.d_model = 16
   model = lm_lib.lm_from_config(c, len(token_bytes), token_bytes=token_bytes,
                                 ambiguous_ids=(29,))
@@ -510,10 +511,12 @@ def test_the_lm_fuser_embedding_follows_its_config_and_is_causal(design):
 
 
 @pytest.mark.slow
-def test_the_lm_fuser_embedding_generates_with_the_cache_exactly():
+@pytest.mark.parametrize("static_in_rows", [False, True])
+def test_the_lm_fuser_embedding_generates_with_the_cache_exactly(static_in_rows):
   from fsqtok.models import generate as generate_lib  # pylint: disable=g-import-not-at-top
   from fsqtok.models import lm as lm_lib  # pylint: disable=g-import-not-at-top
-  model, params, ids = _fuser_lm()
+  model, params, ids = _fuser_lm(static_in_rows=static_in_rows)
+  assert ("static_to_fragment" in params["embed"]["fuser"]) == static_in_rows
   whole = jax.jit(lambda p, i, v: model.apply({"params": p}, i, v)[0])
   full = whole(params, ids, jnp.ones_like(ids, bool))
   # one token at a time through the key/value cache (which keeps the previous ids)
