@@ -37,8 +37,9 @@ Two designs (``design``), the same gate, signals, head, losses and entry points:
   ``mixer_layers=2`` every slot first attends over the window (its id's query) and the
   centre's query and the keys of the second layer are made from those contextual
   states; with ``static_in_rows`` an id's row adds a projection of its static row (a
-  free per-id vector, still a function of the id) to the fragment of its bytes. Then the information fuser and head as above. The learned score is per id
-  (from the static row and the fragment), so a token's gate depends only on its id.
+  free per-id vector, still a function of the id) to the fragment of its bytes. Then the
+  information fuser and head as above. The learned score is per id (from the static row
+  and the fragment), so a token's gate depends only on its id.
   **Causal capacity** (``capacity > 0``): a gated token is computed when fewer than
   ``m = floor(capacity * (window_left + 1))`` of the ``window_left`` tokens before it are
   gated (a sliding-window limit on requests). It reads only the ids of the token's own
