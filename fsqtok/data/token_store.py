@@ -157,8 +157,8 @@ def _text_streams(tok, blocks: Iterable[str], shards: list[int], num_shards: int
                   ) -> Iterator[tuple[int, np.ndarray, int]]:
   """``(shard, token stream, bytes)`` of ``shards``: a stream that knows its documents
   gives each shard its share of them (`corpus.BlockStream.shares`), and only the
-  documents of ``shards`` are read, each once; otherwise block k goes to shard k mod ``num_shards`` (one pass over the
-  blocks, only those of ``shards`` kept)."""
+  documents of ``shards`` are read, each once; otherwise block k goes to shard k mod
+  ``num_shards`` (one pass over the blocks, only those of ``shards`` kept)."""
   if isinstance(blocks, corpus_lib.BlockStream) and blocks.by_documents():
     for s, part in blocks.shares(shards, num_shards):
       yield s, lm_data.token_stream(tok, part), sum(len(b.encode("utf-8")) for b in part)
