@@ -65,7 +65,9 @@ def model_config(tiny: bool = False) -> ml_collections.ConfigDict:
       design="per_id",                 # per_id | per_position (fsqtok/models/fuser.py)
       mixer="attention",               # per_id: attention | conv (depthwise) over the window
       mixer_dim=32, mixer_heads=2,     # per_id attention: query/key width, heads
-      mixer_layers=1,                  # per_id attention: 2 = queries/keys from context
+      mixer_layers=1,                  # per_id attention: L > 1 = L - 1 layers where
+                                       # every slot attends over the window first
+      mixer_mlp=False,                 # ... each of them with a feed-forward block
       static_in_rows=False,            # per_id: an id's row adds its static row, projected
       fragment_ids="batch",            # per_id training: encode the batch's unique ids | all
   ))

@@ -7,7 +7,8 @@ r"""What the contextual fuser embedding costs an LM, against a static table, in 
 For each LM size (``small``: the README's LM, d=128, 2 layers, configs/fuser.py's
 ``lm.model``; ``big``: d=256, 6 layers, 8 heads, MLP 1024) and each embedding (static
 table; the first fuser design, ``per_position``; the new one, ``per_id``, at every token,
-at a causal capacity and with the two-layer mixer, ``mixer_layers=2``), the same
+at a causal capacity, with the two-layer mixer, ``mixer_layers=2``, and with the
+four-layer one with feed-forward blocks, ``mixer_layers=4, mixer_mlp=True``), the same
 random-initialised LM (dense head) over a vocabulary counted from the built-in corpus
 (``--vocab_size`` ids) and a batch of real text windows:
 
@@ -58,7 +59,7 @@ SIZES = {  # LM model fields over configs/fuser.py's lm.model (the README's LM)
     "big": {"d_model": 256, "num_layers": 6, "num_heads": 8, "mlp_dim": 1024},
 }
 # the embeddings timed beside the static table (--embeddings)
-EMBEDDINGS = ("per_position", "per_id", "capacity", "mixer2", "training")
+EMBEDDINGS = ("per_position", "per_id", "capacity", "mixer2", "mixer4", "training")
 TARGETS = {"forward_time": 1.25, "decode_time": 1.25, "memory": 1.5}  # issue 17, x static
 
 _SIZES = flags.DEFINE_list("sizes", ["small", "big"], f"LM sizes: {sorted(SIZES)}.")
@@ -71,8 +72,9 @@ _GEN = flags.DEFINE_integer("gen_tokens", 64, "New tokens per row of the longer 
 _EMBEDDINGS = flags.DEFINE_list(
     "embeddings", list(EMBEDDINGS),
     "Embeddings timed beside the static table: per_position (the first design), per_id (all "
-    "tokens), capacity (per_id at --capacity), mixer2 (per_id, two-layer mixer), training "
-    "(per_id without its table).")
+    "tokens), capacity (per_id at --capacity), mixer2 (per_id, two-layer mixer), mixer4 "
+    "(per_id, four-layer mixer with feed-forward blocks), training (per_id without its "
+    "table).")
 _OUT = flags.DEFINE_string("out", "experiments/results/fuser_cost.json", "JSON report.")
 
 
@@ -229,6 +231,7 @@ def run_size(size: str, tok, ids_BxT, ambiguous, capacity: float, repeats: int,
   capped = dataclasses.replace(new, capacity=capacity)
   capped.validate()
   two_layer = dataclasses.replace(new, mixer="attention", mixer_layers=2)
+  four_layer = dataclasses.replace(new, mixer="attention", mixer_layers=4, mixer_mlp=True)
   token_bytes = [tok.token_bytes(i) for i in range(len(tok))]
   ids = jnp.asarray(ids_BxT)
   built = {  # --embeddings -> (row name, fuser spec)
@@ -236,6 +239,7 @@ def run_size(size: str, tok, ids_BxT, ambiguous, capacity: float, repeats: int,
       "per_id": ("fuser per_id, all tokens", new),
       "capacity": (f"fuser per_id, capacity {capacity:g}", capped),
       "mixer2": ("fuser per_id, 2-layer mixer, all tokens", two_layer),
+      "mixer4": ("fuser per_id, 4-layer mixer + MLPs, all tokens", four_layer),
   }
   variants, generations = {}, {}
   b = ids.shape[0]

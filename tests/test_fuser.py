@@ -47,6 +47,13 @@ def two_layer():
 
 
 @pytest.fixture(scope="module")
+def deep():
+  """per_id with a three-layer mixer whose layers over the window have feed-forward
+  blocks (``mixer_layers=3, mixer_mlp=True``)."""
+  return _setup(dataclasses.replace(SPEC, mixer_layers=3, mixer_mlp=True))
+
+
+@pytest.fixture(scope="module")
 def with_static():
   """per_id whose rows add a projection of the id's static row (``static_in_rows``)."""
   return _setup(dataclasses.replace(SPEC, static_in_rows=True))
@@ -149,6 +156,8 @@ def _lm_embedding(s, **spec_changes):
              "slot_value": fuser["slot_value"][:w]}
     if "slot_bias_all" in fuser:
       fuser["slot_bias_all"] = fuser["slot_bias_all"][:, :w, :w]
+    for name in [k for k in fuser if k.startswith("mix_deep_")]:
+      fuser[name] = {**fuser[name], "slot_bias": fuser[name]["slot_bias"][:, :w, :w]}
   return lm, emb, {"params": {"fuser": fuser}}
 
 
@@ -305,10 +314,12 @@ def test_bad_config_is_explained(setup):
     F.FuserSpec(mixer="mlp").validate()
   with pytest.raises(ValueError, match="mixer_heads"):
     F.FuserSpec(mixer_dim=30, mixer_heads=4).validate()
-  with pytest.raises(ValueError, match="mixer_layers must be 1 or 2"):
+  with pytest.raises(ValueError, match="mixer_layers must be >= 1"):
     F.FuserSpec(mixer="conv", mixer_layers=2).validate()
-  with pytest.raises(ValueError, match="mixer_layers must be 1 or 2"):
-    F.FuserSpec(mixer_layers=3).validate()
+  with pytest.raises(ValueError, match="mixer_layers must be >= 1"):
+    F.FuserSpec(mixer_layers=0).validate()
+  with pytest.raises(ValueError, match="mixer_mlp .* needs mixer_layers >= 2"):
+    F.FuserSpec(mixer_mlp=True).validate()
   with pytest.raises(ValueError, match="static_in_rows needs design='per_id'"):
     F.FuserSpec(design="per_position", static_in_rows=True).validate()
   with pytest.raises(ValueError, match="allows no computed token"):
@@ -333,7 +344,7 @@ def test_padding_is_never_context(setup):
 
 # ---- the per-id design ------------------------------------------------------------------
 
-@pytest.mark.parametrize("fixture", ["setup", "two_layer", "with_static"])
+@pytest.mark.parametrize("fixture", ["setup", "two_layer", "deep", "with_static"])
 def test_per_id_table_is_the_encoder_output(request, fixture):
   """The precomputed table is the per-id encoder's output (exactly, computed with one
   shape; to rounding in chunks), and the fuser gives the same vectors with it as when it
@@ -356,7 +367,7 @@ def test_per_id_table_is_the_encoder_output(request, fixture):
           s.params, s.ids), from_batch, atol=1e-6)
 
 
-@pytest.mark.parametrize("fixture", ["setup", "two_layer", "with_static"])
+@pytest.mark.parametrize("fixture", ["setup", "two_layer", "deep", "with_static"])
 def test_per_id_gradients_reach_the_fragment_encoder(request, fixture):
   s = request.getfixturevalue(fixture)
   def loss(p):
@@ -364,9 +375,11 @@ def test_per_id_gradients_reach_the_fragment_encoder(request, fixture):
     return jnp.sum(x ** 2)
   grads = jax.jit(jax.grad(loss))(s.params)
   names = ["fragment", "mix_out", "mix_key", "slot_value"]
-  if fixture == "two_layer":
+  if fixture in ("two_layer", "deep"):
     names += ["mix_query", "slot_bias_all", "mix_out_all", "mix_norm", "mix_query_2",
               "mix_key_2"]
+  if fixture == "deep":
+    names += ["mix_deep_0", "mix_mlp_0", "mix_mlp_1"]
   if fixture == "with_static":
     names += ["static_to_fragment"]
   for name in names:
@@ -374,20 +387,26 @@ def test_per_id_gradients_reach_the_fragment_encoder(request, fixture):
     assert norm > 0, name
 
 
-def test_the_two_layer_mixer_reads_context_beyond_the_first_layer(setup, two_layer):
-  """Two layers change the vectors (they are not the one-layer mixer's), and both read
-  the window only: a changed token moves the vectors within window_left/window_right
-  (2) of it, and no other (the per-id table stays exact at inference)."""
-  s = two_layer
+@pytest.mark.parametrize("fixture,shallower,extra", [
+    ("two_layer", "setup", ("slot_bias_all", "mix_out_all", "mix_norm", "mix_query_2",
+                            "mix_key_2")),
+    ("deep", "two_layer", ("mix_deep_0", "mix_mlp_0", "mix_mlp_1"))])
+def test_deeper_mixers_read_context_beyond_the_first_layer(request, fixture, shallower,
+                                                           extra):
+  """Each added layer changes the vectors (they are not the shallower mixer's with the
+  same parameters less the new ones), and every layer reads the window only: a changed
+  token moves the vectors within window_left/window_right (2) of it, and no other (the
+  per-id table stays exact at inference)."""
+  s, less = request.getfixturevalue(fixture), request.getfixturevalue(shallower)
   fwd = jax.jit(lambda p, i: s.model.apply({"params": p}, i, force_dynamic=True)[0])
   x = fwd(s.params, s.ids)
   chex.assert_shape(x, (2, 16, 16))
   chex.assert_tree_all_finite(x)
-  one = {k: v for k, v in s.params.items() if k not in (
-      "slot_bias_all", "mix_out_all", "mix_norm", "mix_query_2", "mix_key_2")}
-  one_layer = jax.jit(lambda p, i: setup.model.apply({"params": p}, i,
-                                                     force_dynamic=True)[0])(one, s.ids)
-  assert not np.allclose(x, one_layer, atol=1e-4)
+  assert set(extra) <= set(s.params)
+  fewer = {k: v for k, v in s.params.items() if k not in extra}
+  shallow = jax.jit(lambda p, i: less.model.apply({"params": p}, i,
+                                                  force_dynamic=True)[0])(fewer, s.ids)
+  assert not np.allclose(x, shallow, atol=1e-4)
   changed = s.ids.at[:, 6].set(s.bank)
   y = fwd(s.params, changed)
   assert not np.allclose(x[:, 8], y[:, 8])                 # 2 tokens away: in the window
@@ -417,7 +436,8 @@ def test_static_in_rows_lets_the_mixer_read_the_neighbours_static_rows(setup, wi
 
 
 @pytest.mark.parametrize("fixture,mixer", [("setup", "attention"), ("setup", "conv"),
-                                           ("two_layer", "attention")])
+                                           ("two_layer", "attention"),
+                                           ("deep", "attention")])
 def test_per_id_capacity_is_causal_and_within_its_budget(request, fixture, mixer):
   """The causal capacity: at most m = floor(capacity * (window_left + 1)) computed tokens
   in any window_left + 1; only the budget's windows go through the dynamic path; a later
@@ -475,13 +495,13 @@ def test_per_id_signals_none_equals_absent_signals(setup):
                               apply(s.params, s.ids, F.empty_signals(2, SPEC)), atol=1e-6)
 
 
-def _fuser_lm(design: str = "per_id", static_in_rows: bool = False):
+def _fuser_lm(design: str = "per_id", **fuser_changes):
   from fsqtok.models import lm as lm_lib  # pylint: disable=g-import-not-at-top
   token_bytes = tuple([None] * 3 + [bytes([i]) for i in range(97, 123)] + [b"the", b"an"])
   c = fuser_config.get_config("tiny").lm.model
   c.embedding, c.fuser = "fuser", fuser_config.model_config(tiny=True)
   c.fuser.update(window_left=3, gate_mode="learned", threshold=0.3, design=design,
-                 static_in_rows=static_in_rows)
+                 **fuser_changes)
   c.d_model = 16
   model = lm_lib.lm_from_config(c, len(token_bytes), token_bytes=token_bytes,
                                 ambiguous_ids=(29,))
@@ -511,12 +531,16 @@ def test_the_lm_fuser_embedding_follows_its_config_and_is_causal(design):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("static_in_rows", [False, True])
-def test_the_lm_fuser_embedding_generates_with_the_cache_exactly(static_in_rows):
+@pytest.mark.parametrize("changes", [{}, {"static_in_rows": True},
+                                     {"mixer_layers": 3, "mixer_mlp": True}],
+                         ids=["default", "static_in_rows", "deep_mixer"])
+def test_the_lm_fuser_embedding_generates_with_the_cache_exactly(changes):
   from fsqtok.models import generate as generate_lib  # pylint: disable=g-import-not-at-top
   from fsqtok.models import lm as lm_lib  # pylint: disable=g-import-not-at-top
-  model, params, ids = _fuser_lm(static_in_rows=static_in_rows)
-  assert ("static_to_fragment" in params["embed"]["fuser"]) == static_in_rows
+  model, params, ids = _fuser_lm(**changes)
+  fuser = params["embed"]["fuser"]
+  assert ("static_to_fragment" in fuser) == bool(changes.get("static_in_rows"))
+  assert ("mix_deep_0" in fuser) == ("mixer_layers" in changes)
   whole = jax.jit(lambda p, i, v: model.apply({"params": p}, i, v)[0])
   full = whole(params, ids, jnp.ones_like(ids, bool))
   # one token at a time through the key/value cache (which keeps the previous ids)

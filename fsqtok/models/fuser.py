@@ -34,9 +34,10 @@ Two designs (``design``), the same gate, signals, head, losses and entry points:
   `lm_table_variables`). Context enters through a cheap **mixer** over the window's rows:
   one local attention (query of the token, keys of the window, values = the fragments
   plus a per-slot vector, a per-slot bias) or a depthwise convolution (``mixer``); with
-  ``mixer_layers=2`` every slot first attends over the window (its id's query) and the
-  centre's query and the keys of the second layer are made from those contextual
-  states; with ``static_in_rows`` an id's row adds a projection of its static row (a
+  ``mixer_layers=L > 1`` every slot first attends over the window (its id's query), then
+  ``L - 2`` more such layers over those contextual states (a small bidirectional
+  transformer within the window; ``mixer_mlp`` adds a feed-forward block after each),
+  and the centre's query and the keys of the last layer are made from them; with ``static_in_rows`` an id's row adds a projection of its static row (a
   free per-id vector, still a function of the id) to the fragment of its bytes. Then the
   information fuser and head as above. The learned score is per id (from the static row
   and the fragment), so a token's gate depends only on its id.
@@ -106,8 +107,10 @@ class FuserSpec:
   mixer: str = "attention"        # per_id: attention | conv over the window's rows
   mixer_dim: int = 32             # per_id attention: query/key width
   mixer_heads: int = 2            # per_id attention: heads
-  mixer_layers: int = 1           # per_id attention: 2 = every slot first attends over
-                                  # the window, then the centre over those states
+  mixer_layers: int = 1           # per_id attention: L > 1 = L - 1 layers where every
+                                  # slot attends over the window, then the centre
+  mixer_mlp: bool = False         # per_id, mixer_layers > 1: a feed-forward block after
+                                  # each of those layers
   static_in_rows: bool = False    # per_id: an id's row adds a projection of its static
                                   # row (a free per-id vector) to the fragment of its bytes
   fragment_ids: str = "batch"     # per_id training: encode the batch's unique ids | all
@@ -150,10 +153,14 @@ class FuserSpec:
         raise ValueError(f"fuser.model.mixer_heads ({self.mixer_heads}) must divide "
                          f"mixer_dim ({self.mixer_dim}) and fragment_dim "
                          f"({self.fragment_dim}).")
-      if self.mixer_layers not in (1, 2) or (self.mixer_layers == 2
-                                             and self.mixer != "attention"):
-        raise ValueError(f"fuser.model.mixer_layers must be 1 or 2 (2 only with mixer="
-                         f"'attention'), got {self.mixer_layers} with {self.mixer!r}.")
+      if self.mixer_layers < 1 or (self.mixer_layers > 1 and self.mixer != "attention"):
+        raise ValueError(f"fuser.model.mixer_layers must be >= 1 (above 1 only with "
+                         f"mixer='attention'), got {self.mixer_layers} with "
+                         f"{self.mixer!r}.")
+      if self.mixer_mlp and self.mixer_layers < 2:
+        raise ValueError("fuser.model.mixer_mlp adds a feed-forward block to the layers "
+                         "where every slot attends over the window: it needs "
+                         "mixer_layers >= 2.")
       if self.capacity and not self.per_window:
         raise ValueError(f"fuser.model.capacity={self.capacity} allows no computed token "
                          f"per window of window_left + 1 = {self.window_left + 1} tokens "
@@ -315,6 +322,47 @@ class _LeadingDense(nn.Module):
     return x @ kernel + bias
 
 
+def window_attention(q_KxWxHxD, k_KxWxHxD, v_KxWxHxE, bias_HxWxW, present_KxW):
+  """Every slot of each window over the window's present slots: ``ctx_KxWx(H*E)``."""
+  k, w = present_KxW.shape
+  logits = (jnp.einsum("kvhd,kwhd->khvw", q_KxWxHxD, k_KxWxHxD)
+            / math.sqrt(q_KxWxHxD.shape[-1]) + bias_HxWxW[None])
+  weights = jax.nn.softmax(jnp.where(present_KxW[:, None, None, :], logits, -1e9), axis=-1)
+  return jnp.einsum("khvw,kwhe->kvhe", weights, v_KxWxHxE).reshape(k, w, -1)
+
+
+class WindowSelfAttention(nn.Module):
+  """A mixer layer after the first: every slot attends over the window from its
+  contextual state (query, key and value made from it, a per-slot-pair bias), residual,
+  LayerNorm. ``states_KxWxF, present_KxW -> states_KxWxF``."""
+
+  spec: FuserSpec
+
+  @nn.compact
+  def __call__(self, states_KxWxF, present_KxW):
+    s = self.spec
+    k, w, f = states_KxWxF.shape
+    h, dq = s.mixer_heads, s.mixer_dim // s.mixer_heads
+    q = nn.Dense(s.mixer_dim, name="query")(states_KxWxF).reshape(k, w, h, dq)
+    key = nn.Dense(s.mixer_dim, use_bias=False, name="key")(states_KxWxF).reshape(k, w, h, dq)
+    value = nn.Dense(f, name="value")(states_KxWxF).reshape(k, w, h, f // h)
+    bias = self.param("slot_bias", nn.initializers.zeros_init(), (h, s.window, s.window))
+    ctx = window_attention(q, key, value, bias, present_KxW)
+    return nn.LayerNorm(name="norm")(states_KxWxF + nn.Dense(f, name="out")(ctx))
+
+
+class WindowFeedForward(nn.Module):
+  """A feed-forward block on each slot's state (``hidden_dim`` wide), residual, LayerNorm."""
+
+  spec: FuserSpec
+
+  @nn.compact
+  def __call__(self, states_KxWxF):
+    h = nn.gelu(nn.Dense(self.spec.hidden_dim, name="up")(states_KxWxF))
+    return nn.LayerNorm(name="norm")(
+        states_KxWxF + nn.Dense(states_KxWxF.shape[-1], name="down")(h))
+
+
 class InformationFuser(nn.Module):
   """``fragment_NxF`` + the present signals of each token's row -> ``fused_NxH``.
 
@@ -408,12 +456,16 @@ class ContextualFuser(nn.Module):
         self.slot_bias = self.param("slot_bias", nn.initializers.zeros_init(),
                                     (s.mixer_heads, s.window))
         self.slot_value = self.param("slot_value", init, (s.window, s.fragment_dim))
-        if s.mixer_layers == 2:  # the first layer: every slot over the window
+        if s.mixer_layers > 1:  # the first layer: every slot over the window
           self.slot_bias_all = self.param("slot_bias_all", nn.initializers.zeros_init(),
                                           (s.mixer_heads, s.window, s.window))
           self.mix_out_all = nn.Dense(s.fragment_dim)
           self.mix_norm = nn.LayerNorm()
-          # the second layer's query and keys come from the contextual states
+          # layers 2 .. L-1: every slot over the window again, from the states
+          self.mix_deep = [WindowSelfAttention(s) for _ in range(s.mixer_layers - 2)]
+          self.mix_mlp = ([WindowFeedForward(s) for _ in range(s.mixer_layers - 1)]
+                          if s.mixer_mlp else [])
+          # the last layer's query and keys come from the contextual states
           self.mix_query_2 = nn.Dense(s.mixer_dim)
           self.mix_key_2 = nn.Dense(s.mixer_dim, use_bias=False)
       else:
@@ -496,16 +548,18 @@ class ContextualFuser(nn.Module):
       q = rows_KxWxP[:, centre, f:f + s.mixer_dim].reshape(k, h, dq)
       key = rows_KxWxP[..., f + s.mixer_dim:f + 2 * s.mixer_dim].reshape(k, w, h, dq)
       value = (fragment_KxWxF + self.slot_value[None]).reshape(k, w, h, f // h)
-      if s.mixer_layers == 2:
+      if s.mixer_layers > 1:
         # each slot's query (its id's row) over the window's keys: contextual states,
-        # from which the centre's second query and the keys are made
+        # (then more layers over them), from which the centre's last query and the keys
+        # are made
         q_all = rows_KxWxP[..., f:f + s.mixer_dim].reshape(k, w, h, dq)
-        logits_KxHxWxW = (jnp.einsum("kvhd,kwhd->khvw", q_all, key) / math.sqrt(dq)
-                          + self.slot_bias_all[None])
-        logits_KxHxWxW = jnp.where(present[:, None, None, :], logits_KxHxWxW, -1e9)
-        weights_all = jax.nn.softmax(logits_KxHxWxW, axis=-1)
-        ctx_KxWxF = jnp.einsum("khvw,kwhe->kvhe", weights_all, value).reshape(k, w, f)
+        ctx_KxWxF = window_attention(q_all, key, value, self.slot_bias_all, present)
         states = self.mix_norm(fragment_KxWxF + self.mix_out_all(ctx_KxWxF))
+        for i in range(s.mixer_layers - 1):
+          if i:
+            states = self.mix_deep[i - 1](states, present)
+          if s.mixer_mlp:
+            states = self.mix_mlp[i](states)
         q = self.mix_query_2(states[:, centre]).reshape(k, h, dq)
         key = self.mix_key_2(states).reshape(k, w, h, dq)
         value = (states + self.slot_value[None]).reshape(k, w, h, f // h)
