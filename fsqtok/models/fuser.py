@@ -37,8 +37,9 @@ Two designs (``design``), the same gate, signals, head, losses and entry points:
   ``mixer_layers=L > 1`` every slot first attends over the window (its id's query), then
   ``L - 2`` more such layers over those contextual states (a small bidirectional
   transformer within the window; ``mixer_mlp`` adds a feed-forward block after each),
-  and the centre's query and the keys of the last layer are made from them; with ``static_in_rows`` an id's row adds a projection of its static row (a
-  free per-id vector, still a function of the id) to the fragment of its bytes. Then the
+  and the centre's query and the keys of the last layer are made from them; with
+  ``static_in_rows`` an id's row adds a projection of its static row (a free per-id
+  vector, still a function of the id) to the fragment of its bytes. Then the
   information fuser and head as above. The learned score is per id (from the static row
   and the fragment), so a token's gate depends only on its id.
   **Causal capacity** (``capacity > 0``): a gated token is computed when fewer than
@@ -549,9 +550,9 @@ class ContextualFuser(nn.Module):
       key = rows_KxWxP[..., f + s.mixer_dim:f + 2 * s.mixer_dim].reshape(k, w, h, dq)
       value = (fragment_KxWxF + self.slot_value[None]).reshape(k, w, h, f // h)
       if s.mixer_layers > 1:
-        # each slot's query (its id's row) over the window's keys: contextual states,
-        # (then more layers over them), from which the centre's last query and the keys
-        # are made
+        # each slot's query (its id's row) over the window's keys gives contextual
+        # states; more layers over them; the centre's last query and the keys are made
+        # from the last states
         q_all = rows_KxWxP[..., f:f + s.mixer_dim].reshape(k, w, h, dq)
         ctx_KxWxF = window_attention(q_all, key, value, self.slot_bias_all, present)
         states = self.mix_norm(fragment_KxWxF + self.mix_out_all(ctx_KxWxF))
