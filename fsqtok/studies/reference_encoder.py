@@ -211,6 +211,32 @@ class ReferenceEncoder:
   def _forward(self):
     return jax.jit(functools.partial(forward, config=self.config))
 
+  def piece_states(self, texts: Sequence[str], *, batch: int = 32
+                   ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per text, over its word pieces (special tokens left out, cut to
+    ``max_position_embeddings`` with them): ``(offsets_Px2, input_rows_PxH,
+    last_layer_PxH)``, the pieces' character spans, their rows of the input table (no
+    position, no context) and the last layer's states."""
+    limit = self.config.max_position_embeddings
+    encodings = self.tokenizer.encode_batch(list(texts))
+    out = []
+    for s in range(0, len(encodings), batch):
+      part = [(e.ids[:limit], np.asarray(e.offsets[:limit], np.int64).reshape(-1, 2))
+              for e in encodings[s:s + batch]]
+      width = max(len(ids) for ids, _ in part)
+      width = min(limit, 1 << max(width - 1, 0).bit_length())  # few compiled shapes
+      ids = np.zeros((batch, width), np.int32)
+      mask = np.zeros((batch, width), bool)
+      for r, (x, _) in enumerate(part):
+        ids[r, :len(x)], mask[r, :len(x)] = x, True
+      words, last = (np.asarray(a) for a in self._forward(self.params, ids_BxT=ids,
+                                                            mask_BxT=mask))
+      for r, (x, offsets) in enumerate(part):
+        # special tokens ([CLS], [SEP]) have the empty span (0, 0)
+        real = offsets[:, 1] > offsets[:, 0]
+        out.append((offsets[real], words[r, :len(x)][real], last[r, :len(x)][real]))
+    return out
+
   def word_vectors(self, sentences: Sequence[str], spans: Sequence[tuple[int, int]], *,
                    batch: int = 32) -> dict[str, np.ndarray]:
     """For each sentence, the mean over the word pieces that overlap its character span
@@ -218,31 +244,32 @@ class ReferenceEncoder:
     cut to ``max_position_embeddings`` pieces (a span beyond the cut raises)."""
     if len(sentences) != len(spans):
       raise ValueError(f"{len(sentences)} sentences but {len(spans)} spans.")
-    limit = self.config.max_position_embeddings
-    encodings = self.tokenizer.encode_batch(list(sentences))
-    rows, pieces = [], []
-    for i, (enc, (start, end)) in enumerate(zip(encodings, spans)):
-      ids = enc.ids[:limit]
-      # special tokens ([CLS], [SEP]) have the empty span (0, 0): never the word's
-      where = [k for k, (a, b) in enumerate(enc.offsets[:limit])
-               if b > a and a < end and b > start]
-      if not where:
-        raise ValueError(f"Sentence {i} ({sentences[i][:60]!r}) has no word piece in "
-                         f"[{start}, {end}) within the first {limit} pieces.")
-      rows.append(ids)
-      pieces.append(where)
     out = {"input embeddings": [], "last layer": []}
-    for s in range(0, len(rows), batch):
-      part = rows[s:s + batch]
-      width = max(len(r) for r in part)
-      width = min(limit, 1 << (width - 1).bit_length())  # few compiled shapes
-      ids = np.zeros((batch, width), np.int32)
-      mask = np.zeros((batch, width), bool)
-      for r, x in enumerate(part):
-        ids[r, :len(x)], mask[r, :len(x)] = x, True
-      words, last = (np.asarray(a) for a in self._forward(self.params, ids_BxT=ids,
-                                                            mask_BxT=mask))
-      for r, where in enumerate(pieces[s:s + batch]):
-        out["input embeddings"].append(words[r, where].mean(0))
-        out["last layer"].append(last[r, where].mean(0))
+    states = self.piece_states(sentences, batch=batch)
+    for i, ((offsets, words, last), span) in enumerate(zip(states, spans)):
+      where = overlapping(offsets, [span])[0]
+      if not where.any():
+        raise ValueError(f"Sentence {i} ({sentences[i][:60]!r}) has no word piece in "
+                         f"[{span[0]}, {span[1]}) within the first "
+                         f"{self.config.max_position_embeddings} pieces.")
+      out["input embeddings"].append(words[where].mean(0))
+      out["last layer"].append(last[where].mean(0))
     return {k: np.stack(v) for k, v in out.items()}
+
+
+def overlapping(offsets_Px2: np.ndarray, spans: Sequence[tuple[int, int]]) -> np.ndarray:
+  """``S x P`` bool: which pieces (character spans ``offsets_Px2``) overlap each span
+  ``[start, end)``."""
+  spans_Sx2 = np.asarray(spans, np.int64).reshape(-1, 2)
+  return ((offsets_Px2[None, :, 0] < spans_Sx2[:, 1:2])
+          & (offsets_Px2[None, :, 1] > spans_Sx2[:, 0:1]))
+
+
+def span_means(offsets_Px2: np.ndarray, states_PxH: np.ndarray,
+               spans: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+  """``(means_SxH, found_S)``: per span, the mean state of the pieces overlapping it
+  (zeros where none does, ``found`` False)."""
+  hit_SxP = overlapping(offsets_Px2, spans).astype(states_PxH.dtype)
+  count_S = hit_SxP.sum(1)
+  means = hit_SxP @ states_PxH / np.maximum(count_S, 1)[:, None]
+  return means, count_S > 0
