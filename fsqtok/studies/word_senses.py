@@ -151,6 +151,8 @@ def word_sense_table(config, tok, fuser_model, fuser_params, lm_model, lm_params
 
 
 def load_tokenizer(config, texts, workdir: str):
+  """``(tokenizer, kind)``: ``config.tokenizer.dir``'s, else the one counted from
+  ``texts`` (``config.tokenizer.vocab_size`` ids) and kept under ``workdir/vocab``."""
   if config.tokenizer.dir:
     if not os.path.exists(os.path.join(config.tokenizer.dir, VOCAB_FILE)):
       raise FileNotFoundError(f"config.tokenizer.dir={config.tokenizer.dir!r} holds no "
