@@ -22,6 +22,7 @@ reused (copy an eval_word_senses run's to score the same forms).
 """
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import time
@@ -82,34 +83,29 @@ def text_chunks(texts, chunk_chars: int, seed: int):
 def teacher_rows(tok, encoder: reference_encoder.ReferenceEncoder, chunks, *, seq_len: int,
                  max_rows: int, batch: int = 32) -> dict[str, np.ndarray]:
   """``ids``, ``valid`` (``R x T``), ``teacher`` (``R x T x H``, float16: the encoder's
-  last-layer state at each token) and ``has_teacher`` (a piece overlaps the token)."""
-  rows = {"ids": [], "valid": [], "teacher": [], "has_teacher": []}
-  bar = tqdm(total=max_rows, desc="teacher", disable=None)
-  for s in range(0, len(chunks), batch):
-    part = chunks[s:s + batch]
-    for text, (offsets, _, last) in zip(part, encoder.piece_states(part, batch=batch)):
-      ids, spans = tok.encode_with_offsets(text)
-      means, found = reference_encoder.span_means(offsets, last, spans)
-      for a in range(0, len(ids), seq_len):
-        n = min(seq_len, len(ids) - a)
-        row_ids = np.full(seq_len, tok.pad_id, np.int32)
-        row_ids[:n] = ids[a:a + n]
-        teacher = np.zeros((seq_len, last.shape[1]), np.float16)
-        teacher[:n] = means[a:a + n]
-        has = np.zeros(seq_len, bool)
-        has[:n] = found[a:a + n]
-        rows["ids"].append(row_ids)
-        rows["valid"].append(np.arange(seq_len) < n)
-        rows["teacher"].append(teacher)
-        rows["has_teacher"].append(has)
-        bar.update(1)
-        if len(rows["ids"]) == max_rows:
-          bar.close()
-          return {k: np.stack(v) for k, v in rows.items()}
-  bar.close()
-  if not rows["ids"]:
+  last-layer state at each token) and ``has_teacher`` (a piece overlaps the token), for
+  the first ``max_rows`` rows of ``seq_len`` tokens of the chunks (each chunk's last row
+  padded)."""
+  def rows():
+    for s in range(0, len(chunks), batch):
+      part = chunks[s:s + batch]
+      for text, (offsets, _, last) in zip(part, encoder.piece_states(part, batch=batch)):
+        ids, spans = tok.encode_with_offsets(text)
+        means, found = reference_encoder.span_means(offsets, last, spans)
+        for a in range(0, len(ids), seq_len):
+          n = min(seq_len, len(ids) - a)
+          pad = ((0, seq_len - n),)
+          yield (np.pad(np.asarray(ids[a:a + n], np.int32), pad, constant_values=tok.pad_id),
+                 np.arange(seq_len) < n,
+                 np.pad(means[a:a + n].astype(np.float16), pad + ((0, 0),)),
+                 np.pad(found[a:a + n], pad))
+
+  got = list(tqdm(itertools.islice(rows(), max_rows), total=max_rows, desc="teacher",
+                  disable=None))
+  if not got:
     raise ValueError("The training text gave no teacher rows.")
-  return {k: np.stack(v) for k, v in rows.items()}
+  return {k: np.stack(v) for k, v in zip(("ids", "valid", "teacher", "has_teacher"),
+                                         zip(*got))}
 
 
 def distill_loss(params, batch, model: fuser_lib.ContextualFuser):

@@ -194,14 +194,15 @@ class ReferenceEncoder:
       config = EncoderConfig.from_json(json.load(f))
     flat = read_safetensors(files[1])
     flat = {k[len("bert."):] if k.startswith("bert.") else k: v for k, v in flat.items()}
-    missing = [n for n in _required(config) if n not in flat]
+    required = _required(config)
+    missing = [n for n in required if n not in flat]
     if missing:
       raise ValueError(f"{files[1]} lacks {len(missing)} weights of a {config.num_hidden_layers}"
                        f"-layer BERT, e.g. {missing[:3]}.")
-    keep = {n: jnp.asarray(flat[n], jnp.float32) for n in _required(config)}
+    keep = {n: jnp.asarray(flat[n], jnp.float32) for n in required}
     tok = tokenizers.Tokenizer.from_file(files[2])
     tok.no_padding()     # a checkpoint's tokenizer may pad to a fixed length: the batches
-    tok.no_truncation()  # here are padded (and cut) by word_vectors
+    tok.no_truncation()  # here are padded (and cut) by piece_states
     # its name: the directory's, or its parent's for a generic "model" (as in a wheel)
     parts = os.path.normpath(os.path.abspath(directory)).split(os.sep)
     name = parts[-2] if parts[-1] == "model" and len(parts) > 1 else parts[-1]
@@ -247,13 +248,13 @@ class ReferenceEncoder:
     out = {"input embeddings": [], "last layer": []}
     states = self.piece_states(sentences, batch=batch)
     for i, ((offsets, words, last), span) in enumerate(zip(states, spans)):
-      where = overlapping(offsets, [span])[0]
-      if not where.any():
+      means, found = span_means(offsets, np.concatenate([words, last], -1), [span])
+      if not found[0]:
         raise ValueError(f"Sentence {i} ({sentences[i][:60]!r}) has no word piece in "
                          f"[{span[0]}, {span[1]}) within the first "
                          f"{self.config.max_position_embeddings} pieces.")
-      out["input embeddings"].append(words[where].mean(0))
-      out["last layer"].append(last[where].mean(0))
+      out["input embeddings"].append(means[0, :words.shape[1]])
+      out["last layer"].append(means[0, words.shape[1]:])
     return {k: np.stack(v) for k, v in out.items()}
 
 
