@@ -3,6 +3,8 @@ r"""What the contextual fuser embedding costs an LM, against a static table, in 
   python experiments/bench_fuser_cost.py                      # both LM sizes, ~4 min on 2 CPU cores
   python experiments/bench_fuser_cost.py --sizes=small --repeats=3 --capacity=0.4
   python experiments/bench_fuser_cost.py --embeddings=per_id,capacity  # those rows alone
+  taskset -c 0 python experiments/bench_fuser_cost.py --sizes=small --embeddings=per_id,capacity
+      # on one core: the fuser's own work, without the two cores' uneven speed-up
 
 For each LM size (``small``: the README's LM, d=128, 2 layers, configs/fuser.py's
 ``lm.model``; ``big``: d=256, 6 layers, 8 heads, MLP 1024) and each embedding (static
