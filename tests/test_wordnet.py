@@ -96,16 +96,23 @@ def test_the_english_config_says_how_to_build_its_corpus(db, tmp_path, monkeypat
     _experiment().run(config, str(tmp_path / "out"), db)
 
 
-@pytest.mark.slow
-def test_the_word_sense_experiment_runs_on_the_fixture(db, tmp_path):
-  out = tmp_path / "out"
-  proc = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "eval_word_senses.py"),
+def _run_on_the_fixture(script, db, workdir, *args):
+  """Runs experiments/SCRIPT with configs/fuser.py:tiny on the WordNet fixture ``db``,
+  the tiny BERT as its reference encoder, and ``args``; fails with its stderr."""
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "experiments", script),
                          f"--config={os.path.join(REPO, 'configs', 'fuser.py')}:tiny",
-                         f"--workdir={out}", f"--wordnet_dir={db}",
-                         "--config.eval.fuser_train_fraction=0.5",
+                         f"--workdir={workdir}", f"--wordnet_dir={db}", *args,
                          f"--reference_encoder={os.path.join(REPO, 'tests', 'data', 'tiny_bert')}"],
                         cwd=REPO, capture_output=True, text=True, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+@pytest.mark.slow
+def test_the_word_sense_experiment_runs_on_the_fixture(db, tmp_path):
+  out = tmp_path / "out"
+  proc = _run_on_the_fixture("eval_word_senses.py", db, out,
+                             "--config.eval.fuser_train_fraction=0.5")
   assert "| fuser, with context |" in proc.stdout
   with open(out / "report.json") as f:
     report = json.load(f)
@@ -141,13 +148,9 @@ def test_the_word_sense_experiment_runs_on_the_fixture(db, tmp_path):
 @pytest.mark.slow
 def test_the_distillation_check_runs_on_the_fixture(db, tmp_path):
   out = tmp_path / "out"
-  proc = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "fuser_distill.py"),
-                         f"--config={os.path.join(REPO, 'configs', 'fuser.py')}:tiny",
-                         f"--workdir={out}", f"--wordnet_dir={db}", "--teacher_rows=48",
-                         "--config.fuser.train.num_steps=24", "--config.fuser.train.log_every=4",
-                         f"--reference_encoder={os.path.join(REPO, 'tests', 'data', 'tiny_bert')}"],
-                        cwd=REPO, capture_output=True, text=True, check=False)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = _run_on_the_fixture("fuser_distill.py", db, out, "--teacher_rows=48",
+                             "--config.fuser.train.num_steps=24",
+                             "--config.fuser.train.log_every=4")
   assert "| distilled fuser, with context |" in proc.stdout
   with open(out / "report.json") as f:
     report = json.load(f)
