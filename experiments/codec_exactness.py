@@ -10,15 +10,15 @@ The vocabulary is built once (the tokenizer build's `unigram_vocabulary`, kept i
 once per variant (``;``-separated, each a ``,``-separated list of config overrides
 ``field=value``; ``base``: the config as it is: `configs/recon.py`'s codec, lr 3e-3 and a
 plain decoder; the tokenizer build's codec is the variant
-``optim.learning_rate=1e-2,model.dec_fourier_octaves=1``, what
+``optim.learning_rate=1e-2,model.dec_fourier_octaves=3``, what
 `tokenizer_build.codec_config` makes of the default config), as the build does. Per
 variant: the share of the strings its encoder's code decodes back exactly, the same
 weighted by the strings' expected uses, the distinct codes among them, and the training
 wall time (run one variant at a time on an otherwise idle machine to compare times).
 With ``--decoder_steps``: the codes assigned as the build assigns them
 (`tokenizer_build.distinct_codes`), how many decode exactly, and the same after the
-decoder alone has learned them (`fsqtok.codec.memorize`, the build's
-``tokenizer.decoder_steps``).
+decoder alone has learned them (`fsqtok.codec.memorize.learn_by_heart`, the build's
+``tokenizer.decoder_steps``; ``--decoder_rounds``: the build's ``decoder_rounds.num``).
 """
 import ast
 import os
@@ -51,6 +51,9 @@ _DECODER_STEPS = flags.DEFINE_integer(
     "decoder_steps", 0, "Then train the decoder alone this many steps on the strings' "
     "assigned codes (fsqtok/codec/memorize.py); 0: not.")
 _DECODER_LR = flags.DEFINE_float("decoder_lr", 3e-3, "Its peak learning rate.")
+_DECODER_ROUNDS = flags.DEFINE_integer(
+    "decoder_rounds", 0, "Then at most this many rounds of tokenizer.decoder_rounds (free "
+    "codes that decode, the missed strings more often) until every string is exact.")
 
 
 def apply_overrides(config, variant: str):
@@ -114,14 +117,19 @@ def main(argv):
     if _DECODER_STEPS.value:
       optim = config.optim.copy_and_resolve_references()
       optim.learning_rate, optim.warmup_steps = _DECODER_LR.value, 100
+      rounds = config.tokenizer.decoder_rounds.copy_and_resolve_references()
+      rounds.num = _DECODER_ROUNDS.value
       tic = time.perf_counter()
-      params = memorize.train_decoder(model, params, codes, strings, optim=optim,
-                                      num_steps=_DECODER_STEPS.value,
-                                      batch_size=config.data.batch_size, seed=config.seed)
+      params, codes, report = memorize.learn_by_heart(
+          model, params, codes, strings, optim=optim, num_steps=_DECODER_STEPS.value,
+          batch_size=config.data.batch_size, seed=config.seed, rounds=rounds)
       row.update(decoder_steps=_DECODER_STEPS.value, decoder_lr=_DECODER_LR.value,
                  decoder_seconds=time.perf_counter() - tic,
-                 decoder_exact_strings=float(memorize.decodes_exactly(
-                     model, params, codes, strings).mean()))
+                 decoder_exact_strings=report["rounds"][0]["exact"],
+                 decoder_rounds=report["rounds"],
+                 decoder_rounds_exact_strings=report["exact"],
+                 not_exact_examples=[strings.piece_bytes(int(k)).decode("utf-8")
+                                     for k in report["not_exact"][:40]])
     rows.append(row)
     print(row, flush=True)
     print(f"| {variant} | {row['strings']} | {row['steps']} | {row['exact_strings']:.1%} | "

@@ -59,8 +59,12 @@ def _train_tokenizer(args) -> None:
     codec = (f"the codec reconstructs {analysis['codec_exact_strings']:.1%} of the learned "
              f"strings exactly ({analysis['codes_moved']} given a nearby free code)")
     if "assigned_codes_exact" in analysis:
-      codec += (f"; after {analysis['decoder_steps']} decoder steps "
-                f"{analysis['assigned_codes_exact']:.1%} decode exactly from their codes")
+      rounds = len(analysis["decoder_rounds"]) - 1
+      missed = analysis["assigned_codes_not_exact"]
+      codec += (f"; after {analysis['decoder_steps']} decoder steps and {rounds} rounds "
+                + ("every one decodes exactly from its code" if not missed else
+                   f"all but {missed} decode exactly from their codes "
+                   f"({analysis['assigned_codes_exact']:.2%})"))
   else:
     codec = (f"fewer than {args.vocab_size} tokens means the codec reconstructs fewer "
              f"useful candidates exactly")

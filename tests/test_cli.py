@@ -46,6 +46,9 @@ def test_the_vocabulary_was_trained_on_the_sample_asked_for(trained):
   report = json.loads((trained / "vocab_report.json").read_text())
   assert report["decoder_steps"] == 20  # --decoder-steps: the decoder learned the codes
   assert 0.0 <= report["assigned_codes_exact"] <= 1.0
+  assert report["assigned_codes_not_exact"] == round(
+      (1 - report["assigned_codes_exact"]) * report["learned_tokens"])
+  assert 1 <= len(report["decoder_rounds"]) <= 9  # the tiny config's rounds, if any missed
 
 
 def test_encode_decode_streams_restore_the_input(trained, tmp_path):

@@ -205,7 +205,7 @@ def test_codec_exactness_prints_a_row_per_variant(doc_files, tmp_path):
   out = _run("codec_exactness.py", "--config=tiny", f"--corpus=files:{doc_files}/*.txt",
              f"--tfds_data_dir={tmp_path / 'tfds'}", "--vocab_size=400", "--steps=10",
              "--variants=base;optim.learning_rate=1e-2", f"--workdir={tmp_path / 'runs'}",
-             "--decoder_steps=20",
+             "--decoder_steps=20", "--decoder_rounds=2",
              f"--json_out={tmp_path / 'rows.json'}")
   assert "| base | 131 | 10 |" in out and "| optim.learning_rate=1e-2 | 131 | 10 |" in out
   import json  # pylint: disable=g-import-not-at-top
@@ -214,3 +214,5 @@ def test_codec_exactness_prints_a_row_per_variant(doc_files, tmp_path):
   assert all(0 <= r["exact_strings"] <= 1 for r in rows)
   assert all(0 <= r["assigned_exact_strings"] <= 1 and 0 <= r["decoder_exact_strings"] <= 1
              and r["decoder_steps"] == 20 for r in rows)
+  assert all(1 <= len(r["decoder_rounds"]) <= 3
+             and r["decoder_rounds_exact_strings"] >= r["decoder_exact_strings"] for r in rows)

@@ -48,3 +48,69 @@ def test_the_decoder_learns_assigned_codes_and_the_encoder_stays():
     memorize.train_decoder(model, params, codes[:3], STRINGS, optim=optim, num_steps=1,
                            batch_size=2, seed=0)
   del config
+
+
+def _rounds(**kw):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  return ml_collections.ConfigDict({**dict(num=0, steps=0, learning_rate=1e-2, repeats=8,
+                                           search_radius=2), **kw})
+
+
+@pytest.mark.parametrize("radius", [1, 2, 3])
+def test_neighbour_codes_are_the_codes_within_the_radius(radius):
+  levels = (4, 3, 5)
+  digits = lambda c: np.array([c % 4, c // 4 % 3, c // 12])
+  for code in range(60):
+    got = memorize.neighbour_codes(code, levels, radius)
+    want = [c for c in range(60) if c != code and np.all(np.abs(digits(c) - digits(code)) <= 1)
+            and np.sum(digits(c) != digits(code)) <= radius]
+    assert sorted(got) == want and len(set(got)) == len(got)
+    steps = [np.sum(digits(c) != digits(code)) for c in got]
+    assert steps == sorted(steps)  # nearest first
+
+
+def test_a_missed_string_moves_to_a_free_code_that_decodes_to_it():
+  _, model, params = _codec()
+  learned = np.arange(STRINGS.num_distinct) * 4096 + 1000  # far apart
+  optim = optimizer_lib.adamw_config(learning_rate=1e-2, warmup_steps=10)
+  params = memorize.train_decoder(model, params, learned, STRINGS, optim=optim,
+                                  num_steps=300, batch_size=5, seed=0, progress=False)
+  assert memorize.decodes_exactly(model, params, learned, STRINGS).all()
+  # String 3 is given a neighbour of its learned code that does not decode to it; its
+  # learned code is free now.
+  moved = learned.copy()
+  for code in memorize.neighbour_codes(int(learned[3]), model.levels, 1):
+    moved[3] = code
+    if not memorize.decodes_exactly(model, params, moved, STRINGS)[3]:
+      break
+  assert not memorize.decodes_exactly(model, params, moved, STRINGS)[3]
+  codes, exact = memorize.move_to_decoding_codes(model, params, moved, STRINGS, radius=2)
+  assert exact.all() and len(set(codes.tolist())) == len(codes)
+  np.testing.assert_array_equal(np.delete(codes, 3), np.delete(moved, 3))
+  assert codes[3] in memorize.neighbour_codes(int(moved[3]), model.levels, 2)
+  np.testing.assert_array_equal(exact, memorize.decodes_exactly(model, params, codes, STRINGS))
+
+
+def test_rounds_finish_what_the_first_steps_leave():
+  _, model, params = _codec()
+  codes = np.arange(STRINGS.num_distinct) * 37
+  optim = optimizer_lib.adamw_config(learning_rate=1e-2, warmup_steps=10)
+  kw = dict(optim=optim, num_steps=20, batch_size=5, seed=0, progress=False)
+  _, c0, r0 = memorize.learn_by_heart(model, params, codes, STRINGS, rounds=_rounds(), **kw)
+  assert r0["rounds"][0]["exact"] < 1 and len(r0["rounds"]) == 1
+  np.testing.assert_array_equal(c0, codes)
+  p, c, report = memorize.learn_by_heart(model, params, codes, STRINGS,
+                                         rounds=_rounds(num=20, steps=30), **kw)
+  exact = [r["exact"] for r in report["rounds"]]
+  assert exact[-1] == 1.0 == report["exact"] and len(exact) < 21  # stopped once all exact
+  assert memorize.decodes_exactly(model, p, c, STRINGS).all()
+  assert len(set(c.tolist())) == len(c) and report["not_exact"].size == 0
+  chex.assert_trees_all_equal(p["encoder"], params["encoder"])
+
+
+def test_rounds_without_steps_are_a_clear_error():
+  _, model, params = _codec()
+  with pytest.raises(ValueError, match="decoder rounds need steps >= 1"):
+    memorize.learn_by_heart(model, params, np.arange(STRINGS.num_distinct), STRINGS,
+                            optim=optimizer_lib.adamw_config(1e-2, 1), num_steps=1,
+                            batch_size=5, seed=0, rounds=_rounds(num=2, steps=0))

@@ -6,13 +6,21 @@ string: strings the codec has not learned yet, and those whose code was moved. H
 decoder alone trains on exactly those (code -> string) pairs, the codes and the encoder
 fixed, every string seen once an epoch: a finite table to learn by heart, with targets
 that no longer move as the encoder learns.
+
+`learn_by_heart` is the whole procedure the tokenizer build runs: the decoder trains on
+every string alike, then works in rounds on the strings it still misses: each first
+looks for a free code near its own that already decodes to it, then the decoder trains
+again with the missed strings more often (docs/codec.md, "Until every string decodes").
 """
 from __future__ import annotations
 
 import functools
+import itertools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax.training import train_state
 
@@ -37,6 +45,10 @@ def _greedy_decode(model: codec_lib.Codec, params, codes_BxD):
 def decodes_exactly(model: codec_lib.Codec, params, codes_K: np.ndarray, pieces: PieceSet,
                     batch_size: int = 1024) -> np.ndarray:
   """``[K]`` bool: whether code k decodes to string k (row k of ``pieces``)."""
+  return _decodes_to(model, params, codes_K, pieces.bytes_NxL, pieces.lengths_N, batch_size)
+
+
+def _decodes_to(model, params, codes_K, want_bytes_KxL, want_lengths_K, batch_size):
   vectors = code_vectors(model, codes_K)
   out = []
   for start in range(0, len(vectors), batch_size):
@@ -44,12 +56,12 @@ def decodes_exactly(model: codec_lib.Codec, params, codes_K: np.ndarray, pieces:
     pad = batch_size - len(chunk)
     got_bytes, got_lengths = (np.asarray(a)[:len(chunk)] for a in _greedy_decode(
         model, params, np.concatenate([chunk, np.zeros((pad, chunk.shape[1]), chunk.dtype)])))
-    want_bytes = pieces.bytes_NxL[start:start + len(chunk)]
-    want_lengths = pieces.lengths_N[start:start + len(chunk)]
+    want_bytes = want_bytes_KxL[start:start + len(chunk)]
+    want_lengths = want_lengths_K[start:start + len(chunk)]
     inside = np.arange(want_bytes.shape[1])[None] < want_lengths[:, None]
     out.append((got_lengths == want_lengths)
                & np.all((got_bytes == want_bytes) | ~inside, axis=1))
-  return np.concatenate(out)
+  return np.concatenate(out) if out else np.zeros(0, bool)
 
 
 def _step(state, batch, rng):
@@ -63,15 +75,17 @@ def _step(state, batch, rng):
 
 def train_decoder(model: codec_lib.Codec, params, codes_K: np.ndarray, pieces: PieceSet, *,
                   optim, num_steps: int, batch_size: int, seed: int,
-                  progress: bool = True):
+                  rows: np.ndarray | None = None, progress: bool = True):
   """``params`` with the decoder trained ``num_steps`` on (code k -> string k), the
-  encoder frozen (`fsqtok.train.loop`, in memory). ``optim``: an ``adamw_config``."""
+  encoder frozen (`fsqtok.train.loop`, in memory). ``optim``: an ``adamw_config``.
+  ``rows``: the strings an epoch visits, repeats allowed (None: each once)."""
   if len(codes_K) != pieces.num_distinct:
     raise ValueError(f"{len(codes_K)} codes for {pieces.num_distinct} strings.")
+  rows = np.arange(len(codes_K)) if rows is None else np.asarray(rows)
   tx = optimizer_lib.make_optimizer(optim, num_steps, params, frozen=("encoder",))
   batches = EpochBatcher({"codes": code_vectors(model, codes_K), "bytes": pieces.bytes_NxL,
-                          "lengths": pieces.lengths_N}, np.arange(len(codes_K)),
-                         min(batch_size, len(codes_K)), seed=seed, what="strings")
+                          "lengths": pieces.lengths_N}, rows,
+                         min(batch_size, len(rows)), seed=seed, what="strings")
   result = train_loop.run(
       "decoder", jax.jit(_step),
       lambda: train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx),
@@ -79,3 +93,95 @@ def train_decoder(model: codec_lib.Codec, params, codes_K: np.ndarray, pieces: P
                                      progress_bar=progress),
       rng=jax.random.PRNGKey(seed), nan_hint="lower tokenizer.decoder_learning_rate")
   return result.state.params
+
+
+def neighbour_codes(code: int, levels, radius: int) -> list[int]:
+  """The codes 1..``radius`` digit steps of +-1 from ``code`` (one step per dimension at
+  most), nearest first."""
+  levels_D = np.asarray(levels, np.int64)
+  basis_D = np.cumprod(np.r_[1, levels_D[:-1]])
+  digits = (code // basis_D) % levels_D
+  out = []
+  for r in range(1, radius + 1):
+    for dims in itertools.combinations(range(len(levels_D)), r):
+      for signs in itertools.product((-1, 1), repeat=r):
+        moved = digits[list(dims)] + signs
+        if np.all((moved >= 0) & (moved < levels_D[list(dims)])):
+          out.append(int(code + np.dot(signs, basis_D[list(dims)])))
+  return out
+
+
+def move_to_decoding_codes(model: codec_lib.Codec, params, codes_K: np.ndarray,
+                           pieces: PieceSet, radius: int, batch_size: int = 4096
+                           ) -> tuple[np.ndarray, np.ndarray]:
+  """Each string whose code does not decode to it takes a free code within ``radius``
+  digit steps that does (the nearest; first come first served), if there is one.
+  Returns the new codes (still distinct) and whether each now decodes exactly."""
+  exact = decodes_exactly(model, params, codes_K, pieces, batch_size)
+  taken = set(codes_K.tolist())
+  owners, candidates = [], []
+  for k in np.flatnonzero(~exact):
+    free = [c for c in neighbour_codes(int(codes_K[k]), model.levels, radius) if c not in taken]
+    owners += [k] * len(free)
+    candidates += free
+  codes_K = codes_K.copy()
+  if not candidates:
+    return codes_K, exact
+  owners = np.asarray(owners)
+  fits = _decodes_to(model, params, np.asarray(candidates), pieces.bytes_NxL[owners],
+                     pieces.lengths_N[owners], batch_size)
+  for k, code in zip(owners[fits], np.asarray(candidates)[fits]):
+    if not exact[k] and code not in taken:
+      codes_K[k], exact[k] = code, True
+      taken.add(int(code))
+  return codes_K, exact
+
+
+def learn_by_heart(model: codec_lib.Codec, params, codes_K: np.ndarray, pieces: PieceSet, *,
+                   optim, num_steps: int, batch_size: int, seed: int,
+                   rounds: ml_collections.ConfigDict, progress: bool = True
+                   ) -> tuple[Any, np.ndarray, dict[str, Any]]:
+  """The decoder learns string k at code k (the encoder frozen), until every string
+  decodes exactly or the rounds are spent. Returns the parameters, the codes (a string
+  its code does not decode may move to a free nearby code that does) and a report.
+
+  First ``num_steps`` steps on every string alike at ``optim``; then up to
+  ``rounds.num`` rounds of: `move_to_decoding_codes` within ``rounds.search_radius``
+  digit steps, and ``rounds.steps`` steps at peak rate ``rounds.learning_rate`` with the
+  strings still missed ``rounds.repeats`` times an epoch (every other string once).
+  Stops as soon as every string decodes exactly; returns the round that decodes the most
+  (report: ``rounds``, each round's share exact and codes moved; ``exact``, the share of
+  the one returned; ``not_exact``, its strings still missed).
+  """
+  if rounds.num and (rounds.steps < 1 or rounds.repeats < 1):
+    raise ValueError(f"decoder rounds need steps >= 1 and repeats >= 1, got {rounds.steps} "
+                     f"and {rounds.repeats}: raise them, or set num = 0 for no rounds.")
+  params = train_decoder(model, params, codes_K, pieces, optim=optim, num_steps=num_steps,
+                         batch_size=batch_size, seed=seed, progress=progress)
+  codes_K = np.asarray(codes_K)
+  exact = decodes_exactly(model, params, codes_K, pieces)
+  history = [{"round": 0, "exact": float(exact.mean()), "moved": 0}]
+  best = (exact.sum(), params, np.asarray(codes_K), exact)
+  round_optim = optim.copy_and_resolve_references()
+  round_optim.learning_rate = rounds.learning_rate
+  round_optim.warmup_steps = min(round_optim.warmup_steps, rounds.steps // 10)
+  for r in range(1, rounds.num + 1):
+    if exact.all():
+      break
+    before = codes_K
+    codes_K, exact = move_to_decoding_codes(model, params, codes_K, pieces,
+                                            rounds.search_radius)
+    moved = int(np.sum(codes_K != before))
+    if not exact.all():
+      missed = np.flatnonzero(~exact)
+      params = train_decoder(
+          model, params, codes_K, pieces, optim=round_optim, num_steps=rounds.steps,
+          batch_size=batch_size, seed=seed + r, progress=progress,
+          rows=np.concatenate([np.arange(len(codes_K))] + [missed] * rounds.repeats))
+      exact = decodes_exactly(model, params, codes_K, pieces)
+    history.append({"round": r, "exact": float(exact.mean()), "moved": moved})
+    if exact.sum() > best[0]:
+      best = (exact.sum(), params, codes_K, exact)
+  _, params, codes_K, exact = best  # a round can lose strings: the best one is kept
+  return params, codes_K, {"rounds": history, "exact": float(exact.mean()),
+                                  "not_exact": np.flatnonzero(~exact)}

@@ -69,8 +69,9 @@ def fourier_features(codes_BxD: jax.Array, octaves: int) -> jax.Array:
   An MLP on the raw 8-number code must carve the grid into one region per string with
   smooth functions of few inputs, which it learns slowly; periodic features (Tancik et
   al. 2020) give the decoder more to separate grid points by, so it learns many strings
-  by heart sooner (one octave was best on a 32k vocabulary; higher frequencies hurt:
-  docs/codec.md). Smooth in the code: the straight-through gradient still reaches the
+  by heart sooner (for the codec alone one octave was best on a 32k vocabulary, higher
+  frequencies jolt the encoder; when the decoder then learns the assigned codes, three are
+  best: docs/codec.md). Smooth in the code: the straight-through gradient still reaches the
   encoder, and it helps (stopping it through these features lost a quarter of the gain)."""
   if not octaves:
     return codes_BxD

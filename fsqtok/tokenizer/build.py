@@ -252,26 +252,30 @@ def _codec_exact(config, workdir, size, texts, pieces, mesh):
 
 
 def _learn_assigned_codes(config, model, params, strings: PieceSet, rows, codes):
-  """The decoder trained alone on the strings' assigned codes (`fsqtok.codec.memorize`,
-  ``tokenizer.decoder_steps`` at peak rate ``tokenizer.decoder_learning_rate``); returns
-  the parameters and the share of assigned codes that decode exactly, before and after."""
+  """The decoder trained alone on the strings' assigned codes until each decodes exactly
+  (`fsqtok.codec.memorize.learn_by_heart`: ``tokenizer.decoder_steps`` at peak rate
+  ``tokenizer.decoder_learning_rate``, then ``tokenizer.decoder_rounds``); returns its
+  parameters, the codes (some moved to a free code that decodes to their string) and the
+  share that decodes exactly, before and after."""
   from fsqtok.codec import memorize  # pylint: disable=g-import-not-at-top
+  t = config.tokenizer
   codes_by_row = np.zeros(strings.num_distinct, np.int64)
   codes_by_row[rows] = codes
   before = memorize.decodes_exactly(model, params, codes_by_row, strings)
   optim = config.optim.copy_and_resolve_references()
-  optim.learning_rate = config.tokenizer.get("decoder_learning_rate", 1e-2)
-  params = memorize.train_decoder(
-      model, params, codes_by_row, strings, optim=optim,
-      num_steps=config.tokenizer.decoder_steps, batch_size=config.data.batch_size,
-      seed=config.seed, progress=config.train.progress_bar)
-  after = memorize.decodes_exactly(model, params, codes_by_row, strings)
-  return params, {"decoder_steps": int(config.tokenizer.decoder_steps),
-                  "assigned_codes_exact_before": float(before[rows].mean()),
-                  "assigned_codes_exact": float(after[rows].mean()),
-                  "assigned_not_exact_examples": [
-                      strings.piece_bytes(int(r)).decode("utf-8")
-                      for r in rows[~after[rows]][:20]]}
+  optim.learning_rate = t.get("decoder_learning_rate", 1e-2)
+  params, codes_by_row, report = memorize.learn_by_heart(
+      model, params, codes_by_row, strings, optim=optim, num_steps=t.decoder_steps,
+      batch_size=config.data.batch_size, seed=config.seed,
+      rounds=t.decoder_rounds, progress=config.train.progress_bar)
+  return params, codes_by_row[rows], {  # rows: every string once
+      "decoder_steps": int(t.decoder_steps),
+      "assigned_codes_exact_before": float(before.mean()),
+      "assigned_codes_exact": report["exact"],
+      "assigned_codes_not_exact": int(report["not_exact"].size),
+      "decoder_rounds": report["rounds"],
+      "assigned_not_exact_examples": [
+          strings.piece_bytes(int(r)).decode("utf-8") for r in report["not_exact"][:20]]}
 
 
 def codec_config(config):
@@ -314,10 +318,15 @@ def _unigram_build(config, workdir, size, train_blocks, mesh):
   counts = np.asarray(vocab.counts)
   # Exact strings first (a code decodes to at most one string), then the most used.
   order = np.lexsort((np.arange(len(rows)), -counts, ~exact))
-  codes = distinct_codes(np.asarray(stats["code"])[rows], order, config.model.levels)
+  encoder_codes = np.asarray(stats["code"])[rows]
+  codes = distinct_codes(encoder_codes, order, config.model.levels)
+  codes_moved = int(np.sum(codes != encoder_codes))
   decoder = {}
   if config.tokenizer.get("decoder_steps", 0):
-    params, decoder = _learn_assigned_codes(config, model, params, strings, rows, codes)
+    params, decoded_codes, decoder = _learn_assigned_codes(config, model, params, strings,
+                                                           rows, codes)
+    decoder["codes_moved_to_decode"] = int(np.sum(decoded_codes != codes))
+    codes = decoded_codes
   tok = Tokenizer(vocab.strings, scores=vocab.scores, codes=codes.tolist(),
                   phrases=vocab.phrases, max_piece_bytes=config.model.max_len)
   train_tokens = train_bytes = 0
@@ -334,7 +343,7 @@ def _unigram_build(config, workdir, size, train_blocks, mesh):
       "phrases": len(vocab.phrases),
       "codec_exact_strings": float(exact.mean()),
       "codec_exact_uses": float(np.dot(exact, counts) / counts.sum()),
-      "codes_moved": int(np.sum(codes != np.asarray(stats["code"])[rows])),
+      "codes_moved": codes_moved,
       **decoder,
       "not_exact_examples": [s for s, e in zip(vocab.strings, exact) if not e][:20],
       "train_tokens_per_piece": vocab.history[-1]["tokens_per_piece"],
