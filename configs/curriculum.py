@@ -118,7 +118,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.optim.warmup_steps = 10
     c.train.update({"num_steps": 300, "log_every": 50, "eval_every": 300,
                     "eval_batch_size": 256, "checkpoint_every": 50, "progress_bar": False})
-    c.tokenizer.decoder_rounds.steps = 30  # when a test sets decoder_steps
+    c.tokenizer.decoder_rounds.update(num=3, steps=30)  # when a test sets decoder_steps
     c.vocab.size = 400
     m.d_model, m.num_layers, m.num_heads, m.mlp_dim = 32, 2, 2, 64
     c.lm.data.seq_len, c.lm.data.batch_size = 32, 8

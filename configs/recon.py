@@ -149,7 +149,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.tokenizer.codec_learning_rate = 0.0  # optim's (1e-2 was measured at 4k-32k ids)
     c.tokenizer.codec_fourier_octaves = 0
     c.tokenizer.codec_steps = c.tokenizer.decoder_steps = 0
-    c.tokenizer.decoder_rounds.steps = 50  # when a test sets decoder_steps
+    c.tokenizer.decoder_rounds.update(num=3, steps=50)  # when a test sets decoder_steps
   elif arg == "long":
     c.train.num_steps = 90_000
     c.tokenizer.codec_steps = 0  # the build's codec trains every one of them

@@ -48,7 +48,7 @@ def test_the_vocabulary_was_trained_on_the_sample_asked_for(trained):
   assert 0.0 <= report["assigned_codes_exact"] <= 1.0
   assert report["assigned_codes_not_exact"] == round(
       (1 - report["assigned_codes_exact"]) * report["learned_tokens"])
-  assert 1 <= len(report["decoder_rounds"]) <= 9  # the tiny config's rounds, if any missed
+  assert 1 <= len(report["decoder_rounds"]) <= 4  # the tiny config's rounds, if any missed
 
 
 def test_encode_decode_streams_restore_the_input(trained, tmp_path):

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fsqtok.codec.fsq import FSQ, round_ste
+from fsqtok.codec.fsq import FSQ, neighbour_codes, round_ste
 
 LEVEL_SETS = [(3,), (4,), (8, 5), (2, 3, 4), (5, 5, 5, 4), (8, 8, 8, 8, 8, 5, 5, 5)]
 
@@ -82,3 +82,16 @@ def test_implicit_codebook_and_bad_levels():
       FSQ(bad)
   with pytest.raises(ValueError, match="int32"):
     FSQ((1000,) * 4)
+
+
+@pytest.mark.parametrize("radius", [1, 2, 3])
+def test_neighbour_codes_are_the_codes_within_the_radius(radius):
+  levels = (4, 3, 5)
+  digits = lambda c: np.array([c % 4, c // 4 % 3, c // 12])
+  for code in range(60):
+    got = neighbour_codes(code, levels, radius)
+    want = [c for c in range(60) if c != code and np.all(np.abs(digits(c) - digits(code)) <= 1)
+            and np.sum(digits(c) != digits(code)) <= radius]
+    assert sorted(got) == want and len(set(got)) == len(got)
+    steps = [np.sum(digits(c) != digits(code)) for c in got]
+    assert steps == sorted(steps)  # nearest first

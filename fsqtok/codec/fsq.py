@@ -7,6 +7,8 @@ Codes are floats in [-1, 1]; indices are integers in [0, prod(levels)).
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 from typing import Sequence
 
 import jax
@@ -17,6 +19,20 @@ import numpy as np
 def round_ste(x: jax.Array) -> jax.Array:
   """Rounds to the nearest integer; the gradient passes straight through."""
   return x + jax.lax.stop_gradient(jnp.round(x) - x)
+
+
+def neighbour_codes(index: int, levels: Sequence[int], radius: int) -> list[int]:
+  """The code indices 1..``radius`` digit steps of +-1 from code ``index`` (one step per
+  dimension at most), nearest first; for one step: by dimension, down before up."""
+  basis = [math.prod(levels[:d]) for d in range(len(levels))]
+  digits = [index // b % l for b, l in zip(basis, levels)]
+  out = []
+  for r in range(1, radius + 1):
+    for dims in itertools.combinations(range(len(levels)), r):
+      for signs in itertools.product((-1, 1), repeat=r):
+        if all(0 <= digits[d] + s < levels[d] for d, s in zip(dims, signs)):
+          out.append(index + sum(s * basis[d] for d, s in zip(dims, signs)))
+  return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,15 +15,16 @@ again with the missed strings more often (docs/codec.md, "Until every string dec
 from __future__ import annotations
 
 import functools
-import itertools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from flax.training import train_state
 
+from fsqtok.codec import fsq as fsq_lib
 from fsqtok.codec import model as codec_lib
 from fsqtok.data.batches import EpochBatcher, PieceSet
 from fsqtok.train import loop as train_loop
@@ -73,21 +74,32 @@ def _step(state, batch, rng):
   return state.apply_gradients(grads=grads), {"loss": loss, "byte_accuracy": byte_acc}
 
 
+_train_step = jax.jit(_step)  # one compiled step for every call with the same optimizer
+
+
+def decoder_optimizer(optim, num_steps: int, params) -> optax.GradientTransformation:
+  """The decoder's optimizer (``optim``: an ``adamw_config``), the encoder frozen."""
+  return optimizer_lib.make_optimizer(optim, num_steps, params, frozen=("encoder",))
+
+
 def train_decoder(model: codec_lib.Codec, params, codes_K: np.ndarray, pieces: PieceSet, *,
                   optim, num_steps: int, batch_size: int, seed: int,
-                  rows: np.ndarray | None = None, progress: bool = True):
+                  rows: np.ndarray | None = None, tx=None, progress: bool = True):
   """``params`` with the decoder trained ``num_steps`` on (code k -> string k), the
   encoder frozen (`fsqtok.train.loop`, in memory). ``optim``: an ``adamw_config``.
-  ``rows``: the strings an epoch visits, repeats allowed (None: each once)."""
+  ``rows``: the strings an epoch visits, repeats allowed (None: each once). ``tx``: the
+  `decoder_optimizer` of ``optim`` and ``num_steps`` if the caller has it (calls that
+  share it share one compiled step)."""
   if len(codes_K) != pieces.num_distinct:
     raise ValueError(f"{len(codes_K)} codes for {pieces.num_distinct} strings.")
   rows = np.arange(len(codes_K)) if rows is None else np.asarray(rows)
-  tx = optimizer_lib.make_optimizer(optim, num_steps, params, frozen=("encoder",))
+  if tx is None:
+    tx = decoder_optimizer(optim, num_steps, params)
   batches = EpochBatcher({"codes": code_vectors(model, codes_K), "bytes": pieces.bytes_NxL,
                           "lengths": pieces.lengths_N}, rows,
                          min(batch_size, len(rows)), seed=seed, what="strings")
   result = train_loop.run(
-      "decoder", jax.jit(_step),
+      "decoder", _train_step,
       lambda: train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx),
       batches, train_loop.LoopConfig(num_steps, log_every=max(1, num_steps // 20),
                                      progress_bar=progress),
@@ -95,33 +107,19 @@ def train_decoder(model: codec_lib.Codec, params, codes_K: np.ndarray, pieces: P
   return result.state.params
 
 
-def neighbour_codes(code: int, levels, radius: int) -> list[int]:
-  """The codes 1..``radius`` digit steps of +-1 from ``code`` (one step per dimension at
-  most), nearest first."""
-  levels_D = np.asarray(levels, np.int64)
-  basis_D = np.cumprod(np.r_[1, levels_D[:-1]])
-  digits = (code // basis_D) % levels_D
-  out = []
-  for r in range(1, radius + 1):
-    for dims in itertools.combinations(range(len(levels_D)), r):
-      for signs in itertools.product((-1, 1), repeat=r):
-        moved = digits[list(dims)] + signs
-        if np.all((moved >= 0) & (moved < levels_D[list(dims)])):
-          out.append(int(code + np.dot(signs, basis_D[list(dims)])))
-  return out
-
-
 def move_to_decoding_codes(model: codec_lib.Codec, params, codes_K: np.ndarray,
-                           pieces: PieceSet, radius: int, batch_size: int = 4096
-                           ) -> tuple[np.ndarray, np.ndarray]:
-  """Each string whose code does not decode to it takes a free code within ``radius``
-  digit steps that does (the nearest; first come first served), if there is one.
-  Returns the new codes (still distinct) and whether each now decodes exactly."""
-  exact = decodes_exactly(model, params, codes_K, pieces, batch_size)
+                           exact_K: np.ndarray, pieces: PieceSet, radius: int,
+                           batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+  """Each string whose code does not decode to it (``exact_K``: `decodes_exactly`) takes
+  a free code within ``radius`` digit steps that does (the nearest; first come first
+  served), if there is one. Returns the new codes (still distinct) and whether each now
+  decodes exactly."""
+  exact = np.array(exact_K, bool)
   taken = set(codes_K.tolist())
   owners, candidates = [], []
   for k in np.flatnonzero(~exact):
-    free = [c for c in neighbour_codes(int(codes_K[k]), model.levels, radius) if c not in taken]
+    free = [c for c in fsq_lib.neighbour_codes(int(codes_K[k]), model.levels, radius)
+            if c not in taken]
     owners += [k] * len(free)
     candidates += free
   codes_K = codes_K.copy()
@@ -165,18 +163,19 @@ def learn_by_heart(model: codec_lib.Codec, params, codes_K: np.ndarray, pieces: 
   round_optim = optim.copy_and_resolve_references()
   round_optim.learning_rate = rounds.learning_rate
   round_optim.warmup_steps = min(round_optim.warmup_steps, rounds.steps // 10)
+  round_tx = decoder_optimizer(round_optim, rounds.steps, params) if rounds.num else None
   for r in range(1, rounds.num + 1):
     if exact.all():
       break
     before = codes_K
-    codes_K, exact = move_to_decoding_codes(model, params, codes_K, pieces,
+    codes_K, exact = move_to_decoding_codes(model, params, codes_K, exact, pieces,
                                             rounds.search_radius)
     moved = int(np.sum(codes_K != before))
     if not exact.all():
       missed = np.flatnonzero(~exact)
       params = train_decoder(
           model, params, codes_K, pieces, optim=round_optim, num_steps=rounds.steps,
-          batch_size=batch_size, seed=seed + r, progress=progress,
+          batch_size=batch_size, seed=seed + r, progress=progress, tx=round_tx,
           rows=np.concatenate([np.arange(len(codes_K))] + [missed] * rounds.repeats))
       exact = decodes_exactly(model, params, codes_K, pieces)
     history.append({"round": r, "exact": float(exact.mean()), "moved": moved})

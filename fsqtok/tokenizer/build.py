@@ -31,6 +31,7 @@ from flax import serialization
 from tqdm.auto import tqdm
 
 from fsqtok.codec import evaluate as evaluate_lib
+from fsqtok.codec import fsq as fsq_lib
 from fsqtok.data import corpus as corpus_lib
 from fsqtok.data import hosts
 from fsqtok.data.batches import PieceSet
@@ -150,8 +151,7 @@ def distinct_codes(codes_K: np.ndarray, order_K: Sequence[int], levels: Sequence
   """One distinct FSQ code per string: in ``order_K`` (first = first served) each string
   keeps its code if it is free, else takes the nearest free code (fewest digit steps of
   +-1; ties by digit, then down before up), so the code stays near what the encoder gave."""
-  levels_D = np.asarray(levels, np.int64)
-  basis_D = np.cumprod(np.r_[1, levels_D[:-1]])
+  levels = [int(l) for l in levels]
   out = np.asarray(codes_K, np.int64).copy()
   taken: set[int] = set()
   for k in order_K:
@@ -160,16 +160,12 @@ def distinct_codes(codes_K: np.ndarray, order_K: Sequence[int], levels: Sequence
     while code in taken:
       nxt = []
       for c in frontier:
-        digits = (c // basis_D) % levels_D
-        for d in range(len(levels_D)):
-          for step in (-1, 1):
-            if 0 <= digits[d] + step < levels_D[d]:
-              n = c + step * int(basis_D[d])
-              if n not in seen:
-                seen.add(n)
-                nxt.append(n)
+        for n in fsq_lib.neighbour_codes(c, levels, 1):
+          if n not in seen:
+            seen.add(n)
+            nxt.append(n)
       if not nxt:
-        raise ValueError(f"{len(out)} strings do not fit the {int(np.prod(levels_D))} codes "
+        raise ValueError(f"{len(out)} strings do not fit the {int(np.prod(levels))} codes "
                          f"of FSQ levels {tuple(levels)}.")
       frontier = nxt
       free = [c for c in frontier if c not in taken]
