@@ -159,7 +159,7 @@ def learn_by_heart(model: codec_lib.Codec, params, codes_K: np.ndarray, pieces: 
   codes_K = np.asarray(codes_K)
   exact = decodes_exactly(model, params, codes_K, pieces)
   history = [{"round": 0, "exact": float(exact.mean()), "moved": 0}]
-  best = (exact.sum(), params, np.asarray(codes_K), exact)
+  best = (exact.sum(), params, codes_K, exact)
   round_optim = optim.copy_and_resolve_references()
   round_optim.learning_rate = rounds.learning_rate
   round_optim.warmup_steps = min(round_optim.warmup_steps, rounds.steps // 10)
@@ -183,4 +183,4 @@ def learn_by_heart(model: codec_lib.Codec, params, codes_K: np.ndarray, pieces: 
       best = (exact.sum(), params, codes_K, exact)
   _, params, codes_K, exact = best  # a round can lose strings: the best one is kept
   return params, codes_K, {"rounds": history, "exact": float(exact.mean()),
-                                  "not_exact": np.flatnonzero(~exact)}
+                           "not_exact": np.flatnonzero(~exact)}
