@@ -103,10 +103,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.tokenizer.decoder_learning_rate = 1e-2
   # Then, until every string decodes exactly, at most `num` rounds of: each missed string
   # takes a free code within `search_radius` digit steps that already decodes to it, if
-  # one does; then `steps` steps at `learning_rate` with the missed strings `repeats`
-  # times an epoch (fsqtok/codec/memorize.py; 32k ids: 99.1% -> 99.98%, docs/codec.md).
+  # one does; then `steps` steps with the missed strings `repeats` times an epoch, the
+  # first round at `learning_rate`, each next one at `learning_rate_decay` times the
+  # last (fsqtok/codec/memorize.py; docs/codec.md, "Until every string decodes").
   c.tokenizer.decoder_rounds = ml_collections.ConfigDict(dict(
-      num=8, steps=2000, learning_rate=3e-3, repeats=8, search_radius=2))
+      num=8, steps=2000, learning_rate=3e-3, learning_rate_decay=0.5, repeats=8,
+      search_radius=2))
   # Multi-word phrases (" of the") added after the subword vocabulary, as this share of
   # the learned strings (0: none); each of 2..max_phrase_words words, <= model.max_len bytes.
   c.tokenizer.phrase_fraction = 0.0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import sys
 
@@ -64,12 +65,18 @@ def _train_tokenizer(args) -> None:
       codec += (f"; after {analysis['decoder_steps']} decoder steps and {rounds} rounds "
                 + ("every one decodes exactly from its code" if not missed else
                    f"all but {missed} decode exactly from their codes "
-                   f"({analysis['assigned_codes_exact']:.2%})"))
+                   f"({_floor_percent(analysis['assigned_codes_exact'])})"))
   else:
     codec = (f"fewer than {args.vocab_size} tokens means the codec reconstructs fewer "
              f"useful candidates exactly")
   print(f"Saved {args.out}: {len(tok)} tokens, {analysis['train_bytes_per_token']:.3f} "
         f"training bytes per token; {codec}; codec run in {workdir}.")
+
+
+def _floor_percent(share: float) -> str:
+  """``share`` as a percentage to 3 decimals, rounded down: 1 missed of 32,499 is
+  99.996%, never 100.000%."""
+  return f"{math.floor(round(share * 1e5, 6)) / 1e3:.3f}%"
 
 
 def _input_stream(path: str | None):

@@ -89,7 +89,8 @@ def test_the_decoder_learns_the_assigned_codes_and_the_tokenizer_keeps_it(doc_fi
   config.tokenizer.decoder_steps = 400
   config.model.dec_mlp_dim = 256  # room for the strings (the tiny codec has 64)
   config.tokenizer.codec_fourier_octaves = 2  # sharp inputs: 4 code dimensions, 331 strings
-  config.tokenizer.decoder_rounds.update(num=6, steps=150)
+  # 150-step rounds: too short for a falling rate (tested in test_memorize.py)
+  config.tokenizer.decoder_rounds.update(num=6, steps=150, learning_rate_decay=1.0)
   tok, report = tokenizer_build.train_tokenizer(config, str(tmp_path / "work"), 600,
                                                 str(tmp_path / "tok"))
   assert report["decoder_steps"] == 400

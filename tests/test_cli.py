@@ -144,3 +144,9 @@ def test_train_py_states_a_bad_config_in_one_line(tmp_path, override, message):
   assert proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
   assert not (tmp_path / "work" / "recon").exists()  # stopped before any phase
+
+
+@pytest.mark.parametrize("share,text", [(1 - 1 / 32499, "99.996%"), (0.29, "29.000%"),
+                                        (0.99999, "99.999%"), (1.0, "100.000%"), (0.0, "0.000%")])
+def test_the_share_of_strings_decoded_is_never_rounded_up(share, text):
+  assert cli._floor_percent(share) == text  # pylint: disable=protected-access

@@ -51,6 +51,33 @@ def test_the_decoder_learns_assigned_codes_and_the_encoder_stays():
   del config
 
 
+def test_a_rate_scale_is_the_learning_rate_scaled_in_one_compiled_step():
+  """``rate_scale`` trains as the learning rate times it would (AdamW's update, weight
+  decay and all, is proportional to the rate), and calls that share a `decoder_optimizer`
+  share one compiled step whatever their scale."""
+  _, model, params = _codec()
+  codes = np.arange(STRINGS.num_distinct) * 37
+  kw = dict(num_steps=15, batch_size=5, seed=0, progress=False)
+  scaled = memorize.train_decoder(model, params, codes, STRINGS, rate_scale=0.25, **kw,
+                                  optim=optimizer_lib.adamw_config(learning_rate=1e-2,
+                                                                   warmup_steps=3))
+  lower = memorize.train_decoder(model, params, codes, STRINGS, **kw,
+                                 optim=optimizer_lib.adamw_config(learning_rate=2.5e-3,
+                                                                  warmup_steps=3))
+  chex.assert_trees_all_close(scaled, lower, rtol=1e-5, atol=1e-7)
+  moved = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()),
+                                 scaled["decoder"], params["decoder"])
+  assert max(jax.tree_util.tree_leaves(moved)) > 0
+  optim = optimizer_lib.adamw_config(learning_rate=1e-2, warmup_steps=3)
+  tx = memorize.decoder_optimizer(optim, 15, params)
+  memorize.train_decoder(model, params, codes, STRINGS, optim=optim, tx=tx, **kw)
+  compiled = memorize._train_step._cache_size()  # pylint: disable=protected-access
+  for scale in (0.5, 0.125):
+    memorize.train_decoder(model, params, codes, STRINGS, optim=optim, tx=tx,
+                           rate_scale=scale, **kw)
+  assert memorize._train_step._cache_size() == compiled  # pylint: disable=protected-access
+
+
 def _rounds(**kw):
   import ml_collections  # pylint: disable=g-import-not-at-top
   return ml_collections.ConfigDict({**dict(num=0, steps=0, learning_rate=1e-2, repeats=8,
@@ -89,9 +116,12 @@ def test_rounds_finish_what_the_first_steps_leave():
   _, c0, r0 = memorize.learn_by_heart(model, params, codes, STRINGS, rounds=_rounds(), **kw)
   assert r0["rounds"][0]["exact"] < 1 and len(r0["rounds"]) == 1
   np.testing.assert_array_equal(c0, codes)
-  p, c, report = memorize.learn_by_heart(model, params, codes, STRINGS,
-                                         rounds=_rounds(num=20, steps=30), **kw)
+  p, c, report = memorize.learn_by_heart(
+      model, params, codes, STRINGS, rounds=_rounds(num=20, steps=30, learning_rate_decay=0.8),
+      **kw)
   exact = [r["exact"] for r in report["rounds"]]
+  rates = [r["learning_rate"] for r in report["rounds"][1:]]
+  np.testing.assert_allclose(rates, 1e-2 * 0.8 ** np.arange(len(rates)))  # each round lower
   assert exact[-1] == 1.0 == report["exact"] and len(exact) < 21  # stopped once all exact
   assert memorize.decodes_exactly(model, p, c, STRINGS).all()
   assert len(set(c.tolist())) == len(c) and report["not_exact"].size == 0
@@ -104,3 +134,9 @@ def test_rounds_without_steps_are_a_clear_error():
     memorize.learn_by_heart(model, params, np.arange(STRINGS.num_distinct), STRINGS,
                             optim=optimizer_lib.adamw_config(1e-2, 1), num_steps=1,
                             batch_size=5, seed=0, rounds=_rounds(num=2, steps=0))
+  for decay in (0.0, 1.5):
+    with pytest.raises(ValueError, match="learning_rate_decay must be in"):
+      memorize.learn_by_heart(model, params, np.arange(STRINGS.num_distinct), STRINGS,
+                              optim=optimizer_lib.adamw_config(1e-2, 1), num_steps=1,
+                              batch_size=5, seed=0,
+                              rounds=_rounds(num=2, steps=1, learning_rate_decay=decay))

@@ -10,7 +10,8 @@ that no longer move as the encoder learns.
 `learn_by_heart` is the whole procedure the tokenizer build runs: the decoder trains on
 every string alike, then works in rounds on the strings it still misses: each first
 looks for a free code near its own that already decodes to it, then the decoder trains
-again with the missed strings more often (docs/codec.md, "Until every string decodes").
+again with the missed strings more often, each round at a lower rate than the last
+(docs/codec.md, "Until every string decodes" and "Rounds at a falling rate").
 """
 from __future__ import annotations
 
@@ -78,18 +79,30 @@ _train_step = jax.jit(_step)  # one compiled step for every call with the same o
 
 
 def decoder_optimizer(optim, num_steps: int, params) -> optax.GradientTransformation:
-  """The decoder's optimizer (``optim``: an ``adamw_config``), the encoder frozen."""
-  return optimizer_lib.make_optimizer(optim, num_steps, params, frozen=("encoder",))
+  """The decoder's optimizer (``optim``: an ``adamw_config``), the encoder frozen, its
+  updates times a factor its state holds (`train_decoder`'s ``rate_scale``), so that
+  calls at different rates share one compiled step."""
+  return optax.chain(optimizer_lib.make_optimizer(optim, num_steps, params, frozen=("encoder",)),
+                     optax.inject_hyperparams(optax.scale)(step_size=1.0))
+
+
+def _with_rate_scale(state: train_state.TrainState, scale: float) -> train_state.TrainState:
+  """``state`` with the `decoder_optimizer`'s factor set to ``scale`` (the learning rate
+  times ``scale``: AdamW's update, weight decay included, is proportional to it)."""
+  *inner, scaled = state.opt_state
+  hyperparams = {**scaled.hyperparams, "step_size": jnp.asarray(scale, jnp.float32)}
+  return state.replace(opt_state=(*inner, scaled._replace(hyperparams=hyperparams)))
 
 
 def train_decoder(model: codec_lib.Codec, params, codes_K: np.ndarray, pieces: PieceSet, *,
                   optim, num_steps: int, batch_size: int, seed: int,
-                  rows: np.ndarray | None = None, tx=None, progress: bool = True):
+                  rows: np.ndarray | None = None, tx=None, rate_scale: float = 1.0,
+                  progress: bool = True):
   """``params`` with the decoder trained ``num_steps`` on (code k -> string k), the
-  encoder frozen (`fsqtok.train.loop`, in memory). ``optim``: an ``adamw_config``.
-  ``rows``: the strings an epoch visits, repeats allowed (None: each once). ``tx``: the
-  `decoder_optimizer` of ``optim`` and ``num_steps`` if the caller has it (calls that
-  share it share one compiled step)."""
+  encoder frozen (`fsqtok.train.loop`, in memory). ``optim``: an ``adamw_config``, its
+  learning rate times ``rate_scale``. ``rows``: the strings an epoch visits, repeats
+  allowed (None: each once). ``tx``: the `decoder_optimizer` of ``optim`` and
+  ``num_steps`` if the caller has it (calls that share it share one compiled step)."""
   if len(codes_K) != pieces.num_distinct:
     raise ValueError(f"{len(codes_K)} codes for {pieces.num_distinct} strings.")
   rows = np.arange(len(codes_K)) if rows is None else np.asarray(rows)
@@ -100,7 +113,8 @@ def train_decoder(model: codec_lib.Codec, params, codes_K: np.ndarray, pieces: P
                          min(batch_size, len(rows)), seed=seed, what="strings")
   result = train_loop.run(
       "decoder", _train_step,
-      lambda: train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx),
+      lambda: _with_rate_scale(
+          train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx), rate_scale),
       batches, train_loop.LoopConfig(num_steps, log_every=max(1, num_steps // 20),
                                      progress_bar=progress),
       rng=jax.random.PRNGKey(seed), nan_hint="lower tokenizer.decoder_learning_rate")
@@ -145,8 +159,10 @@ def learn_by_heart(model: codec_lib.Codec, params, codes_K: np.ndarray, pieces: 
 
   First ``num_steps`` steps on every string alike at ``optim``; then up to
   ``rounds.num`` rounds of: `move_to_decoding_codes` within ``rounds.search_radius``
-  digit steps, and ``rounds.steps`` steps at peak rate ``rounds.learning_rate`` with the
-  strings still missed ``rounds.repeats`` times an epoch (every other string once).
+  digit steps, and ``rounds.steps`` steps with the strings still missed
+  ``rounds.repeats`` times an epoch (every other string once), round r at peak rate
+  ``rounds.learning_rate`` × ``rounds.learning_rate_decay`` ** (r - 1): the first rounds
+  have many strings to learn, the last few must not unlearn the others.
   Stops as soon as every string decodes exactly; returns the round that decodes the most
   (report: ``rounds``, each round's share exact and codes moved; ``exact``, the share of
   the one returned; ``not_exact``, its strings still missed).
@@ -154,6 +170,10 @@ def learn_by_heart(model: codec_lib.Codec, params, codes_K: np.ndarray, pieces: 
   if rounds.num and (rounds.steps < 1 or rounds.repeats < 1):
     raise ValueError(f"decoder rounds need steps >= 1 and repeats >= 1, got {rounds.steps} "
                      f"and {rounds.repeats}: raise them, or set num = 0 for no rounds.")
+  decay = rounds.get("learning_rate_decay", 1.0)
+  if not 0 < decay <= 1:
+    raise ValueError(f"decoder_rounds.learning_rate_decay must be in (0, 1], got {decay}: "
+                     "1 keeps every round at rounds.learning_rate.")
   params = train_decoder(model, params, codes_K, pieces, optim=optim, num_steps=num_steps,
                          batch_size=batch_size, seed=seed, progress=progress)
   codes_K = np.asarray(codes_K)
@@ -176,9 +196,11 @@ def learn_by_heart(model: codec_lib.Codec, params, codes_K: np.ndarray, pieces: 
       params = train_decoder(
           model, params, codes_K, pieces, optim=round_optim, num_steps=rounds.steps,
           batch_size=batch_size, seed=seed + r, progress=progress, tx=round_tx,
+          rate_scale=decay ** (r - 1),
           rows=np.concatenate([np.arange(len(codes_K))] + [missed] * rounds.repeats))
       exact = decodes_exactly(model, params, codes_K, pieces)
-    history.append({"round": r, "exact": float(exact.mean()), "moved": moved})
+    history.append({"round": r, "exact": float(exact.mean()), "moved": moved,
+                    "learning_rate": rounds.learning_rate * decay ** (r - 1)})
     if exact.sum() > best[0]:
       best = (exact.sum(), params, codes_K, exact)
   _, params, codes_K, exact = best  # a round can lose strings: the best one is kept
