@@ -191,16 +191,17 @@ def learn_by_heart(model: codec_lib.Codec, params, codes_K: np.ndarray, pieces: 
     codes_K, exact = move_to_decoding_codes(model, params, codes_K, exact, pieces,
                                             rounds.search_radius)
     moved = int(np.sum(codes_K != before))
+    scale = decay ** (r - 1)  # this round's rate: rounds.learning_rate times scale
     if not exact.all():
       missed = np.flatnonzero(~exact)
       params = train_decoder(
           model, params, codes_K, pieces, optim=round_optim, num_steps=rounds.steps,
           batch_size=batch_size, seed=seed + r, progress=progress, tx=round_tx,
-          rate_scale=decay ** (r - 1),
+          rate_scale=scale,
           rows=np.concatenate([np.arange(len(codes_K))] + [missed] * rounds.repeats))
       exact = decodes_exactly(model, params, codes_K, pieces)
     history.append({"round": r, "exact": float(exact.mean()), "moved": moved,
-                    "learning_rate": rounds.learning_rate * decay ** (r - 1)})
+                    "learning_rate": rounds.learning_rate * scale})
     if exact.sum() > best[0]:
       best = (exact.sum(), params, codes_K, exact)
   _, params, codes_K, exact = best  # a round can lose strings: the best one is kept
