@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import tempfile
 
 import ml_collections
 import pytest
@@ -284,9 +285,13 @@ def test_nul_bytes_long_lines_empty_files_and_directories_as_documented(tmp_path
     corpus.load_documents(spec, data_dir=data_dir)
 
 
-def test_files_source_goes_through_the_tfds_builder(text_files, tmp_path):
+def test_files_source_goes_through_the_tfds_builder(text_files, tmp_path, monkeypatch):
   data_dir = tmp_path / "tfds"
+  scratch = tmp_path / "scratch"  # the process's temporary directory, for this test
+  scratch.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(scratch))
   docs = corpus.load_documents(f"files:{text_files}/*.txt", data_dir=str(data_dir))
+  assert not list(scratch.iterdir())  # preparing left nothing behind in it
   assert len(docs) == 6 and all("First Citizen" in d for d in docs)
   assert docs == [p.read_text() for p in sorted(text_files.glob("*.txt"))]
   assert (data_dir / "files_text").is_dir()  # prepared, cached copy

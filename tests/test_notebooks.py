@@ -11,13 +11,21 @@ from conftest import REPO, xla_flags
 pytestmark = pytest.mark.slow
 
 NOTEBOOKS = sorted(glob.glob(os.path.join(REPO, "colab", "*.ipynb")))
+# Notebooks that spend longer running steps than compiling them run with XLA's backend
+# optimizations, which the other tests turn off (conftest.py): 02's tokenizer build took
+# 49.2 s with them and 68.7 s without (alone, cold compilation cache); the others took
+# as long or longer with them (03: 40.3 against 34.2 s).
+OPTIMIZED = {"02_tokenizer.ipynb"}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_notebook_runs(path, tmp_path):
   nb = nbformat.read(path, as_version=4)
   env_backup = os.environ.get("XLA_FLAGS")
-  os.environ["XLA_FLAGS"] = xla_flags()  # the notebook runs as a user would: one CPU device
+  flags = xla_flags()  # the notebook runs as a user would: one CPU device
+  if os.path.basename(path) in OPTIMIZED:
+    flags = " ".join(f for f in flags.split() if "optimization_level" not in f)
+  os.environ["XLA_FLAGS"] = flags
   os.environ["FSQTOK_NOTEBOOK_STEPS"] = "200"  # fewer codec steps where a notebook asks
   try:
     NotebookClient(nb, timeout=900, kernel_name="python3",

@@ -23,13 +23,22 @@ class FilesTextConfig(tfds.core.BuilderConfig):
   invalid_utf8: str = "error"  # fsqtok.data.corpus.INVALID_UTF8
 
 
+class _LocalFilesInfo(tfds.core.DatasetInfo):
+  """The info of a ``files:`` corpus, which has no published copy to start from."""
+
+  def initialize_from_bucket(self) -> None:
+    """Nothing to fetch. (TFDS's own makes a temporary directory for the published files
+    each time a builder of an unprepared dataset is made, and never removes it: one empty
+    directory left in /tmp by every fresh ``files:`` corpus.)"""
+
+
 class FilesText(tfds.core.GeneratorBasedBuilder):
   """One example per file: its text and its path. A single ``train`` split."""
 
   VERSION = tfds.core.Version("1.0.0")
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
+    return _LocalFilesInfo(
         builder=self,
         description="Text files selected by a glob (fsqtok `files:` corpus).",
         features=tfds.features.FeaturesDict(
