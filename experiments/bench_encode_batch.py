@@ -76,7 +76,8 @@ def main(argv):
         f"{_VOCAB.value}; {os.cpu_count()} cores\n")
   print("| tokenizer | how | MB/s | vs one process |")
   print("|---|---|---|---|")
-  saved = tempfile.mkdtemp(prefix="bench_encode_batch_")
+  scratch = tempfile.TemporaryDirectory(prefix="bench_encode_batch_")  # removed at exit
+  saved = scratch.name
   tok.save(saved)
 
   def load(native):
@@ -126,6 +127,7 @@ def main(argv):
   print(f"| HF BPE | encode_batch, every core | {mb / s:.2f} | {s1 / s:.2f}x |", flush=True)
   print(f"\nLoading fsqtok's tokenizer and building its compiled search (once a process): "
         f"{load_seconds:.2f} s.")
+  scratch.cleanup()
 
 
 if __name__ == "__main__":

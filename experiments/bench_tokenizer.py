@@ -229,35 +229,35 @@ def main(argv):
     docs = corpus_lib.load_documents(spec, data_dir=d.tfds_data_dir or None, text_key=d.text_key)
     train, val = corpus_lib.split_documents(docs, val_fraction=d.val_fraction,
                                             seed=d.split_seed, block_chars=d.block_chars)
-    root = tempfile.mkdtemp(prefix="bench_tokenizer_")
-    train_file, val_file = os.path.join(root, "train.txt"), os.path.join(root, "val.txt")
-    with open(train_file, "w", encoding="utf-8") as f:
-      f.write("".join(train))
-    with open(val_file, "w", encoding="utf-8") as f:
-      f.write("".join(val))
-    names = _tokenizer_names()
-    workdir = _WORKDIRS.value[k] if _WORKDIRS.value else ""
-    codec_seconds = 0.0
-    if workdir:
-      with open(os.path.join(workdir, "recon", "report.json"), encoding="utf-8") as f:
-        codec_seconds = json.load(f).get("train_wall_seconds", float("nan"))
-    for vocab in map(int, _VOCAB.value):
-      ctx = {"train_file": train_file, "train_texts": train, "vocab": vocab, "config": config,
-             "workdir": workdir, "codec_seconds": codec_seconds}
-      rows = [measure(n, ctx, val, val_file, os.path.join(root, str(vocab))) for n in names]
-      print(f"\n## {spec}: vocabulary {vocab}, training {len(''.join(train).encode()) / 1e6:.1f}"
-            f" MB, held-out {sum(len(b.encode()) for b in val) / 1e3:.0f} KB in {len(val)} "
-            f"blocks\n")
-      print("| tokenizer | ids | bytes/token | lossless | encode MB/s | decode MB/s | train s "
-            "| disk MB | memory MB |")
-      print("|---|---|---|---|---|---|---|---|---|")
-      for r in rows:
-        print(f"| {r['tokenizer']} | {r['ids']} | {r['bytes_per_token']:.3f} | "
-              f"{r['lossless']:.1%} | {r['encode_mb_s']:.2f} | {r['decode_mb_s']:.2f} | "
-              f"{r['train_s']:.1f} | {r['disk_mb']:.2f} | {r['memory_mb']:.1f} |", flush=True)
-        all_rows.append({"corpus": spec, "vocab_size": vocab, **r})
-      if _JSON_OUT.value:
-        workdir_lib.write_json(_JSON_OUT.value, all_rows)
+    with tempfile.TemporaryDirectory(prefix="bench_tokenizer_") as root:  # copies, outputs
+      train_file, val_file = os.path.join(root, "train.txt"), os.path.join(root, "val.txt")
+      with open(train_file, "w", encoding="utf-8") as f:
+        f.write("".join(train))
+      with open(val_file, "w", encoding="utf-8") as f:
+        f.write("".join(val))
+      names = _tokenizer_names()
+      workdir = _WORKDIRS.value[k] if _WORKDIRS.value else ""
+      codec_seconds = 0.0
+      if workdir:
+        with open(os.path.join(workdir, "recon", "report.json"), encoding="utf-8") as f:
+          codec_seconds = json.load(f).get("train_wall_seconds", float("nan"))
+      for vocab in map(int, _VOCAB.value):
+        ctx = {"train_file": train_file, "train_texts": train, "vocab": vocab, "config": config,
+               "workdir": workdir, "codec_seconds": codec_seconds}
+        rows = [measure(n, ctx, val, val_file, os.path.join(root, str(vocab))) for n in names]
+        print(f"\n## {spec}: vocabulary {vocab}, training {len(''.join(train).encode()) / 1e6:.1f}"
+              f" MB, held-out {sum(len(b.encode()) for b in val) / 1e3:.0f} KB in {len(val)} "
+              f"blocks\n")
+        print("| tokenizer | ids | bytes/token | lossless | encode MB/s | decode MB/s | train s "
+              "| disk MB | memory MB |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+          print(f"| {r['tokenizer']} | {r['ids']} | {r['bytes_per_token']:.3f} | "
+                f"{r['lossless']:.1%} | {r['encode_mb_s']:.2f} | {r['decode_mb_s']:.2f} | "
+                f"{r['train_s']:.1f} | {r['disk_mb']:.2f} | {r['memory_mb']:.1f} |", flush=True)
+          all_rows.append({"corpus": spec, "vocab_size": vocab, **r})
+        if _JSON_OUT.value:
+          workdir_lib.write_json(_JSON_OUT.value, all_rows)
 
 
 if __name__ == "__main__":

@@ -19,23 +19,20 @@ OPTIMIZED = {"02_tokenizer.ipynb"}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
-def test_notebook_runs(path, tmp_path):
+def test_notebook_runs(path, tmp_path, monkeypatch):
   nb = nbformat.read(path, as_version=4)
-  env_backup = os.environ.get("XLA_FLAGS")
   flags = xla_flags()  # the notebook runs as a user would: one CPU device
   if os.path.basename(path) in OPTIMIZED:
     flags = " ".join(f for f in flags.split() if "optimization_level" not in f)
-  os.environ["XLA_FLAGS"] = flags
-  os.environ["FSQTOK_NOTEBOOK_STEPS"] = "200"  # fewer codec steps where a notebook asks
-  try:
-    NotebookClient(nb, timeout=900, kernel_name="python3",
-                   resources={"metadata": {"path": os.path.dirname(path)}}).execute()
-  finally:
-    os.environ["XLA_FLAGS"] = env_backup or ""
-    os.environ.pop("FSQTOK_NOTEBOOK_STEPS", None)
+  monkeypatch.setenv("XLA_FLAGS", flags)
+  monkeypatch.setenv("TMPDIR", str(tmp_path))  # its work directory goes there, not /tmp
+  monkeypatch.setenv("FSQTOK_NOTEBOOK_STEPS", "200")  # fewer codec steps where it asks
+  NotebookClient(nb, timeout=900, kernel_name="python3",
+                 resources={"metadata": {"path": os.path.dirname(path)}}).execute()
   errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
             if o.get("output_type") == "error"]
   assert not errors
+  assert list(tmp_path.iterdir()), "the notebook wrote nothing to its temporary directory"
 
 
 def test_there_is_a_notebook():
