@@ -11,10 +11,12 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + TEST_XLA_FLAG
                            " --xla_force_host_platform_device_count=8").strip()
 
 
-def xla_flags(devices: int = 0) -> str:
+def xla_flags(devices: int = 0, optimized: bool = False) -> str:
   """XLA_FLAGS for a process the tests start: the tests' flags, ``devices`` simulated CPU
-  devices (0: one, as a user would have)."""
-  flags = [f for f in os.environ["XLA_FLAGS"].split() if "device_count" not in f]
+  devices (0: one, as a user would have); ``optimized``: with XLA's backend optimizations
+  (for a process that spends longer running steps than compiling them)."""
+  flags = [f for f in os.environ["XLA_FLAGS"].split()
+           if "device_count" not in f and not (optimized and f in TEST_XLA_FLAGS.split())]
   if devices:
     flags.append(f"--xla_force_host_platform_device_count={devices}")
   return " ".join(flags)

@@ -21,10 +21,8 @@ OPTIMIZED = {"02_tokenizer.ipynb"}
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_notebook_runs(path, tmp_path, monkeypatch):
   nb = nbformat.read(path, as_version=4)
-  flags = xla_flags()  # the notebook runs as a user would: one CPU device
-  if os.path.basename(path) in OPTIMIZED:
-    flags = " ".join(f for f in flags.split() if "optimization_level" not in f)
-  monkeypatch.setenv("XLA_FLAGS", flags)
+  # the notebook runs as a user would: one CPU device
+  monkeypatch.setenv("XLA_FLAGS", xla_flags(optimized=os.path.basename(path) in OPTIMIZED))
   monkeypatch.setenv("TMPDIR", str(tmp_path))  # its work directory goes there, not /tmp
   monkeypatch.setenv("FSQTOK_NOTEBOOK_STEPS", "200")  # fewer codec steps where it asks
   NotebookClient(nb, timeout=900, kernel_name="python3",
