@@ -67,6 +67,20 @@ def test_a_damaged_newest_step_falls_back_to_the_one_before(finished, tmp_path, 
                               rtol=1e-5, atol=1e-6)
 
 
+def test_a_step_damaged_again_is_set_aside_beside_the_first(finished, tmp_path):
+  """The same step damaged twice (two crashes): the second copy goes to ``.damaged.1``,
+  the first is kept, and the run resumes both times."""
+  config, root = finished
+  work = tmp_path / "work"
+  shutil.copytree(root / "straight", work)
+  ckpts = work / "recon" / "checkpoints"
+  for _ in range(2):
+    os.remove(work / "recon" / "report.json")
+    _damage(str(ckpts / "40"), "missing")
+    assert recon.train_recon(config, str(work))["steps"] == 40
+  assert {"40", "40.damaged", "40.damaged.1"} <= set(os.listdir(ckpts))
+
+
 def test_no_readable_step_is_a_clear_error_and_nothing_is_moved(finished, tmp_path):
   config, root = finished
   work = tmp_path / "work"

@@ -60,7 +60,10 @@ def test_lm_configs_build_their_model(module, arg):
     ("vocab.size", 200, r"vocab_size=200 leaves no room"),
     ("lm.model.embedding", "tabel", r"lm.model.embedding='tabel' is unknown"),
     ("lm.model.head", "tide", r"lm.model.head='tide' is unknown"),
-    ("lm.train.num_steps", -1, r"lm.train.num_steps must be >= 0"),
+    ("lm.train.num_steps", 0, r"lm.train.num_steps must be >= 1"),
+    ("joint.num_steps", -1, r"joint.num_steps must be >= 0"),
+    ("lm.train.eval_batch_size", 12, r"lm.train.eval_batch_size: Batch size 12 must be "
+                                     r"divisible by the 8 devices"),
     ("train.num_steps", -5, r"train.num_steps must be >= 1"),
     ("lm.data.batch_size", 6, r"lm.data.batch_size: Batch size 6"),
     ("lm.data.loader", "tfrecord", r"lm.data.loader='tfrecord' is unknown"),

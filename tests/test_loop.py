@@ -109,3 +109,79 @@ def test_named_batches_draw_together_and_restore_each_position():
   again.set_state(saved)
   chex.assert_trees_all_equal(next(again), want)
   assert set(saved) == {"a", "b"}
+
+
+def _nan_at(update: int):
+  """The toy step, whose update number ``update`` (0-based) turns the parameters to NaN
+  while its own loss is still finite."""
+  def step(state, batch, rng):
+    new_state, metrics = _step(state, batch, rng)
+    poison = jnp.where(state.step == update, jnp.nan, 0.0)
+    return new_state.replace(params={"w": new_state.params["w"] + poison}), metrics
+  return jax.jit(step)
+
+
+def test_no_checkpoint_ever_holds_a_nan(tmp_path):
+  """A state turned NaN by the step right before a save (its loss still finite, no log
+  since) stops the run there, and every checkpoint kept is finite."""
+  loop = train_loop.LoopConfig(12, log_every=4, checkpoint_every=3, progress_bar=False)
+  with pytest.raises(FloatingPointError, match=r"toy: the state holds a non-finite value at "
+                                               r"step 6: .*last good checkpoint is in"):
+    train_loop.run("toy", _nan_at(5), _init(), _batches(), loop, rng=jax.random.PRNGKey(0),
+                   directory=str(tmp_path / "nan"))
+  ckpts = tmp_path / "nan" / train_loop.CHECKPOINTS
+  assert sorted(p.name for p in ckpts.iterdir()) == ["3"]
+  with pytest.raises(FloatingPointError, match=r"the loss is nan at step 6"):  # the loss
+    train_loop.run("toy", _nan_at(4), _init(), _batches(), loop, rng=jax.random.PRNGKey(0),
+                   directory=str(tmp_path / "nan_loss"))
+  assert sorted(p.name for p in (tmp_path / "nan_loss" / train_loop.CHECKPOINTS).iterdir()
+                ) == ["3"]
+
+
+class _Interrupted(_batches().__class__):
+  """The toy batches, interrupted (Ctrl-C) when batch number ``at`` is drawn."""
+
+  def __init__(self, at: int):
+    super().__init__({"x": X, "y": Y}, np.arange(64), 8, seed=0, what="rows")
+    self.at, self.drawn = at, 0
+
+  def __next__(self):
+    self.drawn += 1
+    if self.drawn == self.at:
+      raise KeyboardInterrupt
+    return super().__next__()
+
+
+def test_an_interrupt_lets_the_save_in_flight_finish_and_the_run_resumes_from_it(tmp_path):
+  loop = train_loop.LoopConfig(12, log_every=2, checkpoint_every=6, progress_bar=False)
+  directory = str(tmp_path / "run")
+  with pytest.raises(KeyboardInterrupt):
+    train_loop.run("toy", jax.jit(_step), _init(), _Interrupted(at=7), loop,
+                   rng=jax.random.PRNGKey(0), directory=directory)
+  assert sorted(os.listdir(os.path.join(directory, train_loop.CHECKPOINTS))) == ["6"]
+  resumed = train_loop.run("toy", jax.jit(_step), _init(), _batches(), loop,
+                           rng=jax.random.PRNGKey(0), directory=directory)
+  whole = train_loop.run("toy", jax.jit(_step), _init(), _batches(), loop,
+                         rng=jax.random.PRNGKey(0), directory=str(tmp_path / "whole"))
+  assert resumed.start == 6
+  chex.assert_trees_all_close(resumed.state.params, whole.state.params, rtol=1e-6)
+
+
+def test_log_every_0_logs_at_the_end_and_the_logged_rate_is_the_one_used():
+  loop = train_loop.LoopConfig(5, log_every=0, progress_bar=False)
+  result = train_loop.run("toy", jax.jit(_step), _init(), _batches(), loop,
+                          rng=jax.random.PRNGKey(0), schedule=lambda count: 10.0 * count)
+  # optax counts updates from 0: the fifth update used schedule(4)
+  assert [(r["step"], r["learning_rate"]) for r in result.history] == [(5, 40.0)]
+
+
+def test_an_evaluation_after_the_last_log_is_not_taken_from_the_training_time():
+  """Throughput counts the training steps' time alone: the final evaluation (after the
+  last timed moment) must not be subtracted from it."""
+  import time  # pylint: disable=g-import-not-at-top
+  loop = train_loop.LoopConfig(6, log_every=2, eval_every=6, progress_bar=False)
+  slow_eval = lambda s: time.sleep(0.5) or {"error": 0.0}
+  result = train_loop.run("toy", jax.jit(_step), _init(), _batches(), loop,
+                          rng=jax.random.PRNGKey(0), evaluate=slow_eval)
+  assert result.timed_steps == 4 and 0 < result.timed_seconds < 0.5
+  assert np.isfinite(result.per_second())

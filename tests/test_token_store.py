@@ -164,6 +164,8 @@ def test_a_preparation_stopped_part_way_is_finished_and_nothing_else_redone(tmp_
   before = {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)}
   mtimes = {n: os.stat(tmp_path / n).st_mtime_ns for n in before}
   os.remove(tmp_path / "train-00002-of-00004.json")  # killed before its JSON was written
+  # ... and while writing its records again (a partial file under a temporary name)
+  (tmp_path / "train-00002-of-00004.array_record.tmp999999").write_bytes(b"partial")
   assert _prepare(tmp_path) == [("train", 2)]
   assert {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)} == before
   changed = {n for n in before if os.stat(tmp_path / n).st_mtime_ns != mtimes[n]}

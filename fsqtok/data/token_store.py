@@ -28,6 +28,7 @@ process sees (a local disk for one host; NFS, Lustre or a gcsfuse mount on a pod
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -80,14 +81,23 @@ def _write_shard(path: str, stream: np.ndarray, num_bytes: int, *, seq_len: int,
     w = lm_data.windows(stream, seq_len, pad_id, bos_id)
     rows = lm_data.training_rows(w)
     counts = np.bincount(w["targets"][w["weights"] > 0], minlength=vocab_size)
+  for stale in glob.glob(glob.escape(path) + ".array_record.tmp*"):  # a killed run's
+    os.unlink(stale)
   tmp = f"{path}.array_record.tmp{os.getpid()}"
-  writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
   try:
-    for row in rows:
-      writer.write(row.astype("<i4").tobytes())
-  finally:
-    writer.close()
-  os.replace(tmp, path + ".array_record")
+    writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
+    try:
+      for row in rows:
+        writer.write(row.astype("<i4").tobytes())
+    finally:
+      writer.close()
+    with open(tmp, "rb") as f:  # on disk before the JSON that says the shard is whole
+      os.fsync(f.fileno())
+    os.replace(tmp, path + ".array_record")
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
   workdir_lib.write_json(path + ".json", {
       "rows": int(rows.shape[0]), "bytes": int(num_bytes), "seq_len": seq_len,
       "scored_tokens": int(counts.sum()),

@@ -17,6 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from fsqtok.train import sharding as sharding_lib
 from fsqtok.train import workdir as workdir_lib
 
 
@@ -82,7 +83,8 @@ class Checkpointer:
   def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
     """``(step, state, data position)`` of the newest step that can be read, or None if
     there is no step. Newer steps that cannot be read are reported and renamed
-    ``STEP.damaged`` (kept, never deleted) once an older one has been read; if none can
+    ``STEP.damaged`` (``.damaged.1``, ... if that name is taken; kept, never deleted;
+    `fsqtok.train.workdir.set_aside`) once an older one has been read; if none can
     be read, nothing is renamed and a ``ValueError`` says what to do."""
     steps = sorted(self._manager.all_steps(), reverse=True)
     failed: list[tuple[int, str]] = []
@@ -95,12 +97,11 @@ class Checkpointer:
                         "before.", step, self.directory, reason)
         failed.append((step, reason))
         continue
-      for bad, _ in failed:
-        path = os.path.join(self.directory, str(bad))
-        epath.Path(path).rename(path + ".damaged")
-        logging.warning("Moved the damaged checkpoint %s to %s.damaged; resuming from step %d.",
-                        path, path, step)
+      for bad, reason in failed:  # process 0 renames (.damaged, then .damaged.1, ...)
+        workdir_lib.set_aside(os.path.join(self.directory, str(bad)),
+                              f"{reason}; resuming from step {step}")
       if failed:
+        sharding_lib.sync_processes("fsqtok damaged checkpoints set aside")
         self._manager.reload()
       return step, state, data
     if failed:

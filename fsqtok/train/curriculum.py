@@ -266,15 +266,17 @@ def _check_config(config) -> None:
   if m.d_model % m.num_heads:
     raise ValueError(f"lm.model.d_model={m.d_model} is not divisible by "
                      f"lm.model.num_heads={m.num_heads}.")
-  for name, steps in (("lm.train.num_steps", t.num_steps),
-                      ("joint.num_steps", config.joint.num_steps)):
-    if steps < 0:
-      raise ValueError(f"{name} must be >= 0, got {steps}.")
+  if t.num_steps < 1:  # the lm phase is the one every later phase starts from
+    raise ValueError(f"lm.train.num_steps must be >= 1, got {t.num_steps}.")
+  if config.joint.num_steps < 0:
+    raise ValueError(f"joint.num_steps must be >= 0 (0: no joint phase), got "
+                     f"{config.joint.num_steps}.")
   try:
     mesh = sharding_lib.mesh_from_config(t)
   except ValueError as e:
     raise ValueError(f"lm.train: {e}") from None
   sharding_lib.check_batch_size(config.lm.data.batch_size, mesh, "lm.data.batch_size")
+  sharding_lib.check_batch_size(t.eval_batch_size, mesh, "lm.train.eval_batch_size")
 
 
 @workdir_lib.exclusive_workdir

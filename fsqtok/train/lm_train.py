@@ -148,7 +148,8 @@ def train_lm_phase(phase: str, config, workdir: str, model: lm_lib.TransformerLM
   phase_dir = os.path.join(workdir, phase)
   workdir_lib.makedirs(phase_dir)
   mesh = sharding_lib.mesh_from_config(t)
-  sharding_lib.check_batch_size(config.lm.data.batch_size, mesh)
+  sharding_lib.check_batch_size(config.lm.data.batch_size, mesh, "lm.data.batch_size")
+  sharding_lib.check_batch_size(t.eval_batch_size, mesh, "lm.train.eval_batch_size")
 
   # One optimizer object: states made by separate calls share their pytree structure.
   abstract_params = jax.eval_shape(init_params)

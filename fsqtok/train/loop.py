@@ -11,10 +11,13 @@ A phase gives ``step_fn(state, batch, rng) -> (state, metrics)`` (already jitted
   a finished phase's parameters are read back from its last checkpoint, `finished`);
 * **metrics**: per ``log_every`` steps, the mean of each metric (the ``summed`` ones, like
   the LM's token count, are added up) to ``metrics.jsonl`` and the progress bar;
-* **NaN guard**: a non-finite loss stops the run, naming the last good checkpoint;
+* **NaN guard**: a non-finite loss stops the run, naming the last good checkpoint; a
+  state is saved only once its floats and the losses of the steps since the last log
+  are checked finite, so no checkpoint holds a NaN;
 * **evaluation**: ``evaluate(state)`` every ``eval_every`` steps, to ``metrics.jsonl``;
 * **timing**: seconds and steps from the first synchronisation (after compilation) to the
-  last, evaluation excluded, so throughput is the training step's alone.
+  last, evaluations between them excluded (each starts once the steps before it have
+  finished), so throughput is the training step's alone.
 
 The report stays each phase's own (`write_report`): a report in the phase's directory
 means the phase is finished.
@@ -138,6 +141,15 @@ def _host_record(host: list[dict[str, Any]], summed: Sequence[str]) -> dict[str,
                    else np.mean([m[k] for m in host])) for k in host[0]}
 
 
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  """Whether every float of ``tree`` is finite (one scalar, whatever the shardings)."""
+  leaves = [x for x in jax.tree.leaves(tree)
+            if hasattr(x, "dtype") and jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)]
+  return jax.numpy.all(jax.numpy.stack([jax.numpy.all(jax.numpy.isfinite(x))
+                                        for x in leaves])) if leaves else jax.numpy.bool_(True)
+
+
 def run(name: str, step_fn: Callable, init_state: Callable[[], Any], batches: Batches,
         loop: LoopConfig, *, rng: jax.Array, directory: str | None = None, mesh=None,
         state_shardings=None, evaluate: Callable[[Any], dict[str, Any]] | None = None,
@@ -178,7 +190,7 @@ def run(name: str, step_fn: Callable, init_state: Callable[[], Any], batches: Ba
   pending: list[dict[str, Any]] = []
   t_first = t_last = None
   step_first = step_last = 0
-  excluded = 0.0
+  excluded = eval_seconds = 0.0  # evaluation time: timed once a later log closes it in
   timed_sums: dict[str, float] = {k: 0.0 for k in summed}
   # Jitted, the key's fold costs the host ~30 us a step, eagerly ~110 us (on this
   # project's 2-core CPU; docs/scale.md). The same bits either way.
@@ -186,48 +198,61 @@ def run(name: str, step_fn: Callable, init_state: Callable[[], Any], batches: Ba
   loop_start = time.perf_counter()
   bar = tqdm(range(start, loop.num_steps), initial=start, total=loop.num_steps, desc=name,
              disable=not loop.progress_bar, dynamic_ncols=True, leave=directory is not None)
-  for step in bar:
-    batch = next(batches)
-    if mesh is not None:
-      batch = place(batches, batch, mesh)
-    state, metrics = step_fn(state, batch, fold_in(rng, step))
-    pending.append(metrics)
-    done = step + 1
-    last = done == loop.num_steps
-    if done % loop.log_every == 0 or last:
-      host = sharding_lib.to_host(pending)
-      pending = []
-      now = time.perf_counter()
-      if t_first is None:  # the first interval includes compilation: not timed
-        t_first, step_first = now, done
-      else:
-        for k in summed:
-          timed_sums[k] += float(np.sum([m[k] for m in host]))
-      t_last, step_last = now, done
-      record = {"step": done, "split": "train", **_host_record(host, summed)}
-      if schedule is not None:
-        record["learning_rate"] = float(schedule(done))
-      if not np.isfinite(record["loss"]):
-        where = (f"; the last good checkpoint is in {ckpt.directory}" if ckpt else "")
-        raise FloatingPointError(f"{name}: the loss is {record['loss']} at step {done}: "
-                                 f"{nan_hint}{where}.")
-      history.append(record)
-      if metrics_log is not None:
-        metrics_log.write([record])
-      bar.set_postfix(loss=f"{record['loss']:.3f}")
-    if evaluate is not None and loop.eval_every and (done % loop.eval_every == 0 or last):
-      tic = time.perf_counter()
-      ev = evaluate(state)
-      last_eval = (done, ev)
-      if metrics_log is not None:
-        metrics_log.write([{"step": done, "split": "validation", **ev}])
-      if t_first is not None:
-        excluded += time.perf_counter() - tic
-    if ckpt is not None and (done % save_every == 0 or last):  # get_state can cost
-      ckpt.save(done, state, batches.get_state(), force=last)
-  bar.close()
-  if ckpt is not None:
-    ckpt.close()
+  def stop(what: str, step: int):
+    where = f"; the last good checkpoint is in {ckpt.directory}" if ckpt else ""
+    raise FloatingPointError(f"{name}: {what} at step {step}: {nan_hint}{where}.")
+
+  try:
+    for step in bar:
+      batch = next(batches)
+      if mesh is not None:
+        batch = place(batches, batch, mesh)
+      state, metrics = step_fn(state, batch, fold_in(rng, step))
+      pending.append(metrics)
+      done = step + 1
+      last = done == loop.num_steps
+      if (loop.log_every and done % loop.log_every == 0) or last:
+        host = sharding_lib.to_host(pending)
+        pending = []
+        now = time.perf_counter()
+        if t_first is None:  # the first interval includes compilation: not timed
+          t_first, step_first = now, done
+        else:
+          for k in summed:
+            timed_sums[k] += float(np.sum([m[k] for m in host]))
+          excluded += eval_seconds
+        eval_seconds = 0.0
+        t_last, step_last = now, done
+        record = {"step": done, "split": "train", **_host_record(host, summed)}
+        if schedule is not None:  # the rate this interval's last update used
+          record["learning_rate"] = float(schedule(done - 1))
+        if not np.isfinite(record["loss"]):
+          stop(f"the loss is {record['loss']}", done)
+        history.append(record)
+        if metrics_log is not None:
+          metrics_log.write([record])
+        bar.set_postfix(loss=f"{record['loss']:.3f}")
+      if evaluate is not None and loop.eval_every and (done % loop.eval_every == 0 or last):
+        jax.block_until_ready(state)  # the steps before it are training time, not its own
+        tic = time.perf_counter()
+        ev = evaluate(state)
+        last_eval = (done, ev)
+        if metrics_log is not None:
+          metrics_log.write([{"step": done, "split": "validation", **ev}])
+        if t_first is not None:
+          eval_seconds += time.perf_counter() - tic
+      if ckpt is not None and (done % save_every == 0 or last):  # get_state can cost
+        # never save a NaN: the losses not yet logged, and the state itself
+        losses = [float(m["loss"]) for m in sharding_lib.to_host(pending)]
+        if not np.all(np.isfinite(losses)):
+          stop(f"the loss is {next(l for l in losses if not np.isfinite(l))}", done)
+        if not bool(sharding_lib.to_host(_all_finite(state))):
+          stop("the state holds a non-finite value", done)
+        ckpt.save(done, state, batches.get_state(), force=last)
+  finally:  # an error or an interrupt still lets a save in flight finish
+    bar.close()
+    if ckpt is not None:
+      ckpt.close()
   timed = (t_last - t_first - excluded) if t_first is not None else 0.0
   return LoopResult(state=state, start=start, history=history, last_eval=last_eval,
                     timed_steps=step_last - step_first, timed_seconds=timed,

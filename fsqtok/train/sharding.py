@@ -97,10 +97,12 @@ def data_size(mesh: Mesh) -> int:
 
 def check_batch_size(batch_size: int, mesh: Mesh, field: str = "") -> None:
   """A ``ValueError`` (prefixed by the config ``field``, if given) unless the batch
-  splits evenly over the mesh's ``data`` axis."""
-  if batch_size % data_size(mesh):
-    raise ValueError(f"{field + ': ' if field else ''}Batch size {batch_size} must be "
-                     f"divisible by the {data_size(mesh)} devices of the data axis.")
+  splits evenly over the mesh's ``data`` axis and over the processes."""
+  for parts, what in ((data_size(mesh), "devices of the data axis"),
+                      (jax.process_count(), "processes")):
+    if batch_size % parts:
+      raise ValueError(f"{field + ': ' if field else ''}Batch size {batch_size} must be "
+                       f"divisible by the {parts} {what}.")
 
 
 def path_name(path) -> str:
@@ -295,7 +297,10 @@ def shard_batch(batch, mesh: Mesh, per_process: bool = False):
 
   def place(v):
     v = np.asarray(v)
-    if count > 1 and not per_process:
+    if not per_process:
+      if v.shape[0] % count:  # a remainder would be left out of every process's share
+        raise ValueError(f"A batch of {v.shape[0]} rows does not split over {count} "
+                         f"processes: make the batch size divisible by {count}.")
       rows = v.shape[0] // count
       v = v[index * rows:(index + 1) * rows]
     return jax.make_array_from_process_local_data(sharding, v)
