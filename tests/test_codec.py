@@ -146,3 +146,7 @@ def test_strides_must_divide_max_len():
   b, l = sample_batch()
   with pytest.raises(ValueError, match="divisible"):
     model.init(jax.random.PRNGKey(0), b[:, :10], np.minimum(l, 10))
+  uneven, _ = tiny_model(**{**_CONV, "dec_channels": (32, 16)})  # 3 strides, 2 layers
+  with pytest.raises(ValueError, match=r"model.dec_channels=.* and model.dec_strides=\(2, 2, "
+                                       r"1\) must have one entry per layer"):
+    uneven.init(jax.random.PRNGKey(0), b, l)

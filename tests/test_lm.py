@@ -170,6 +170,25 @@ def test_generation_greedy_matches_recomputation_and_stops_at_eos():
   assert topk1 == out
 
 
+def test_next_token_log_probs_puts_only_the_last_position_through_a_factorized_head():
+  """Generation's first draw after a long prompt: the same log p as the last position of
+  the whole head, with memory that does not grow with the prompt (the factorized head
+  scores [B, T, V, digits] at once)."""
+  model = _model("table", "factorized")
+  params = model.init(jax.random.PRNGKey(0), _ids())["params"]
+  def last_log_probs(ids):
+    out, _ = model.apply({"params": params}, ids)
+    return model.apply({"params": params}, out, method=lm_lib.TransformerLM.next_token_log_probs)
+  ids = _ids(t=64)
+  whole = model.apply({"params": params}, model.apply({"params": params}, ids)[0],
+                      method=lambda m, o: m.output_head.vocab_log_probs(o))
+  chex.assert_trees_all_close(last_log_probs(ids), whole[:, -1], atol=1e-5)
+  # what grows with the prompt is its activations, not the head's [T, V, ...] scores
+  temp = lambda t: jax.jit(last_log_probs).lower(_ids(t=t)).compile().memory_analysis(
+      ).temp_size_in_bytes
+  assert temp(64) - temp(1) < 64 * V * 32 * 4
+
+
 def test_top_p_keeps_the_smallest_set_reaching_p():
   logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
   kept = jnp.isfinite(generate_lib.filter_logits(logits, 0, 0.75))
@@ -189,6 +208,15 @@ def test_bad_settings_are_clear_errors():
     _model(num_heads=5).init(jax.random.PRNGKey(0), _ids())
   with pytest.raises(ValueError, match="at least one token"):
     generate_lib.generate(_model(), {}, [[]], jax.random.PRNGKey(0), max_new_tokens=2,
+                          eos_id=2, pad_id=0)
+  # learned positions: registers count, and nothing past max_len is silently clamped
+  short = _model(positions="learned", max_len=8, num_registers=4)
+  with pytest.raises(ValueError, match=r"12 positions \(4 registers and prefix vectors \+ 8 "
+                                       r"tokens\) exceed the model's 8 learned positions"):
+    short.init(jax.random.PRNGKey(0), _ids(t=8))
+  params = short.init(jax.random.PRNGKey(0), _ids(t=4))["params"]
+  with pytest.raises(ValueError, match=r"4 registers \+ prompt \(2\) \+ 3 steps"):
+    generate_lib.generate(short, params, [[1, 5]], jax.random.PRNGKey(0), max_new_tokens=3,
                           eos_id=2, pad_id=0)
 
 

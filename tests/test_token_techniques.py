@@ -257,6 +257,11 @@ def test_a_soft_prompt_through_the_cache_equals_the_whole_forward():
   chex.assert_trees_all_close(logp, full, atol=1e-4)
   with pytest.raises(ValueError, match="first call"):
     model.apply({"params": params}, ids[:, 2:], cache=cache, prefix_BxKxD=pre)
+  # a cache without room for the prompt would have its last slots overwritten
+  with pytest.raises(ValueError, match=r"kept room for 1: make it with init_cache\(\.\.\., "
+                                       r"prefix_len=3\)"):
+    model.apply({"params": params}, ids[:, :2], cache=lm_lib.init_cache(model, 2, 5),
+                prefix_BxKxD=pre)
 
 
 # Token pruning -----------------------------------------------------------------------

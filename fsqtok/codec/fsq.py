@@ -78,7 +78,11 @@ class FSQ:
     """Squashes each dimension so that rounding yields exactly ``levels[i]`` values.
 
     For an even level count the interval is shifted by half a step, so that the grid
-    {-L/2, ..., L/2 - 1} is hit uniformly instead of losing one level to symmetry.
+    {-L/2, ..., L/2 - 1} is hit uniformly instead of losing one level to symmetry; z = 0
+    maps to the grid point 0. For L = 2 that point is the range's top end (shift
+    arctanh(0.999) ~ 3.8), where tanh is flat: the straight-through gradient at z = 0 is
+    ~1e-3, so a quantizer that is trained wants levels >= 3 (the index arithmetic works for
+    any L >= 2).
     """
     levels = self._levels_np.astype(np.float32)
     half_l = (levels - 1) * (1 + self.eps) / 2

@@ -128,6 +128,11 @@ class Codec(nn.Module):
     return FSQ.from_levels(self.levels)
 
   def setup(self):
+    for side in ("enc", "dec"):  # one stride per convolution
+      channels, strides = getattr(self, f"{side}_channels"), getattr(self, f"{side}_strides")
+      if len(channels) != len(strides):
+        raise ValueError(f"model.{side}_channels={tuple(channels)} and model.{side}_strides="
+                         f"{tuple(strides)} must have one entry per layer (the same length).")
     for name, strides in (("enc_strides", self.enc_strides), ("dec_strides", self.dec_strides)):
       if self.max_len % math.prod(strides):
         raise ValueError(f"model.max_len={self.max_len} must be divisible by the product "

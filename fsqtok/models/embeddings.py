@@ -279,7 +279,8 @@ class FactorizedHead(nn.Module):
     return logp + jnp.where(plain >= 0, 0.0, code_logp)
 
   def vocab_log_probs(self, out):
-    """log p of every vocabulary token (not normalised over the vocabulary: codes
+    """log p of every vocabulary token: normalised over the vocabulary with
+    ``vocab_only`` (each digit drawn among the vocabulary's codes), otherwise not (codes
     outside it keep their share). ``out`` of one position per row: ``[B, 1, ...]``."""
     top = jax.nn.log_softmax(out["top"], axis=-1)                          # [B, 1, P+1]
     plain = self._plain

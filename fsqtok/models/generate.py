@@ -132,9 +132,11 @@ def _left_padded(model, prompts, max_new_tokens: int, pad_id: int, *, tokens_per
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
   p = max(len(q) for q in prompts)
-  if model.positions == "learned" and p + max_new_tokens * tokens_per_step > model.max_len:
-    raise ValueError(f"prompt ({p}) + {max_new_tokens} steps of up to {tokens_per_step} "
-                     f"tokens exceeds the model's learned positions ({model.max_len}).")
+  r = model.num_registers
+  if model.positions == "learned" and r + p + max_new_tokens * tokens_per_step > model.max_len:
+    raise ValueError(f"{r} registers + prompt ({p}) + {max_new_tokens} steps of up to "
+                     f"{tokens_per_step} tokens exceeds the model's learned positions "
+                     f"({model.max_len}).")
   ids = np.full((len(prompts), p), pad_id, np.int32)
   valid = np.zeros((len(prompts), p), bool)
   for i, q in enumerate(prompts):

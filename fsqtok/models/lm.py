@@ -236,6 +236,17 @@ class TransformerLM(nn.Module):
       x = jnp.concatenate([prefix, x], axis=1)
       valid_BxT = jnp.concatenate([jnp.ones((b, k), bool), valid_BxT], axis=1)
     n = k + t
+    if cache is not None and PREFIX_PENDING in cache:
+      reserved = cache[PREFIX_PENDING].shape[1]
+      if k > reserved:  # it would overwrite the cache's last slots, silently
+        raise ValueError(f"The first call writes {k} prefix vectors ({self.num_registers} "
+                         f"registers + the prefix) into a cache that kept room for "
+                         f"{reserved}: make it with init_cache(..., prefix_len="
+                         f"{k - self.num_registers}).")
+    if self.positions == "learned" and cache is None and n > self.max_len:
+      raise ValueError(f"{n} positions ({k} registers and prefix vectors + {t} tokens) "
+                       f"exceed the model's {self.max_len} learned positions: raise "
+                       f"max_len or use positions='rope'.")
     if cache is None:
       index = 0
       start_B = jnp.zeros((b,), jnp.int32)
@@ -316,9 +327,12 @@ class TransformerLM(nn.Module):
     """log p(target) per position, from the head output."""
     return self.output_head.log_prob(outputs, targets_BxT)
 
-  def next_token_log_probs(self, outputs_Bx1):
-    """log p over the vocabulary for the last position (generation)."""
-    return self.output_head.vocab_log_probs(outputs_Bx1)[:, -1]
+  def next_token_log_probs(self, outputs_BxT):
+    """log p over the vocabulary for the last position (generation). Only that position
+    goes through the head: a factorized head's scores are [B, T, V, ...] otherwise (GBs
+    for a long prompt)."""
+    last = jax.tree_util.tree_map(lambda x: x[:, -1:], outputs_BxT)
+    return self.output_head.vocab_log_probs(last)[:, -1]
 
 
 def init_cache(model: TransformerLM, batch_size: int, length: int,
@@ -333,8 +347,8 @@ def init_cache(model: TransformerLM, batch_size: int, length: int,
   cache = {"layers": [layer() for _ in range(model.num_layers)],
            "valid": jnp.zeros((batch_size, length), bool), "index": jnp.int32(0),
            "length": jnp.zeros((batch_size,), jnp.int32)}
-  if extra:
-    cache[PREFIX_PENDING] = ()
+  if extra:  # the slots reserved, in the marker's shape (static while tracing)
+    cache[PREFIX_PENDING] = jnp.zeros((0, extra), jnp.int32)
   n_prev = embeddings_lib.context_len(model)
   if n_prev:  # the ids before the next token, for an embedding that reads them
     cache["recent_ids"] = jnp.full((batch_size, n_prev), embeddings_lib.OUTSIDE, jnp.int32)
