@@ -112,6 +112,23 @@ def test_the_decoder_learns_the_assigned_codes_and_the_tokenizer_keeps_it(doc_fi
   assert memorize.decodes_exactly(model, saved, codes, strings).all()
 
 
+def test_a_kept_vocabulary_is_reused_only_for_the_same_training_split(doc_files, tmp_path):
+  """The vocabulary kept in the work directory is the one of its training texts: a
+  changed split (validation share, seed, block size, text policy) trains a new one."""
+  config = tiny_recon_config(f"files:{doc_files}/*.txt", str(tmp_path / "tfds"))
+  train, _ = corpus_lib.load_split(config.data)
+  first, _ = tokenizer_build.unigram_vocabulary(config, str(tmp_path), train[:40], 400)
+  again, _ = tokenizer_build.unigram_vocabulary(config, str(tmp_path), train[40:80], 400)
+  assert again.strings == first.strings  # the same settings: kept, whatever the texts
+  for field, value in (("val_fraction", 0.3), ("split_seed", 1), ("block_chars", 1024),
+                       ("invalid_utf8", "replace")):
+    changed = config.copy_and_resolve_references()
+    changed.data[field] = value
+    other, _ = tokenizer_build.unigram_vocabulary(changed, str(tmp_path), train[40:80], 400)
+    assert other.strings != first.strings, field  # trained anew on the texts given
+    tokenizer_build.unigram_vocabulary(config, str(tmp_path), train[:40], 400)  # back
+
+
 def test_unknown_vocabulary_kind_is_a_clear_error(doc_files, tmp_path):
   config = tiny_recon_config(f"files:{doc_files}/*.txt", str(tmp_path / "tfds"))
   config.tokenizer.vocabulary = "bpe"

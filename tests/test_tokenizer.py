@@ -1,3 +1,4 @@
+import concurrent.futures
 import json
 import os
 
@@ -81,11 +82,16 @@ def test_fewest_tokens_without_a_token(tok):
   assert tok.fewest_tokens_without(tok.token_to_id("speak")) == 5    # five bytes
 
 
-def test_lone_surrogates_and_non_strings_are_clear_errors(tok):
-  with pytest.raises(ValueError, match="lone surrogate"):
-    tok.encode("ok \ud800 no")
-  with pytest.raises(TypeError, match="takes a str"):
-    tok.encode(b"bytes")
+def test_lone_surrogates_and_non_strings_are_clear_errors(tok, unigram_tok):
+  for t in (tok, unigram_tok[0]):  # pure Python, and the compiled search
+    with pytest.raises(ValueError, match="lone surrogate"):
+      t.encode("ok \ud800 no")
+    with pytest.raises(ValueError, match="lone surrogate"):
+      t.split("ab \ud800")
+    with pytest.raises(TypeError, match="takes a str"):
+      t.encode(b"bytes")
+    with pytest.raises(TypeError, match="takes a str"):
+      t.encode_batch([b"ab"], parse_special=True, add_special_tokens=True)
 
 
 def test_special_tokens_stay_text_unless_asked(tok):
@@ -103,6 +109,8 @@ def test_added_special_tokens_get_new_ids(tok):
   tok2 = Tokenizer(["ab", "cd"])
   size = len(tok2)
   assert tok2.add_special_tokens(["<tool>", "[CLS]", "<tool>"]) == 1
+  with pytest.raises(TypeError, match=r"use add_special_tokens\(\['\[FOO\]'\]\)"):
+    tok2.add_special_tokens("[FOO]")  # not four specials "[", "F", "O", "]"
   assert tok2.token_to_id("<tool>") == size and len(tok2) == size + 1
   assert tok2.encode("x<tool>y", parse_special=True)[1] == size
   assert tok2.decode(tok2.encode("x<tool>y", parse_special=True)) == "x<tool>y"
@@ -131,6 +139,28 @@ def test_save_load_round_trip_and_overwrite(tok, tmp_path):
   other = Tokenizer.load(str(d))
   other.add_special_tokens(["[NEW]"])
   assert other.fingerprint() != tok.fingerprint()
+
+
+def test_save_never_replaces_what_is_not_a_tokenizer(tok, tmp_path, monkeypatch):
+  """A save replaces its directory whole, so it refuses a folder of other files, a file
+  and the working directory, before writing anything; an empty folder is fine."""
+  users = tmp_path / "model"
+  users.mkdir()
+  (users / "weights.bin").write_bytes(b"precious")
+  with pytest.raises(ValueError, match="holds other files and no tokenizer.json"):
+    tok.save(str(users))
+  assert os.listdir(users) == ["weights.bin"]
+  (tmp_path / "a_file").write_text("x")
+  with pytest.raises(ValueError, match="it is a file"):
+    tok.save(str(tmp_path / "a_file"))
+  monkeypatch.chdir(users)
+  for here in (".", "", str(tmp_path)):
+    with pytest.raises(ValueError, match="working directory"):
+      tok.save(here)
+  assert os.listdir(users) == ["weights.bin"]
+  (tmp_path / "empty").mkdir()
+  tok.save(str(tmp_path / "empty"))
+  assert Tokenizer.load(str(tmp_path / "empty")).fingerprint() == tok.fingerprint()
 
 
 def test_loading_damaged_or_foreign_directories(tmp_path):
@@ -246,6 +276,21 @@ def test_batch_workers_give_the_ids_of_one_process(unigram_tok, native, texts):
     tok.native = True
 
 
+def test_encode_batch_from_several_threads_at_once(unigram_tok):
+  """Callers on two threads, batches of different sizes, the same num_workers: they share
+  the tokenizer's thread pool (one replaced under the other's feet raised "cannot
+  schedule new futures after shutdown")."""
+  utok, docs = unigram_tok
+  want = [utok.encode(d) for d in docs]
+  def work(k):
+    return [utok.encode_batch(docs[:2 + (i + k) % 3], num_workers=4)["input_ids"]
+            for i in range(30)]
+  with concurrent.futures.ThreadPoolExecutor(2) as callers:
+    results = list(callers.map(work, range(2)))
+  for k, got in enumerate(results):
+    assert got == [want[:2 + (i + k) % 3] for i in range(30)]
+
+
 def test_batch_workers_on_documents_and_their_errors(unigram_tok, tok):
   utok, docs = unigram_tok
   for t in (utok, tok):
@@ -271,3 +316,5 @@ def test_save_load_on_an_object_store(tok, object_store):
   assert again.encode(text) == tok.encode(text) and again.decode(again.encode(text)) == text
   with pytest.raises(FileNotFoundError, match="is not an fsqtok tokenizer"):
     Tokenizer.load(f"{object_store}/tokenizers/none")
+  tok.save(where)  # an earlier save is replaced
+  assert Tokenizer.load(where).fingerprint() == tok.fingerprint()

@@ -63,8 +63,12 @@ def unigram_vocabulary(config, workdir: str, train_texts: Sequence[str], size: i
   kept in ``workdir`` (a build that resumes reuses it when the settings are the same), and
   what counting saw: the characters sampled (`fsqtok.data.corpus.sample_blocks`), the distinct
   runs kept and those the bound dropped."""
-  t = config.tokenizer
-  settings = {"source": config.data.source, "size": size, "max_token_bytes": config.model.max_len,
+  t, d = config.tokenizer, config.data
+  settings = {"source": d.source, "size": size, "max_token_bytes": config.model.max_len,
+              # what decides the training texts (`fsqtok.data.corpus.load_split`)
+              "split": {"val_fraction": d.val_fraction, "split_seed": d.split_seed,
+                        "block_chars": d.block_chars, "text_key": d.get("text_key", "text"),
+                        "invalid_utf8": d.get("invalid_utf8", "error")},
               **{k: t[k] for k in ("seed_size", "shrink", "em_iterations", "char_coverage",
                                    "max_piece_chars", "phrase_fraction", "max_phrase_words",
                                    "sample_chars", "sample_seed", "max_distinct_runs")}}

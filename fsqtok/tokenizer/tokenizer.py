@@ -40,9 +40,11 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from typing import Iterable, Sequence
 
 import numpy as np
+from etils import epath
 
 from fsqtok.data import processes
 from fsqtok.tokenizer import native_encode
@@ -56,6 +58,7 @@ UNK_PENALTY = 10.0  # an uncovered character's score below the lowest (as Huggin
 PARALLEL_MIN_CHARS = 1 << 20  # encode_batch's processes (pure Python): from this many characters
 THREADS_MIN_CHARS = 1 << 16  # encode_batch's threads (compiled search): from this many characters
 VOCAB_FILE = "tokenizer.json"
+_THREADS_LOCK = threading.Lock()  # guards each tokenizer's encode_batch thread pool
 
 DEFAULT_SPECIALS = (
     "[PAD]", "[BOS]", "[EOS]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
@@ -74,6 +77,42 @@ def _utf8(text: str) -> bytes:
         f"The text has a lone surrogate {text[e.start]!r} at index {e.start}; it has no "
         f"UTF-8 encoding, so no tokenizer can round-trip it. Repair the text first, e.g. "
         f"text.encode('utf-8', 'replace').decode('utf-8').") from None
+
+
+def _check_save_target(directory: str) -> None:
+  """A ``ValueError`` unless ``directory`` may become a tokenizer (`Tokenizer.save`): new,
+  empty, or an earlier save; never a file, a folder of other files, or the working
+  directory (or one above it)."""
+  path = epath.Path(directory)
+  if workdir_lib.is_local(directory):
+    here, target = os.path.realpath(os.getcwd()), os.path.realpath(directory)
+    if here == target or here.startswith(target.rstrip(os.sep) + os.sep):
+      raise ValueError(f"Cannot save a tokenizer to {directory!r}: it is the working "
+                       f"directory (or holds it), which a save replaces whole. Name a new "
+                       f"directory, e.g. {os.path.join(directory, 'tokenizer')!r}.")
+  if not path.exists():
+    return
+  if not path.is_dir():
+    raise ValueError(f"Cannot save a tokenizer to {directory}: it is a file. Name a new "
+                     f"directory.")
+  if any(True for _ in path.iterdir()) and not (path / VOCAB_FILE).exists():
+    raise ValueError(f"Cannot save a tokenizer to {directory}: it holds other files and no "
+                     f"{VOCAB_FILE}, and a save replaces the directory whole. Name a new or "
+                     f"empty directory; nothing was written.")
+
+
+def _fsync_directory(path: str) -> None:
+  """Makes a rename inside ``path`` durable (where the platform allows it)."""
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
 
 
 class Tokenizer:
@@ -190,6 +229,9 @@ class Tokenizer:
 
   def add_special_tokens(self, tokens: Sequence[str]) -> int:
     """Appends new special tokens (ids after the vocabulary); returns how many were new."""
+    if isinstance(tokens, str):  # a string would add each of its characters
+      raise TypeError(f"add_special_tokens takes a list of strings, got the string "
+                      f"{tokens!r}: use add_special_tokens([{tokens!r}]).")
     new = [t for t in dict.fromkeys(tokens) if t not in self._special_to_id]
     if not all(isinstance(t, str) and t for t in new):
       raise ValueError(f"Special tokens must be non-empty strings: {tokens}.")
@@ -373,6 +415,7 @@ class Tokenizer:
 
   def split(self, text: str) -> list[str]:
     """The pre-tokenizer's pieces (``"fewest"``) or runs (``"unigram"``, phrases first)."""
+    _utf8(text)  # the same clear error on either path
     encoder = self._native_encoder()
     if encoder is not None:
       return encoder.split(text)
@@ -588,13 +631,13 @@ class Tokenizer:
       return self._as_lists(rows, offsets) if lists else rows
     bounds = [len(texts) * k // num_workers for k in range(num_workers + 1)]
     if threads:  # the compiled search releases the GIL; each thread keeps its run cache
-      if self._threads is None or self._threads._max_workers != num_workers:  # pylint: disable=protected-access
-        if self._threads is not None:
-          self._threads.shutdown()
-        self._threads = concurrent.futures.ThreadPoolExecutor(num_workers)
+      with _THREADS_LOCK:  # one pool that only grows: callers on other threads share it
+        if self._threads is None or self._threads._max_workers < num_workers:  # pylint: disable=protected-access
+          self._threads = concurrent.futures.ThreadPoolExecutor(num_workers)  # (the old
+        pool = self._threads  # one finishes what it was given, then goes)
       # Each thread: its share in one compiled call, rows as arrays; the lists (which
       # need the GIL) are built once all are done.
-      parts = self._threads.map(
+      parts = pool.map(
           lambda ab: _native_rows(self, texts[ab[0]:ab[1]], add_special_tokens,
                                   parse_special, offsets), zip(bounds, bounds[1:]))
       rows = [row for part in parts for row in part]
@@ -651,15 +694,23 @@ class Tokenizer:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
   def save(self, directory: str, extra_files: dict[str, bytes] | None = None) -> None:
-    """Writes the tokenizer (and ``extra_files``: name -> content) to ``directory``
-    atomically: everything goes to a new directory, which is then renamed. On an object
-    store (``gs://...``: no rename of directories) each file is an object written whole,
-    the extra files first and the vocabulary last, so a directory with a vocabulary
-    is complete."""
+    """Writes the tokenizer (and ``extra_files``: name -> content) to ``directory``.
+
+    The directory is the tokenizer: it must be new, empty, or an earlier save (it holds
+    ``tokenizer.json``), which is replaced whole. Anything else (a folder of other files,
+    a file, the working directory) is refused before anything is written. Locally the
+    files go to a new directory (each fsynced), which is then renamed into place; the
+    earlier save is removed after (a crash between the two renames leaves it as
+    ``.NAME.old.*`` beside it). On an object store (``gs://...``: no rename of
+    directories) the old vocabulary goes first, then each file is an object written
+    whole, the extra files first and the vocabulary last, so a directory with a
+    vocabulary is complete."""
     if not workdir_lib.is_writer():  # one process of a multi-process JAX run writes
       return
     payload = self._payload()
+    _check_save_target(directory)
     if not workdir_lib.is_local(directory):
+      epath.Path(directory, VOCAB_FILE).unlink(missing_ok=True)
       for name, content in (extra_files or {}).items():
         workdir_lib.atomic_write_bytes(os.path.join(directory, name), content)
       workdir_lib.atomic_write_text(os.path.join(directory, VOCAB_FILE),
@@ -670,13 +721,13 @@ class Tokenizer:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.")
     try:
-      with open(os.path.join(tmp, VOCAB_FILE), "w", encoding="utf-8") as f:
-        json.dump(payload, f, ensure_ascii=False)
-        f.flush()
-        os.fsync(f.fileno())
-      for name, content in (extra_files or {}).items():
+      files = {VOCAB_FILE: json.dumps(payload, ensure_ascii=False).encode("utf-8"),
+               **(extra_files or {})}
+      for name, content in files.items():
         with open(os.path.join(tmp, name), "wb") as f:
           f.write(content)
+          f.flush()
+          os.fsync(f.fileno())
       workdir_lib.make_shareable(tmp)  # mkdtemp makes it 0700
       old = None
       if os.path.exists(directory):
@@ -684,6 +735,7 @@ class Tokenizer:
         os.rmdir(old)
         os.replace(directory, old)
       os.replace(tmp, directory)
+      _fsync_directory(parent)
       if old:
         shutil.rmtree(old)
     except BaseException:
@@ -735,9 +787,9 @@ def _native_row(tok: Tokenizer, text: str, add_special_tokens: bool, parse_speci
                 offsets: bool) -> tuple[np.ndarray | list[int], np.ndarray | None]:
   """`_encode_one` with the compiled search: ids as an int32 array (on a thread the search
   runs without the GIL; building Python lists would not)."""
+  _utf8(text)  # first: a bytes or a lone surrogate gets its clear error
   if parse_special and tok._special_re is not None and tok._special_re.search(text):  # pylint: disable=protected-access
     return _encode_one(tok, text, add_special_tokens, parse_special, offsets)
-  _utf8(text)
   ids_N, spans_Nx2 = tok._native_encoder().encode(text, offsets)  # pylint: disable=protected-access
   if add_special_tokens:
     ids_N = np.concatenate([[tok.bos_id], ids_N, [tok.eos_id]]).astype(np.int32)
