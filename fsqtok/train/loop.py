@@ -31,6 +31,7 @@ import time
 from typing import Any, Callable, Protocol, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -145,9 +146,9 @@ def _host_record(host: list[dict[str, Any]], summed: Sequence[str]) -> dict[str,
 def _all_finite(tree) -> jax.Array:
   """Whether every float of ``tree`` is finite (one scalar, whatever the shardings)."""
   leaves = [x for x in jax.tree.leaves(tree)
-            if hasattr(x, "dtype") and jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)]
-  return jax.numpy.all(jax.numpy.stack([jax.numpy.all(jax.numpy.isfinite(x))
-                                        for x in leaves])) if leaves else jax.numpy.bool_(True)
+            if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else (
+      jnp.bool_(True))
 
 
 def run(name: str, step_fn: Callable, init_state: Callable[[], Any], batches: Batches,
