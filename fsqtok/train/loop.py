@@ -189,6 +189,7 @@ def run(name: str, step_fn: Callable, init_state: Callable[[], Any], batches: Ba
   history: list[dict[str, Any]] = []
   last_eval = None
   pending: list[dict[str, Any]] = []
+  fetched: list[dict[str, Any]] = []  # host copies of pending's first ones (a save's check)
   t_first = t_last = None
   step_first = step_last = 0
   excluded = eval_seconds = 0.0  # evaluation time: timed once a later log closes it in
@@ -213,8 +214,8 @@ def run(name: str, step_fn: Callable, init_state: Callable[[], Any], batches: Ba
       done = step + 1
       last = done == loop.num_steps
       if (loop.log_every and done % loop.log_every == 0) or last:
-        host = sharding_lib.to_host(pending)
-        pending = []
+        host = fetched + sharding_lib.to_host(pending[len(fetched):])
+        pending, fetched = [], []
         now = time.perf_counter()
         if t_first is None:  # the first interval includes compilation: not timed
           t_first, step_first = now, done
@@ -244,7 +245,8 @@ def run(name: str, step_fn: Callable, init_state: Callable[[], Any], batches: Ba
           eval_seconds += time.perf_counter() - tic
       if ckpt is not None and (done % save_every == 0 or last):  # get_state can cost
         # never save a NaN: the losses not yet logged, and the state itself
-        losses = [float(m["loss"]) for m in sharding_lib.to_host(pending)]
+        fetched += sharding_lib.to_host(pending[len(fetched):])
+        losses = [float(m["loss"]) for m in fetched]
         if not np.all(np.isfinite(losses)):
           stop(f"the loss is {next(l for l in losses if not np.isfinite(l))}", done)
         if not bool(sharding_lib.to_host(_all_finite(state))):
