@@ -21,6 +21,8 @@ decoder alone has learned them (`fsqtok.codec.memorize.learn_by_heart`, the buil
 ``tokenizer.decoder_steps``; ``--decoder_rounds``: the build's ``decoder_rounds.num``).
 """
 import ast
+import hashlib
+import json
 import os
 import sys
 import time
@@ -45,6 +47,8 @@ _STEPS = flags.DEFINE_integer("steps", 4000, "Codec training steps of every vari
 _VARIANTS = flags.DEFINE_string("variants", "base", "';'-separated override lists.")
 _CONFIG = flags.DEFINE_string("config", "", "configs/recon.py argument.")
 _TFDS_DIR = flags.DEFINE_string("tfds_data_dir", "", "TFDS data dir for files: corpora.")
+_INVALID_UTF8 = flags.DEFINE_enum("invalid_utf8", "error", corpus_lib.INVALID_UTF8,
+                                  "Bytes of a files: corpus that are not UTF-8 (data.invalid_utf8).")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/codec_exactness", "Where runs go.")
 _JSON = flags.DEFINE_string("json_out", "", "Also write the rows here.")
 _DECODER_STEPS = flags.DEFINE_integer(
@@ -78,9 +82,10 @@ def main(argv):
   base.train.num_steps = _STEPS.value
   base.train.eval_every = base.train.checkpoint_every = _STEPS.value
   d = base.data
+  d.invalid_utf8 = _INVALID_UTF8.value
   train, _ = corpus_lib.stream_split(d.source, data_dir=d.tfds_data_dir or None,
                                      val_fraction=d.val_fraction, seed=d.split_seed,
-                                     block_chars=d.block_chars)
+                                     block_chars=d.block_chars, invalid_utf8=d.invalid_utf8)
   vocab, _ = tokenizer_build.unigram_vocabulary(
       base, os.path.join(_WORKDIR.value, "vocab"), train,
       tokenizer_build.learned_size(_VOCAB.value))
@@ -90,10 +95,17 @@ def main(argv):
   for i, variant in enumerate(v.strip() for v in _VARIANTS.value.split(";")):
     config = apply_overrides(recon_config.get_config(_CONFIG.value), variant)
     config.data.source, config.data.tfds_data_dir = d.source, d.tfds_data_dir
+    config.data.invalid_utf8 = d.invalid_utf8
     config.train.num_steps = _STEPS.value
     config.train.eval_every = config.train.checkpoint_every = _STEPS.value
     strings = tokenizer_build.vocabulary_pieces(vocab, config.model.max_len)
-    workdir = os.path.join(_WORKDIR.value, f"variant{i}")
+    # a run directory per variant and vocabulary: one run of the same name and other
+    # settings would otherwise be taken for finished and reported under the new name
+    key = json.dumps({"variant": variant, "config": _CONFIG.value, "steps": _STEPS.value,
+                      "strings": hashlib.sha256("\n".join(vocab.strings).encode()).hexdigest()},
+                     sort_keys=True)
+    workdir = os.path.join(_WORKDIR.value,
+                           f"variant{i}-{hashlib.sha256(key.encode()).hexdigest()[:12]}")
     tic = time.perf_counter()
     recon.train_recon(config, workdir, (strings, strings))
     seconds = time.perf_counter() - tic

@@ -31,13 +31,26 @@ and the device's peak memory in use. On a GPU:
 ``--config_arg=tiny`` checks the same code on the tiny configs in seconds (the test).
 """
 import os
+import re
 import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def flag_value(argv: list[str], name: str, default: str) -> str:
+  """``--name=V`` or ``--name V`` in ``argv`` (absl's two forms), else ``default``."""
+  for i, arg in enumerate(argv):
+    if arg.startswith(f"--{name}="):
+      return arg.split("=", 1)[1]
+    if arg == f"--{name}" and i + 1 < len(argv):
+      return argv[i + 1]
+  return default
+
+
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  _N = next((a.split("=")[1] for a in sys.argv if a.startswith("--devices=")), "8")
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + f" --xla_force_host_platform_device_count={_N}")
+  # read before JAX starts its backends
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
+                             f"device_count={flag_value(sys.argv, 'devices', '8')}")
 
 import dataclasses  # noqa: E402
 import time  # noqa: E402
@@ -78,12 +91,14 @@ HBM = 16 * 2 ** 30  # a TPU v5e chip
 
 
 def sharding_of(name: str):
-  """``replicated`` | ``fsdp`` | ``tpN`` | ``fsdp_tpN`` -> a ``train.sharding`` config."""
-  fsdp = name.startswith("fsdp")
-  tp = name.split("tp")[1] if "tp" in name else "1"
-  if name != "replicated" and not (fsdp or name.startswith("tp")) or not tp.isdigit():
-    raise ValueError(f"Unknown sharding {name!r}: replicated, fsdp, tpN or fsdp_tpN.")
-  return sharding_lib.sharding_config(fsdp=fsdp, model_parallel=int(tp))
+  """``replicated`` | ``fsdp`` | ``tpN`` | ``fsdp_tpN`` (N >= 1) -> a ``train.sharding``
+  config."""
+  match = re.fullmatch(r"replicated|(fsdp)|(fsdp_)?tp([1-9][0-9]*)", name)
+  if match is None:
+    raise ValueError(f"Unknown sharding {name!r}: replicated, fsdp, tpN or fsdp_tpN "
+                     f"(N >= 1, e.g. fsdp_tp2).")
+  fsdp = bool(match.group(1) or match.group(2))
+  return sharding_lib.sharding_config(fsdp=fsdp, model_parallel=int(match.group(3) or 1))
 
 
 def _batch(mesh, **shapes):

@@ -70,12 +70,23 @@ def test_lm_configs_build_their_model(module, arg):
     ("lm.train.sharding.model_parallel", 3, r"lm.train: .*model_parallel=3 must be >= 1 "
                                             r"and divide the 8 devices"),
     ("train.sharding.model_parallel", 0, r"train: .*model_parallel=0"),
+    # the fuser embedding's spec and its training phase
+    ("lm.model.fuser.gate_mode", "bogus", r"lm.model.fuser.gate_mode must be one of"),
+    ("lm.model.fuser.max_token_bytes", 8, r"lm.model.fuser.max_token_bytes=8 is below"),
+    ("fuser.data.batch_size", 3, r"fuser.data.batch_size: Batch size 3"),
+    ("fuser.loss.nce_samples", 10_000, r"fuser.loss.nce_samples=10000 must be between 1 "
+                                       r"and the batch's"),
+    ("fuser.loss.reference_every", 0, r"fuser.loss.reference_every must be >= 1"),
+    ("fuser.loss.nce_weight_typo", 1.0, r"fuser.loss has unknown fields \['nce_weight_typo'\]"),
 ])
 def test_a_bad_curriculum_config_stops_before_any_work(field, value, message, tmp_path):
   from configs import curriculum as curriculum_config  # pylint: disable=g-import-not-at-top
   from fsqtok.train import curriculum  # pylint: disable=g-import-not-at-top
   config = curriculum_config.get_config("tiny")
   config.data.source = f"files:{tmp_path}/does-not-exist/*.txt"  # never read
+  if field.startswith(("fuser.", "lm.model.fuser.")):
+    config.lm.model.embedding = "fuser"
+    config.fuser.train.num_steps = 2
   node, *path = config, *field.split(".")
   for name in path[:-1]:
     node = node[name]

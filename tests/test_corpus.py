@@ -381,6 +381,16 @@ def test_too_small_to_split_is_a_clear_error():
     corpus.split_documents(["tiny"], val_fraction=0.05, seed=0, block_chars=100)
 
 
+@pytest.mark.parametrize("block_chars", [0, -5])
+def test_a_block_size_below_one_is_a_clear_error_not_an_endless_loop(block_chars, tmp_path):
+  (tmp_path / "a.txt").write_text("one line\nanother line\n" * 20)
+  with pytest.raises(ValueError, match="data.block_chars must be at least 1"):
+    corpus.split_documents(["some text\n" * 50], val_fraction=0.05, seed=0,
+                           block_chars=block_chars)
+  with pytest.raises(ValueError, match="data.block_chars must be at least 1"):
+    list(corpus.read_blocks(str(tmp_path / "a.txt"), block_chars))
+
+
 def test_the_builtin_corpus_is_read_once_and_a_damaged_cache_is_made_again(tmp_path,
                                                                           monkeypatch):
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))

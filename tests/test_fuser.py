@@ -89,6 +89,11 @@ def test_signals_are_masked(setup):
   assert not np.allclose(apply(s.params, s.ids, absent), apply(s.params, s.ids, given))
   with pytest.raises(ValueError, match="Unknown signals"):
     F.make_signals(2, SPEC, video=jnp.ones((2, 3)))
+  for name, count in (("author", SPEC.num_authors), ("domain", SPEC.num_domains)):
+    with pytest.raises(ValueError, match=f"Signal '{name}' has ids 3..{count}; the model has"):
+      F.make_signals(2, SPEC, **{name: jnp.asarray([3, count])})
+    with pytest.raises(ValueError, match=f"Signal '{name}' has ids -1..0"):
+      F.make_signals(2, SPEC, **{name: jnp.asarray([0, -1])})
 
 
 def test_info_nce_matches_hand_computation():
@@ -124,6 +129,16 @@ def test_capacity_has_static_shapes_and_agrees_with_compute_all(old):
   x_small, aux_small = run(small)
   chex.assert_equal_shape([x_small, x_all])
   assert int(np.sum(aux_small["computed"])) == 2
+
+
+def test_per_position_capacity_goes_to_real_tokens_not_padding(old):
+  s = old
+  spec = dataclasses.replace(OLD, gate_mode="always", capacity=0.5)
+  valid = jnp.ones((2, 16), bool).at[1, 4:].set(False)  # 20 real tokens, 16 slots
+  _, aux = jax.jit(lambda p, i, v: s.model.clone(spec=spec).apply(
+      {"params": p}, i, valid_BxT=v))(s.params, s.ids, valid)
+  computed = np.asarray(aux["computed"])
+  assert computed.sum() == 16 and not (computed & ~np.asarray(valid)).any()
 
 
 def test_context_bytes_cut_the_window(old):

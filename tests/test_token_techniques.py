@@ -136,6 +136,16 @@ def test_roles_are_added_to_a_tokenizer_that_lacks_them_and_mlm_spares_specials(
     token_roles.pack_single(tok, [1], 2)
 
 
+def test_fsqtoks_own_tokenizer_keeps_its_role_ids_and_its_specials_are_never_masked():
+  from fsqtok.tokenizer.tokenizer import Tokenizer
+  base = Tokenizer(["ab", "cd"])
+  tok = token_roles.WithRoles(base)
+  assert tok.vocab_size == base.vocab_size  # no id added: it has [CLS] [SEP] [MASK]
+  assert (tok.cls_id, tok.sep_id, tok.mask_id) == tuple(base.token_to_id(r) for r in token_roles.ROLES)
+  assert set(tok.special_ids) == {base.token_to_id(s) for s in base.special_tokens}
+  assert not set(range(*tok.ordinary_range)) & set(tok.special_ids)
+
+
 def test_pooling_ignores_padding_whatever_is_under_it():
   rs = np.random.RandomState(0)
   h = jnp.asarray(rs.randn(2, 6, 8), jnp.float32)

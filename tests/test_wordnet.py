@@ -1,4 +1,5 @@
 """The WordNet reader on a tiny database in WordNet's format, and the missing-database error."""
+import collections
 import functools
 import importlib.util
 import json
@@ -67,6 +68,24 @@ def test_examples_seen_in_the_training_text_are_dropped(db):
   assert dropped == 1 and "the plant closed" not in {e.sentence for e in kept}
   assert len(kept) == len(ex) - 1
   assert wordnet.drop_seen(ex, []) == (ex, 0)
+  # "plant" is left with one example of "a factory": that sense goes, and with it the
+  # lemma (one sense left); "bank" keeps both senses
+  kept = [kept[i] for i in wordnet.keep_polysemous(kept, min_examples_per_sense=2)]
+  assert {e.word for e in kept} == {"bank"} and len(kept) == 4
+
+
+def test_examples_left_after_the_filters_still_have_two_senses_of_a_lemma(db):
+  from fsqtok.studies import word_senses  # pylint: disable=g-import-not-at-top
+  from fsqtok.tokenizer.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+  config = fuser_config.get_config("tiny")
+  config.eval.pos, config.eval.min_examples_per_sense = "n", 2
+  # one example of each sense of "bank" is in the training text
+  examples, encoded, seen = word_senses.prepare_examples(
+      config, Tokenizer([" bank", " plant"]), db,
+      ["they pulled the canoe up on the bank", "he cashed a check at the bank"])
+  assert seen == 2 and len(examples) == len(encoded) == 4
+  assert {e.word for e in examples} == {"plant"}
+  assert all(n >= 2 for n in collections.Counter(e.sense for e in examples).values())
 
 
 @functools.lru_cache(maxsize=None)

@@ -287,6 +287,9 @@ def split_blocks(text: str, block_chars: int) -> list[str]:
 def _block_end(text: str, start: int, block_chars: int) -> int:
   """Where the block from ``start`` ends: after its last line end within ``block_chars``
   characters (or there, when it has none), or at the end of ``text``."""
+  if block_chars < 1:  # every loop over blocks comes here first; 0 would never advance
+    raise ValueError(f"data.block_chars must be at least 1 (the characters of a block), "
+                     f"got {block_chars}.")
   end = min(start + block_chars, len(text))
   if end < len(text):
     newline = text.rfind("\n", start, end)
@@ -460,7 +463,9 @@ def not_utf8_error(path: str, byte: int, reason: str) -> ValueError:
   """The error for a corpus file that is not UTF-8 (nothing is decoded by guessing)."""
   return ValueError(f"{path} is not UTF-8 text (byte {byte}: {reason}). Convert it first, "
                     f"e.g. iconv -f latin1 -t utf-8 {path} > {path}.utf8, or set "
-                    f"data.invalid_utf8 (--invalid-utf8) to 'replace' or 'skip_document'.")
+                    f"data.invalid_utf8 to 'replace' or 'skip_document' (`fsqtok "
+                    f"train-tokenizer --invalid-utf8`, the experiment scripts' "
+                    f"--invalid_utf8, train.py's --config.data.invalid_utf8).")
 
 
 def _bad_bytes(path: str) -> int:

@@ -255,7 +255,9 @@ def empty_signals(batch: int, spec: FuserSpec) -> dict[str, jax.Array]:
 
 
 def make_signals(batch: int, spec: FuserSpec, **given) -> dict[str, jax.Array]:
-  """Signals with the ``given`` ones (``document=..., author=...``) marked present."""
+  """Signals with the ``given`` ones (``document=..., author=...``) marked present;
+  author and domain ids must lie in ``[0, num_authors)`` / ``[0, num_domains)`` (inside
+  the model they are clipped, which would make every larger id the last one)."""
   unknown = set(given) - set(SIGNALS)
   if unknown:
     raise ValueError(f"Unknown signals {sorted(unknown)}; known: {SIGNALS}.")
@@ -265,6 +267,11 @@ def make_signals(batch: int, spec: FuserSpec, **given) -> dict[str, jax.Array]:
     v = jnp.asarray(v)
     if v.shape != s[k].shape:
       raise ValueError(f"Signal {k!r} has shape {v.shape}; expected {s[k].shape}.")
+    count = {"author": spec.num_authors, "domain": spec.num_domains}.get(k)
+    if count is not None and v.size and not 0 <= int(v.min()) <= int(v.max()) < count:
+      raise ValueError(f"Signal {k!r} has ids {int(v.min())}..{int(v.max())}; the model "
+                       f"has {count} (fuser.model.num_{k}s): raise it or map the ids "
+                       f"into [0, {count}).")
     s[k] = v.astype(s[k].dtype)
     present[:, SIGNALS.index(k)] = True
   s["present"] = jnp.asarray(present)
@@ -732,7 +739,8 @@ class ContextualFuser(nn.Module):
       computed = on
     else:
       c = max(1, min(n, math.ceil(s.capacity * n)))
-      priority = jnp.where(on, 1.0 + jnp.where(in_set, 1.0, score), -1.0)
+      real = windows_NxW[:, s.window_left] >= 0  # padding (OUTSIDE) takes no slot
+      priority = jnp.where(on & real, 1.0 + jnp.where(in_set, 1.0, score), -1.0)
       _, idx_C = jax.lax.top_k(jax.lax.stop_gradient(priority), c)
       dyn_C, extra = dynamic_with_extra(windows_NxW[idx_C], rows_N[idx_C])
       chosen_C = on[idx_C]

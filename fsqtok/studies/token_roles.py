@@ -40,8 +40,8 @@ class WithRoles:
     self.vocab_size = size
     self.cls_id, self.sep_id, self.mask_id = (ids[r] for r in ROLES)
     specials = {self.pad_id, self.bos_id, self.eos_id, *ids.values()}
-    if hasattr(tok, "special_tokens"):
-      specials |= {tok.token_to_id(s) for s in tok.special_tokens()}
+    named = getattr(tok, "special_tokens", ())  # fsqtok's: a property (a list of strings)
+    specials |= {tok.token_to_id(s) for s in (named() if callable(named) else named)}
     self.special_ids = tuple(sorted(i for i in specials if i is not None))
     ordinary = sorted(set(range(tok.vocab_size)) - set(self.special_ids))
     if not ordinary:

@@ -59,12 +59,15 @@ def prepare_examples(config, tok, wn_dir, train_texts=()):
                                     min_examples_per_sense=e.min_examples_per_sense,
                                     max_words=e.max_words)
   examples, seen = wordnet.drop_seen(examples, train_texts)
-  if not examples:
+  encoded = target_tokens(tok, examples)
+  covered = [i for i, (_, w) in enumerate(encoded) if w]
+  # what is left after both must still have two senses of a lemma with enough examples
+  keep = [covered[k] for k in wordnet.keep_polysemous(
+      [examples[i] for i in covered], min_examples_per_sense=e.min_examples_per_sense)]
+  if not keep:
     raise ValueError(f"No polysemous lemma in {wn_dir} has two senses with "
                      f"{e.min_examples_per_sense} usable examples (outside the training "
                      f"text: {seen} dropped).")
-  encoded = target_tokens(tok, examples)
-  keep = [i for i, (_, w) in enumerate(encoded) if w]
   return [examples[i] for i in keep], [encoded[i] for i in keep], seen
 
 

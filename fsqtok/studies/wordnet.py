@@ -8,10 +8,11 @@ is a sense-labelled usage of that lemma. No NLTK needed.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import re
-from typing import Iterable
+from typing import Iterable, Sequence
 
 DEFAULT_DIR = "/usr/share/wordnet"
 POS_FILES = {"n": "noun", "v": "verb", "a": "adj", "r": "adv"}
@@ -116,7 +117,9 @@ def sense_examples(directory: str, pos: Iterable[str] = ("n", "v"), *, min_sense
 
   A lemma is kept when at least ``min_senses`` of its senses (within one part of speech)
   each have ``min_examples_per_sense`` examples containing the lemma; only those senses
-  are kept. ``max_words``: keep the first that many lemmas (alphabetical; 0 = all).
+  are kept. ``max_words``: keep the first that many lemmas, one part of speech after
+  another in the order of ``pos``, alphabetical within each (a lemma kept in two parts of
+  speech counts twice; 0 = all).
   """
   pos = tuple(pos)
   check_database(directory, pos)
@@ -170,6 +173,21 @@ def write_fixture(directory: str, entries: dict[str, dict[str, list[str]]], pos:
       "  license header line\n" + "".join(
           f"{lemma} {pos} {len(offs)} 1 @ {len(offs)} 0 " + " ".join(f"{o:08d}" for o in offs)
           + "  \n" for lemma, offs in sorted(index.items())))
+
+
+def keep_polysemous(examples: Sequence[SenseExample], *, min_senses: int = 2,
+                    min_examples_per_sense: int = 2) -> list[int]:
+  """Indices of ``examples`` that `sense_examples`'s rule keeps once some examples are
+  gone (e.g. seen in training): senses with ``min_examples_per_sense`` examples left, of
+  lemmas (within one part of speech) with ``min_senses`` such senses. A sense left with
+  one example would be scored without a training example, a lemma left with one sense
+  always right."""
+  per_sense = collections.Counter((e.word, e.sense) for e in examples)
+  senses = collections.Counter((word, sense[0]) for (word, sense), n in per_sense.items()
+                               if n >= min_examples_per_sense)
+  return [i for i, e in enumerate(examples)
+          if per_sense[e.word, e.sense] >= min_examples_per_sense
+          and senses[e.word, e.sense[0]] >= min_senses]
 
 
 def drop_seen(examples: Iterable[SenseExample], texts: Iterable[str]

@@ -263,6 +263,17 @@ def _check_config(config) -> None:
     if m[field] not in names:
       raise ValueError(f"lm.model.{field}={m[field]!r} is unknown: use one of {sorted(names)}.")
   head_codes(m)
+  if m.embedding == "fuser":
+    try:
+      spec = fuser_lib.FuserSpec.from_config(m.fuser)
+    except (ValueError, TypeError) as e:
+      raise ValueError(str(e).replace("fuser.model", "lm.model.fuser")) from None
+    if spec.max_token_bytes < config.model.max_len:
+      raise ValueError(f"lm.model.fuser.max_token_bytes={spec.max_token_bytes} is below the "
+                       f"longest token's {config.model.max_len} bytes (model.max_len): "
+                       f"raise it to at least that.")
+    if config.fuser.train.num_steps:  # the fuser phase trains it first
+      fuser_train.check_config(config.fuser)
   if m.d_model % m.num_heads:
     raise ValueError(f"lm.model.d_model={m.d_model} is not divisible by "
                      f"lm.model.num_heads={m.num_heads}.")

@@ -5,8 +5,10 @@ windows of `fsqtok.data.lm_data`, so the fuser reads the same loaders and token 
 
 * **masked LM**: `fsqtok.models.masking.mask_tokens` (80/10/10) corrupts the ids; the fuser's
   vectors of the corrupted sequence predict the original ids at the chosen positions
-  (a dense head over the vocabulary). ``[MASK]`` is always gated on, so a masked token
-  has to be recovered from its context.
+  (a dense head over the vocabulary). ``[MASK]`` is in the ambiguous set
+  (`ambiguous_ids`), so where the gate reads the set (``gate_mode`` both, set or always)
+  a masked token is recovered from its context; with ``learned`` the gate alone decides,
+  and a ``per_id`` capacity below 1 can leave a ``[MASK]`` without a dynamic slot.
 * **InfoNCE**: ``nce_samples`` positions are drawn among the ordinary tokens; each
   token's dynamic vector with its true context is the anchor, the vector of its context
   alone (the token replaced by ``[MASK]``) the key; the other keys of the batch and the
@@ -30,6 +32,7 @@ rows (``document_rate``), so the fuser learns with and without it.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import os
 from typing import Any, Sequence
@@ -77,6 +80,32 @@ class StepConfig:
   document_rate: float = struct.field(pytree_node=False, default=0.5)
   neighbour_weight: float = struct.field(pytree_node=False, default=0.0)
   neighbour_samples: int = struct.field(pytree_node=False, default=128)
+
+
+_FROM_TOKENIZER = ("mask_id", "vocab_size", "first_ordinary")  # StepConfig's other fields
+
+
+def check_config(f) -> None:
+  """``config.fuser``'s training settings (``data``, ``loss``, ``train``), checked before
+  any data is read; a ValueError names the field."""
+  known = {x.name for x in dataclasses.fields(StepConfig)} - set(_FROM_TOKENIZER)
+  unknown = sorted(set(f.loss) - known)
+  if unknown:
+    raise ValueError(f"fuser.loss has unknown fields {unknown}; known: {sorted(known)}.")
+  loss = StepConfig(mask_id=0, vocab_size=1, first_ordinary=0, **f.loss.to_dict())
+  tokens = f.data.batch_size * f.data.seq_len
+  for name in ("nce_samples", "neighbour_samples")[:2 if loss.neighbour_weight else 1]:
+    if not 1 <= getattr(loss, name) <= tokens:
+      raise ValueError(f"fuser.loss.{name}={getattr(loss, name)} must be between 1 and the "
+                       f"batch's {tokens} tokens (fuser.data.batch_size x seq_len): the "
+                       f"positions are drawn among them.")
+  if loss.reference_every < 1:
+    raise ValueError(f"fuser.loss.reference_every must be >= 1, got {loss.reference_every}.")
+  try:
+    mesh = sharding_lib.mesh_from_config(f.train)
+  except ValueError as e:
+    raise ValueError(f"fuser.train: {e}") from None
+  sharding_lib.check_batch_size(f.data.batch_size, mesh, "fuser.data.batch_size")
 
 
 def step_config(loss_config, tok) -> StepConfig:
@@ -305,9 +334,9 @@ def train_fuser(config, workdir: str, model: fuser_lib.ContextualFuser, tok, dat
   and the parameters."""
   f = config.fuser
   t = f.train
+  check_config(f)
   workdir_lib.makedirs(workdir)
   mesh = sharding_lib.mesh_from_config(t)
-  sharding_lib.check_batch_size(f.data.batch_size, mesh, "fuser.data.batch_size")
   tx = optimizer_lib.make_optimizer(f.optim, t.num_steps)
   init = lambda: create_state(
       model, fuser_lib.init_params(model, jax.random.PRNGKey(config.seed), f.data.seq_len), tx)

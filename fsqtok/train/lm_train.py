@@ -45,7 +45,9 @@ def flops_per_token(model: lm_lib.TransformerLM, seq_len: int) -> float:
   Counted: the transformer blocks and the output head (V-wide for table heads; for the
   factorized head a (plain tokens + 1)-wide softmax plus, per FSQ dimension, a d x d
   mixing layer and its digit softmax; its flat tokens count as plain ones). Not counted:
-  embedding lookups and the codec encoder of the ``codec`` embedding."""
+  embedding lookups, the codec encoder of the ``codec`` embedding and the contextual
+  fuser of the ``fuser`` embedding (its MFU is overstated by the fuser's share;
+  `experiments/bench_fuser_cost.py` measures that share)."""
   d, l = model.d_model, model.num_layers
   per_layer = 4 * d * d + 2 * d * model.mlp_dim
   if model.head.startswith("factorized"):
