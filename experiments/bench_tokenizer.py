@@ -15,7 +15,10 @@ fsqtok's tokenizer is built as ``fsqtok train-tokenizer`` builds it (configs/rec
 only its vocabulary is built (what encoding needs; the codec only adds code vectors);
 with them, the whole build resumes the codec run there and its training time includes
 that run's wall time from report.json. ``fsqtok-subword`` and ``fsqtok-phrases`` are its
-vocabulary without multi-word phrases and with ``--phrase_fraction`` of them.
+vocabulary without multi-word phrases and with ``--phrase_fraction`` of them;
+``fsqtok-filled`` is it without phrases and with the strings EM leaves unused filled
+(``tokenizer.fill_unused=True``); ``fsqtok-lines`` without phrases on the runs whose
+punctuation keeps the newlines after it (``tokenizer.runs="line_ends"``).
 --json_out writes every row (corpus, vocabulary size, tokenizer, figures) as JSON.
 """
 import json
@@ -44,6 +47,8 @@ _TOKENIZERS = flags.DEFINE_list("tokenizers", [], "Tokenizers to measure (defaul
 _JSON_OUT = flags.DEFINE_string("json_out", "", "Write every row here as JSON.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed passes over the held-out text.")
 _TFDS_DIR = flags.DEFINE_string("tfds_data_dir", "", "TFDS data dir for files: corpora.")
+_INVALID_UTF8 = flags.DEFINE_enum("invalid_utf8", "error", corpus_lib.INVALID_UTF8,
+                                  "Bytes of a files: corpus that are not UTF-8 (data.invalid_utf8).")
 _PHRASES = flags.DEFINE_list("phrase_fraction", ["0.01"], "tokenizer.phrase_fraction of the "
                              "fsqtok-phrases row; several: one row each, named "
                              "fsqtok-phrases@F (fsqtok-subword: none; fsqtok: the config's).")
@@ -62,13 +67,17 @@ def train_fsqtok(ctx, out_dir):
   return tok.encode, tok.decode, len(tok)
 
 
-def _fsqtok_vocabulary(phrase_fraction):
-  """fsqtok's vocabulary with ``tokenizer.phrase_fraction`` set (None: --phrase_fraction)."""
+def _fsqtok_vocabulary(phrase_fraction, fill_unused=None, runs=None):
+  """fsqtok's vocabulary with ``tokenizer.phrase_fraction`` set (None: --phrase_fraction),
+  ``tokenizer.fill_unused`` and ``tokenizer.runs`` (None: the config's)."""
   def train(ctx, out_dir):
     from fsqtok.tokenizer import build as tokenizer_build  # pylint: disable=g-import-not-at-top
     config = ctx["config"].copy_and_resolve_references()
     config.tokenizer.phrase_fraction = (float(_PHRASES.value[0]) if phrase_fraction is None
                                         else phrase_fraction)
+    if fill_unused is not None:
+      config.tokenizer.fill_unused = fill_unused
+    config.tokenizer.runs = runs or config.tokenizer.runs
     tok = tokenizer_build.unigram_tokenizer(config, ctx["train_texts"], ctx["vocab"])
     tok.save(out_dir)
     return tok.encode, tok.decode, len(tok)
@@ -101,18 +110,16 @@ def _hf_word(ctx, out_dir):
 
 
 def _sentencepiece(model_type):
+  """SentencePiece as `fsqtok.tokenizer.baselines` trains it for the LM comparison: one
+  block a sentence with its newlines as U+2028, no dummy prefix (lossless, and newlines
+  are text it learns from, as they are to the other tokenizers)."""
   def train(ctx, out_dir):
-    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+    from fsqtok.tokenizer import baselines  # pylint: disable=g-import-not-at-top
+    tok = baselines.SentencePieceTokenizer.train(ctx["train_texts"], ctx["vocab"], model_type)
     os.makedirs(out_dir, exist_ok=True)
-    prefix = os.path.join(out_dir, "sp")
-    spm.SentencePieceTrainer.train(
-        input=ctx["train_file"], model_prefix=prefix, vocab_size=ctx["vocab"],
-        model_type=model_type, byte_fallback=True, character_coverage=0.9995,
-        normalization_rule_name="identity", remove_extra_whitespaces=False,
-        split_by_whitespace=True, max_sentence_length=1 << 20, hard_vocab_limit=False,
-        allow_whitespace_only_pieces=True, num_threads=1, minloglevel=2)
-    sp = spm.SentencePieceProcessor(model_file=prefix + ".model")
-    return sp.encode, sp.decode, sp.get_piece_size()
+    with open(os.path.join(out_dir, "sp.model"), "wb") as f:
+      f.write(tok.model_proto)
+    return tok.encode, tok.decode, tok.vocab_size
   return train
 
 
@@ -127,6 +134,8 @@ TOKENIZERS = {
     "fsqtok": train_fsqtok,
     "fsqtok-subword": _fsqtok_vocabulary(0.0),
     "fsqtok-phrases": _fsqtok_vocabulary(None),
+    "fsqtok-filled": _fsqtok_vocabulary(0.0, fill_unused=True),
+    "fsqtok-lines": _fsqtok_vocabulary(0.0, runs="line_ends"),
     "hf-bpe-bytelevel": _hf_bpe,
     "sentencepiece-unigram": _sentencepiece("unigram"),
     "sentencepiece-bpe": _sentencepiece("bpe"),
@@ -136,12 +145,13 @@ TOKENIZERS = {
 
 # How a fresh process loads each saved artifact (for the memory column).
 _LOADERS = {
-    **dict.fromkeys(("fsqtok", "fsqtok-subword", "fsqtok-phrases"),
+    **dict.fromkeys(("fsqtok", "fsqtok-subword", "fsqtok-phrases", "fsqtok-filled",
+                     "fsqtok-lines"),
                     "from fsqtok.tokenizer.tokenizer import Tokenizer; t = Tokenizer.load(D); enc = t.encode"),
     "hf-bpe-bytelevel": "from tokenizers import Tokenizer; t = Tokenizer.from_file(D + '/tokenizer.json'); enc = lambda s: t.encode(s).ids",
     "word-level": "from tokenizers import Tokenizer; t = Tokenizer.from_file(D + '/tokenizer.json'); enc = lambda s: t.encode(s).ids",
-    "sentencepiece-unigram": "import sentencepiece as s; t = s.SentencePieceProcessor(model_file=D + '/sp.model'); enc = t.encode",
-    "sentencepiece-bpe": "import sentencepiece as s; t = s.SentencePieceProcessor(model_file=D + '/sp.model'); enc = t.encode",
+    **dict.fromkeys(("sentencepiece-unigram", "sentencepiece-bpe"),
+                    "import sentencepiece as s; t = s.SentencePieceProcessor(model_file=D + '/sp.model'); enc = lambda x: t.encode(x.replace(chr(10), chr(0x2028)))"),
     "raw-bytes": "import sys; enc = lambda s: list(s.encode())",
 }
 
@@ -225,8 +235,10 @@ def main(argv):
     config = recon_config.get_config(_CONFIG.value)
     config.data.source = spec
     config.data.tfds_data_dir = _TFDS_DIR.value
+    config.data.invalid_utf8 = _INVALID_UTF8.value
     d = config.data
-    docs = corpus_lib.load_documents(spec, data_dir=d.tfds_data_dir or None, text_key=d.text_key)
+    docs = corpus_lib.load_documents(spec, data_dir=d.tfds_data_dir or None, text_key=d.text_key,
+                                     invalid_utf8=d.invalid_utf8)
     train, val = corpus_lib.split_documents(docs, val_fraction=d.val_fraction,
                                             seed=d.split_seed, block_chars=d.block_chars)
     with tempfile.TemporaryDirectory(prefix="bench_tokenizer_") as root:  # copies, outputs

@@ -34,6 +34,7 @@ outside the vocabulary decoded by the codec); its share of such codes is printed
 Written: WORKDIR/results.json and WORKDIR/bpb_vs_bytes.png (bits per byte against training
 bytes and against training FLOPs).
 """
+import json
 import os
 import sys
 import time
@@ -94,6 +95,10 @@ VARIANTS = {  # name -> (tokenizer kind, embedding, head)
     # subwords (``phrase_fraction`` of the learned strings) and without any.
     "fsqtok-phrases-table": ("fsqtok-phrases", "table", "tied"),
     "fsqtok-subword-table": ("fsqtok-subword", "table", "tied"),
+    # The pre-tokenizer cell: fsqtok's vocabulary on runs whose punctuation keeps the
+    # newlines after it (``tokenizer.runs="line_ends"``: ":\n", ".\n\n" can be tokens).
+    "fsqtok-lines-table": ("fsqtok-lines", "table", "tied"),
+    "fsqtok-lines-ranked-vocab": ("fsqtok-lines", "table", "factorized_vocab"),
     # BPE's strings scored by unigram EM on the same runs, Viterbi segmentation: the
     # vocabulary cell of the decomposition (BPE's vocabulary, fsqtok's segmentation).
     "bpe-vocab-unigram": ("bpe-vocab-unigram", "table", "tied"),
@@ -132,6 +137,7 @@ def variant(name: str) -> tuple[str, str, str, int | None]:
 # Heads and embeddings over FSQ codes need the codec.
 NEEDS_CODES = ("factorized", "factorized_vocab", "table_code", "code_factorized", "codec")
 RANKED = "-ranked-vocab"  # variants whose factorized head uses frequency-rank codes
+TOKENIZER_SETTINGS = "compare_settings.json"  # beside a kept fsqtok tokenizer: what made it
 
 
 def _tokenizer(kind, config, corpus, spec, vocab, texts, pieces, codec_dir, out):
@@ -152,17 +158,32 @@ def _tokenizer(kind, config, corpus, spec, vocab, texts, pieces, codec_dir, out)
     return Tokenizer(v.strings[:size], scores=v.scores[:size])
   phrase_fraction = {"fsqtok-phrases": config.phrase_fraction, "fsqtok-subword": 0.0}.get(
       kind, config.tokenizer.phrase_fraction)
-  configured = phrase_fraction == config.tokenizer.phrase_fraction
-  tok_dir = os.path.join(out, f"tok_{corpus}_{vocab}" + ("" if configured else
-                                                          f"_phrases{phrase_fraction}"))
+  runs = "line_ends" if kind == "fsqtok-lines" else config.tokenizer.runs
+  configured = (phrase_fraction == config.tokenizer.phrase_fraction
+                and runs == config.tokenizer.runs)
+  tok_dir = os.path.join(out, f"tok_{corpus}_{vocab}" + (
+      "" if phrase_fraction == config.tokenizer.phrase_fraction else
+      f"_phrases{phrase_fraction}") + ("" if runs == config.tokenizer.runs else f"_{runs}"))
+  c = config.copy_and_resolve_references()
+  c.data.source = spec
+  c.tokenizer.phrase_fraction = phrase_fraction
+  c.tokenizer.runs = runs
+  # what made it: a tokenizer kept from a run with other settings is never reused
+  settings = json.loads(json.dumps({"corpus": spec, "vocab": vocab, "max_len": c.model.max_len,
+                                    "codec": bool(codec_dir and configured),
+                                    "tokenizer": c.tokenizer.to_dict()}))
+  settings_path = os.path.join(tok_dir, TOKENIZER_SETTINGS)
   if not os.path.exists(os.path.join(tok_dir, VOCAB_FILE)):
-    c = config.copy_and_resolve_references()
-    c.data.source = spec
-    c.tokenizer.phrase_fraction = phrase_fraction
     if codec_dir and configured:  # the other phrase settings are for table heads only
       train_tokenizer(c, codec_dir, vocab, tok_dir, texts=texts, pieces=pieces)
     else:
       tokenizer_build.unigram_tokenizer(c, texts[0], vocab, tok_dir + ".work").save(tok_dir)
+    workdir_lib.write_json(settings_path, settings)
+  kept = workdir_lib.read_saved_json(settings_path)
+  if kept is not None and kept != settings:
+    changed = sorted(k for k in settings if kept.get(k) != settings[k])
+    raise ValueError(f"{tok_dir} was made with other settings ({', '.join(changed)} differ), "
+                     f"and its runs with it: use a new --workdir (or delete that one).")
   tok = Tokenizer.load(tok_dir)
   if kind == "fsqtok-fewest":
     strings = [tok.id_to_token(i) for i in tok.learned_ids]
@@ -281,7 +302,7 @@ def run_one(config, workdir, name, tok, texts, seed, *, budget, target_flops, co
   codec, codec_params = codec_and_params or (None, None)
   if RANKED in name:
     c.lm.model.head_codes = "frequency"
-  if kind == "fsqtok":
+  if kind in ("fsqtok", "fsqtok-lines"):
     model = curriculum.build_lm(c, tok, codec, token_counts=data.token_counts(len(tok)))
   elif RANKED in name:
     model = _ranked_lm(c, tok, data.token_counts(len(tok)))
@@ -470,7 +491,7 @@ def main(argv):
 
 
 def _print_data_stats(c, corpus, spec, vocab, texts, pieces, codec_dirs, toks, out):
-  kinds = ["hf-bpe", "sp-unigram", "raw-bytes", "fsqtok", "fsqtok-fewest"]
+  kinds = ["hf-bpe", "sp-unigram", "raw-bytes", "fsqtok", "fsqtok-fewest", "fsqtok-lines"]
   for kind in kinds:
     if kind not in toks:
       toks[kind] = _tokenizer(kind, c, corpus, spec, vocab, texts, pieces,

@@ -18,6 +18,7 @@ import math
 import os
 import sys
 
+from fsqtok.tokenizer import pieces as pieces_lib
 from fsqtok.tokenizer.tokenizer import Tokenizer
 from fsqtok.train import workdir as workdir_lib
 
@@ -52,6 +53,8 @@ def _train_tokenizer(args) -> None:
     config.tokenizer.sample_chars = int(args.sample_mb * 1e6)
   if args.invalid_utf8:
     config.data.invalid_utf8 = args.invalid_utf8
+  if args.runs:
+    config.tokenizer.runs = args.runs
   workdir = args.workdir or os.path.join(args.out.rstrip("/") + ".work")
   workdir_lib.check_writable(os.path.dirname(os.path.abspath(args.out)), "--out")
   workdir_lib.check_writable(workdir, "--workdir")
@@ -225,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "default), U+FFFD, or leave the file out (data.invalid_utf8)")
   t.add_argument("--vocabulary", choices=("unigram", "codec_exact"),
                  help="override tokenizer.vocabulary (default: the config's, unigram)")
+  t.add_argument("--runs", choices=pieces_lib.RUN_STYLES,
+                 help="how text is cut before the search (tokenizer.runs; default: the "
+                      "config's, gpt2): line_ends lets punctuation keep the newlines after "
+                      "it, so a line's end can be one token")
   t.set_defaults(func=_train_tokenizer)
   for name, func, what in (("encode", _encode, "text -> id lines"),
                            ("decode", _decode, "id lines -> text")):

@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end on tiny settings (numbers are not checked here:
 benchmarks measure, tests only keep the scripts working)."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -73,7 +74,7 @@ def test_bench_corpus_shares_reads_each_hosts_segments_alone(doc_files):
 
 
 def test_compile_full_compiles_sharded_steps_for_a_pod(tmp_path):
-  out = _run("compile_full.py", "--config_arg=tiny", "--devices=4", "--phases=joint",
+  out = _run("compile_full.py", "--config_arg=tiny", "--devices", "4", "--phases=joint",
              "--shardings=fsdp_tp2", "--run_steps=2", f"--json_out={tmp_path / 'rows.json'}")
   assert "| joint | fsdp_tp2 | 2 x 2 |" in out
   rows = json.loads((tmp_path / "rows.json").read_text())
@@ -84,6 +85,23 @@ def test_compile_full_compiles_sharded_steps_for_a_pod(tmp_path):
   (row,) = rows
   assert np.isfinite(row["measured_loss"]) and row["measured_per_second"] > 0
   assert row["unit"] == "tokens" and row["mfu"] is None and "| n/a |" in out
+
+
+def test_compile_full_reads_its_flags_in_both_forms_and_refuses_unknown_shardings():
+  spec = importlib.util.spec_from_file_location(
+      "compile_full", os.path.join(REPO, "experiments", "compile_full.py"))
+  compile_full = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(compile_full)
+  for argv in (["x", "--devices=16"], ["x", "--devices", "16", "--phases=lm"]):
+    assert compile_full.flag_value(argv, "devices", "8") == "16"
+  assert compile_full.flag_value(["x", "--devices"], "devices", "8") == "8"
+  for name, (fsdp, tp) in {"replicated": (False, 1), "fsdp": (True, 1), "tp4": (False, 4),
+                           "fsdp_tp2": (True, 2)}.items():
+    config = compile_full.sharding_of(name)
+    assert (config.fsdp, config.model_parallel) == (fsdp, tp), name
+  for name in ("fsdp_typo", "tp0", "tp", "fsdptp2", "replicated2"):
+    with pytest.raises(ValueError, match="Unknown sharding"):
+      compile_full.sharding_of(name)
 
 
 def _tiny_codec_args(doc_files, tmp_path):
@@ -97,8 +115,8 @@ def _tiny_codec_args(doc_files, tmp_path):
 
 
 def test_bench_tokenizer_prints_a_table(doc_files, tmp_path):
-  names = ("fsqtok", "fsqtok-phrases", "hf-bpe-bytelevel", "sentencepiece-unigram",
-           "raw-bytes")
+  names = ("fsqtok", "fsqtok-phrases", "fsqtok-filled", "fsqtok-lines", "hf-bpe-bytelevel",
+           "sentencepiece-unigram", "raw-bytes")
   out = _run("bench_tokenizer.py", *_tiny_codec_args(doc_files, tmp_path), "--repeats=1",
              f"--tokenizers={','.join(names)}", "--phrase_fraction=0,0.05")
   for name in names:
@@ -161,9 +179,20 @@ def test_compare_tokenizers_lm_data_stats_and_a_bad_variant(doc_files, tmp_path)
                f"--workdir={tmp_path / 'out'}")
   rows = [l for l in stats.splitlines() if l.startswith("| docs | 400 |")]
   assert [r.split(" | ")[2] for r in rows] == [
-      "hf-bpe", "sp-unigram", "raw-bytes", "fsqtok", "fsqtok-fewest"]
+      "hf-bpe", "sp-unigram", "raw-bytes", "fsqtok", "fsqtok-fewest", "fsqtok-lines"]
   # raw bytes: every token is one byte (all but the [EOS] targets)
   assert float(rows[2].split(" | ")[5].rstrip("%")) > 99.0
+  # the same work directory with other tokenizer settings: refused, not reused
+  again = subprocess.run([sys.executable, os.path.join(REPO, "experiments",
+                                                       "compare_tokenizers_lm.py"),
+                          "--config=configs/compare_lm.py:tiny",
+                          f"--config.corpora=docs=files:{doc_files}/*.txt",
+                          f"--config.data.tfds_data_dir={tmp_path / 'tfds'}",
+                          "--config.tokenizer.fill_unused=True", "--data_stats_only",
+                          f"--workdir={tmp_path / 'out'}"], capture_output=True, text=True,
+                         cwd=REPO, check=False)
+  assert again.returncode != 0 and "was made with other settings (tokenizer differ)" in \
+      again.stderr
 
 
 def test_granularity_ablation_prints_a_table(doc_files, tmp_path):
@@ -216,3 +245,9 @@ def test_codec_exactness_prints_a_row_per_variant(doc_files, tmp_path):
              and r["decoder_steps"] == 20 for r in rows)
   assert all(1 <= len(r["decoder_rounds"]) <= 3
              and r["decoder_rounds_exact_strings"] >= r["decoder_exact_strings"] for r in rows)
+  # the same work directory, another variant first: a run of its own, not base's again
+  out = _run("codec_exactness.py", "--config=tiny", f"--corpus=files:{doc_files}/*.txt",
+             f"--tfds_data_dir={tmp_path / 'tfds'}", "--vocab_size=400", "--steps=10",
+             "--variants=optim.learning_rate=3e-2", f"--workdir={tmp_path / 'runs'}")
+  assert "| optim.learning_rate=3e-2 | 131 | 10 |" in out
+  assert len(list((tmp_path / "runs").glob("variant*"))) == 3

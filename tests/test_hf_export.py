@@ -61,23 +61,26 @@ def test_vocabulary_and_specials_line_up(pair, tmp_path):
 
 ANY_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=200)
 # Characters where Python's re and Oniguruma disagree on \w, \d or \s, among others.
-TRICKY = st.lists(st.sampled_from(list("ab 1_\n\t\r.,'") + ["re", "ll", "s", "'d", 
+TRICKY = st.lists(st.sampled_from(list("ab 1_\n\t\r.,'") + [":\n", ".\n\n", ",\n ", "re", "ll", "s", "'d",
     "\u0301", "\u0903", "\x1c", "\x1f", "\x85", "\xa0", "\u2028", "\u3000", "\u203f",
     "\uff3f", "\xb2", "\u2167", "\u00bd", "\u0660", "é", "日", "🙂", "<0x41>", "[PAD]"]),
     max_size=40).map("".join)
 
 
-@pytest.fixture(scope="module", params=["subwords", "phrases"])
+@pytest.fixture(scope="module", params=["subwords", "phrases", "line_ends"])
 def unigram_pair(doc_files, tmp_path_factory, request):
-  """A unigram tokenizer (with 120 phrases, or none) and its export."""
+  """A unigram tokenizer (with 120 phrases, or none; "line_ends": with phrases, on runs
+  whose punctuation keeps the newlines after it) and its export."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
   from fsqtok.tokenizer import unigram  # pylint: disable=g-import-not-at-top
   texts = [p.read_text(encoding="utf-8") for p in sorted(doc_files.glob("*.txt"))]
-  n_phrases = 120 if request.param == "phrases" else 0
-  vocab = unigram.train_unigram(unigram.count_pieces(texts[:150]), 1200 - n_phrases,
-                                seed_size=20_000)
-  vocab = unigram.add_phrases(vocab, texts[:150], unigram.count_phrases(texts[:150], 16),
-                              n_phrases)
-  tok = Tokenizer(vocab.strings, scores=vocab.scores, phrases=vocab.phrases)
+  n_phrases = 120 if request.param != "subwords" else 0
+  runs = "line_ends" if request.param == "line_ends" else "gpt2"
+  vocab = unigram.train_unigram(unigram.count_pieces(texts[:150], runs=runs),
+                                1200 - n_phrases, seed_size=20_000)
+  vocab = unigram.add_phrases(dataclasses.replace(vocab, runs=runs), texts[:150],
+                              unigram.count_phrases(texts[:150], 16), n_phrases)
+  tok = Tokenizer(vocab.strings, scores=vocab.scores, phrases=vocab.phrases, runs=vocab.runs)
   path = export_hf(tok, str(tmp_path_factory.mktemp("hf_unigram")))
   return tok, tokenizers.Tokenizer.from_file(path), texts[150:]
 
@@ -115,4 +118,4 @@ def test_unigram_export_gives_the_same_ids_on_any_text(unigram_pair, text):
 def test_exported_pre_tokenizer_splits_like_fsqtok(unigram_pair, text):
   tok, hf, _ = unigram_pair
   hf_runs = [r for r, _ in hf.pre_tokenizer.pre_tokenize_str(text)]
-  assert hf_runs == tok.split(text) == pieces_lib.split_runs(text, tok.phrases)
+  assert hf_runs == tok.split(text) == pieces_lib.split_runs(text, tok.phrases, tok.runs)

@@ -13,7 +13,7 @@ from fsqtok.tokenizer.tokenizer import Tokenizer
 ANY_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=200)
 # Where the pre-tokenizer's alternatives meet: contractions, the space before a word, odd
 # spaces, numerals that are not digits, marks, other planes, typed special tokens.
-TRICKY = st.lists(st.sampled_from(list("ab 1_\n\t\r.,'") + [
+TRICKY = st.lists(st.sampled_from(list("ab 1_\n\t\r.,'") + [":\n", ".\n\n", ",\n ", " ;\n\n\t",
     "re", "ll", "ve", "s", "t", "'d", "'", "  ", " '", "\u0301", "\u0903", "\x1c", "\x85",
     "\xa0", "\u2028", "\u3000", "\xb2", "\u2167", "\u00bd", "\u0660", "é", "日", "🙂",
     "\U00030000", "\U000e0041", "[PAD]", " of", " the", " them", " list"]),
@@ -23,17 +23,23 @@ TEXTS = st.one_of(ANY_TEXT, TRICKY)
 pytestmark = pytest.mark.skipif(not native_encode.available(), reason="numba missing")
 
 
-@pytest.fixture(scope="module", params=["subwords", "phrases"])
+@pytest.fixture(scope="module", params=["subwords", "phrases", "line_ends"])
 def pair(doc_files, request):
-  """A unigram tokenizer (with 40 phrases, or none), compiled and pure Python."""
+  """A unigram tokenizer (with 40 phrases, or none; "line_ends": with phrases, on runs
+  whose punctuation keeps the newlines after it), compiled and pure Python."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
   from fsqtok.tokenizer import unigram  # pylint: disable=g-import-not-at-top
   texts = [p.read_text(encoding="utf-8") for p in sorted(doc_files.glob("*.txt"))][:80]
-  vocab = unigram.train_unigram(unigram.count_pieces(texts), 600, seed_size=8_000)
-  if request.param == "phrases":
+  runs = "line_ends" if request.param == "line_ends" else "gpt2"
+  vocab = unigram.train_unigram(unigram.count_pieces(texts, runs=runs), 600, seed_size=8_000)
+  vocab = dataclasses.replace(vocab, runs=runs)
+  if request.param != "subwords":
     vocab = unigram.add_phrases(vocab, texts, unigram.count_phrases(texts, 16), 40)
     assert vocab.phrases
-  native = Tokenizer(vocab.strings, scores=vocab.scores, phrases=vocab.phrases)
-  reference = Tokenizer(vocab.strings, scores=vocab.scores, phrases=vocab.phrases)
+  if runs == "line_ends":  # strings that only these runs hold
+    assert any("\n" in s and s.strip() for s in vocab.strings)
+  native = Tokenizer(vocab.strings, scores=vocab.scores, phrases=vocab.phrases, runs=runs)
+  reference = Tokenizer(vocab.strings, scores=vocab.scores, phrases=vocab.phrases, runs=runs)
   reference.native = False
   assert native.native
   return native, reference, texts
@@ -43,7 +49,7 @@ def pair(doc_files, request):
 def test_same_runs_ids_and_offsets_as_the_reference(pair, text):
   native, reference, _ = pair
   assert native.split(text) == reference.split(text) == pieces_lib.split_runs(
-      text, native.phrases)
+      text, native.phrases, native.runs)
   for parse_special in (False, True):
     ids = native.encode(text, parse_special=parse_special)
     assert ids == reference.encode(text, parse_special=parse_special)

@@ -1,4 +1,5 @@
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -63,6 +64,23 @@ def test_bad_arguments():
 def test_runs_cover_the_text_and_keep_contractions(text):
   runs = pieces_lib.split_runs(text)
   assert "".join(runs) == text and all(runs)
+
+
+@given(TEXT)
+def test_line_end_runs_cover_the_text_and_differ_only_where_punctuation_meets_a_newline(text):
+  runs = pieces_lib.split_runs(text, style="line_ends")
+  assert "".join(runs) == text and all(runs)
+  if not re.search(r"[^\w\s]\n|_\n", text):
+    assert runs == pieces_lib.split_runs(text)
+
+
+def test_line_end_runs_keep_the_newlines_after_punctuation():
+  text = "Citizen:\nBefore we proceed,\n\nhear me.\n  x = f(a)\n"
+  assert pieces_lib.split_runs(text, style="line_ends") == [
+      "Citizen", ":\n", "Before", " we", " proceed", ",\n\n", "hear", " me", ".\n", " ", " x",
+      " =", " f", "(", "a", ")\n"]
+  with pytest.raises(ValueError, match="tokenizer.runs='bpe' is unknown"):
+    pieces_lib.split_runs(text, style="bpe")
 
 
 def test_runs_are_pieces_with_english_contractions_whole():

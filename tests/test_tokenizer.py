@@ -163,6 +163,25 @@ def test_save_never_replaces_what_is_not_a_tokenizer(tok, tmp_path, monkeypatch)
   assert Tokenizer.load(str(tmp_path / "empty")).fingerprint() == tok.fingerprint()
 
 
+def test_the_run_style_is_saved_and_a_default_tokenizer_is_still_format_3(tmp_path):
+  text = "Enter:\nA lord.\n\nExit,\n"
+  for runs, version in (("gpt2", 3), ("line_ends", 4)):
+    tok = Tokenizer([":\n", ".\n\n", "lord", " lord"], scores=[-1.0, -1.0, -2.0, -2.0],
+                    runs=runs)
+    tok.save(str(tmp_path / runs))
+    payload = json.loads((tmp_path / runs / "tokenizer.json").read_text())
+    assert payload["version"] == version and payload.get("runs", "gpt2") == runs
+    loaded = Tokenizer.load(str(tmp_path / runs))
+    assert loaded.runs == runs and loaded.encode(text) == tok.encode(text)
+    assert loaded.decode(loaded.encode(text)) == text
+  assert tok.split(text)[:2] == ["Enter", ":\n"]  # line_ends: one run, one token
+  assert [tok.id_to_token(i) for i in tok.encode("Enter:\n")][-1] == ":\n"
+  with pytest.raises(ValueError, match="tokenizer.runs='spaces' is unknown"):
+    Tokenizer(["ab"], scores=[-1.0], runs="spaces")
+  with pytest.raises(ValueError, match="is for a unigram tokenizer"):
+    Tokenizer(["ab"], runs="line_ends")
+
+
 def test_loading_damaged_or_foreign_directories(tmp_path):
   with pytest.raises(FileNotFoundError, match="not an fsqtok tokenizer"):
     Tokenizer.load(str(tmp_path))
@@ -177,8 +196,8 @@ def test_loading_damaged_or_foreign_directories(tmp_path):
   with pytest.raises(ValueError, match="damaged"):
     Tokenizer.load(str(tmp_path))
   (tmp_path / "tokenizer.json").write_text(json.dumps({"format": "fsqtok-tokenizer",
-                                                       "version": 4}))
-  with pytest.raises(ValueError, match="reads versions 1 to 3: upgrade fsqtok"):
+                                                       "version": 5}))
+  with pytest.raises(ValueError, match="reads versions 1 to 4: upgrade fsqtok"):
     Tokenizer.load(str(tmp_path))
 
 

@@ -47,6 +47,13 @@ def test_lattice_sums_and_maxima_match_brute_force(strings):
     np.testing.assert_allclose(best[strings.index(s)], math.log(probs.max()), rtol=1e-9)
   np.testing.assert_allclose(counts, want_counts, rtol=1e-9, atol=1e-12)
   np.testing.assert_allclose(loglik, want_loglik, rtol=1e-9)
+  # the Viterbi pass: the best score and the token count of a best segmentation
+  score, tokens = lattice.viterbi(LOGP)
+  np.testing.assert_allclose(score, best, rtol=1e-12)
+  for s, n in zip(strings, tokens):
+    segs = list(_segmentations(s, index))
+    logps = [sum(LOGP[index[t]] for t in seg) for seg in segs]
+    assert n in {len(seg) for seg, lp in zip(segs, logps) if lp >= max(logps) - 1e-12}
 
 
 def test_lattice_without_the_whole_string_and_after_pruning():
@@ -89,6 +96,35 @@ def test_vocabulary_is_filled_distinct_and_usable(trained):
   # Pruning rounds shrink to the size; the likelihood is measured each round.
   sizes = [h["strings"] for h in vocab.history]
   assert sizes == sorted(sizes, reverse=True) and sizes[-1] == 1500
+
+
+def test_unused_strings_give_their_places_to_pieces_that_save_tokens(doc_files):
+  """A corpus small for the size: EM leaves strings no segmentation uses; `fill_unused`
+  puts whole runs in their places, each one token of itself, and the text takes fewer
+  tokens, while the used strings keep their scores."""
+  texts = [p.read_text(encoding="utf-8") for p in sorted(doc_files.glob("*.txt"))][:20]
+  counts = unigram.count_pieces(texts)
+  vocab = unigram.train_unigram(counts, 2500, seed_size=30_000)
+  unused = {s for s, n in zip(vocab.strings, vocab.counts) if n < 0.5 and len(s) > 1}
+  assert len(unused) > 100
+  filled = unigram.fill_unused(vocab, counts)
+  assert len(filled) == len(vocab) == len(set(filled.strings))
+  assert filled.history[-1]["filled"] > 100
+  before = dict(zip(vocab.strings, vocab.scores))
+  after = dict(zip(filled.strings, filled.scores))
+  assert all(after[s] == before[s] for s in before if s not in unused)  # used: as they were
+  new = set(filled.strings) - set(vocab.strings)
+  assert len(new) > 100 and new <= set(counts)  # whole runs of the text
+  tok = lambda v: Tokenizer(v.strings, scores=v.scores)
+  old_tok, new_tok = tok(vocab), tok(filled)
+  for piece in sorted(new)[:200]:
+    assert new_tok.encode(piece) == [new_tok.token_to_id(piece)]
+  text = "".join(texts)
+  assert len(new_tok.encode(text)) < 0.97 * len(old_tok.encode(text))
+  assert new_tok.decode(new_tok.encode(text)) == text
+  # nothing unused, nothing changed
+  all_used = unigram.UnigramVocab(("a", "b", "ab"), (-1.0, -2.0, -3.0), (4.0, 2.0, 1.0))
+  assert unigram.fill_unused(all_used, {"ab": 1, "abab": 3}) is all_used
 
 
 def test_a_character_used_only_inside_pruned_strings_still_segments():

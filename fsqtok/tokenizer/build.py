@@ -20,6 +20,7 @@ vectors of the tokens) and the build report (``vocab_report.json``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import tempfile
@@ -71,7 +72,8 @@ def unigram_vocabulary(config, workdir: str, train_texts: Sequence[str], size: i
                         "invalid_utf8": d.get("invalid_utf8", "error")},
               **{k: t[k] for k in ("seed_size", "shrink", "em_iterations", "char_coverage",
                                    "max_piece_chars", "phrase_fraction", "max_phrase_words",
-                                   "sample_chars", "sample_seed", "max_distinct_runs")}}
+                                   "sample_chars", "sample_seed", "max_distinct_runs",
+                                   "fill_unused", "runs")}}
   path = os.path.join(workdir, VOCABULARY_FILE)
   saved = workdir_lib.read_saved_json(path)
   # Every process decides alike: counting below is a collective (only process 0 writes
@@ -100,18 +102,23 @@ def unigram_vocabulary(config, workdir: str, train_texts: Sequence[str], size: i
     n_phrases = unigram_lib.phrase_budget(candidates, n_phrases)
   report = unigram_lib.CountReport()
   counts = hosts.sum_counts(unigram_lib.count_pieces(
-      texts, progress=progress, num_workers=workers, max_distinct=bound, report=report))
+      texts, progress=progress, num_workers=workers, max_distinct=bound, report=report,
+      runs=t.runs))
   report = _pooled(report, counts)
   vocab = unigram_lib.train_unigram(
       counts, size - n_phrases, max_token_bytes=max_bytes, seed_size=t.seed_size,
       shrink=t.shrink, em_iterations=t.em_iterations, char_coverage=t.char_coverage,
       max_piece_chars=t.max_piece_chars, progress=progress)
+  vocab = dataclasses.replace(vocab, runs=t.runs)
   if n_phrases:
     vocab = unigram_lib.add_phrases(vocab, texts, candidates, n_phrases,
                                     max_token_bytes=max_bytes, em_iterations=t.em_iterations,
                                     max_piece_chars=t.max_piece_chars, progress=progress,
                                     num_workers=workers, max_distinct=bound,
                                     pool=hosts.sum_counts)
+  if t.fill_unused:
+    vocab = unigram_lib.fill_unused(vocab, counts, max_token_bytes=max_bytes,
+                                    max_piece_chars=t.max_piece_chars)
   counting = {"train_chars": train_chars, "sampled_chars": report.chars,
               "sampled_blocks": report.blocks, "distinct_runs": report.distinct,
               "pruned_runs": report.pruned_strings,
@@ -141,7 +148,7 @@ def unigram_tokenizer(config, train_texts: Sequence[str], vocab_size: int,
   else:
     vocab, _ = unigram_vocabulary(config, workdir, train_texts, size)
   return Tokenizer(vocab.strings, scores=vocab.scores, phrases=vocab.phrases,
-                   max_piece_bytes=config.model.max_len)
+                   max_piece_bytes=config.model.max_len, runs=vocab.runs)
 
 
 def vocabulary_pieces(vocab: unigram_lib.UnigramVocab, max_bytes: int) -> PieceSet:
@@ -328,7 +335,8 @@ def _unigram_build(config, workdir, size, train_blocks, mesh):
     decoder["codes_moved_to_decode"] = int(np.sum(decoded_codes != codes))
     codes = decoded_codes
   tok = Tokenizer(vocab.strings, scores=vocab.scores, codes=codes.tolist(),
-                  phrases=vocab.phrases, max_piece_bytes=config.model.max_len)
+                  phrases=vocab.phrases, max_piece_bytes=config.model.max_len,
+                  runs=vocab.runs)
   train_tokens = train_bytes = 0
   with tqdm(total=corpus_lib.total_chars(train_blocks), desc="encode the training text",
             unit="char", unit_scale=True, disable=not config.train.progress_bar) as bar:

@@ -9,7 +9,7 @@ same ids), a ``Split`` pre-tokenizer and a decoder that fuses byte tokens back i
   (tested on real text and on arbitrary Unicode strings), with one convention to match:
   Hugging Face parses special-token strings typed in the text as specials, which is
   fsqtok's ``encode(text, parse_special=True)``.
-* The pre-tokenizer's regex (`fsqtok.tokenizer.pieces.RUN_PATTERN` for a unigram tokenizer,
+* The pre-tokenizer's regex (`fsqtok.tokenizer.pieces.run_pattern` of its runs for a unigram tokenizer,
   ``PIECE_PATTERN`` for a fewest one) is written out with explicit code-point ranges, built from
   what Python's ``re`` counts as a letter, digit or space, so that Hugging Face's regex
   engine (Oniguruma, whose ``\\w`` and ``\\s`` differ: combining marks, ``\\x1c``-``\\x1f``,
@@ -58,11 +58,15 @@ def _classes() -> tuple[str, str, str]:
   return _ranges(letter), _ranges(digit), _ranges(space)
 
 
-def hf_piece_pattern(contractions: bool = True, phrases: tuple[str, ...] = ()) -> str:
-  """`fsqtok.tokenizer.pieces.run_regex` (``PIECE_PATTERN`` without ``contractions``) for
-  Oniguruma, with Python's character classes spelled out as code-point ranges."""
+def hf_piece_pattern(contractions: bool = True, phrases: tuple[str, ...] = (),
+                     runs: str = "gpt2") -> str:
+  """`fsqtok.tokenizer.pieces.run_regex` (``PIECE_PATTERN`` without ``contractions``; the
+  runs of style ``runs``) for Oniguruma, with Python's character classes spelled out as
+  code-point ranges."""
+  pieces_lib.run_pattern(runs)  # a known style
   l, d, s = _classes()
-  pattern = f" ?[{l}]+| ?[{d}]+| ?[^{l}{d}{s}]+|[{s}]+(?![^{s}])|[{s}]+"
+  newlines = r"\n*" if runs == "line_ends" else ""
+  pattern = f" ?[{l}]+| ?[{d}]+| ?[^{l}{d}{s}]+{newlines}|[{s}]+(?![^{s}])|[{s}]+"
   if not contractions:
     return pattern
   pattern = pieces_lib.RUN_PATTERN.replace(pieces_lib.PIECE_PATTERN, pattern)
@@ -88,7 +92,7 @@ def to_hf_tokenizer(tok: Tokenizer):
   unk = tok.token_to_id("[UNK]")
   hf = HFTokenizer(models.Unigram(vocab, unk_id=unk if unk is not None else 0,
                                   byte_fallback=True))
-  pattern = hf_piece_pattern(tok.model == "unigram", tok.phrases)
+  pattern = hf_piece_pattern(tok.model == "unigram", tok.phrases, tok.runs)
   hf.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
   hf.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
   hf.add_special_tokens([AddedToken(s, special=True, normalized=False)

@@ -6,7 +6,8 @@ The text is read as an array of code points; each code point has the class Pytho
 gives it (`classes`: letter ``[^\\W\\d_]``, digit ``\\d``, space ``\\s``, other), and a
 left-to-right scan replays `fsqtok.tokenizer.pieces.run_regex`'s alternation at every match start:
 a phrase (the longest one no letter follows), a contraction, `` ?letters``, `` ?digits``,
-`` ?others``, then whitespace (all but a last space before a word). Each run is searched
+`` ?others`` (with the newlines after them, for the ``"line_ends"`` runs), then
+whitespace (all but a last space before a word). Each run is searched
 as Hugging Face's `Unigram` model searches it (starts in order, strings by length, a
 strictly better score replaces; a character no string covers costs the unknown score and
 becomes its UTF-8 bytes). The vocabulary is a trie over code points stored as an
@@ -100,6 +101,7 @@ class Encoder:
   vocab: Trie            # learned strings -> ids
   scores: np.ndarray     # float64 [vocab_size]: the score of each learned id
   phrases: Trie          # phrases -> 1 (an empty trie without phrases)
+  line_ends: bool        # runs of style "line_ends" (`fsqtok.tokenizer.pieces.RUN_STYLES`)
   unk_score: float
   byte_base: int         # the id of byte 0
   max_chars: int         # the longest learned string, in code points
@@ -107,13 +109,17 @@ class Encoder:
 
   @classmethod
   def build(cls, scored: dict[str, tuple[int, float]], phrases: Sequence[str],
-            unk_score: float, byte_base: int, vocab_size: int) -> "Encoder":
+            unk_score: float, byte_base: int, vocab_size: int, runs: str = "gpt2"
+            ) -> "Encoder":
+    from fsqtok.tokenizer import pieces  # pylint: disable=g-import-not-at-top
+    pieces.run_pattern(runs)  # a known style
     strings = list(scored)
     ids = [scored[s][0] for s in strings]
     scores = np.zeros(vocab_size, np.float64)
     scores[ids] = [scored[s][1] for s in strings]
     return cls(Trie.build(strings, ids), scores, Trie.build(phrases, [1] * len(phrases)),
-               float(unk_score), int(byte_base), max(map(len, strings), default=1))
+               runs == "line_ends", float(unk_score), int(byte_base),
+               max(map(len, strings), default=1))
 
   def _cache(self) -> tuple:
     cache = getattr(self.local, "cache", None)
@@ -129,7 +135,7 @@ class Encoder:
     cps = np.frombuffer(text.encode("utf-32-le"), np.uint32)
     v, p = self.vocab, self.phrases
     ids, spans = _encode(cps, classes(cps), v.root, v.table, v.value, v.shift,
-                         self.scores, p.root, p.table, p.value, p.shift,
+                         self.scores, p.root, p.table, p.value, p.shift, self.line_ends,
                          self.unk_score, self.max_chars, self.byte_base, offsets,
                          *self._cache())
     return ids, (spans if offsets else None)
@@ -145,7 +151,8 @@ class Encoder:
     v, p = self.vocab, self.phrases
     ids, spans, counts = _encode_many(
         cps, bounds, classes(cps), v.root, v.table, v.value, v.shift, self.scores, p.root,
-        p.table, p.value, p.shift, self.unk_score, self.max_chars, self.byte_base, offsets,
+        p.table, p.value, p.shift, self.line_ends, self.unk_score, self.max_chars,
+        self.byte_base, offsets,
         *self._cache())
     return ids, (spans if offsets else None), counts
 
@@ -153,7 +160,8 @@ class Encoder:
     """The runs of ``text`` (what `fsqtok.tokenizer.pieces.split_runs` gives with these phrases)."""
     cps = np.frombuffer(text.encode("utf-32-le"), np.uint32)
     p = self.phrases
-    ends = _run_ends(cps, classes(cps), p.root, p.table, p.value, p.shift).tolist()
+    ends = _run_ends(cps, classes(cps), p.root, p.table, p.value, p.shift,
+                     self.line_ends).tolist()
     return [text[a:b] for a, b in zip([0, *ends], ends)]
 
   def __getstate__(self) -> dict:
@@ -224,7 +232,7 @@ def _build_trie(cps, ends, values, root, table, value, shift):
 
 
 @_jit
-def _run_end(cps, cls, i, p_root, p_table, p_value, p_shift):
+def _run_end(cps, cls, i, p_root, p_table, p_value, p_shift, line_ends):
   """End of the run that starts at ``i`` (`fsqtok.tokenizer.pieces.run_regex`, alternative by
   alternative)."""
   n = len(cps)
@@ -256,6 +264,9 @@ def _run_end(cps, cls, i, p_root, p_table, p_value, p_shift):
     j += 1
     while j < n and cls[cps[j]] == c:
       j += 1
+    if line_ends and c == OTHER:  # the "line_ends" runs: the newlines after punctuation
+      while j < n and cps[j] == 10:
+        j += 1
     return j
   # \s+(?!\S)|\s+
   j = i
@@ -267,11 +278,11 @@ def _run_end(cps, cls, i, p_root, p_table, p_value, p_shift):
 
 
 @_jit
-def _run_ends(cps, cls, p_root, p_table, p_value, p_shift):
+def _run_ends(cps, cls, p_root, p_table, p_value, p_shift, line_ends):
   ends = np.empty(len(cps), np.int64)
   count, a = 0, 0
   while a < len(cps):
-    a = _run_end(cps, cls, a, p_root, p_table, p_value, p_shift)
+    a = _run_end(cps, cls, a, p_root, p_table, p_value, p_shift, line_ends)
     ends[count] = a
     count += 1
   return ends[:count]
@@ -344,7 +355,7 @@ def _utf8_bytes(cps):
 
 @_jit
 def _encode_many(cps, bounds, cls, root, table, value, shift, scores, p_root, p_table,
-                 p_value, p_shift, unk_score, max_chars, byte_base, want_spans,
+                 p_value, p_shift, line_ends, unk_score, max_chars, byte_base, want_spans,
                  c_slots, c_pool, c_state):
   """`_encode` of each text ``cps[bounds[r]:bounds[r + 1]]``, concatenated; and counts."""
   capacity = _utf8_bytes(cps)  # tokens <= UTF-8 bytes
@@ -355,7 +366,7 @@ def _encode_many(cps, bounds, cls, root, table, value, shift, scores, p_root, p_
   for r in range(len(bounds) - 1):
     row_ids, row_spans = _encode(cps[bounds[r]:bounds[r + 1]], cls, root, table, value,
                                  shift, scores, p_root, p_table, p_value, p_shift,
-                                 unk_score, max_chars, byte_base, want_spans,
+                                 line_ends, unk_score, max_chars, byte_base, want_spans,
                                  c_slots, c_pool, c_state)
     k = len(row_ids)
     ids[total:total + k] = row_ids
@@ -368,7 +379,7 @@ def _encode_many(cps, bounds, cls, root, table, value, shift, scores, p_root, p_
 
 @_jit
 def _encode(cps, cls, root, table, value, shift, scores, p_root, p_table, p_value,
-            p_shift, unk_score, max_chars, byte_base, want_spans,
+            p_shift, line_ends, unk_score, max_chars, byte_base, want_spans,
             c_slots, c_pool, c_state):
   """Ids (and spans) of ``cps``; the run cache: ``c_slots[slot] = (hash, record)``, a
   record in ``c_pool`` = [chars m, tokens k, m code points, k ids, k starts];
@@ -387,7 +398,7 @@ def _encode(cps, cls, root, table, value, shift, scores, p_root, p_table, p_valu
   count = 0
   a = 0
   while a < n:
-    b = _run_end(cps, cls, a, p_root, p_table, p_value, p_shift)
+    b = _run_end(cps, cls, a, p_root, p_table, p_value, p_shift, line_ends)
     m = b - a
     k = -1  # tokens of this run, once known
     src, ids_at, pos_at = run_ids, 0, -1  # pos_at -1: the starts are in run_pos

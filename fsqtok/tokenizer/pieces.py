@@ -29,6 +29,20 @@ _PIECE_RE = re.compile(PIECE_PATTERN)
 # contractions ("'s", "'d", "'ll", ...), which then stay whole ("Call'd" -> "Call", "'d").
 RUN_PATTERN = "'(?:[stdm]|re|ve|ll)|" + PIECE_PATTERN
 _RUN_RE = re.compile(RUN_PATTERN)
+# How a unigram tokenizer cuts text into runs (``tokenizer.runs``): "gpt2", the classes
+# above; "line_ends", the same with a punctuation run keeping the newlines right after
+# it (":\n", ".\n\n", ",\n"), so a line's end can be one token.
+RUN_STYLES = ("gpt2", "line_ends")
+_OTHERS = r" ?(?:[^\w\s]|_)+"
+
+
+def run_pattern(style: str = "gpt2") -> str:
+  """The regex of the runs of ``style`` (`RUN_STYLES`), without phrases."""
+  if style == "gpt2":
+    return RUN_PATTERN
+  if style == "line_ends":
+    return RUN_PATTERN.replace(_OTHERS, _OTHERS + r"\n*")
+  raise ValueError(f"tokenizer.runs={style!r} is unknown: use one of {RUN_STYLES}.")
 LETTER = r"[^\W\d_]"
 WORD_RE = re.compile(f" ?{LETTER}+")  # a word run: what phrases are made of
 
@@ -62,15 +76,16 @@ def is_phrase(s: str) -> bool:
 
 
 @functools.lru_cache(maxsize=8)
-def run_regex(phrases: tuple[str, ...] = ()) -> re.Pattern:
+def run_regex(phrases: tuple[str, ...] = (), style: str = "gpt2") -> re.Pattern:
   """The runs of a unigram tokenizer with ``phrases``: a phrase where one matches and ends
-  at a word boundary, else `RUN_PATTERN`."""
+  at a word boundary, else the runs of ``style`` (`run_pattern`)."""
+  pattern = run_pattern(style)
   if not phrases:
-    return _RUN_RE
+    return _RUN_RE if style == "gpt2" else re.compile(pattern)
   bad = [p for p in phrases if not is_phrase(p)]
   if bad:
     raise ValueError(f"Phrases must be two or more words (' ?letters' runs): {bad[:5]}.")
-  return re.compile(f"(?:{phrase_pattern(phrases)})(?!{LETTER})|{RUN_PATTERN}")
+  return re.compile(f"(?:{phrase_pattern(phrases)})(?!{LETTER})|{pattern}")
 
 
 def _cut(run: str, max_bytes: int) -> Iterator[str]:
@@ -88,10 +103,10 @@ def _cut(run: str, max_bytes: int) -> Iterator[str]:
   yield run[start:]
 
 
-def split_runs(text: str, phrases: tuple[str, ...] = ()) -> list[str]:
-  """Splits text into runs (`RUN_PATTERN`, after ``phrases``), however long (no cut);
-  ``"".join(split_runs(t)) == t`` for every string."""
-  return run_regex(phrases).findall(text)
+def split_runs(text: str, phrases: tuple[str, ...] = (), style: str = "gpt2") -> list[str]:
+  """Splits text into runs (`run_pattern` of ``style``, after ``phrases``), however long
+  (no cut); ``"".join(split_runs(t)) == t`` for every string."""
+  return run_regex(phrases, style).findall(text)
 
 
 def split_pieces(text: str, max_bytes: int = MAX_PIECE_BYTES) -> list[str]:

@@ -7,7 +7,8 @@ Two segmentations (``Tokenizer.model``):
 
 * ``"unigram"`` (the default build, `fsqtok.tokenizer.unigram`): every learned string has a score
   (its log probability). Text is split into the pre-tokenizer's runs
-  (`fsqtok.tokenizer.pieces.split_runs`, uncut) and each run into the strings of highest total
+  (`fsqtok.tokenizer.pieces.split_runs`, uncut; ``runs``: GPT-2's classes, or with a
+  punctuation run keeping the newlines after it) and each run into the strings of highest total
   score (Viterbi); a character no learned string covers costs the lowest score minus 10
   and becomes its UTF-8 byte tokens. Ties go to the path whose last token is longest.
   This is exactly the Hugging Face ``Unigram`` model's search, so the exported
@@ -52,7 +53,8 @@ from fsqtok.tokenizer import pieces as pieces_lib
 from fsqtok.train import workdir as workdir_lib
 
 FORMAT = "fsqtok-tokenizer"
-FORMAT_VERSION = 3  # 3 added "phrases", 2 "model" and "scores"; 1 loads as "fewest"
+FORMAT_VERSION = 4  # 4 added "runs" (written only when not "gpt2"), 3 "phrases", 2 "model"
+                    # and "scores"; 1 loads as "fewest"
 MODELS = ("unigram", "fewest")
 UNK_PENALTY = 10.0  # an uncovered character's score below the lowest (as Hugging Face's)
 PARALLEL_MIN_CHARS = 1 << 20  # encode_batch's processes (pure Python): from this many characters
@@ -121,10 +123,11 @@ class Tokenizer:
   def __init__(self, learned: Iterable[str], *, codes: Sequence[int] | None = None,
                scores: Sequence[float] | None = None, phrases: Sequence[str] = (),
                specials: Sequence[str] = DEFAULT_SPECIALS,
-               max_piece_bytes: int = pieces_lib.MAX_PIECE_BYTES):
+               max_piece_bytes: int = pieces_lib.MAX_PIECE_BYTES, runs: str = "gpt2"):
     """``scores`` (log probabilities, one per learned string) make a ``"unigram"``
     tokenizer; without them it is ``"fewest"``. ``phrases``: the learned strings of a
-    unigram tokenizer that its pre-tokenizer matches as one run."""
+    unigram tokenizer that its pre-tokenizer matches as one run; ``runs``: how its
+    pre-tokenizer cuts text (`fsqtok.tokenizer.pieces.RUN_STYLES`)."""
     learned = list(learned)
     for name, values in (("codes", codes), ("scores", scores)):
       if values is not None and len(values) != len(learned):
@@ -159,7 +162,10 @@ class Tokenizer:
       if self.model != "unigram" or missing:
         raise ValueError(f"Phrases must be learned strings of a unigram tokenizer; not "
                          f"learned: {missing[:5]}.")
-    self._run_re = pieces_lib.run_regex(self.phrases)  # checks that each is a phrase
+    if runs != "gpt2" and self.model != "unigram":
+      raise ValueError(f"runs={runs!r} is for a unigram tokenizer (with scores).")
+    self.runs = runs
+    self._run_re = pieces_lib.run_regex(self.phrases, runs)  # checks each phrase, and runs
     # The compiled search (unigram only); False: the pure-Python reference (same ids).
     self.native = self.model == "unigram" and native_encode.available()
     self._added: list[str] = []
@@ -207,7 +213,8 @@ class Tokenizer:
       return None
     if self._encoder is None:
       self._encoder = native_encode.Encoder.build(
-          self._scored, self.phrases, self._unk_score, self._byte_base, self.vocab_size)
+          self._scored, self.phrases, self._unk_score, self._byte_base, self.vocab_size,
+          self.runs)
     return self._encoder
 
   @property
@@ -680,12 +687,14 @@ class Tokenizer:
   def _payload(self) -> dict:
     """What `save` writes to ``tokenizer.json`` (and `load` reads back)."""
     return {
-        "format": FORMAT, "version": FORMAT_VERSION, "model": self.model,
-        "max_piece_bytes": self.max_piece_bytes,
+        # version 3 where it says all there is (an older fsqtok reads it alike)
+        "format": FORMAT, "version": FORMAT_VERSION if self.runs != "gpt2" else 3,
+        "model": self.model, "max_piece_bytes": self.max_piece_bytes,
         "specials": self._specials, "added_specials": self._added,
         "learned": [b.decode("utf-8") for b in self._learned], "codes": self._codes,
         "scores": self._scores if self.model == "unigram" else None,
         "phrases": list(self.phrases),
+        **({"runs": self.runs} if self.runs != "gpt2" else {}),
     }
 
   def fingerprint(self) -> str:
@@ -765,7 +774,7 @@ class Tokenizer:
     try:
       tok = cls(payload["learned"], codes=payload["codes"], scores=payload.get("scores"),
                 phrases=payload.get("phrases", ()), specials=payload["specials"],
-                max_piece_bytes=payload["max_piece_bytes"])
+                max_piece_bytes=payload["max_piece_bytes"], runs=payload.get("runs", "gpt2"))
       tok.add_special_tokens(payload["added_specials"])
     except (KeyError, TypeError) as e:
       raise ValueError(f"{path} is damaged: {e!r}. Save the tokenizer again.") from None

@@ -47,6 +47,7 @@ PARALLEL_MIN_CHARS = 1 << 22  # smaller corpora are counted in this process (wor
 CHUNK_CHARS = 1 << 22  # corpora are counted in chunks of this many characters, summed in order
 SEED_COUNT_FACTOR = 16  # seeds are counted among at most this x seed_size distinct substrings
 CHUNKS_PER_WORKER = 4  # chunks a worker process counts before the sum is taken (and pruned)
+FILL_MARGIN = 0.01  # a filled piece scores this above its best segmentation (`fill_unused`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,17 +60,18 @@ class UnigramVocab:
   counts: tuple[float, ...]
   history: tuple[dict, ...] = ()
   phrases: tuple[str, ...] = ()  # the multi-word strings among ``strings``
+  runs: str = "gpt2"  # the runs it was trained on (`fsqtok.tokenizer.pieces.RUN_STYLES`)
 
   def to_json(self) -> dict:
     return {"strings": list(self.strings), "scores": list(self.scores),
             "counts": list(self.counts), "history": list(self.history),
-            "phrases": list(self.phrases)}
+            "phrases": list(self.phrases), "runs": self.runs}
 
   @classmethod
   def from_json(cls, payload: dict) -> "UnigramVocab":
     return cls(tuple(payload["strings"]), tuple(payload["scores"]),
                tuple(payload["counts"]), tuple(payload["history"]),
-               tuple(payload.get("phrases", ())))
+               tuple(payload.get("phrases", ())), payload.get("runs", "gpt2"))
 
   def __len__(self) -> int:
     return len(self.strings)
@@ -135,18 +137,20 @@ def _count_in_parallel(count, texts: Iterable[str], num_workers: int, progress: 
 
 def count_pieces(texts: Iterable[str], progress: bool = False,
                  phrases: tuple[str, ...] = (), num_workers: int = 1, max_distinct: int = 0,
-                 report: CountReport | None = None) -> collections.Counter:
-  """Occurrences of every piece (pre-tokenizer runs, uncut, ``phrases`` first) in ``texts``
-  (``num_workers`` processes, 0: every core; ``max_distinct``: a bound on the distinct
-  pieces kept, 0: none; ``report`` is filled in)."""
+                 report: CountReport | None = None, runs: str = "gpt2") -> collections.Counter:
+  """Occurrences of every piece (pre-tokenizer runs of style ``runs``, uncut, ``phrases``
+  first) in ``texts`` (``num_workers`` processes, 0: every core; ``max_distinct``: a bound
+  on the distinct pieces kept, 0: none; ``report`` is filled in)."""
+  pieces_lib.run_pattern(runs)  # a known style, before any worker starts
   return _count_in_parallel(_count_runs, texts, num_workers, progress, "count pieces",
-                            tuple(phrases), max_distinct=max_distinct, report=report)
+                            tuple(phrases), runs, max_distinct=max_distinct, report=report)
 
 
-def _count_runs(_, texts: Iterable[str], phrases: tuple[str, ...]) -> collections.Counter:
+def _count_runs(_, texts: Iterable[str], phrases: tuple[str, ...], runs: str = "gpt2"
+                ) -> collections.Counter:
   counts: collections.Counter = collections.Counter()
   for text in texts:
-    counts.update(pieces_lib.split_runs(text, phrases))
+    counts.update(pieces_lib.split_runs(text, phrases, runs))
   return counts
 
 
@@ -256,6 +260,30 @@ class Lattice:
     self._sweep(self._by_end, self.end_E, self.start_E, alpha, logp_V, reduce_max,
                 range(1, self.max_len + 1))
     return alpha
+
+  def viterbi(self, logp_V: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per string: the score of its best segmentation (-inf where there is none) and its
+    number of tokens (ties: the edge that starts first)."""
+    score = np.full((len(self.lengths_N), self.max_len + 1), -np.inf)
+    score[:, 0] = 0.0
+    tokens = np.zeros(score.shape, np.int64)
+    order = self._by_end
+    ends = self.end_E[order]
+    bounds = np.searchsorted(ends, np.arange(score.shape[1] + 1))
+    for pos in range(1, self.max_len + 1):
+      sel = order[bounds[pos]:bounds[pos + 1]]
+      if sel.size == 0:
+        continue
+      p, start = self.piece_E[sel], self.start_E[sel]
+      v = score[p, start] + logp_V[self.token_E[sel]]
+      heads = np.flatnonzero(np.r_[True, p[1:] != p[:-1]])
+      best = np.maximum.reduceat(v, heads)
+      first = np.minimum.reduceat(np.where(v == np.repeat(best, np.diff(np.r_[heads, len(v)])),
+                                           np.arange(len(v)), len(v)), heads)
+      score[p[heads], pos] = best
+      tokens[p[heads], pos] = tokens[p[heads], start[np.minimum(first, len(v) - 1)]] + 1
+    rows = np.arange(len(self.lengths_N))
+    return score[rows, self.lengths_N], tokens[rows, self.lengths_N]
 
   def backward(self, logp_V: np.ndarray) -> np.ndarray:
     """``beta[n, i]``: log of the summed probability of the segmentations of
@@ -446,7 +474,7 @@ def _em(lattice: Lattice, logp: np.ndarray, counts_N: np.ndarray, iterations: in
   return logp, counts, loglik
 
 
-def _vocab(strings, logp, counts, history, phrases=()) -> UnigramVocab:
+def _vocab(strings, logp, counts, history, phrases=(), runs="gpt2") -> UnigramVocab:
   """The vocabulary, most probable string first; a string no segmentation uses keeps a
   tiny probability (it is still a token)."""
   floor = np.min(logp[np.isfinite(logp)]) - 1.0
@@ -455,7 +483,55 @@ def _vocab(strings, logp, counts, history, phrases=()) -> UnigramVocab:
   return UnigramVocab(tuple(strings[i] for i in order),
                       tuple(round(float(logp[i]), SCORE_DECIMALS) for i in order),
                       tuple(float(counts[i]) for i in order), tuple(history),
-                      tuple(sorted(phrases)))
+                      tuple(sorted(phrases)), runs)
+
+
+def fill_unused(vocab: UnigramVocab, piece_counts: dict[str, int], *,
+                max_token_bytes: int = pieces_lib.MAX_PIECE_BYTES, max_piece_chars: int = 64
+                ) -> UnigramVocab:
+  """``vocab`` with its unused strings replaced by whole pieces that save tokens.
+
+  On a corpus small for the size asked, EM leaves strings that no segmentation of the
+  training pieces uses (< 0.5 expected uses: substrings of pieces that are tokens
+  themselves); their score is a floor, so held-out text never uses them either (on
+  tinyshakespeare at 32768 ids, 20,603 of 32,499 strings). Their places go to the pieces
+  (pre-tokenizer runs, 2+ characters) that the used strings write in 2+ tokens, most
+  tokens saved first (occurrences x (tokens - 1), as BPE would merge them), each scored
+  the larger of its estimate from its count and its best segmentation's score plus
+  ``FILL_MARGIN``: it is the one token of its own piece. The used strings keep their
+  scores, so a run that holds no new piece is segmented as before. Unused strings stay
+  only where no piece is left to take their place. (`configs/recon.py`'s
+  ``tokenizer.fill_unused``; off by default: the LM did worse on it, docs/tokenizer.md.)"""
+  strings, counts = list(vocab.strings), np.asarray(vocab.counts, np.float64)
+  logp = np.asarray(vocab.scores, np.float64)
+  is_char = np.fromiter((len(s) == 1 for s in strings), bool, len(strings))
+  phrases = set(vocab.phrases)
+  unused = (counts < 0.5) & ~is_char & np.fromiter((s not in phrases for s in strings), bool,
+                                                   len(strings))
+  if not unused.any():
+    return vocab
+  used = np.flatnonzero(~unused)
+  index = {strings[i]: k for k, i in enumerate(used)}
+  pieces = sorted(p for p, n in piece_counts.items() if p not in index and
+                  2 <= len(p) <= max_piece_chars and len(p.encode("utf-8")) <= max_token_bytes)
+  counts_N = np.array([piece_counts[p] for p in pieces], np.float64)
+  score_N, tokens_N = Lattice(pieces, index, max_token_bytes).viterbi(logp[used])
+  saves = np.flatnonzero(np.isfinite(score_N) & (tokens_N > 1))
+  saved = counts_N[saves] * (tokens_N[saves] - 1)
+  order = saves[np.lexsort((saves, -saved))][:int(unused.sum())]
+  total = counts.sum()
+  fill_logp = np.maximum(special.digamma(counts_N[order]) - special.digamma(total),
+                         score_N[order] + FILL_MARGIN)
+  # the unused strings kept where too few pieces save tokens (the most used first; one
+  # that is a piece filled in is that piece)
+  filled = {pieces[i] for i in order}
+  spare = np.array([i for i in np.flatnonzero(unused) if strings[i] not in filled], np.int64)
+  spare = spare[np.lexsort((spare, -counts[spare]))][:int(unused.sum()) - len(order)]
+  keep = np.sort(np.r_[used, spare])
+  history = vocab.history + ({"filled": len(order), "unused_left": len(spare)},)
+  return _vocab([strings[i] for i in keep] + [pieces[i] for i in order],
+                np.r_[logp[keep], fill_logp], np.r_[counts[keep], counts_N[order]], history,
+                vocab.phrases, vocab.runs)
 
 
 def phrase_budget(candidates: dict[str, int], n_phrases: int, min_count: int = 2) -> int:
@@ -477,13 +553,15 @@ def add_phrases(vocab: UnigramVocab, texts: Sequence[str], candidates: dict[str,
   from fsqtok.tokenizer.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
   if n_phrases <= 0:
     return vocab
-  subwords = Tokenizer(vocab.strings, scores=vocab.scores, max_piece_bytes=max_token_bytes)
+  subwords = Tokenizer(vocab.strings, scores=vocab.scores, max_piece_bytes=max_token_bytes,
+                       runs=vocab.runs)
   known = set(vocab.strings)
   gains = sorted((-n * (len(subwords.encode(p)) - 1), p) for p, n in candidates.items()
                  if n >= min_count and p not in known)
   phrases = tuple(sorted(p for _, p in gains[:n_phrases]))
   piece_counts = pool(count_pieces(texts, progress=progress, phrases=phrases,
-                                   num_workers=num_workers, max_distinct=max_distinct))
+                                   num_workers=num_workers, max_distinct=max_distinct,
+                                   runs=vocab.runs))
   strings = list(vocab.strings) + list(phrases)
   chars = {s for s in strings if len(s) == 1}
   kept = sorted((p, n) for p, n in piece_counts.items()
@@ -499,7 +577,7 @@ def add_phrases(vocab: UnigramVocab, texts: Sequence[str], candidates: dict[str,
   history = [*vocab.history, {"strings": len(strings), "phrases": len(phrases),
                               "phrases_used": int(used.sum()), "log_likelihood": loglik,
                               "tokens_per_piece": float(counts.sum() / counts_N.sum())}]
-  return _vocab(strings, logp, counts, history, phrases)
+  return _vocab(strings, logp, counts, history, phrases, vocab.runs)
 
 
 def _pruning_loss(strings, logp, counts, is_char, keep, max_bytes) -> np.ndarray:
