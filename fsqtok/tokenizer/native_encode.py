@@ -111,8 +111,7 @@ class Encoder:
   def build(cls, scored: dict[str, tuple[int, float]], phrases: Sequence[str],
             unk_score: float, byte_base: int, vocab_size: int, runs: str = "gpt2"
             ) -> "Encoder":
-    from fsqtok.tokenizer import pieces  # pylint: disable=g-import-not-at-top
-    pieces.run_pattern(runs)  # a known style
+    """``runs``: a style `fsqtok.tokenizer.pieces.run_pattern` knows (the tokenizer checked it)."""
     strings = list(scored)
     ids = [scored[s][0] for s in strings]
     scores = np.zeros(vocab_size, np.float64)
