@@ -114,7 +114,7 @@ def main(argv):
           units = unit if n == 1 else unit + ("s" if native else "es")
           print(f"| fsqtok {what} | encode_batch ({how}), {n} {units}, {state} | "
                 f"{mb / s:.2f} | {base[native, offsets, state] / s:.2f}x |", flush=True)
-  lines = [b.replace("\n", "\u2028") for b in blocks]  # as SentencePieceTokenizer.encode
+  lines = [baselines.to_sentencepiece_text(b) for b in blocks]  # as its encode does
   _, s1 = _fastest(lambda: [sp._sp.encode(line) for line in lines])  # pylint: disable=protected-access
   print(f"| SentencePiece unigram | encode, 1 thread | {mb / s1:.2f} | 1.00x |")
   for n in workers:

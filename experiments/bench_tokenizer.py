@@ -150,6 +150,8 @@ _LOADERS = {
                     "from fsqtok.tokenizer.tokenizer import Tokenizer; t = Tokenizer.load(D); enc = t.encode"),
     "hf-bpe-bytelevel": "from tokenizers import Tokenizer; t = Tokenizer.from_file(D + '/tokenizer.json'); enc = lambda s: t.encode(s).ids",
     "word-level": "from tokenizers import Tokenizer; t = Tokenizer.from_file(D + '/tokenizer.json'); enc = lambda s: t.encode(s).ids",
+    # (the newline mapping of `baselines.to_sentencepiece_text` inline, so that the
+    # process holds SentencePiece alone; its escapes matter only to text with U+2028/9)
     **dict.fromkeys(("sentencepiece-unigram", "sentencepiece-bpe"),
                     "import sentencepiece as s; t = s.SentencePieceProcessor(model_file=D + '/sp.model'); enc = lambda x: t.encode(x.replace(chr(10), chr(0x2028)))"),
     "raw-bytes": "import sys; enc = lambda s: list(s.encode())",

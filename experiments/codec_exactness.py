@@ -70,7 +70,14 @@ def apply_overrides(config, variant: str):
     for name in path[:-1]:
       node = node[name]
     old = node[path[-1]]
-    node[path[-1]] = value if isinstance(old, str) else type(old)(ast.literal_eval(value))
+    new = value if isinstance(old, str) else ast.literal_eval(value)
+    same_type = isinstance(new, type(old)) and isinstance(old, bool) == isinstance(new, bool)
+    widened = isinstance(old, float) and isinstance(new, int) and not isinstance(new, bool)
+    if old is not None and not (same_type or widened):
+      raise ValueError(f"Variant {variant!r} sets {field}={value!r}, a "
+                       f"{type(new).__name__}; the field holds a {type(old).__name__} "
+                       f"({old!r}): give a value of that type.")
+    node[path[-1]] = type(old)(new) if isinstance(old, float) else new
   return config
 
 

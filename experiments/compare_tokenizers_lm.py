@@ -208,7 +208,8 @@ def _generation(model, params, tok, n_tokens: int, codec_and_params=None):
   tic = time.perf_counter()
   out = run(1)
   seconds = time.perf_counter() - tic
-  text = out.get("text", tok.decode(out["ids"]))
+  # the text without special tokens (a sampled [EOS] is not text), as the baselines decode
+  text = out["text"] if "text" in out else tok.decode(out["ids"], skip_special_tokens=True)
   open_share = out["open_codes"] / max(out["codes"], 1) if "codes" in out else float("nan")
   return {"generation_bytes_per_second": len(text.encode("utf-8")) / seconds,
           "open_code_share": open_share, "sample": text[:200]}

@@ -230,6 +230,21 @@ def test_bench_tokenizer_scale_prints_a_table(doc_files, tmp_path):
   assert out.count("| True |") == 8
 
 
+def test_codec_exactness_variants_keep_each_fields_type():
+  spec = importlib.util.spec_from_file_location(
+      "codec_exactness", os.path.join(REPO, "experiments", "codec_exactness.py"))
+  codec_exactness = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(codec_exactness)
+  config = tiny_recon_config("files:x", "")
+  codec_exactness.apply_overrides(
+      config, "optim.learning_rate=1,train.num_steps=7,data.source=builtin")
+  assert config.optim.learning_rate == 1.0 and isinstance(config.optim.learning_rate, float)
+  assert config.train.num_steps == 7 and config.data.source == "builtin"
+  for variant in ("train.num_steps=0.5", "train.num_steps=True", "optim.learning_rate=True"):
+    with pytest.raises(ValueError, match="give a value of that type"):
+      codec_exactness.apply_overrides(tiny_recon_config("files:x", ""), variant)
+
+
 def test_codec_exactness_prints_a_row_per_variant(doc_files, tmp_path):
   out = _run("codec_exactness.py", "--config=tiny", f"--corpus=files:{doc_files}/*.txt",
              f"--tfds_data_dir={tmp_path / 'tfds'}", "--vocab_size=400", "--steps=10",

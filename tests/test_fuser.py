@@ -96,6 +96,25 @@ def test_signals_are_masked(setup):
       F.make_signals(2, SPEC, **{name: jnp.asarray([0, -1])})
 
 
+def test_timestamps_of_any_scale_give_bounded_features_and_a_working_signal(setup):
+  s = setup
+  years = jnp.asarray([1850.0, 1851.0])
+  for t in (years, jnp.asarray([1.7e9, 1.7e9 + 86400.0])):  # years, or Unix seconds
+    feats = F.timestamp_features(t)
+    chex.assert_shape(feats, (2, 2 * len(F.TIMESTAMP_PERIODS)))
+    assert bool(jnp.all(jnp.abs(feats) <= 1.0))
+  # a year apart: the same phase at the one-year period, apart at the longer ones
+  feats = np.asarray(F.timestamp_features(years))
+  np.testing.assert_allclose(feats[0, [0, 10]], feats[1, [0, 10]], atol=1e-3)
+  assert not np.allclose(feats[0, 1:10], feats[1, 1:10], atol=1e-3)
+  apply = jax.jit(lambda p, i, sig: s.model.apply({"params": p}, i, sig, force_dynamic=True)[0])
+  out = apply(s.params, s.ids, F.make_signals(2, SPEC, timestamp=years))
+  assert bool(jnp.all(jnp.isfinite(out)))
+  assert not np.allclose(out, apply(s.params, s.ids, F.empty_signals(2, SPEC)))
+  with pytest.raises(ValueError, match="Signal 'timestamp' has a NaN"):
+    F.make_signals(2, SPEC, timestamp=jnp.asarray([1850.0, jnp.nan]))
+
+
 def test_info_nce_matches_hand_computation():
   a = np.array([[1.0, 0.0], [0.0, 2.0]])
   k = np.array([[1.0, 1.0], [0.0, 1.0]])
@@ -110,6 +129,18 @@ def test_info_nce_matches_hand_computation():
     expected += -(row[i] - np.log(np.sum(np.exp(row))))
   got = F.info_nce(jnp.asarray(a), jnp.asarray(k), jnp.asarray(sh), tau)
   np.testing.assert_allclose(float(got), expected / 2, rtol=1e-6)
+
+
+def test_info_nce_leaves_out_samples_from_padding():
+  rng = np.random.default_rng(0)
+  a, k, sh = (jnp.asarray(rng.normal(size=(5, 3))) for _ in range(3))
+  valid = jnp.asarray([True, False, True, True, False])
+  keep = np.flatnonzero(valid)
+  masked = F.info_nce(a, k, sh, 0.3, valid)
+  # the same as the loss over the valid rows alone: padding is no anchor and no negative
+  alone = F.info_nce(a[keep], k[keep], sh[keep], 0.3)
+  np.testing.assert_allclose(float(masked), float(alone), rtol=1e-6)
+  assert float(F.info_nce(a, k, sh, 0.3, jnp.zeros(5, bool))) == 0.0
 
 
 def test_capacity_has_static_shapes_and_agrees_with_compute_all(old):

@@ -1,5 +1,6 @@
 """Registers, segments, pooling heads, soft prompts and token pruning (issue 7)."""
 import functools
+import types
 
 import chex
 import jax
@@ -310,6 +311,33 @@ def test_pruning_keeps_static_counts_the_tail_and_the_registers():
   assert not np.allclose(out[0, -1], unpruned[0, -1], atol=1e-5)
   with pytest.raises(ValueError, match="key/value cache"):
     model.apply({"params": params}, ids[:, :1], cache=lm_lib.init_cache(model, 2, 4))
+
+
+def test_pruning_study_reports_the_positions_the_model_kept():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from fsqtok.studies import token_techniques  # pylint: disable=g-import-not-at-top
+  model = _model(num_registers=2)
+  params = _init(model)
+  t, tail = 12, 3
+  ids = np.asarray(_ids(4, t + 1, seed=3))
+  data = types.SimpleNamespace(val={"inputs": ids[:, :-1], "targets": ids[:, 1:],
+                                    "valid": np.ones((4, t), bool),
+                                    "weights": np.ones((4, t), np.float32)})
+  config = ml_collections.ConfigDict({"progress_bar": False, "pruning": {
+      "layer": 1, "keep_ratios": (1.0, 0.5), "scores": ("norm",), "tail": tail,
+      "windows": 4, "batch_size": 2, "timing_rounds": 1}})
+  byte_lengths = np.full(V, 2)
+  rows = {r["score"]: r for r in token_techniques.pruning_study(config, model, params, data,
+                                                                 byte_lengths)}
+  # the model keeps its 2 registers + half of the 12 tokens: 6 token positions
+  assert rows["none"]["kept_positions"] == t and rows["norm"]["kept_positions"] == 6
+  assert token_importance.num_kept(t + 2, 2, 0.5, tail) - 2 == 6
+  # unpruned: the tail's bits per byte of the whole forward
+  logp = _apply(model, params, jnp.asarray(ids[:, :-1]), None, jnp.asarray(ids[:, 1:]),
+                method=lm_lib.TransformerLM.target_log_probs)
+  expected = -np.asarray(logp)[:, -tail:].sum() / np.log(2) / (4 * tail * 2)
+  np.testing.assert_allclose(rows["none"]["tail_bits_per_byte"], expected, rtol=1e-5)
+  assert rows["none"]["bpb_increase"] == 0.0 and rows["norm"]["time_ratio"] > 0
 
 
 def test_attention_received_counts_only_the_queries_that_can_see_a_key():

@@ -245,6 +245,20 @@ def document_signal(ids_BxT: jax.Array, valid_BxT: jax.Array, dim: int) -> jax.A
   return bag / jnp.maximum(jnp.linalg.norm(bag, axis=-1, keepdims=True), 1e-6)
 
 
+# The periods, in the timestamp's unit, of its sines and cosines: 1 to 10^4.5 units
+# (years, say: from a year to thirty millennia).
+TIMESTAMP_PERIODS = tuple(10.0 ** (k / 2) for k in range(10))
+
+
+def timestamp_features(t_N: jax.Array) -> jax.Array:
+  """``[N, 2 * len(TIMESTAMP_PERIODS)]`` sines and cosines of the timestamps: bounded
+  whatever their scale (a raw year or Unix time into a dense layer would swamp the other
+  signals), and close for close times at every period longer than their gap."""
+  angles = t_N[:, None].astype(jnp.float32) * (2 * np.pi / np.asarray(TIMESTAMP_PERIODS,
+                                                                     np.float32))
+  return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
 def empty_signals(batch: int, spec: FuserSpec) -> dict[str, jax.Array]:
   """All signals absent (zeros with ``present`` False): the shape every call takes."""
   return {"document": jnp.zeros((batch, spec.doc_dim)),
@@ -272,6 +286,9 @@ def make_signals(batch: int, spec: FuserSpec, **given) -> dict[str, jax.Array]:
       raise ValueError(f"Signal {k!r} has ids {int(v.min())}..{int(v.max())}; the model "
                        f"has {count} (fuser.model.num_{k}s): raise it or map the ids "
                        f"into [0, {count}).")
+    if v.size and jnp.issubdtype(v.dtype, jnp.floating) and not bool(jnp.isfinite(v).all()):
+      raise ValueError(f"Signal {k!r} has a NaN or infinite value: give finite values, "
+                       f"or leave the signal out for the rows that have none.")
     s[k] = v.astype(s[k].dtype)
     present[:, SIGNALS.index(k)] = True
   s["present"] = jnp.asarray(present)
@@ -394,7 +411,7 @@ class InformationFuser(nn.Module):
         nn.Dense(f, name="document")(g["document"]),
         nn.Embed(s.num_authors, f, name="author")(jnp.clip(g["author"], 0, s.num_authors - 1)),
         nn.Embed(s.num_domains, f, name="domain")(jnp.clip(g["domain"], 0, s.num_domains - 1)),
-        nn.Dense(f, name="timestamp")(g["timestamp"][:, None]),
+        nn.Dense(f, name="timestamp")(timestamp_features(g["timestamp"])),
         nn.Dense(f, name="image")(g["image"]),
         nn.Dense(f, name="audio")(g["audio"]),
     ]
@@ -794,17 +811,22 @@ def init_params(model: ContextualFuser, rng: jax.Array, seq_len: int):
 
 # ---- losses -----------------------------------------------------------------------------
 
-def info_nce(anchor_NxD, keys_NxD, shuffled_NxD, temperature: float):
+def info_nce(anchor_NxD, keys_NxD, shuffled_NxD, temperature: float, valid_N=None):
   """InfoNCE: anchor ``i`` (the token with its true context) must pick key ``i`` (its
   context) among all keys (in-batch negatives) and beat ``shuffled_i`` (the token with a
-  shuffled context) scored against key ``i``. Cosine similarities over ``temperature``."""
+  shuffled context) scored against key ``i``. Cosine similarities over ``temperature``.
+  Rows where ``valid_N`` is False (samples drawn from padding) are neither anchors nor
+  negatives."""
+  n = anchor_NxD.shape[0]
+  valid_N = jnp.ones((n,), bool) if valid_N is None else valid_N
   norm = lambda v: v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-6)
   a, k, s = norm(anchor_NxD), norm(keys_NxD), norm(shuffled_NxD)
-  logits_NxN = a @ k.T / temperature
+  logits_NxN = jnp.where(valid_N[None, :], a @ k.T / temperature, -1e9)
   extra_N = jnp.sum(s * k, -1) / temperature
   logits = jnp.concatenate([logits_NxN, extra_N[:, None]], axis=1)
-  n = a.shape[0]
-  return -jnp.mean(jax.nn.log_softmax(logits, axis=-1)[jnp.arange(n), jnp.arange(n)])
+  nll_N = -jax.nn.log_softmax(logits, axis=-1)[jnp.arange(n), jnp.arange(n)]
+  w = valid_N.astype(nll_N.dtype)
+  return jnp.sum(nll_N * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
 def token_means(x_NxD, ids_N, weights_N, vocab_size: int):

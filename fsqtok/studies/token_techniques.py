@@ -256,24 +256,30 @@ def pruning_study(config, model, params, data, byte_lengths) -> list[dict[str, A
                    {"targets": jnp.asarray(data.val["targets"][sl, -tail:]),
                     "weights": jnp.asarray(data.val["weights"][sl, -tail:])})
   settings = [("none", 1.0)] + [(s, r) for s in pc.scores for r in pc.keep_ratios if r < 1.0]
-  fns = {}
+  fns, kept_fns = {}, {}
   for score, keep in settings:
     m = model if score == "none" else model.clone(
         prune_layer=pc.layer, prune_keep=keep, prune_score=score, prune_keep_last=tail)
     fns[(score, keep)] = jax.jit(lambda p, b, m=m: m.apply(
         {"params": p}, b["inputs"], b["valid"], b["targets"],
         method=lm_lib.TransformerLM.target_log_probs_last))
+    # the positions the model kept, read from it (``[B, registers + T]``), not recomputed
+    kept_fns[(score, keep)] = jax.jit(lambda p, b, m=m: m.apply(
+        {"params": p}, b["inputs"], b["valid"], b["targets"],
+        method=lm_lib.TransformerLM.target_log_probs_last,
+        mutable=["intermediates"])[1].get("intermediates", {}).get("kept"))
   rows = {}
+  t = batches[0]["inputs"].shape[1]
   for key, fn in fns.items():  # compile, then the quality over every batch
-    nll_bits, nbytes, kept = 0.0, 0, 0
+    nll_bits, nbytes = 0.0, 0
     for b in batches:
       logp = np.asarray(fn(params, b))
       w = np.asarray(b["weights"])
       nll_bits += float(-(logp * w).sum() / math.log(2))
       nbytes += int((byte_lengths[np.asarray(b["targets"])] * (w > 0)).sum())
-    t = batches[0]["inputs"].shape[1]
-    kept = t if key[0] == "none" else token_importance.num_kept(t, model.num_registers,
-                                                                 key[1], tail)
+    sown = kept_fns[key](params, batches[0])
+    # token positions kept per window (of t); the registers, always kept, not counted
+    kept = t if sown is None else float(np.asarray(sown[0])[:, -t:].sum(1).mean())
     rows[key] = {"score": key[0], "keep_ratio": key[1], "kept_positions": kept,
                  "tail_bits_per_byte": nll_bits / max(nbytes, 1), "times": []}
   for _ in tqdm(range(pc.timing_rounds), desc="pruning timing", disable=not config.progress_bar,
@@ -353,7 +359,7 @@ def markdown_tables(results: dict[str, Any]) -> str:
   lines += ["", "| score | keep ratio | kept positions | ms / batch | time ratio | tail "
             "bits/byte | Δ bits/byte |", "|---|---|---|---|---|---|---|"]
   for r in results["pruning"]:
-    lines.append(f"| {r['score']} | {r['keep_ratio']:.2f} | {r['kept_positions']} | "
+    lines.append(f"| {r['score']} | {r['keep_ratio']:.2f} | {r['kept_positions']:g} | "
                  f"{r['ms_per_batch']:.1f} | {r['time_ratio']:.3f} | "
                  f"{r['tail_bits_per_byte']:.4f} | {r['bpb_increase']:+.4f} |")
   return "\n".join(lines)

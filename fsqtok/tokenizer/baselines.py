@@ -4,6 +4,7 @@ SentencePiece unigram."""
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from typing import Sequence
 
@@ -97,6 +98,25 @@ class HFBPETokenizer:
     return self.vocab_size
 
 
+# SentencePiece reads one sentence a line, so a text goes to it with its newlines written
+# as U+2028 (an ordinary character to SentencePiece). To keep a U+2028 of the text apart,
+# U+2029 escapes: U+2029 -> U+2029 U+2029, U+2028 -> U+2029 U+2028, then "\n" -> U+2028.
+_SP_NEWLINE, _SP_ESCAPE = "\u2028", "\u2029"
+_SP_UNESCAPE = re.compile("\u2029([\u2028\u2029])|\u2028")
+
+
+def to_sentencepiece_text(text: str) -> str:
+  """``text`` as the SentencePiece baseline trains and encodes it (one line)."""
+  return (text.replace(_SP_ESCAPE, _SP_ESCAPE * 2)
+          .replace(_SP_NEWLINE, _SP_ESCAPE + _SP_NEWLINE).replace("\n", _SP_NEWLINE))
+
+
+def from_sentencepiece_text(text: str) -> str:
+  """The inverse of `to_sentencepiece_text` (a lone escape, as one piece decoded alone
+  can end with, stays itself)."""
+  return _SP_UNESCAPE.sub(lambda m: m.group(1) or "\n", text)
+
+
 class SentencePieceTokenizer:
   """SentencePiece unigram (or BPE), trained losslessly: identity normalization, no
   dummy prefix, whitespace kept, byte fallback; ``vocab_size`` counts everything (PAD,
@@ -118,10 +138,8 @@ class SentencePieceTokenizer:
     import sentencepiece as spm  # pylint: disable=g-import-not-at-top
     with tempfile.TemporaryDirectory() as tmp:
       path = os.path.join(tmp, "train.txt")
-      # SentencePiece reads one sentence a line: each block is one, its newlines written
-      # as U+2028 (an ordinary character to it), mapped back on decoding.
-      with open(path, "w", encoding="utf-8") as f:
-        f.writelines(t.replace("\n", "\u2028") + "\n" for t in texts)
+      with open(path, "w", encoding="utf-8") as f:  # a line per text
+        f.writelines(to_sentencepiece_text(t) + "\n" for t in texts)
       spm.SentencePieceTrainer.train(
           input=path, model_prefix=os.path.join(tmp, "sp"), vocab_size=vocab_size,
           model_type=model_type, byte_fallback=True, character_coverage=0.9999,
@@ -135,14 +153,15 @@ class SentencePieceTokenizer:
         return cls(f.read())
 
   def encode(self, text: str) -> list[int]:
-    return self._sp.encode(text.replace("\n", "\u2028"))
+    return self._sp.encode(to_sentencepiece_text(text))
 
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
     del skip_special_tokens  # SentencePiece never decodes its control ids
-    return self._sp.decode(list(ids)).replace("\u2028", "\n")
+    return from_sentencepiece_text(self._sp.decode(list(ids)))
 
   def token_lengths(self) -> list[int]:
-    """Bytes per id (0 for control ids): what each piece decodes to."""
+    """Bytes per id (0 for control ids): what each piece decodes to (exact but for text
+    with U+2028/U+2029, whose escapes a piece boundary can split)."""
     return [0 if self._sp.is_control(i) else
             1 if self._sp.is_byte(i) else len(self.decode([i]).encode("utf-8"))
             for i in range(self.vocab_size)]

@@ -9,7 +9,8 @@ windows of `fsqtok.data.lm_data`, so the fuser reads the same loaders and token 
   (`ambiguous_ids`), so where the gate reads the set (``gate_mode`` both, set or always)
   a masked token is recovered from its context; with ``learned`` the gate alone decides,
   and a ``per_id`` capacity below 1 can leave a ``[MASK]`` without a dynamic slot.
-* **InfoNCE**: ``nce_samples`` positions are drawn among the ordinary tokens; each
+* **InfoNCE**: ``nce_samples`` positions are drawn among the ordinary tokens (a batch
+  with fewer leaves the extra draws out of the loss, as for the neighbours); each
   token's dynamic vector with its true context is the anchor, the vector of its context
   alone (the token replaced by ``[MASK]``) the key; the other keys of the batch and the
   token placed in another position's context (shuffled) are the negatives.
@@ -165,7 +166,7 @@ def losses(params, state: FuserState, batch, rng, c: StepConfig, spec: fuser_lib
   # context alone, the token in a shuffled context
   windows = fuser_lib.context_windows(ids, spec.window_left, spec.window_right,
                                       valid_BxT=valid).reshape(b * t, -1)
-  pos, _ = _sample_positions(nce_rng, ordinary.reshape(-1), c.nce_samples)
+  pos, pos_ok = _sample_positions(nce_rng, ordinary.reshape(-1), c.nce_samples)
   rows = pos // t
   win = windows[pos]
   centre = spec.window_left
@@ -174,7 +175,7 @@ def losses(params, state: FuserState, batch, rng, c: StepConfig, spec: fuser_lib
       win[:, centre])
   views, view_rows = [win, ctx_only, shuffled], [rows] * 3
   if c.neighbour_weight:  # contextual skip-gram views: one neighbour hidden
-    npos, _ = _sample_positions(nb_rng, ordinary.reshape(-1), c.neighbour_samples)
+    npos, npos_ok = _sample_positions(nb_rng, ordinary.reshape(-1), c.neighbour_samples)
     hidden_win, hidden_ids, has_hidden = hide_neighbour(hide_rng, windows[npos], centre,
                                                         c.first_ordinary)
     views.append(hidden_win)
@@ -184,13 +185,13 @@ def losses(params, state: FuserState, batch, rng, c: StepConfig, spec: fuser_lib
                        extra_rows_E=jnp.concatenate(view_rows), valid_BxT=valid)
   z = aux["extra"]
   m = c.nce_samples
-  nce = fuser_lib.info_nce(z[:m], z[m:2 * m], z[2 * m:3 * m], c.temperature)
+  nce = fuser_lib.info_nce(z[:m], z[m:2 * m], z[2 * m:3 * m], c.temperature, pos_ok)
   neighbour = jnp.zeros(())
   if c.neighbour_weight:
     nb_logp = jax.nn.log_softmax(model_apply(
         variables, z[3 * m:], method=fuser_lib.ContextualFuser.mlm_logits).astype(jnp.float32))
     nb_nll = -jnp.take_along_axis(nb_logp, jnp.maximum(hidden_ids, 0)[:, None], -1)[:, 0]
-    hw = has_hidden.astype(jnp.float32)
+    hw = (has_hidden & npos_ok).astype(jnp.float32)
     neighbour = jnp.sum(nb_nll * hw) / jnp.maximum(jnp.sum(hw), 1.0)
 
   logits = model_apply(variables, x, method=fuser_lib.ContextualFuser.mlm_logits)
