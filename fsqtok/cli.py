@@ -179,7 +179,7 @@ def inspect_plot(tok: Tokenizer, report: dict | None, png_path: str) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, (ax_len, ax_freq) = plt.subplots(1, 2, figsize=(10, 3.6))
   lengths = [len(tok.id_to_token(i).encode("utf-8")) for i in tok.learned_ids]
-  ax_len.hist(lengths, bins=range(1, 18), rwidth=0.9)
+  ax_len.hist(lengths, bins=range(1, max(lengths, default=1) + 2), rwidth=0.9)
   ax_len.set(xlabel="learned token length (bytes)", ylabel="tokens")
   if tok.model == "unigram":
     scores = sorted((tok.id_to_score(i) for i in tok.learned_ids), reverse=True)

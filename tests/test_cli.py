@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import REPO, SHAKESPEARE_SNIPPET
@@ -105,6 +106,17 @@ def test_inspect_writes_report_and_plot(trained, capsys):
   assert tok.model == "unigram" and len(tok) == 400
   assert (trained / "inspect.png").read_bytes()[:4] == b"\x89PNG"
   assert "Wrote" in capsys.readouterr().out
+
+
+def test_inspect_plot_counts_every_learned_token_length(tmp_path, monkeypatch):
+  import matplotlib.axes  # pylint: disable=g-import-not-at-top
+  drawn = []
+  real_hist = matplotlib.axes.Axes.hist
+  monkeypatch.setattr(matplotlib.axes.Axes, "hist", lambda self, x, bins=None, **kw: (
+      drawn.append(np.histogram(x, bins=bins)[0].sum()), real_hist(self, x, bins=bins, **kw))[1])
+  tok = Tokenizer(["a", "bc", "x" * 30, "y" * 17])
+  cli.inspect_plot(tok, None, str(tmp_path / "p.png"))
+  assert drawn == [len(tok.learned_ids)]  # the 30- and 17-byte tokens are in the histogram
 
 
 def test_missing_tokenizer_is_a_clear_error(tmp_path):

@@ -78,6 +78,15 @@ def test_lm_configs_build_their_model(module, arg):
                                        r"and the batch's"),
     ("fuser.loss.reference_every", 0, r"fuser.loss.reference_every must be >= 1"),
     ("fuser.loss.nce_weight_typo", 1.0, r"fuser.loss has unknown fields \['nce_weight_typo'\]"),
+    # what the LM is built with only after the codec and vocabulary phases
+    ("lm.model.dtype", "fp16", r"lm.model.dtype must be one of"),
+    ("lm.model.positions", "alibi", r"lm.model.positions must be one of"),
+    ("lm.data.seq_len", 0, r"lm.data.seq_len must be >= 1"),
+    ("lm.model.max_len", 16, r"lm.data.seq_len=32 \(\+ 0 registers\) exceeds "
+                             r"lm.model.max_len=16"),
+    # used on the LM's devices by the joint phase and the vocabulary check after it
+    ("joint.piece_batch_size", 12, r"joint.piece_batch_size: Batch size 12"),
+    ("train.eval_batch_size", 12, r"train.eval_batch_size \(the codec's, on the LM's"),
 ])
 def test_a_bad_curriculum_config_stops_before_any_work(field, value, message, tmp_path):
   from configs import curriculum as curriculum_config  # pylint: disable=g-import-not-at-top
@@ -87,6 +96,8 @@ def test_a_bad_curriculum_config_stops_before_any_work(field, value, message, tm
   if field.startswith(("fuser.", "lm.model.fuser.")):
     config.lm.model.embedding = "fuser"
     config.fuser.train.num_steps = 2
+  if field == "lm.model.max_len":
+    config.lm.model.positions = "learned"
   node, *path = config, *field.split(".")
   for name in path[:-1]:
     node = node[name]

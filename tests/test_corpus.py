@@ -409,3 +409,16 @@ def test_the_builtin_corpus_is_read_once_and_a_damaged_cache_is_made_again(tmp_p
     assert json.loads(cache.read_text()) == ["doc one", "doc two"]
   finally:
     corpus._builtin_documents.cache_clear()
+
+
+def test_content_key_changes_when_the_files_change(tmp_path):
+  (tmp_path / "a.txt").write_text("one")
+  spec = f"files:{tmp_path}/*.txt"
+  first = corpus.content_key(spec)
+  assert first.startswith(spec) and corpus.content_key(spec) == first
+  (tmp_path / "a.txt").write_text("one, edited")
+  edited = corpus.content_key(spec)
+  (tmp_path / "b.txt").write_text("two")
+  added = corpus.content_key(spec)
+  assert len({first, edited, added}) == 3
+  assert corpus.content_key("builtin") == "builtin"

@@ -77,9 +77,10 @@ def test_implicit_codebook_and_bad_levels():
   fsq = FSQ((3, 2))
   np.testing.assert_allclose(fsq.implicit_codebook(),
                              [[-1, -1], [0, -1], [1, -1], [-1, 0], [0, 0], [1, 0]])
-  for bad in [(), (1, 4), (0,)]:
+  for bad in [(), (1, 4), (0,), (2.9, 3.7), (True, 4)]:
     with pytest.raises(ValueError, match="levels"):
       FSQ(bad)
+  assert FSQ((8.0, np.int64(5))).levels == (8, 5)  # whole numbers of any type
   with pytest.raises(ValueError, match="int32"):
     FSQ((1000,) * 4)
 

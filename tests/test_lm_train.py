@@ -179,6 +179,26 @@ def finished_curriculum(doc_files, tmp_path_factory):
   return config, root, report, writes
 
 
+def test_vocabulary_drift_counts_only_what_joint_training_changed():
+  from fsqtok.codec import model as codec_lib  # pylint: disable=g-import-not-at-top
+  from fsqtok.tokenizer.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+  from fsqtok.train import curriculum  # pylint: disable=g-import-not-at-top
+  config = mlp_codec(tiny_recon_config("builtin", ""))
+  codec = codec_lib.codec_from_config(config.model)
+  init = lambda seed: codec.init(jax.random.PRNGKey(seed),
+                                 jnp.zeros((1, codec.max_len), jnp.uint8),
+                                 jnp.ones((1,), jnp.int32))["params"]
+  strings = ["the", " and", "ing", " of", "tion", " to", "er", " a"]
+  # codes the build assigned (here all the same: assigned codes are not what is compared)
+  tok = Tokenizer(strings, codes=[0] * len(strings))
+  mesh = sharding_lib.data_mesh(1)
+  same = curriculum.vocabulary_drift(codec, init(0), init(0), tok, mesh=mesh, batch_size=4)
+  assert same["same_code"] == 1.0 and same["learned_tokens"] == len(strings)
+  moved = jax.tree.map(lambda x: 30 * x, init(1))  # an encoder that spreads the strings
+  other = curriculum.vocabulary_drift(codec, init(0), moved, tok, mesh=mesh, batch_size=4)
+  assert other["same_code"] < 1.0 and 0 <= other["still_exact"] <= 1
+
+
 @pytest.mark.slow
 @pytest.mark.xdist_group("curriculum")
 def test_curriculum_end_to_end_and_then_does_nothing(finished_curriculum):

@@ -1,5 +1,6 @@
 """Worker processes (fsqtok/data/processes.py): results in order, errors raised in the caller."""
 import operator
+import os
 import pickle
 
 import pytest
@@ -26,3 +27,9 @@ def test_worker_errors_are_raised_in_the_caller():
     processes.map_chunks(_not_importable_by_a_worker, [()], 1)  # tests/ is not on its path
   with pytest.raises((AttributeError, pickle.PicklingError)):  # never reaches a worker
     processes.map_chunks(lambda shared: shared, [()], 1)
+
+
+def test_workers_are_given_the_directory_that_holds_the_package():
+  # what a worker of a checkout that is not installed needs on its PYTHONPATH
+  root = processes._PACKAGE_ROOT  # pylint: disable=protected-access
+  assert os.path.isfile(os.path.join(root, "fsqtok", "data", "processes.py"))

@@ -43,6 +43,9 @@ class FSQ:
   eps: float = 1e-3
 
   def __post_init__(self):
+    if any(isinstance(l, bool) or int(l) != l for l in self.levels):
+      raise ValueError(f"FSQ levels must be whole numbers, got {self.levels!r}: a level "
+                       f"count is how many values a dimension takes.")
     levels = tuple(int(l) for l in self.levels)
     if not levels or min(levels) < 2:
       raise ValueError(f"FSQ levels must be a non-empty list of ints >= 2, got {self.levels!r}.")

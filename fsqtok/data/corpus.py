@@ -206,6 +206,17 @@ def load_documents(spec: str, *, data_dir: str | None = None, text_key: str = "t
   return docs
 
 
+def content_key(spec: str) -> str:
+  """What names a corpus's content, for keys of what is made from it: the spec, and for
+  ``files:`` the digest of the matching files' paths, sizes and modification times (an
+  edited, added or removed file gives another key)."""
+  scheme, _, arg = spec.partition(":")
+  if scheme != "files":
+    return spec
+  from fsqtok.data import files_dataset  # pylint: disable=g-import-not-at-top
+  return f"{spec}@{files_dataset.files_digest(files_dataset.resolve_glob(arg))}"
+
+
 def load_split(data_config, *, stream: bool = False
                ) -> tuple[list[str], list[str]] | tuple[BlockStream, BlockStream]:
   """Train and validation texts of a ``config.data`` (its source, split fraction, seed,

@@ -67,18 +67,24 @@ def resolve_glob(pattern: str) -> tuple[str, ...]:
   return tuple(paths)
 
 
+def files_digest(paths: tuple[str, ...]) -> str:
+  """A digest of the files' paths, sizes and modification times: it changes when a file
+  is edited, added or removed."""
+  digest = hashlib.blake2b(digest_size=8)
+  for p in paths:
+    st = os.stat(p)
+    digest.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+  return digest.hexdigest()
+
+
 def files_builder(pattern: str, data_dir: str | None = None, invalid_utf8: str = "error"
                   ) -> FilesText:
   """The prepared builder for the files matching ``pattern`` (prepared on first use;
   ``invalid_utf8``: `fsqtok.data.corpus.INVALID_UTF8`, part of the prepared copy's name)."""
   corpus.check_invalid_utf8(invalid_utf8)
   paths = resolve_glob(pattern)
-  digest = hashlib.blake2b(digest_size=8)
-  for p in paths:
-    st = os.stat(p)
-    digest.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
   suffix = "" if invalid_utf8 == "error" else f"-{invalid_utf8.replace('_', '-')}"
-  config = FilesTextConfig(name=f"g{digest.hexdigest()}{suffix}", paths=paths,
+  config = FilesTextConfig(name=f"g{files_digest(paths)}{suffix}", paths=paths,
                            invalid_utf8=invalid_utf8, description=f"files:{pattern}")
   builder = FilesText(config=config, data_dir=data_dir, file_format="array_record")
   builder.download_and_prepare()

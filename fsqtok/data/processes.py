@@ -16,7 +16,10 @@ import subprocess
 import sys
 from typing import Any, Callable, Sequence
 
-_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import fsqtok
+
+# the directory holding the fsqtok package, for workers of a checkout that is not installed
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(fsqtok.__file__)))
 
 
 def map_chunks(fn: Callable, chunks: Sequence[tuple], num_workers: int,

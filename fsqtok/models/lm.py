@@ -355,20 +355,39 @@ def init_cache(model: TransformerLM, batch_size: int, length: int,
   return cache
 
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+POSITIONS = ("rope", "learned")
+
+
+def check_model_config(c, seq_len: int) -> None:
+  """What a ``config.lm.model`` and the window length ``seq_len`` (``lm.data.seq_len``)
+  must satisfy, checked before any training: a ValueError naming the field."""
+  if c.dtype not in DTYPES:
+    raise ValueError(f"lm.model.dtype must be one of {sorted(DTYPES)}, got {c.dtype!r}.")
+  if c.positions not in POSITIONS:
+    raise ValueError(f"lm.model.positions must be one of {POSITIONS}, got {c.positions!r}.")
+  if seq_len < 1:
+    raise ValueError(f"lm.data.seq_len must be >= 1, got {seq_len}.")
+  needed = seq_len + c.get("num_registers", 0)
+  if c.positions == "learned" and needed > c.max_len:
+    raise ValueError(f"lm.data.seq_len={seq_len} (+ {c.get('num_registers', 0)} registers) "
+                     f"exceeds lm.model.max_len={c.max_len} learned positions: raise max_len "
+                     f"to at least {needed} or use lm.model.positions='rope'.")
+
+
 def lm_from_config(c, vocab_size: int, token_codes=None, levels=None, token_bytes=None,
                    codec=None, token_counts=None, ambiguous_ids=()) -> TransformerLM:
   """The model of a ``config.lm.model`` ConfigDict (the token tables as the embedding and
   head need them; ``c.fuser``: the fuser embedding's `fsqtok.models.fuser.FuserSpec` fields)."""
-  dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-  if c.dtype not in dtypes:
-    raise ValueError(f"lm.model.dtype must be one of {sorted(dtypes)}, got {c.dtype!r}.")
+  if c.dtype not in DTYPES:
+    raise ValueError(f"lm.model.dtype must be one of {sorted(DTYPES)}, got {c.dtype!r}.")
   fuser = None
   if c.embedding == "fuser" and c.get("fuser") is not None:
     fuser = fuser_lib.FuserSpec.from_config(c.fuser)
   return TransformerLM(
       vocab_size=vocab_size, d_model=c.d_model, num_layers=c.num_layers, num_heads=c.num_heads,
       mlp_dim=c.mlp_dim, max_len=c.max_len, positions=c.positions, dropout=c.dropout,
-      dtype=dtypes[c.dtype], embedding=c.embedding, head=c.head,
+      dtype=DTYPES[c.dtype], embedding=c.embedding, head=c.head,
       head_flat_tokens=c.get("head_flat_tokens", 0),
       token_codes=None if token_codes is None else tuple(int(x) for x in token_codes),
       levels=None if levels is None else tuple(int(x) for x in levels),

@@ -176,6 +176,7 @@ def lm_windows(config, workdir: str, tok: Tokenizer, texts, pieces=None,
   from fsqtok.data import token_store  # pylint: disable=g-import-not-at-top
   directory = token_store.store_dir(
       d.get("store_dir") or os.path.join(workdir, "lm_data"), data=config.data.to_dict(),
+      content=corpus_lib.content_key(config.data.source),
       seq_len=seq_len, shards=d.shards, tokenizer=tok.fingerprint(),
       layout=token_store.SHARD_LAYOUT)
   return lm_data.StoredLMData(directory, tok, texts, seq_len, num_shards=d.shards,
@@ -196,19 +197,20 @@ def load_lm(config, workdir: str):
   return tok, model, lm_train.load_phase_params(os.path.join(workdir, phase), init)
 
 
-def vocabulary_drift(model: lm_lib.TransformerLM, params, tok: Tokenizer, *, mesh,
+def vocabulary_drift(codec, before, after, tok: Tokenizer, *, mesh,
                      batch_size: int) -> dict[str, float]:
-  """After joint training: the share of learned tokens whose string the codec still
-  reconstructs exactly, and the share whose code changed."""
+  """What joint training did to the vocabulary's strings, from the codec's parameters
+  ``before`` and ``after`` it: the share of learned tokens whose string the codec still
+  reconstructs exactly, and the share the encoder still gives the code it gave before."""
   strings = {tok.token_bytes(i).decode("utf-8"): 1 for i in tok.learned_ids}
   if not strings:
     return {"still_exact": float("nan"), "same_code": float("nan"), "learned_tokens": 0}
-  pieces = PieceSet.from_counts(strings, model.codec.max_len)
-  stats = evaluate_lib.compute_piece_stats(model.codec, params["codec"], pieces,
-                                           batch_size=batch_size, mesh=mesh)
-  code_of = {tok.token_bytes(i): tok.id_to_code(i) for i in tok.learned_ids}
-  same = [code_of[pieces.piece_bytes(k)] == c for k, c in enumerate(stats["code"])]
-  return {"still_exact": float(np.mean(stats["exact"])), "same_code": float(np.mean(same)),
+  pieces = PieceSet.from_counts(strings, codec.max_len)
+  stats = lambda p: evaluate_lib.compute_piece_stats(codec, p, pieces, batch_size=batch_size,
+                                                     mesh=mesh)
+  old, new = stats(before), stats(after)
+  return {"still_exact": float(np.mean(new["exact"])),
+          "same_code": float(np.mean(np.asarray(old["code"]) == np.asarray(new["code"]))),
           "learned_tokens": len(strings)}
 
 
@@ -274,6 +276,7 @@ def _check_config(config) -> None:
                        f"raise it to at least that.")
     if config.fuser.train.num_steps:  # the fuser phase trains it first
       fuser_train.check_config(config.fuser)
+  lm_lib.check_model_config(m, config.lm.data.seq_len)
   if m.d_model % m.num_heads:
     raise ValueError(f"lm.model.d_model={m.d_model} is not divisible by "
                      f"lm.model.num_heads={m.num_heads}.")
@@ -288,6 +291,11 @@ def _check_config(config) -> None:
     raise ValueError(f"lm.train: {e}") from None
   sharding_lib.check_batch_size(config.lm.data.batch_size, mesh, "lm.data.batch_size")
   sharding_lib.check_batch_size(t.eval_batch_size, mesh, "lm.train.eval_batch_size")
+  if config.joint.num_steps:  # the joint step's piece batch, and the vocabulary check after
+    sharding_lib.check_batch_size(config.joint.piece_batch_size, mesh, "joint.piece_batch_size")
+    sharding_lib.check_batch_size(config.train.eval_batch_size, mesh,
+                                  "train.eval_batch_size (the codec's, on the LM's devices "
+                                  "after the joint phase)")
 
 
 @workdir_lib.exclusive_workdir
@@ -329,12 +337,14 @@ def run_curriculum(config, workdir: str) -> dict[str, Any]:
                                                  fresh_params, frozen=("codec",))
   j = config.joint
   if j.num_steps and model.codec is not None:
+    lm_codec = params["codec"]
     report["joint"], params = lm_train.train_lm_phase(
         "joint", config, workdir, model, data, lambda: params, recon_weight=j.recon_weight,
         optim=j.optim, num_steps=j.num_steps)
     mesh = sharding_lib.data_mesh(config.lm.train.num_devices)
     report["joint"]["vocabulary"] = vocabulary_drift(
-        model, params, tok, mesh=mesh, batch_size=config.train.eval_batch_size)
+        model.codec, lm_codec, params["codec"], tok, mesh=mesh,
+        batch_size=config.train.eval_batch_size)
   elif j.num_steps:
     report["joint"] = {"skipped": f"embedding {config.lm.model.embedding!r} does not use the "
                                   f"codec, so the joint loss would not couple them; use "
