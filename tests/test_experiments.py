@@ -231,18 +231,24 @@ def test_bench_tokenizer_scale_prints_a_table(doc_files, tmp_path):
 
 
 def test_codec_exactness_variants_keep_each_fields_type():
-  spec = importlib.util.spec_from_file_location(
-      "codec_exactness", os.path.join(REPO, "experiments", "codec_exactness.py"))
-  codec_exactness = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(codec_exactness)
-  config = tiny_recon_config("files:x", "")
-  codec_exactness.apply_overrides(
-      config, "optim.learning_rate=1,train.num_steps=7,data.source=builtin")
-  assert config.optim.learning_rate == 1.0 and isinstance(config.optim.learning_rate, float)
-  assert config.train.num_steps == 7 and config.data.source == "builtin"
-  for variant in ("train.num_steps=0.5", "train.num_steps=True", "optim.learning_rate=True"):
-    with pytest.raises(ValueError, match="give a value of that type"):
-      codec_exactness.apply_overrides(tiny_recon_config("files:x", ""), variant)
+  # in a fresh interpreter: the script defines absl flags that other tests' scripts share
+  code = """
+import pytest
+from conftest import tiny_recon_config
+from experiments import codec_exactness
+config = tiny_recon_config("files:x", "")
+codec_exactness.apply_overrides(config, "optim.learning_rate=1,train.num_steps=7,data.source=builtin")
+assert config.optim.learning_rate == 1.0 and isinstance(config.optim.learning_rate, float)
+assert config.train.num_steps == 7 and config.data.source == "builtin"
+for variant in ("train.num_steps=0.5", "train.num_steps=True", "optim.learning_rate=True"):
+  with pytest.raises(ValueError, match="give a value of that type"):
+    codec_exactness.apply_overrides(tiny_recon_config("files:x", ""), variant)
+print("ok")
+"""
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")])}
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                       text=True, check=False)
+  assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 def test_codec_exactness_prints_a_row_per_variant(doc_files, tmp_path):
