@@ -103,6 +103,7 @@ def _check_config(config) -> None:
   except ValueError as e:
     raise ValueError(f"train: {e}") from None
   sharding_lib.check_batch_size(config.data.batch_size, mesh, "data.batch_size")
+  sharding_lib.check_batch_size(config.train.eval_batch_size, mesh, "train.eval_batch_size")
 
 
 def restore_latest(config, workdir: str):
@@ -181,7 +182,6 @@ def train_recon(config, workdir: str,
     return done[0]
 
   mesh = sharding_lib.mesh_from_config(t)
-  sharding_lib.check_batch_size(config.data.batch_size, mesh)
   model = codec_lib.codec_from_config(config.model)
   train_pieces, val_pieces = (pieces if pieces is not None
                               else candidates_lib.load_pieces(config))
