@@ -18,7 +18,9 @@ that run's wall time from report.json. ``fsqtok-subword`` and ``fsqtok-phrases``
 vocabulary without multi-word phrases and with ``--phrase_fraction`` of them;
 ``fsqtok-filled`` is it without phrases and with the strings EM leaves unused filled
 (``tokenizer.fill_unused=True``); ``fsqtok-lines`` without phrases on the runs whose
-punctuation keeps the newlines after it (``tokenizer.runs="line_ends"``).
+punctuation keeps the newlines after it (``tokenizer.runs="line_ends"``, the default since
+stop 48), ``fsqtok-gpt2`` without phrases on GPT-2's runs (newlines apart; the default
+before).
 --json_out writes every row (corpus, vocabulary size, tokenizer, figures) as JSON.
 """
 import json
@@ -136,6 +138,7 @@ TOKENIZERS = {
     "fsqtok-phrases": _fsqtok_vocabulary(None),
     "fsqtok-filled": _fsqtok_vocabulary(0.0, fill_unused=True),
     "fsqtok-lines": _fsqtok_vocabulary(0.0, runs="line_ends"),
+    "fsqtok-gpt2": _fsqtok_vocabulary(0.0, runs="gpt2"),
     "hf-bpe-bytelevel": _hf_bpe,
     "sentencepiece-unigram": _sentencepiece("unigram"),
     "sentencepiece-bpe": _sentencepiece("bpe"),
@@ -146,7 +149,7 @@ TOKENIZERS = {
 # How a fresh process loads each saved artifact (for the memory column).
 _LOADERS = {
     **dict.fromkeys(("fsqtok", "fsqtok-subword", "fsqtok-phrases", "fsqtok-filled",
-                     "fsqtok-lines"),
+                     "fsqtok-lines", "fsqtok-gpt2"),
                     "from fsqtok.tokenizer.tokenizer import Tokenizer; t = Tokenizer.load(D); enc = t.encode"),
     "hf-bpe-bytelevel": "from tokenizers import Tokenizer; t = Tokenizer.from_file(D + '/tokenizer.json'); enc = lambda s: t.encode(s).ids",
     "word-level": "from tokenizers import Tokenizer; t = Tokenizer.from_file(D + '/tokenizer.json'); enc = lambda s: t.encode(s).ids",

@@ -99,6 +99,8 @@ VARIANTS = {  # name -> (tokenizer kind, embedding, head)
     # newlines after it (``tokenizer.runs="line_ends"``: ":\n", ".\n\n" can be tokens).
     "fsqtok-lines-table": ("fsqtok-lines", "table", "tied"),
     "fsqtok-lines-ranked-vocab": ("fsqtok-lines", "table", "factorized_vocab"),
+    # GPT-2's runs (newlines apart from punctuation): the default before stop 48
+    "fsqtok-gpt2-table": ("fsqtok-gpt2", "table", "tied"),
     # BPE's strings scored by unigram EM on the same runs, Viterbi segmentation: the
     # vocabulary cell of the decomposition (BPE's vocabulary, fsqtok's segmentation).
     "bpe-vocab-unigram": ("bpe-vocab-unigram", "table", "tied"),
@@ -158,7 +160,7 @@ def _tokenizer(kind, config, corpus, spec, vocab, texts, pieces, codec_dir, out)
     return Tokenizer(v.strings[:size], scores=v.scores[:size])
   phrase_fraction = {"fsqtok-phrases": config.phrase_fraction, "fsqtok-subword": 0.0}.get(
       kind, config.tokenizer.phrase_fraction)
-  runs = "line_ends" if kind == "fsqtok-lines" else config.tokenizer.runs
+  runs = {"fsqtok-lines": "line_ends", "fsqtok-gpt2": "gpt2"}.get(kind, config.tokenizer.runs)
   configured = (phrase_fraction == config.tokenizer.phrase_fraction
                 and runs == config.tokenizer.runs)
   tok_dir = os.path.join(out, f"tok_{corpus}_{vocab}" + (
@@ -303,7 +305,7 @@ def run_one(config, workdir, name, tok, texts, seed, *, budget, target_flops, co
   codec, codec_params = codec_and_params or (None, None)
   if RANKED in name:
     c.lm.model.head_codes = "frequency"
-  if kind in ("fsqtok", "fsqtok-lines"):
+  if kind in ("fsqtok", "fsqtok-lines", "fsqtok-gpt2"):
     model = curriculum.build_lm(c, tok, codec, token_counts=data.token_counts(len(tok)))
   elif RANKED in name:
     model = _ranked_lm(c, tok, data.token_counts(len(tok)))
@@ -492,7 +494,7 @@ def main(argv):
 
 
 def _print_data_stats(c, corpus, spec, vocab, texts, pieces, codec_dirs, toks, out):
-  kinds = ["hf-bpe", "sp-unigram", "raw-bytes", "fsqtok", "fsqtok-fewest", "fsqtok-lines"]
+  kinds = ["hf-bpe", "sp-unigram", "raw-bytes", "fsqtok", "fsqtok-fewest", "fsqtok-gpt2"]
   for kind in kinds:
     if kind not in toks:
       toks[kind] = _tokenizer(kind, c, corpus, spec, vocab, texts, pieces,

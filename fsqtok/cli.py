@@ -230,8 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="override tokenizer.vocabulary (default: the config's, unigram)")
   t.add_argument("--runs", choices=pieces_lib.RUN_STYLES,
                  help="how text is cut before the search (tokenizer.runs; default: the "
-                      "config's, gpt2): line_ends lets punctuation keep the newlines after "
-                      "it, so a line's end can be one token")
+                      "config's, line_ends: punctuation keeps the newlines after it, so a "
+                      "line's end can be one token; gpt2: newlines stand apart)")
   t.set_defaults(func=_train_tokenizer)
   for name, func, what in (("encode", _encode, "text -> id lines"),
                            ("decode", _decode, "id lines -> text")):

@@ -62,6 +62,9 @@ def test_unigram_build_end_to_end_and_resume(doc_files, tmp_path):
   loaded = Tokenizer.load(str(out))
   assert loaded.encode(text) == tok.encode(text) and loaded.decode(tok.encode(text)) == text
   assert loaded.phrases == tok.phrases
+  # the default runs: a punctuation run keeps the newlines after it, in both tokenizers
+  assert loaded.runs == tok.runs == "line_ends"
+  assert loaded.split("end.\n\nNext") == ["end", ".\n\n", "Next"]
   # The vocabulary is kept beside the codec run and reused by a resumed build.
   saved = json.loads((work / tokenizer_build.VOCABULARY_FILE).read_text())
   assert saved["strings"] == [tok.id_to_token(i) for i in tok.learned_ids]

@@ -115,7 +115,7 @@ def _tiny_codec_args(doc_files, tmp_path):
 
 
 def test_bench_tokenizer_prints_a_table(doc_files, tmp_path):
-  names = ("fsqtok", "fsqtok-phrases", "fsqtok-filled", "fsqtok-lines", "hf-bpe-bytelevel",
+  names = ("fsqtok", "fsqtok-phrases", "fsqtok-filled", "fsqtok-gpt2", "hf-bpe-bytelevel",
            "sentencepiece-unigram", "raw-bytes")
   out = _run("bench_tokenizer.py", *_tiny_codec_args(doc_files, tmp_path), "--repeats=1",
              f"--tokenizers={','.join(names)}", "--phrase_fraction=0,0.05")
@@ -179,7 +179,7 @@ def test_compare_tokenizers_lm_data_stats_and_a_bad_variant(doc_files, tmp_path)
                f"--workdir={tmp_path / 'out'}")
   rows = [l for l in stats.splitlines() if l.startswith("| docs | 400 |")]
   assert [r.split(" | ")[2] for r in rows] == [
-      "hf-bpe", "sp-unigram", "raw-bytes", "fsqtok", "fsqtok-fewest", "fsqtok-lines"]
+      "hf-bpe", "sp-unigram", "raw-bytes", "fsqtok", "fsqtok-fewest", "fsqtok-gpt2"]
   # raw bytes: every token is one byte (all but the [EOS] targets)
   assert float(rows[2].split(" | ")[5].rstrip("%")) > 99.0
   # the same work directory with other tokenizer settings: refused, not reused
