@@ -95,11 +95,11 @@ VARIANTS = {  # name -> (tokenizer kind, embedding, head)
     # subwords (``phrase_fraction`` of the learned strings) and without any.
     "fsqtok-phrases-table": ("fsqtok-phrases", "table", "tied"),
     "fsqtok-subword-table": ("fsqtok-subword", "table", "tied"),
-    # The pre-tokenizer cell: fsqtok's vocabulary on runs whose punctuation keeps the
-    # newlines after it (``tokenizer.runs="line_ends"``: ":\n", ".\n\n" can be tokens).
+    # The pre-tokenizer cell, whatever the config says: runs whose punctuation keeps the
+    # newlines after it (``tokenizer.runs="line_ends"``, the default since stop 48: ":\n",
+    # ".\n\n" can be tokens), and GPT-2's runs (newlines apart; the default before).
     "fsqtok-lines-table": ("fsqtok-lines", "table", "tied"),
     "fsqtok-lines-ranked-vocab": ("fsqtok-lines", "table", "factorized_vocab"),
-    # GPT-2's runs (newlines apart from punctuation): the default before stop 48
     "fsqtok-gpt2-table": ("fsqtok-gpt2", "table", "tied"),
     # BPE's strings scored by unigram EM on the same runs, Viterbi segmentation: the
     # vocabulary cell of the decomposition (BPE's vocabulary, fsqtok's segmentation).
