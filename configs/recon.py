@@ -92,10 +92,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.tokenizer.fill_unused = False
   # how text is cut into runs before the search (fsqtok.tokenizer.pieces.RUN_STYLES):
   # "line_ends" (GPT-2's classes, but a punctuation run keeps the newlines after it: ":\n",
-  # ".\n\n") or "gpt2" (letters, digits, punctuation, whitespace apart; the default before
-  # stop 48). line_ends compresses 3.4-11.6% more and its LM is level or better on the
-  # corpora never tuned on (books -0.8%/-0.9%, docs -0.1%/-0.7% bits per byte at 4096/16384
-  # ids), +1.1% on builtin with the table head (docs/language_model.md)
+  # ".\n\n"), "blank_lines" (that, with whitespace whole but for a last space: "\n\n" before
+  # a word is one run, not two) or "gpt2" (letters, digits, punctuation, whitespace apart;
+  # the default before stop 48). line_ends compresses 3.4-11.6% more than gpt2 and its LM
+  # is level or better on the corpora never tuned on (books -0.8%/-0.9%, docs -0.1%/-0.7%
+  # bits per byte at 4096/16384 ids), +1.1% on builtin with the table head at 4096, -0.4%
+  # at 16384; blank_lines compresses up to 0.9% more than line_ends (docs) with the LM
+  # level (-0.1% to +0.2%), so not the default (docs/language_model.md)
   c.tokenizer.runs = "line_ends"
   # The peak learning rate of the codec that learns the vocabulary's strings (0: that of
   # optim, which is tuned for held-out pieces): 1e-2 reconstructs more of a 32k

@@ -29,12 +29,15 @@ from configs import recon as recon_config  # noqa: E402
 from fsqtok.data import corpus as corpus_lib  # noqa: E402
 from fsqtok.tokenizer import baselines  # noqa: E402
 from fsqtok.tokenizer import build as tokenizer_build  # noqa: E402
+from fsqtok.tokenizer import pieces  # noqa: E402
 from fsqtok.tokenizer.tokenizer import Tokenizer  # noqa: E402
 
 _CORPUS = flags.DEFINE_string("corpus", "builtin", "Corpus spec.")
 _VOCAB = flags.DEFINE_integer("vocab_size", 32768, "Vocabulary size of every tokenizer.")
 _MB = flags.DEFINE_float("mb", 10.0, "Megabytes of documents to encode.")
 _WORKERS = flags.DEFINE_list("workers", [], "Worker counts (default: 2 and every core).")
+_RUNS = flags.DEFINE_enum("runs", None, list(pieces.RUN_STYLES), "fsqtok's pre-tokenizer runs "
+                          "(default: the config's).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Each setting is timed this many times (cold: "
                                 "a freshly loaded tokenizer each time); the fastest counts.")
 
@@ -56,6 +59,8 @@ def main(argv):
   config = recon_config.get_config("")
   config.data.source = _CORPUS.value
   config.train.progress_bar = False
+  if _RUNS.value:
+    config.tokenizer.runs = _RUNS.value
   d = config.data
   docs = corpus_lib.load_documents(_CORPUS.value)
   train, val = corpus_lib.split_documents(docs, val_fraction=d.val_fraction,
@@ -73,7 +78,7 @@ def main(argv):
   bpe = baselines.HFBPETokenizer.train(train, _VOCAB.value)
   workers = [int(w) for w in _WORKERS.value] or sorted({2, os.cpu_count() or 1})
   print(f"\n{mb:.1f} MB in {len(blocks)} documents of {_CORPUS.value}; vocabulary "
-        f"{_VOCAB.value}; {os.cpu_count()} cores\n")
+        f"{_VOCAB.value}; fsqtok's runs: {config.tokenizer.runs}; {os.cpu_count()} cores\n")
   print("| tokenizer | how | MB/s | vs one process |")
   print("|---|---|---|---|")
   scratch = tempfile.TemporaryDirectory(prefix="bench_encode_batch_")  # removed at exit

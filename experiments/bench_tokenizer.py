@@ -20,7 +20,8 @@ vocabulary without multi-word phrases and with ``--phrase_fraction`` of them;
 (``tokenizer.fill_unused=True``); ``fsqtok-lines`` without phrases on the runs whose
 punctuation keeps the newlines after it (``tokenizer.runs="line_ends"``, the default since
 stop 48), ``fsqtok-gpt2`` without phrases on GPT-2's runs (newlines apart; the default
-before).
+before), ``fsqtok-blank`` without phrases on the line-end runs with whitespace whole but
+for a last space (``tokenizer.runs="blank_lines"``).
 --json_out writes every row (corpus, vocabulary size, tokenizer, figures) as JSON.
 """
 import json
@@ -139,6 +140,7 @@ TOKENIZERS = {
     "fsqtok-filled": _fsqtok_vocabulary(0.0, fill_unused=True),
     "fsqtok-lines": _fsqtok_vocabulary(0.0, runs="line_ends"),
     "fsqtok-gpt2": _fsqtok_vocabulary(0.0, runs="gpt2"),
+    "fsqtok-blank": _fsqtok_vocabulary(0.0, runs="blank_lines"),
     "hf-bpe-bytelevel": _hf_bpe,
     "sentencepiece-unigram": _sentencepiece("unigram"),
     "sentencepiece-bpe": _sentencepiece("bpe"),
@@ -148,8 +150,7 @@ TOKENIZERS = {
 
 # How a fresh process loads each saved artifact (for the memory column).
 _LOADERS = {
-    **dict.fromkeys(("fsqtok", "fsqtok-subword", "fsqtok-phrases", "fsqtok-filled",
-                     "fsqtok-lines", "fsqtok-gpt2"),
+    **dict.fromkeys((name for name in TOKENIZERS if name.startswith("fsqtok")),
                     "from fsqtok.tokenizer.tokenizer import Tokenizer; t = Tokenizer.load(D); enc = t.encode"),
     "hf-bpe-bytelevel": "from tokenizers import Tokenizer; t = Tokenizer.from_file(D + '/tokenizer.json'); enc = lambda s: t.encode(s).ids",
     "word-level": "from tokenizers import Tokenizer; t = Tokenizer.from_file(D + '/tokenizer.json'); enc = lambda s: t.encode(s).ids",

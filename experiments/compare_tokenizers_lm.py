@@ -101,6 +101,9 @@ VARIANTS = {  # name -> (tokenizer kind, embedding, head)
     "fsqtok-lines-table": ("fsqtok-lines", "table", "tied"),
     "fsqtok-lines-ranked-vocab": ("fsqtok-lines", "table", "factorized_vocab"),
     "fsqtok-gpt2-table": ("fsqtok-gpt2", "table", "tied"),
+    # The line-end runs with whitespace whole but for a last space (``"blank_lines"``:
+    # "\n\n" before a word is one run, not two).
+    "fsqtok-blank-table": ("fsqtok-blank", "table", "tied"),
     # BPE's strings scored by unigram EM on the same runs, Viterbi segmentation: the
     # vocabulary cell of the decomposition (BPE's vocabulary, fsqtok's segmentation).
     "bpe-vocab-unigram": ("bpe-vocab-unigram", "table", "tied"),
@@ -160,7 +163,8 @@ def _tokenizer(kind, config, corpus, spec, vocab, texts, pieces, codec_dir, out)
     return Tokenizer(v.strings[:size], scores=v.scores[:size])
   phrase_fraction = {"fsqtok-phrases": config.phrase_fraction, "fsqtok-subword": 0.0}.get(
       kind, config.tokenizer.phrase_fraction)
-  runs = {"fsqtok-lines": "line_ends", "fsqtok-gpt2": "gpt2"}.get(kind, config.tokenizer.runs)
+  runs = {"fsqtok-lines": "line_ends", "fsqtok-gpt2": "gpt2",
+          "fsqtok-blank": "blank_lines"}.get(kind, config.tokenizer.runs)
   configured = (phrase_fraction == config.tokenizer.phrase_fraction
                 and runs == config.tokenizer.runs)
   tok_dir = os.path.join(out, f"tok_{corpus}_{vocab}" + (
@@ -305,7 +309,7 @@ def run_one(config, workdir, name, tok, texts, seed, *, budget, target_flops, co
   codec, codec_params = codec_and_params or (None, None)
   if RANKED in name:
     c.lm.model.head_codes = "frequency"
-  if kind in ("fsqtok", "fsqtok-lines", "fsqtok-gpt2"):
+  if kind in ("fsqtok", "fsqtok-lines", "fsqtok-gpt2", "fsqtok-blank"):
     model = curriculum.build_lm(c, tok, codec, token_counts=data.token_counts(len(tok)))
   elif RANKED in name:
     model = _ranked_lm(c, tok, data.token_counts(len(tok)))

@@ -231,7 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
   t.add_argument("--runs", choices=pieces_lib.RUN_STYLES,
                  help="how text is cut before the search (tokenizer.runs; default: the "
                       "config's, line_ends: punctuation keeps the newlines after it, so a "
-                      "line's end can be one token; gpt2: newlines stand apart)")
+                      "line's end can be one token; blank_lines: that, and whitespace "
+                      "whole but for a last space, so a blank line before a word is one "
+                      "run; gpt2: newlines stand apart)")
   t.set_defaults(func=_train_tokenizer)
   for name, func, what in (("encode", _encode, "text -> id lines"),
                            ("decode", _decode, "id lines -> text")):

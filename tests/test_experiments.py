@@ -115,8 +115,8 @@ def _tiny_codec_args(doc_files, tmp_path):
 
 
 def test_bench_tokenizer_prints_a_table(doc_files, tmp_path):
-  names = ("fsqtok", "fsqtok-phrases", "fsqtok-filled", "fsqtok-gpt2", "hf-bpe-bytelevel",
-           "sentencepiece-unigram", "raw-bytes")
+  names = ("fsqtok", "fsqtok-phrases", "fsqtok-filled", "fsqtok-gpt2", "fsqtok-blank",
+           "hf-bpe-bytelevel", "sentencepiece-unigram", "raw-bytes")
   out = _run("bench_tokenizer.py", *_tiny_codec_args(doc_files, tmp_path), "--repeats=1",
              f"--tokenizers={','.join(names)}", "--phrase_fraction=0,0.05")
   for name in names:

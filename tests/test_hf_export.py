@@ -67,15 +67,16 @@ TRICKY = st.lists(st.sampled_from(list("ab 1_\n\t\r.,'") + [":\n", ".\n\n", ",\n
     max_size=40).map("".join)
 
 
-@pytest.fixture(scope="module", params=["subwords", "phrases", "line_ends"])
+@pytest.fixture(scope="module", params=["subwords", "phrases", "line_ends", "blank_lines"])
 def unigram_pair(doc_files, tmp_path_factory, request):
   """A unigram tokenizer (with 120 phrases, or none; "line_ends": with phrases, on runs
-  whose punctuation keeps the newlines after it) and its export."""
+  whose punctuation keeps the newlines after it; "blank_lines": those runs with
+  whitespace whole but for a last space) and its export."""
   import dataclasses  # pylint: disable=g-import-not-at-top
   from fsqtok.tokenizer import unigram  # pylint: disable=g-import-not-at-top
   texts = [p.read_text(encoding="utf-8") for p in sorted(doc_files.glob("*.txt"))]
   n_phrases = 120 if request.param != "subwords" else 0
-  runs = "line_ends" if request.param == "line_ends" else "gpt2"
+  runs = request.param if request.param in ("line_ends", "blank_lines") else "gpt2"
   vocab = unigram.train_unigram(unigram.count_pieces(texts[:150], runs=runs),
                                 1200 - n_phrases, seed_size=20_000)
   vocab = unigram.add_phrases(dataclasses.replace(vocab, runs=runs), texts[:150],

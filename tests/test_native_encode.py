@@ -23,21 +23,25 @@ TEXTS = st.one_of(ANY_TEXT, TRICKY)
 pytestmark = pytest.mark.skipif(not native_encode.available(), reason="numba missing")
 
 
-@pytest.fixture(scope="module", params=["subwords", "phrases", "line_ends"])
+@pytest.fixture(scope="module", params=["subwords", "phrases", "line_ends", "blank_lines"])
 def pair(doc_files, request):
   """A unigram tokenizer (with 40 phrases, or none; "line_ends": with phrases, on runs
-  whose punctuation keeps the newlines after it), compiled and pure Python."""
+  whose punctuation keeps the newlines after it; "blank_lines": those runs with
+  whitespace whole but for a last space), compiled and pure Python."""
   import dataclasses  # pylint: disable=g-import-not-at-top
   from fsqtok.tokenizer import unigram  # pylint: disable=g-import-not-at-top
   texts = [p.read_text(encoding="utf-8") for p in sorted(doc_files.glob("*.txt"))][:80]
-  runs = "line_ends" if request.param == "line_ends" else "gpt2"
+  runs = request.param if request.param in pieces_lib.RUN_STYLES else "gpt2"
   vocab = unigram.train_unigram(unigram.count_pieces(texts, runs=runs), 600, seed_size=8_000)
   vocab = dataclasses.replace(vocab, runs=runs)
   if request.param != "subwords":
     vocab = unigram.add_phrases(vocab, texts, unigram.count_phrases(texts, 16), 40)
     assert vocab.phrases
-  if runs == "line_ends":  # strings that only these runs hold
+  if runs != "gpt2":  # strings that only these runs hold
     assert any("\n" in s and s.strip() for s in vocab.strings)
+  if runs == "blank_lines":  # the documents have runs only this style makes
+    assert any(pieces_lib.split_runs(t, style=runs) != pieces_lib.split_runs(t, style="line_ends")
+               for t in texts)
   native = Tokenizer(vocab.strings, scores=vocab.scores, phrases=vocab.phrases, runs=runs)
   reference = Tokenizer(vocab.strings, scores=vocab.scores, phrases=vocab.phrases, runs=runs)
   reference.native = False

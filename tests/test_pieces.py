@@ -83,6 +83,24 @@ def test_line_end_runs_keep_the_newlines_after_punctuation():
     pieces_lib.split_runs(text, style="bpe")
 
 
+@given(TEXT)
+def test_blank_line_runs_differ_from_line_end_runs_only_where_whitespace_ends_in_no_space(text):
+  runs = pieces_lib.split_runs(text, style="blank_lines")
+  assert "".join(runs) == text and all(runs)
+  for a, b in zip(runs, runs[1:]):  # whitespace is cut only to give a space to what follows
+    assert not (a.isspace() and b[0].isspace()) or (b[0] == " " and not b[1:2].isspace())
+  if not re.search(r"\s[^\S ]\S", text):
+    assert runs == pieces_lib.split_runs(text, style="line_ends")
+
+
+def test_blank_line_runs_keep_newline_and_indent_runs_whole():
+  text = "Intro\n\nThe end.\n\n  x = 1\n\t\tfoo  \nbar   baz\n"
+  assert pieces_lib.split_runs(text, style="blank_lines") == [
+      "Intro", "\n\n", "The", " end", ".\n\n", " ", " x", " =", " 1", "\n\t\t", "foo", "  \n",
+      "bar", "  ", " baz", "\n"]
+  assert pieces_lib.split_runs(text, style="line_ends")[1:3] == ["\n", "\n"]
+
+
 def test_runs_are_pieces_with_english_contractions_whole():
   assert pieces_lib.split_runs("Call'd it's we'll") == ["Call", "'d", " it", "'s", " we", "'ll"]
   assert pieces_lib.split_runs("x" * 40) == ["x" * 40]  # never cut

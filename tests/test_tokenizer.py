@@ -165,7 +165,7 @@ def test_save_never_replaces_what_is_not_a_tokenizer(tok, tmp_path, monkeypatch)
 
 def test_the_run_style_is_saved_and_a_default_tokenizer_is_still_format_3(tmp_path):
   text = "Enter:\nA lord.\n\nExit,\n"
-  for runs, version in (("gpt2", 3), ("line_ends", 4)):
+  for runs, version in (("gpt2", 3), ("blank_lines", 4), ("line_ends", 4)):
     tok = Tokenizer([":\n", ".\n\n", "lord", " lord"], scores=[-1.0, -1.0, -2.0, -2.0],
                     runs=runs)
     tok.save(str(tmp_path / runs))

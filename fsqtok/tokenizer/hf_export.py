@@ -65,8 +65,9 @@ def hf_piece_pattern(contractions: bool = True, phrases: tuple[str, ...] = (),
   code-point ranges."""
   pieces_lib.run_pattern(runs)  # a known style
   l, d, s = _classes()
-  newlines = r"\n*" if runs == "line_ends" else ""
-  pattern = f" ?[{l}]+| ?[{d}]+| ?[^{l}{d}{s}]+{newlines}|[{s}]+(?![^{s}])|[{s}]+"
+  newlines = r"\n*" if runs in ("line_ends", "blank_lines") else ""
+  spaces = f"(?= [^{s}])" if runs == "blank_lines" else f"(?![^{s}])"
+  pattern = f" ?[{l}]+| ?[{d}]+| ?[^{l}{d}{s}]+{newlines}|[{s}]+{spaces}|[{s}]+"
   if not contractions:
     return pattern
   pattern = pieces_lib.RUN_PATTERN.replace(pieces_lib.PIECE_PATTERN, pattern)

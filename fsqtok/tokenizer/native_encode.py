@@ -6,8 +6,9 @@ The text is read as an array of code points; each code point has the class Pytho
 gives it (`classes`: letter ``[^\\W\\d_]``, digit ``\\d``, space ``\\s``, other), and a
 left-to-right scan replays `fsqtok.tokenizer.pieces.run_regex`'s alternation at every match start:
 a phrase (the longest one no letter follows), a contraction, `` ?letters``, `` ?digits``,
-`` ?others`` (with the newlines after them, for the ``"line_ends"`` runs), then
-whitespace (all but a last space before a word). Each run is searched
+`` ?others`` (with the newlines after them, for the ``"line_ends"`` and ``"blank_lines"``
+runs), then whitespace (all but a last whitespace character before a word; for
+``"blank_lines"``, all but a last space). Each run is searched
 as Hugging Face's `Unigram` model searches it (starts in order, strings by length, a
 strictly better score replaces; a character no string covers costs the unknown score and
 becomes its UTF-8 bytes). The vocabulary is a trie over code points stored as an
@@ -28,12 +29,16 @@ from typing import Sequence
 
 import numpy as np
 
+from fsqtok.tokenizer import pieces as pieces_lib
+
 try:
   import numba
 except ImportError:  # pragma: no cover - numba is a dependency; this keeps a clear path
   numba = None
 
 LETTER, DIGIT, OTHER, SPACE = 0, 1, 2, 3
+# The run styles, by their place in pieces_lib.RUN_STYLES (constants in the compiled code).
+LINE_ENDS, BLANK_LINES = (pieces_lib.RUN_STYLES.index(s) for s in ("line_ends", "blank_lines"))
 _NUM_CODE_POINTS = 0x110000
 _BLOCK = 1 << 12  # code points are classified a block at a time, on first sight
 _HASH_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing of trie edges
@@ -101,7 +106,7 @@ class Encoder:
   vocab: Trie            # learned strings -> ids
   scores: np.ndarray     # float64 [vocab_size]: the score of each learned id
   phrases: Trie          # phrases -> 1 (an empty trie without phrases)
-  line_ends: bool        # runs of style "line_ends" (`fsqtok.tokenizer.pieces.RUN_STYLES`)
+  style: int             # the runs' style: its place in `fsqtok.tokenizer.pieces.RUN_STYLES`
   unk_score: float
   byte_base: int         # the id of byte 0
   max_chars: int         # the longest learned string, in code points
@@ -117,7 +122,7 @@ class Encoder:
     scores = np.zeros(vocab_size, np.float64)
     scores[ids] = [scored[s][1] for s in strings]
     return cls(Trie.build(strings, ids), scores, Trie.build(phrases, [1] * len(phrases)),
-               runs == "line_ends", float(unk_score), int(byte_base),
+               pieces_lib.RUN_STYLES.index(runs), float(unk_score), int(byte_base),
                max(map(len, strings), default=1))
 
   def _cache(self) -> tuple:
@@ -134,7 +139,7 @@ class Encoder:
     cps = np.frombuffer(text.encode("utf-32-le"), np.uint32)
     v, p = self.vocab, self.phrases
     ids, spans = _encode(cps, classes(cps), v.root, v.table, v.value, v.shift,
-                         self.scores, p.root, p.table, p.value, p.shift, self.line_ends,
+                         self.scores, p.root, p.table, p.value, p.shift, self.style,
                          self.unk_score, self.max_chars, self.byte_base, offsets,
                          *self._cache())
     return ids, (spans if offsets else None)
@@ -150,7 +155,7 @@ class Encoder:
     v, p = self.vocab, self.phrases
     ids, spans, counts = _encode_many(
         cps, bounds, classes(cps), v.root, v.table, v.value, v.shift, self.scores, p.root,
-        p.table, p.value, p.shift, self.line_ends, self.unk_score, self.max_chars,
+        p.table, p.value, p.shift, self.style, self.unk_score, self.max_chars,
         self.byte_base, offsets,
         *self._cache())
     return ids, (spans if offsets else None), counts
@@ -160,7 +165,7 @@ class Encoder:
     cps = np.frombuffer(text.encode("utf-32-le"), np.uint32)
     p = self.phrases
     ends = _run_ends(cps, classes(cps), p.root, p.table, p.value, p.shift,
-                     self.line_ends).tolist()
+                     self.style).tolist()
     return [text[a:b] for a, b in zip([0, *ends], ends)]
 
   def __getstate__(self) -> dict:
@@ -231,7 +236,7 @@ def _build_trie(cps, ends, values, root, table, value, shift):
 
 
 @_jit
-def _run_end(cps, cls, i, p_root, p_table, p_value, p_shift, line_ends):
+def _run_end(cps, cls, i, p_root, p_table, p_value, p_shift, style):
   """End of the run that starts at ``i`` (`fsqtok.tokenizer.pieces.run_regex`, alternative by
   alternative)."""
   n = len(cps)
@@ -263,7 +268,7 @@ def _run_end(cps, cls, i, p_root, p_table, p_value, p_shift, line_ends):
     j += 1
     while j < n and cls[cps[j]] == c:
       j += 1
-    if line_ends and c == OTHER:  # the "line_ends" runs: the newlines after punctuation
+    if (style == LINE_ENDS or style == BLANK_LINES) and c == OTHER:  # newlines after punctuation
       while j < n and cps[j] == 10:
         j += 1
     return j
@@ -271,17 +276,17 @@ def _run_end(cps, cls, i, p_root, p_table, p_value, p_shift, line_ends):
   j = i
   while j < n and cls[cps[j]] == SPACE:
     j += 1
-  if j == n or j - i == 1:
+  if j == n or j - i == 1 or (style == BLANK_LINES and cps[j - 1] != 32):
     return j
   return j - 1
 
 
 @_jit
-def _run_ends(cps, cls, p_root, p_table, p_value, p_shift, line_ends):
+def _run_ends(cps, cls, p_root, p_table, p_value, p_shift, style):
   ends = np.empty(len(cps), np.int64)
   count, a = 0, 0
   while a < len(cps):
-    a = _run_end(cps, cls, a, p_root, p_table, p_value, p_shift, line_ends)
+    a = _run_end(cps, cls, a, p_root, p_table, p_value, p_shift, style)
     ends[count] = a
     count += 1
   return ends[:count]
@@ -354,7 +359,7 @@ def _utf8_bytes(cps):
 
 @_jit
 def _encode_many(cps, bounds, cls, root, table, value, shift, scores, p_root, p_table,
-                 p_value, p_shift, line_ends, unk_score, max_chars, byte_base, want_spans,
+                 p_value, p_shift, style, unk_score, max_chars, byte_base, want_spans,
                  c_slots, c_pool, c_state):
   """`_encode` of each text ``cps[bounds[r]:bounds[r + 1]]``, concatenated; and counts."""
   capacity = _utf8_bytes(cps)  # tokens <= UTF-8 bytes
@@ -365,7 +370,7 @@ def _encode_many(cps, bounds, cls, root, table, value, shift, scores, p_root, p_
   for r in range(len(bounds) - 1):
     row_ids, row_spans = _encode(cps[bounds[r]:bounds[r + 1]], cls, root, table, value,
                                  shift, scores, p_root, p_table, p_value, p_shift,
-                                 line_ends, unk_score, max_chars, byte_base, want_spans,
+                                 style, unk_score, max_chars, byte_base, want_spans,
                                  c_slots, c_pool, c_state)
     k = len(row_ids)
     ids[total:total + k] = row_ids
@@ -378,7 +383,7 @@ def _encode_many(cps, bounds, cls, root, table, value, shift, scores, p_root, p_
 
 @_jit
 def _encode(cps, cls, root, table, value, shift, scores, p_root, p_table, p_value,
-            p_shift, line_ends, unk_score, max_chars, byte_base, want_spans,
+            p_shift, style, unk_score, max_chars, byte_base, want_spans,
             c_slots, c_pool, c_state):
   """Ids (and spans) of ``cps``; the run cache: ``c_slots[slot] = (hash, record)``, a
   record in ``c_pool`` = [chars m, tokens k, m code points, k ids, k starts];
@@ -397,7 +402,7 @@ def _encode(cps, cls, root, table, value, shift, scores, p_root, p_table, p_valu
   count = 0
   a = 0
   while a < n:
-    b = _run_end(cps, cls, a, p_root, p_table, p_value, p_shift, line_ends)
+    b = _run_end(cps, cls, a, p_root, p_table, p_value, p_shift, style)
     m = b - a
     k = -1  # tokens of this run, once known
     src, ids_at, pos_at = run_ids, 0, -1  # pos_at -1: the starts are in run_pos

@@ -31,9 +31,13 @@ RUN_PATTERN = "'(?:[stdm]|re|ve|ll)|" + PIECE_PATTERN
 _RUN_RE = re.compile(RUN_PATTERN)
 # How a unigram tokenizer cuts text into runs (``tokenizer.runs``): "gpt2", the classes
 # above; "line_ends", the same with a punctuation run keeping the newlines right after
-# it (":\n", ".\n\n", ",\n"), so a line's end can be one token.
-RUN_STYLES = ("gpt2", "line_ends")
+# it (":\n", ".\n\n", ",\n"), so a line's end can be one token; "blank_lines", line_ends
+# with whitespace kept whole but for a last space, which goes with the word after it
+# (GPT-2 leaves any last whitespace character apart: "\n\nThe" is "\n", "\n", "The"
+# there, "\n\n", "The" here, as in tiktoken's cl100k).
+RUN_STYLES = ("gpt2", "line_ends", "blank_lines")
 _OTHERS = r" ?(?:[^\w\s]|_)+"
+_SPACES = r"\s+(?!\S)"
 
 
 def run_pattern(style: str = "gpt2") -> str:
@@ -42,6 +46,8 @@ def run_pattern(style: str = "gpt2") -> str:
     return RUN_PATTERN
   if style == "line_ends":
     return RUN_PATTERN.replace(_OTHERS, _OTHERS + r"\n*")
+  if style == "blank_lines":
+    return run_pattern("line_ends").replace(_SPACES, r"\s+(?= \S)")
   raise ValueError(f"tokenizer.runs={style!r} is unknown: use one of {RUN_STYLES}.")
 LETTER = r"[^\W\d_]"
 WORD_RE = re.compile(f" ?{LETTER}+")  # a word run: what phrases are made of
