@@ -118,6 +118,8 @@ VARIANTS = {  # name -> (tokenizer kind, embedding, head)
     "sp-unigram-ranked-vocab": ("sp-unigram", "table", "factorized_vocab"),
     "raw-bytes": ("raw-bytes", "table", "tied"),
 }
+# fsqtok's tokenizer kinds that fix the run style whatever the config says (tokenizer.runs)
+RUNS_OF_KIND = {"fsqtok-lines": "line_ends", "fsqtok-gpt2": "gpt2", "fsqtok-blank": "blank_lines"}
 FLAT_SUFFIX = "-flat"  # "<a factorized variant>-flatK": its head keeps K tokens flat
 
 
@@ -163,8 +165,7 @@ def _tokenizer(kind, config, corpus, spec, vocab, texts, pieces, codec_dir, out)
     return Tokenizer(v.strings[:size], scores=v.scores[:size])
   phrase_fraction = {"fsqtok-phrases": config.phrase_fraction, "fsqtok-subword": 0.0}.get(
       kind, config.tokenizer.phrase_fraction)
-  runs = {"fsqtok-lines": "line_ends", "fsqtok-gpt2": "gpt2",
-          "fsqtok-blank": "blank_lines"}.get(kind, config.tokenizer.runs)
+  runs = RUNS_OF_KIND.get(kind, config.tokenizer.runs)
   configured = (phrase_fraction == config.tokenizer.phrase_fraction
                 and runs == config.tokenizer.runs)
   tok_dir = os.path.join(out, f"tok_{corpus}_{vocab}" + (
@@ -309,7 +310,7 @@ def run_one(config, workdir, name, tok, texts, seed, *, budget, target_flops, co
   codec, codec_params = codec_and_params or (None, None)
   if RANKED in name:
     c.lm.model.head_codes = "frequency"
-  if kind in ("fsqtok", "fsqtok-lines", "fsqtok-gpt2", "fsqtok-blank"):
+  if kind == "fsqtok" or kind in RUNS_OF_KIND:
     model = curriculum.build_lm(c, tok, codec, token_counts=data.token_counts(len(tok)))
   elif RANKED in name:
     model = _ranked_lm(c, tok, data.token_counts(len(tok)))
