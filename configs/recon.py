@@ -85,11 +85,18 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.tokenizer.em_iterations = 2      # EM steps between pruning rounds
   c.tokenizer.char_coverage = 0.9999 # rarer characters fall back to their bytes
   c.tokenizer.max_piece_chars = 64   # longer runs (rare) are left out of training
-  # True: strings EM leaves unused (a corpus small for the size) give their places to
-  # whole runs that save tokens (fsqtok.tokenizer.unigram.fill_unused): +0.2 to +1.4% held-out
-  # bytes per token at 32768 ids, but +1.3% bits per byte for the LM on tinyshakespeare
-  # at 16384 (docs/tokenizer.md), so off by default
-  c.tokenizer.fill_unused = False
+  # What becomes of learned strings the search never uses on the training runs (a corpus
+  # small for the size asked): "drop" them, so the vocabulary is smaller than asked, as
+  # SentencePiece's is on such a corpus, and the training text is tokenized as before
+  # (fsqtok.tokenizer.unigram.drop_unused; at equal FLOPs the LM's table head is cheaper:
+  # -2.3% bits per byte on tinyshakespeare at 16384 ids, -0.6% builtin, -7.2% / -6.6%
+  # on 1.1 MB slices of docs / books; 0-3 strings dropped on those whole at 16384);
+  # "keep" them (exactly the size asked; the default before stop 50); "fill": the
+  # strings EM leaves unused give their places to whole runs that save tokens
+  # (fsqtok.tokenizer.unigram.fill_unused: +0.2 to +1.4% held-out bytes per token at
+  # 32768 ids, but +1.3% bits per byte for the LM on tinyshakespeare at 16384).
+  # docs/tokenizer.md, docs/language_model.md
+  c.tokenizer.unused = "drop"
   # how text is cut into runs before the search (fsqtok.tokenizer.pieces.RUN_STYLES):
   # "line_ends" (GPT-2's classes, but a punctuation run keeps the newlines after it: ":\n",
   # ".\n\n"), "blank_lines" (that, with whitespace whole but for a last space: "\n\n" before

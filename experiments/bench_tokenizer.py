@@ -17,11 +17,13 @@ with them, the whole build resumes the codec run there and its training time inc
 that run's wall time from report.json. ``fsqtok-subword`` and ``fsqtok-phrases`` are its
 vocabulary without multi-word phrases and with ``--phrase_fraction`` of them;
 ``fsqtok-filled`` is it without phrases and with the strings EM leaves unused filled
-(``tokenizer.fill_unused=True``); ``fsqtok-lines`` without phrases on the runs whose
-punctuation keeps the newlines after it (``tokenizer.runs="line_ends"``, the default since
-stop 48), ``fsqtok-gpt2`` without phrases on GPT-2's runs (newlines apart; the default
-before), ``fsqtok-blank`` without phrases on the line-end runs with whitespace whole but
-for a last space (``tokenizer.runs="blank_lines"``).
+(``tokenizer.unused="fill"``), ``fsqtok-kept`` without phrases and with the strings the
+search never uses on the training runs kept (``tokenizer.unused="keep"``: exactly the
+size asked; the default drops them since stop 50); ``fsqtok-lines`` without phrases on
+the runs whose punctuation keeps the newlines after it (``tokenizer.runs="line_ends"``,
+the default since stop 48), ``fsqtok-gpt2`` without phrases on GPT-2's runs (newlines
+apart; the default before), ``fsqtok-blank`` without phrases on the line-end runs with
+whitespace whole but for a last space (``tokenizer.runs="blank_lines"``).
 --json_out writes every row (corpus, vocabulary size, tokenizer, figures) as JSON.
 """
 import json
@@ -70,16 +72,15 @@ def train_fsqtok(ctx, out_dir):
   return tok.encode, tok.decode, len(tok)
 
 
-def _fsqtok_vocabulary(phrase_fraction, fill_unused=None, runs=None):
+def _fsqtok_vocabulary(phrase_fraction, unused=None, runs=None):
   """fsqtok's vocabulary with ``tokenizer.phrase_fraction`` set (None: --phrase_fraction),
-  ``tokenizer.fill_unused`` and ``tokenizer.runs`` (None: the config's)."""
+  ``tokenizer.unused`` and ``tokenizer.runs`` (None: the config's)."""
   def train(ctx, out_dir):
     from fsqtok.tokenizer import build as tokenizer_build  # pylint: disable=g-import-not-at-top
     config = ctx["config"].copy_and_resolve_references()
     config.tokenizer.phrase_fraction = (float(_PHRASES.value[0]) if phrase_fraction is None
                                         else phrase_fraction)
-    if fill_unused is not None:
-      config.tokenizer.fill_unused = fill_unused
+    config.tokenizer.unused = unused or config.tokenizer.unused
     config.tokenizer.runs = runs or config.tokenizer.runs
     tok = tokenizer_build.unigram_tokenizer(config, ctx["train_texts"], ctx["vocab"])
     tok.save(out_dir)
@@ -137,7 +138,8 @@ TOKENIZERS = {
     "fsqtok": train_fsqtok,
     "fsqtok-subword": _fsqtok_vocabulary(0.0),
     "fsqtok-phrases": _fsqtok_vocabulary(None),
-    "fsqtok-filled": _fsqtok_vocabulary(0.0, fill_unused=True),
+    "fsqtok-filled": _fsqtok_vocabulary(0.0, unused="fill"),
+    "fsqtok-kept": _fsqtok_vocabulary(0.0, unused="keep"),
     "fsqtok-lines": _fsqtok_vocabulary(0.0, runs="line_ends"),
     "fsqtok-gpt2": _fsqtok_vocabulary(0.0, runs="gpt2"),
     "fsqtok-blank": _fsqtok_vocabulary(0.0, runs="blank_lines"),

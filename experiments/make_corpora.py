@@ -67,6 +67,11 @@ corpora are not committed):
     Books are not deduplicated (repeated lines such as "Exit" are part of the
     text).
 
+``docs_1mb.txt`` and ``books_1mb.txt`` (~1.1 MB each) -- a slice of each: the
+    1.1 M characters from the first paragraph after its middle, to the end of the
+    paragraph there (``write_slice``). A corpus small for a 16384-id vocabulary, as
+    tinyshakespeare is, but of text no setting was chosen on.
+
 Format of both files: UTF-8, ``\\n`` line ends, paragraphs separated by one
 blank line, documents separated by two blank lines (so splitting on blank
 lines gives paragraphs and splitting on ``"\\n\\n\\n"`` gives documents).
@@ -730,6 +735,24 @@ def build_docs(out: str, cache: str):
     return path
 
 
+SLICE_CHARS = 1_100_000
+
+
+def write_slice(path: str, chars: int = SLICE_CHARS) -> str:
+    """Writes ``PATH`` without ``.txt`` + ``_1mb.txt``: ``chars`` characters of the
+    corpus at ``path`` from the first paragraph that starts after its middle, to the end
+    of the paragraph there. Returns the slice's path."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    start = text.index("\n\n", len(text) // 2) + 2
+    end = text.index("\n\n", start + chars) + 1
+    out = path[:-len(".txt")] + "_1mb.txt"
+    with open(out + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text[start:end])
+    os.replace(out + ".tmp", out)
+    return out
+
+
 def build_books(out: str, cache: str):
     path = os.path.join(out, "books.txt")
     w = Writer(path, dedup=False)
@@ -765,6 +788,7 @@ def main(argv=None):
     finally:
         if tmp is not None:
             tmp.cleanup()
+    paths += [write_slice(p) for p in paths]
     for p in paths:
         with open(p, "rb") as f:
             data = f.read()

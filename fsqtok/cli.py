@@ -19,6 +19,7 @@ import os
 import sys
 
 from fsqtok.tokenizer import pieces as pieces_lib
+from fsqtok.tokenizer import unigram as unigram_lib
 from fsqtok.tokenizer.tokenizer import Tokenizer
 from fsqtok.train import workdir as workdir_lib
 
@@ -55,6 +56,8 @@ def _train_tokenizer(args) -> None:
     config.data.invalid_utf8 = args.invalid_utf8
   if args.runs:
     config.tokenizer.runs = args.runs
+  if args.unused:
+    config.tokenizer.unused = args.unused
   workdir = args.workdir or os.path.join(args.out.rstrip("/") + ".work")
   workdir_lib.check_writable(os.path.dirname(os.path.abspath(args.out)), "--out")
   workdir_lib.check_writable(workdir, "--workdir")
@@ -72,8 +75,11 @@ def _train_tokenizer(args) -> None:
   else:
     codec = (f"fewer than {args.vocab_size} tokens means the codec reconstructs fewer "
              f"useful candidates exactly")
-  print(f"Saved {args.out}: {len(tok)} tokens, {analysis['train_bytes_per_token']:.3f} "
-        f"training bytes per token; {codec}; codec run in {workdir}.")
+  dropped = analysis.get("unused_dropped", 0)
+  print(f"Saved {args.out}: {len(tok)} tokens"
+        + (f" ({dropped} learned strings the search never used dropped)" if dropped else "")
+        + f", {analysis['train_bytes_per_token']:.3f} training bytes per token; {codec}; "
+        f"codec run in {workdir}.")
 
 
 def _floor_percent(share: float) -> str:
@@ -234,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
                       "line's end can be one token; blank_lines: that, and whitespace "
                       "whole but for a last space, so a blank line before a word is one "
                       "run; gpt2: newlines stand apart)")
+  t.add_argument("--unused", choices=unigram_lib.UNUSED_POLICIES,
+                 help="learned strings the search never uses on the training text (a "
+                      "corpus small for the size asked): drop them (the config's default: "
+                      "fewer ids than asked, as SentencePiece), keep them (--vocab-size "
+                      "ids exactly) or fill their places with whole runs (tokenizer.unused)")
   t.set_defaults(func=_train_tokenizer)
   for name, func, what in (("encode", _encode, "text -> id lines"),
                            ("decode", _decode, "id lines -> text")):

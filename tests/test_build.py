@@ -49,7 +49,9 @@ def test_unigram_build_end_to_end_and_resume(doc_files, tmp_path):
   config.tokenizer.phrase_fraction = 0.1
   work, out = tmp_path / "work", tmp_path / "tok"
   tok, report = tokenizer_build.train_tokenizer(config, str(work), 600, str(out))
-  assert tok.model == "unigram" and len(tok) == report["vocab_size"] == 600  # filled
+  # the size asked, less the learned strings the search never used (tokenizer.unused)
+  assert tok.model == "unigram" and len(tok) == report["vocab_size"] == (
+      600 - report["unused_dropped"])
   assert len(tok.phrases) == report["phrases"] == round(0.1 * (600 - 13 - 256))
   assert report["invalid_utf8"] == {"policy": "error", "replaced_bytes": 0,
                                     "skipped_documents": 0, "skipped_bytes": 0}
@@ -130,6 +132,27 @@ def test_a_kept_vocabulary_is_reused_only_for_the_same_training_split(doc_files,
     other, _ = tokenizer_build.unigram_vocabulary(changed, str(tmp_path), train[40:80], 400)
     assert other.strings != first.strings, field  # trained anew on the texts given
     tokenizer_build.unigram_vocabulary(config, str(tmp_path), train[:40], 400)  # back
+
+
+def test_unused_strings_are_dropped_unless_kept(doc_files, tmp_path):
+  """``tokenizer.unused``: "drop" (the default) leaves out what the search never uses on
+  the training text, which is then tokenized as before; "keep" fills the size asked;
+  anything else is refused with the choices."""
+  config = tiny_recon_config(f"files:{doc_files}/*.txt", str(tmp_path / "tfds"))
+  train, _ = corpus_lib.load_split(config.data)
+  train = train[:60]  # small for 3,000 ids: strings the search never picks
+  assert config.tokenizer.unused == "drop"  # the default
+  dropped = tokenizer_build.unigram_tokenizer(config, train, 3000)
+  config.tokenizer.unused = "keep"
+  kept = tokenizer_build.unigram_tokenizer(config, train, 3000)
+  assert len(kept) == 3000 and len(dropped) < 2900
+  for text in train:
+    assert ([dropped.id_to_token(i) for i in dropped.encode(text)]
+            == [kept.id_to_token(i) for i in kept.encode(text)])
+  config.tokenizer.unused = "prune"
+  with pytest.raises(ValueError, match=r"tokenizer.unused='prune' is unknown: use one of "
+                                       r"\('keep', 'fill', 'drop'\)"):
+    tokenizer_build.unigram_tokenizer(config, train, 3000)
 
 
 def test_unknown_vocabulary_kind_is_a_clear_error(doc_files, tmp_path):

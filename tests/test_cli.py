@@ -22,7 +22,8 @@ def trained(doc_files, tmp_path_factory):
     cli.main(["train-tokenizer", "--corpus", f"files:{doc_files}/*.txt", "--vocab-size",
               "400", "--out", str(out), "--config",
               os.path.join(REPO, "configs", "recon.py") + ":tiny", "--steps", "60",
-              "--decoder-steps", "20", "--sample-mb", "0.15", "--runs", "gpt2"])
+              "--decoder-steps", "20", "--sample-mb", "0.15", "--runs", "gpt2",
+              "--unused", "keep"])
   finally:
     if old is None:
       os.environ.pop("TFDS_DATA_DIR")
@@ -52,6 +53,9 @@ def test_the_vocabulary_was_trained_on_the_sample_asked_for(trained):
   assert 1 <= len(report["decoder_rounds"]) <= 4  # the tiny config's rounds, if any missed
   tok = Tokenizer.load(str(trained))  # --runs: saved with the tokenizer, and used
   assert tok.runs == "gpt2" and tok.split("end.\n\nNext") == ["end", ".", "\n", "\n", "Next"]
+  from fsqtok.tokenizer import build  # pylint: disable=g-import-not-at-top
+  vocabulary = json.loads((trained.parent / "tok.work" / build.VOCABULARY_FILE).read_text())
+  assert vocabulary["settings"]["unused"] == "keep"  # --unused
 
 
 def test_encode_decode_streams_restore_the_input(trained, tmp_path):

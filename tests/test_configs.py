@@ -60,6 +60,8 @@ def test_lm_configs_build_their_model(module, arg):
                                   r"by the 8"),
     ("model.levels", (8, 1, 5), r"model.levels: FSQ levels must be .* >= 2"),
     ("vocab.size", 200, r"vocab_size=200 leaves no room"),
+    ("tokenizer.unused", "prune", r"tokenizer.unused='prune' is unknown: use one of"),
+    ("tokenizer.runs", "words", r"tokenizer.runs='words' is unknown: use one of"),
     ("lm.model.embedding", "tabel", r"lm.model.embedding='tabel' is unknown"),
     ("lm.model.head", "tide", r"lm.model.head='tide' is unknown"),
     ("lm.train.num_steps", 0, r"lm.train.num_steps must be >= 1"),

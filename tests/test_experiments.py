@@ -188,7 +188,7 @@ def test_compare_tokenizers_lm_data_stats_and_a_bad_variant(doc_files, tmp_path)
                           "--config=configs/compare_lm.py:tiny",
                           f"--config.corpora=docs=files:{doc_files}/*.txt",
                           f"--config.data.tfds_data_dir={tmp_path / 'tfds'}",
-                          "--config.tokenizer.fill_unused=True", "--data_stats_only",
+                          "--config.tokenizer.unused=fill", "--data_stats_only",
                           f"--workdir={tmp_path / 'out'}"], capture_output=True, text=True,
                          cwd=REPO, check=False)
   assert again.returncode != 0 and "was made with other settings (tokenizer differ)" in \
@@ -272,3 +272,22 @@ def test_codec_exactness_prints_a_row_per_variant(doc_files, tmp_path):
              "--variants=optim.learning_rate=3e-2", f"--workdir={tmp_path / 'runs'}")
   assert "| optim.learning_rate=3e-2 | 131 | 10 |" in out
   assert len(list((tmp_path / "runs").glob("variant*"))) == 3
+
+
+def test_make_corpora_slices_a_corpus_at_paragraphs_from_its_middle(tmp_path):
+  """``write_slice``: the characters asked, from the first paragraph after the middle to
+  the end of the paragraph there; a substring of the corpus, written whole."""
+  spec = importlib.util.spec_from_file_location(
+      "make_corpora", os.path.join(REPO, "experiments", "make_corpora.py"))
+  make_corpora = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(make_corpora)
+  text = "\n\n".join(f"paragraph {i}: " + "word " * (i % 7) for i in range(400)) + "\n"
+  (tmp_path / "c.txt").write_text(text, encoding="utf-8")
+  path = make_corpora.write_slice(str(tmp_path / "c.txt"), chars=1000)
+  assert path == str(tmp_path / "c_1mb.txt")
+  assert sorted(os.listdir(tmp_path)) == ["c.txt", "c_1mb.txt"]  # no temporary file left
+  piece = (tmp_path / "c_1mb.txt").read_text(encoding="utf-8")
+  start = text.index(piece)
+  assert start > len(text) // 2 and text[start - 2:start] == "\n\n"
+  assert piece.startswith("paragraph ") and piece.endswith("\n") and not piece.endswith("\n\n")
+  assert text[start + len(piece)] == "\n" and 1000 < len(piece) < 1100

@@ -1,5 +1,6 @@
 """The unigram-LM vocabulary (fsqtok/tokenizer/unigram.py) and the tokenizer's Viterbi search."""
 import collections
+import dataclasses
 import itertools
 import math
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
+from conftest import SHAKESPEARE_SNIPPET
 from fsqtok.data import corpus
 from fsqtok.tokenizer import pieces as pieces_lib
 from fsqtok.tokenizer import unigram
@@ -125,6 +127,42 @@ def test_unused_strings_give_their_places_to_pieces_that_save_tokens(doc_files):
   # nothing unused, nothing changed
   all_used = unigram.UnigramVocab(("a", "b", "ab"), (-1.0, -2.0, -3.0), (4.0, 2.0, 1.0))
   assert unigram.fill_unused(all_used, {"ab": 1, "abab": 3}) is all_used
+
+
+def test_strings_the_search_never_uses_are_dropped_and_the_training_runs_keep_their_tokens(
+    doc_files):
+  """A corpus small for the size: `drop_unused` leaves out every learned string of 2+
+  characters that the best segmentation of no training run uses; every run is
+  segmented into the same strings as before, and every string left (but characters and
+  phrases) is used by some run."""
+  texts = [p.read_text(encoding="utf-8") for p in sorted(doc_files.glob("*.txt"))][:20]
+  counts = unigram.count_pieces(texts)
+  vocab = unigram.train_unigram(counts, 2500, seed_size=30_000)
+  vocab = dataclasses.replace(vocab, phrases=("no such phrase",),
+                              strings=vocab.strings + ("no such phrase",),
+                              scores=vocab.scores + (min(vocab.scores) - 1,),
+                              counts=vocab.counts + (0.0,))
+  dropped = unigram.drop_unused(vocab, counts)
+  n = dropped.history[-1]["dropped"]
+  assert n > 100 and len(dropped) == len(vocab) - n
+  assert set(dropped.strings) < set(vocab.strings)
+  assert {s for s in vocab.strings if len(s) == 1} <= set(dropped.strings)
+  assert "no such phrase" in dropped.strings  # phrases stay (counted on runs of their own)
+  before = dict(zip(vocab.strings, vocab.scores))
+  assert all(before[s] == v for s, v in zip(dropped.strings, dropped.scores))
+  old_tok = Tokenizer(vocab.strings, scores=vocab.scores)
+  new_tok = Tokenizer(dropped.strings, scores=dropped.scores)
+  used = set()
+  for run in counts:
+    tokens = [new_tok.id_to_token(i) for i in new_tok.encode(run)]
+    assert tokens == [old_tok.id_to_token(i) for i in old_tok.encode(run)], run
+    used.update(tokens)
+  assert {s for s in dropped.strings if len(s) > 1} - used == {"no such phrase"}
+  held_out = SHAKESPEARE_SNIPPET + "naïve 🙂 qwertyuiop"
+  assert new_tok.decode(new_tok.encode(held_out)) == held_out
+  # nothing unused, nothing changed
+  all_used = unigram.UnigramVocab(("a", "b", "ab"), (-1.0, -2.0, -3.0), (4.0, 2.0, 1.0))
+  assert unigram.drop_unused(all_used, {"ab": 1, "a": 3, "b": 2}) is all_used
 
 
 def test_a_character_used_only_inside_pruned_strings_still_segments():

@@ -37,6 +37,7 @@ from fsqtok.data import corpus as corpus_lib
 from fsqtok.data import hosts
 from fsqtok.data.batches import PieceSet
 from fsqtok.tokenizer import candidates as candidates_lib
+from fsqtok.tokenizer import pieces as pieces_lib
 from fsqtok.tokenizer import unigram as unigram_lib
 from fsqtok.tokenizer import vocab as vocab_lib
 from fsqtok.tokenizer.tokenizer import DEFAULT_SPECIALS, Tokenizer
@@ -58,6 +59,20 @@ def learned_size(vocab_size: int) -> int:
   return learned
 
 
+def check_vocabulary_config(t) -> None:
+  """A clear error for a unigram vocabulary setting of ``t`` (``config.tokenizer``) that
+  cannot work, before any text is counted."""
+  if t.unused not in unigram_lib.UNUSED_POLICIES:
+    raise ValueError(f"tokenizer.unused={t.unused!r} is unknown: use one of "
+                     f"{unigram_lib.UNUSED_POLICIES}.")
+  pieces_lib.run_pattern(t.runs)  # an unknown style names the ones there are
+  if not 0 <= t.phrase_fraction < 1:
+    raise ValueError(f"tokenizer.phrase_fraction must be in [0, 1), got {t.phrase_fraction}.")
+  if t.max_distinct_runs and t.max_distinct_runs < 1000:
+    raise ValueError(f"tokenizer.max_distinct_runs={t.max_distinct_runs} would leave too "
+                     f"little to learn from; use 0 (no bound) or at least 1000.")
+
+
 def unigram_vocabulary(config, workdir: str, train_texts: Sequence[str], size: int
                        ) -> tuple[unigram_lib.UnigramVocab, dict[str, Any]]:
   """The unigram vocabulary of ``config.tokenizer`` for ``train_texts``, trained once and
@@ -73,18 +88,14 @@ def unigram_vocabulary(config, workdir: str, train_texts: Sequence[str], size: i
               **{k: t[k] for k in ("seed_size", "shrink", "em_iterations", "char_coverage",
                                    "max_piece_chars", "phrase_fraction", "max_phrase_words",
                                    "sample_chars", "sample_seed", "max_distinct_runs",
-                                   "fill_unused", "runs")}}
+                                   "unused", "runs")}}
   path = os.path.join(workdir, VOCABULARY_FILE)
   saved = workdir_lib.read_saved_json(path)
   # Every process decides alike: counting below is a collective (only process 0 writes
   # the file, and another may look before it is there).
   if hosts.all_true(saved is not None and saved.get("settings") == settings):
     return unigram_lib.UnigramVocab.from_json(saved), saved.get("counting", {})
-  if not 0 <= t.phrase_fraction < 1:
-    raise ValueError(f"tokenizer.phrase_fraction must be in [0, 1), got {t.phrase_fraction}.")
-  if t.max_distinct_runs and t.max_distinct_runs < 1000:
-    raise ValueError(f"tokenizer.max_distinct_runs={t.max_distinct_runs} would leave too "
-                     f"little to learn from; use 0 (no bound) or at least 1000.")
+  check_vocabulary_config(t)
   progress, max_bytes, workers = config.train.progress_bar, config.model.max_len, t.num_workers
   if not isinstance(train_texts, corpus_lib.BlockStream):
     train_texts = list(train_texts)
@@ -116,9 +127,11 @@ def unigram_vocabulary(config, workdir: str, train_texts: Sequence[str], size: i
                                     max_piece_chars=t.max_piece_chars, progress=progress,
                                     num_workers=workers, max_distinct=bound,
                                     pool=hosts.sum_counts)
-  if t.fill_unused:
+  if t.unused == "fill":
     vocab = unigram_lib.fill_unused(vocab, counts, max_token_bytes=max_bytes,
                                     max_piece_chars=t.max_piece_chars)
+  elif t.unused == "drop":
+    vocab = unigram_lib.drop_unused(vocab, counts, max_token_bytes=max_bytes)
   counting = {"train_chars": train_chars, "sampled_chars": report.chars,
               "sampled_blocks": report.blocks, "distinct_runs": report.distinct,
               "pruned_runs": report.pruned_strings,
@@ -354,7 +367,10 @@ def _unigram_build(config, workdir, size, train_blocks, mesh):
       "codes_moved": codes_moved,
       **decoder,
       "not_exact_examples": [s for s, e in zip(vocab.strings, exact) if not e][:20],
-      "train_tokens_per_piece": vocab.history[-1]["tokens_per_piece"],
+      # (the last EM round's: filling or dropping unused strings adds a record after it)
+      "train_tokens_per_piece": next(h["tokens_per_piece"] for h in reversed(vocab.history)
+                                     if "tokens_per_piece" in h),
+      "unused_dropped": sum(h.get("dropped", 0) for h in vocab.history),
       "train_bytes_per_token": train_bytes / max(1, train_tokens),
       "counting": counting, "rounds": list(vocab.history)}
   return tok, analysis, params

@@ -252,6 +252,8 @@ def validate_config(config) -> None:
 def _check_config(config) -> None:
   corpus_lib.check_invalid_utf8(config.data.get("invalid_utf8", "error"))
   tokenizer_build.learned_size(config.vocab.size)
+  if config.tokenizer.vocabulary == "unigram":
+    tokenizer_build.check_vocabulary_config(config.tokenizer)
   m, t = config.lm.model, config.lm.train
   if config.lm.data.get("loader", "epochs") not in lm_data.LOADERS:
     raise ValueError(f"lm.data.loader={config.lm.data.loader!r} is unknown: use one of "
