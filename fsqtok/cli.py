@@ -217,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                                              "save the tokenizer")
   t.add_argument("--corpus", default="builtin", help="builtin | files:GLOB | tfds:NAME")
   t.add_argument("--vocab-size", type=int, default=32768,
-                 help="every id: specials + 256 bytes + learned")
+                 help="every id: specials + 256 bytes + learned (at most that many: see "
+                      "--unused)")
   t.add_argument("--out", required=True, help="directory to save the tokenizer in")
   t.add_argument("--config", default=_DEFAULT_CONFIG, help="codec config, path[:arg]")
   t.add_argument("--workdir", help="codec run directory (default: OUT.work)")

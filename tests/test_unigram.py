@@ -165,6 +165,25 @@ def test_strings_the_search_never_uses_are_dropped_and_the_training_runs_keep_th
   assert unigram.drop_unused(all_used, {"ab": 1, "a": 3, "b": 2}) is all_used
 
 
+def test_dropping_keeps_the_lowest_score_that_prices_uncovered_characters():
+  """A character no string covers is scored below the lowest score: dropping the
+  lowest-scored string would raise it and tip a tie in a run that holds such a character
+  ("éabc": [unk] a bc against [unk] ab c, equal to the sixth decimal). `drop_unused`
+  keeps that string, drops the other unused one, and the run is cut as before."""
+  strings = ("b", "ab", "bc", "a", "c", "qq", "zzz")
+  scores = (-2.023576, -7.28346, -8.337533, -9.173241, -10.227314, -11.0, -20.0)
+  vocab = unigram.UnigramVocab(strings, scores, (9.0, 3.0, 2.0, 1.0, 1.0, 0.0, 0.0))
+  run = "éabc"
+  tokens = lambda v: [t.id_to_token(i) for t in [Tokenizer(v.strings, scores=v.scores)]
+                      for i in t.encode(run)]
+  without_lowest = dataclasses.replace(vocab, strings=strings[:-1], scores=scores[:-1],
+                                       counts=vocab.counts[:-1])
+  assert tokens(without_lowest) != tokens(vocab)  # the hazard is real
+  dropped = unigram.drop_unused(vocab, {run: 1})
+  assert "zzz" in dropped.strings and "qq" not in dropped.strings
+  assert tokens(dropped) == tokens(vocab)
+
+
 def test_a_character_used_only_inside_pruned_strings_still_segments():
   """"q", "u", "k" occur only inside "quack" and "quit": EM gives them no use while those
   exist. Once a small vocabulary prunes the long strings, the characters must still

@@ -3,8 +3,9 @@
 ``config.tokenizer.vocabulary`` picks the order of the two steps:
 
 * ``"unigram"`` (default): **vocabulary first, codec second.** A unigram-LM vocabulary is
-  trained on the corpus (`fsqtok.tokenizer.unigram`: EM and likelihood pruning, filled to the
-  requested size on any corpus); then the codec is trained on exactly those strings
+  trained on the corpus (`fsqtok.tokenizer.unigram`: EM and likelihood pruning to the
+  requested size; on a corpus small for it the strings its search never uses are
+  dropped, ``tokenizer.unused``); then the codec is trained on exactly those strings
   (`fsqtok.train.recon`), and every string gets its own FSQ code: the code its encoder gives,
   or, where two strings share one, the nearest free code for the one the decoder does not
   reconstruct (`distinct_codes`). How many strings decode exactly is reported; encoding
