@@ -90,7 +90,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # SentencePiece's is on such a corpus, and the training text is tokenized as before
   # (fsqtok.tokenizer.unigram.drop_unused; at equal FLOPs the LM's table head is cheaper:
   # -2.3% bits per byte on tinyshakespeare at 16384 ids, -0.4% builtin, -7.2% / -6.6%
-  # on 1.1 MB slices of docs / books; 0-3 strings dropped on those whole at 16384);
+  # on 1.1 MB slices of docs / books; 0-2 strings dropped on those whole at 16384);
   # "keep" them (exactly the size asked; the default before stop 50); "fill": the
   # strings EM leaves unused give their places to whole runs that save tokens
   # (fsqtok.tokenizer.unigram.fill_unused: +0.2 to +1.4% held-out bytes per token at

@@ -174,8 +174,11 @@ def test_dropping_keeps_the_lowest_score_that_prices_uncovered_characters():
   scores = (-2.023576, -7.28346, -8.337533, -9.173241, -10.227314, -11.0, -20.0)
   vocab = unigram.UnigramVocab(strings, scores, (9.0, 3.0, 2.0, 1.0, 1.0, 0.0, 0.0))
   run = "éabc"
-  tokens = lambda v: [t.id_to_token(i) for t in [Tokenizer(v.strings, scores=v.scores)]
-                      for i in t.encode(run)]
+
+  def tokens(v):
+    tok = Tokenizer(v.strings, scores=v.scores)
+    return [tok.id_to_token(i) for i in tok.encode(run)]
+
   without_lowest = dataclasses.replace(vocab, strings=strings[:-1], scores=scores[:-1],
                                        counts=vocab.counts[:-1])
   assert tokens(without_lowest) != tokens(vocab)  # the hazard is real
